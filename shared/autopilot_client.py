@@ -1,0 +1,133 @@
+"""The Autopilot v1 REST client: one pooled `requests` session, timeouts, errors the sender can act on.
+
+Pacing is the caller's: every request first calls `pace()`, which waits for a slot of the shared budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from shared.secrets import ApiKeyProvider
+
+TIMEOUT = (3.05, 10.0)  # connect, read (seconds)
+
+
+class AutopilotError(Exception):
+    def __init__(self, status: int | None, message: str):
+        super().__init__(f"Autopilot answered {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class ApiKeyRejected(AutopilotError):
+    """Autopilot refused the key even after re-reading it from Key Vault: the run cannot go on."""
+
+
+class Throttled(AutopilotError):
+    def __init__(self, message: str, retry_after: float | None):
+        super().__init__(429, message)
+        self.retry_after = retry_after
+
+
+class Transient(AutopilotError):
+    """5xx, timeout or dropped connection: the request may or may not have been applied; retry it."""
+
+
+class Refused(AutopilotError):
+    """400: Autopilot refused the request's content."""
+
+
+def _no_pace() -> None:
+    return None
+
+
+class AutopilotClient:
+    def __init__(self, base_url: str, api_key: ApiKeyProvider, pool_size: int = 32):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    # --- contacts and lists -----------------------------------------------------------------------
+    def upsert_contacts(self, documents: list[dict], pace: Callable[[], None] = _no_pace) -> dict:
+        return self.call("POST", "/contacts", {"contacts": documents}, pace)
+
+    def upsert_contact(self, document: dict, list_id: str | None, pace: Callable[[], None] = _no_pace) -> dict:
+        contact = dict(document, _autopilot_list=list_id) if list_id else document
+        return self.call("POST", "/contact", {"contact": contact}, pace)
+
+    def remove_from_list(self, list_id: str, email: str, pace: Callable[[], None] = _no_pace) -> None:
+        try:
+            self.call("DELETE", f"/list/{quote(list_id, safe='')}/contact/{quote(email, safe='@')}", None, pace)
+        except AutopilotError as exc:
+            if exc.status != 404:  # an unknown contact is not on the list: the goal holds
+                raise
+
+    def find_list(self, name_or_id: str, pace: Callable[[], None] = _no_pace) -> str | None:
+        for entry in self.call("GET", "/lists", None, pace).get("lists", []):
+            if name_or_id in (entry.get("list_id"), entry.get("title")):
+                return entry["list_id"]
+        return None
+
+    def resolve_list(self, name_or_id: str, pace: Callable[[], None] = _no_pace) -> str:
+        """The id of the list with that id or title, created if absent (a concurrent creator's 409 is fine)."""
+        found = self.find_list(name_or_id, pace)
+        if found:
+            return found
+        if name_or_id.startswith("contactlist_"):
+            raise AutopilotError(404, f"list {name_or_id} does not exist in Autopilot")
+        try:
+            return self.call("POST", "/list", {"name": name_or_id}, pace)["list_id"]
+        except AutopilotError as exc:
+            if exc.status != 409:
+                raise
+        return self.find_list(name_or_id, pace) or ""
+
+    # --- transport --------------------------------------------------------------------------------
+    def call(self, method: str, path: str, body: dict | None, pace: Callable[[], None] = _no_pace) -> dict:
+        response = self._send(method, path, body, pace)
+        if response.status_code == 401:  # the key may have been rotated: re-read it once
+            self.api_key.refresh()
+            response = self._send(method, path, body, pace)
+            if response.status_code == 401:
+                raise ApiKeyRejected(401, "Autopilot rejected the API key from Key Vault; update the secret")
+        return _result(response)
+
+    def _send(self, method: str, path: str, body: dict | None, pace: Callable[[], None]) -> requests.Response:
+        pace()
+        headers = {"autopilotapikey": self.api_key.get()}
+        try:
+            return self.session.request(method, self.base_url + path, json=body, headers=headers, timeout=TIMEOUT)
+        except requests.Timeout:
+            raise Transient(None, f"{method} {path} timed out (the write may have been applied)") from None
+        except requests.ConnectionError as exc:
+            raise Transient(None, f"{method} {path}: connection failed ({type(exc).__name__})") from None
+
+
+def _result(response: requests.Response) -> dict:
+    status = response.status_code
+    if status < 300:
+        return response.json() if response.content else {}
+    message = _message(response)
+    if status == 429:
+        return_after = response.headers.get("Retry-After")
+        raise Throttled(message, float(return_after) if return_after and return_after.isdigit() else None)
+    if status >= 500:
+        raise Transient(status, message)
+    if status == 400:
+        raise Refused(status, message)
+    raise AutopilotError(status, message)
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("message") or body.get("error") or body)[:500]
+    except ValueError:
+        return (response.text or response.reason or "")[:500]

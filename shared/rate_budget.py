@@ -1,0 +1,95 @@
+"""One request budget shared by every Function instance: time slots handed out from a Table entity.
+
+Autopilot allows N requests per second per account. Each request needs a slot; slots are spaced by
+`(1 + MARGIN) / N` seconds and reserved with an optimistic-concurrency update of one entity (the GCRA
+"next free time"), so any number of instances together stay inside the limit. The planner reserves a
+run's slots up front and delays each queue message until just before its slot; a sender that arrives
+too late for its slot takes a fresh one instead of sending early and bunching up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+MARGIN = 0.02  # keeps network jitter from pushing N+1 requests into one second
+TOLERANCE = 0.015  # seconds a sender may start late; below MARGIN (seconds) no 1-s window holds N+1
+LEAD = 2.0  # messages become visible this long before their slot, to absorb queue polling
+
+
+class Deferred(Exception):
+    """The next slot is too far away to wait for inside a function: re-queue the work until `at`."""
+
+    def __init__(self, at: float):
+        super().__init__(f"next request slot at {at:.3f}")
+        self.at = at
+
+
+@dataclass
+class RateBudget:
+    table: TableClient
+    rate: float
+    key: str = "autopilot"
+    clock = staticmethod(time.time)
+
+    @property
+    def interval(self) -> float:
+        return (1 + MARGIN) / self.rate
+
+    def reserve(self, count: int) -> float:
+        """Reserve `count` consecutive slots; returns the time of the first."""
+        while True:
+            entity, etag = self._read()
+            start = max(entity["next"], self.clock())
+            entity["next"] = start + count * self.interval
+            if self._write(entity, etag):
+                return start
+
+    def _read(self) -> tuple[dict, str | None]:
+        try:
+            entity = self.table.get_entity("budget", self.key)
+            return dict(entity), entity.metadata["etag"]
+        except ResourceNotFoundError:
+            return {"PartitionKey": "budget", "RowKey": self.key, "next": 0.0}, None
+
+    def _write(self, entity: dict, etag: str | None) -> bool:
+        try:
+            if etag is None:
+                self.table.create_entity(entity)
+            else:
+                self.table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            return True
+        except (ResourceExistsError, ResourceModifiedError):
+            return False  # another instance took slots first: read again
+
+
+class Pacer:
+    """Spends slots for the requests of one batch: planned ones while on time, fresh ones after that."""
+
+    def __init__(self, budget: RateBudget, planned_at: float | None, planned_count: int, max_wait: float):
+        self.budget = budget
+        self.max_wait = max_wait
+        self._next = planned_at
+        self._left = planned_count if planned_at is not None else 0
+
+    def __call__(self) -> None:
+        """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
+        now = self.budget.clock()
+        if self._left and now > self._next + TOLERANCE:
+            self._left = 0  # late for the planned slots: never send them bunched up
+        if not self._left:
+            self._next, self._left = self.budget.reserve(1), 1
+        wait = self._next - self.budget.clock()
+        if wait > self.max_wait:
+            self._left = 0
+            raise Deferred(self._next)
+        if wait > 0:
+            time.sleep(wait)
+        self._next += self.budget.interval
+        self._left -= 1

@@ -1,0 +1,166 @@
+"""Run records in Table storage: one entity per run, one per batch outcome, one lock per export.
+
+Counts a run reports are summed from its batch outcomes, which are written once per batch (insert, so a
+redelivered message cannot count twice); the run's `done` counter is only a cheap hint of when to sum.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableServiceClient, UpdateMode
+
+RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
+ACTIVE = ("planning", "planned", "running")
+FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
+JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome")
+
+
+class RunInProgress(Exception):
+    def __init__(self, export: str, run_id: str):
+        super().__init__(f"export {export!r} already has run {run_id} in progress; wait for it or force a new run")
+        self.run_id = run_id
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    batch: int
+    kind: str
+    status: str  # "done" (every contact acknowledged or rejected/failed by Autopilot) | "dead" (poisoned)
+    contacts: int
+    accepted: int
+    rejected: int
+    failed: int
+    detail: list  # masked per-contact problems: [{"email", "reason"}]
+    error: str = ""
+
+
+class RunRecords:
+    def __init__(self, tables: TableServiceClient):
+        self.runs = tables.get_table_client(RUNS_TABLE)
+        self.batches = tables.get_table_client(BATCHES_TABLE)
+
+    # --- runs -------------------------------------------------------------------------------------
+    def create(self, run_id: str, export: str, **fields) -> dict:
+        entity = {"PartitionKey": "run", "RowKey": run_id, "export": export, "created": utcnow(), **fields}
+        self.runs.create_entity(_encode(entity))
+        return entity
+
+    def get(self, run_id: str) -> dict | None:
+        try:
+            return _decode(self.runs.get_entity("run", run_id))
+        except ResourceNotFoundError:
+            return None
+
+    def update(self, run_id: str, **fields) -> None:
+        self.runs.update_entity(_encode({"PartitionKey": "run", "RowKey": run_id, **fields}), mode=UpdateMode.MERGE)
+
+    def finish(self, run_id: str, status: str, **fields) -> bool:
+        """Move an active run to a final status once; False if it had already finished."""
+        while True:
+            entity = self.runs.get_entity("run", run_id)
+            if entity.get("status") in FINISHED:
+                return False
+            patch = {"PartitionKey": "run", "RowKey": run_id, "status": status, "finished": utcnow(), **fields}
+            if self._merge_if_unchanged(patch, entity.metadata["etag"]):
+                return True
+
+    def reopen(self, run_id: str) -> None:
+        self.update(run_id, status="running", finished="")
+
+    def count_done(self, run_id: str) -> int:
+        """Bump the hint counter of finished batches; returns the new value."""
+        while True:
+            entity = self.runs.get_entity("run", run_id)
+            done = int(entity.get("done", 0)) + 1
+            patch = {"PartitionKey": "run", "RowKey": run_id, "done": done}
+            if self._merge_if_unchanged(patch, entity.metadata["etag"]):
+                return done
+
+    def _merge_if_unchanged(self, patch: dict, etag: str) -> bool:
+        try:
+            self.runs.update_entity(
+                _encode(patch), mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
+            )
+            return True
+        except ResourceModifiedError:
+            return False
+
+    def for_export(self, export: str, limit: int = 1) -> list[dict]:
+        """The newest runs of one export (run ids sort by time)."""
+        found = self.runs.query_entities("PartitionKey eq 'run' and export eq @e", parameters={"e": export})
+        return [_decode(e) for e in sorted(found, key=lambda e: e["RowKey"], reverse=True)[:limit]]
+
+    def active(self) -> list[dict]:
+        filters = " or ".join(f"status eq '{s}'" for s in ACTIVE)
+        return [_decode(e) for e in self.runs.query_entities(f"PartitionKey eq 'run' and ({filters})")]
+
+    # --- one run at a time per export -------------------------------------------------------------
+    def acquire(self, export: str, run_id: str, take_over: bool = False) -> str | None:
+        """Make `run_id` the export's active run. Returns the run it superseded (force), if any."""
+        lock = {"PartitionKey": "lock", "RowKey": export, "run": run_id}
+        try:
+            self.runs.create_entity(lock)
+            return None
+        except ResourceExistsError:
+            pass
+        held = self.runs.get_entity("lock", export)
+        holder = self.get(held["run"])
+        busy = holder is not None and holder.get("status") in ACTIVE
+        if busy and not take_over:
+            raise RunInProgress(export, held["run"])
+        try:
+            self.runs.update_entity(
+                lock, mode=UpdateMode.REPLACE, etag=held.metadata["etag"], match_condition=MatchConditions.IfNotModified
+            )
+        except ResourceModifiedError:
+            raise RunInProgress(export, "(just started)") from None
+        return held["run"] if busy else None
+
+    # --- batch outcomes ---------------------------------------------------------------------------
+    def record_batch(self, run_id: str, outcome: BatchOutcome) -> bool:
+        """Store a batch's outcome once; False if it was already recorded (redelivered message)."""
+        entity = {
+            "PartitionKey": run_id, "RowKey": f"{outcome.batch:06d}", "kind": outcome.kind, "status": outcome.status,
+            "contacts": outcome.contacts, "accepted": outcome.accepted, "rejected": outcome.rejected,
+            "failed": outcome.failed, "outcome": outcome.detail[:200], "error": outcome.error[:2000],
+        }
+        try:
+            self.batches.create_entity(_encode(entity))
+            return True
+        except ResourceExistsError:
+            return False
+
+    def has_batch(self, run_id: str, batch: int) -> bool:
+        try:
+            self.batches.get_entity(run_id, f"{batch:06d}", select=["RowKey"])
+            return True
+        except ResourceNotFoundError:
+            return False
+
+    def batch_outcomes(self, run_id: str) -> list[dict]:
+        return [_decode(e) for e in self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id})]
+
+    def forget_batch(self, run_id: str, batch: int) -> None:
+        self.batches.delete_entity(run_id, f"{batch:06d}")
+
+
+def _encode(entity: dict) -> dict:
+    return {k: json.dumps(v) if k in JSON_FIELDS else v for k, v in entity.items()}
+
+
+def _decode(entity) -> dict:
+    return {k: json.loads(v) if k in JSON_FIELDS and isinstance(v, str) else v for k, v in dict(entity).items()}

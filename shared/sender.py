@@ -1,0 +1,122 @@
+"""Send one batch to Autopilot and record what Autopilot acknowledged.
+
+Retries: a transient failure (5xx, timeout, dropped connection) is retried at once with a fresh slot,
+which is safe because upserts are keyed by email; after that, and on 429, the unfinished part of the batch
+goes back on the queue with a growing delay instead of sleeping inside the function. A 400 on a bulk call
+is split until the refused contact is isolated; only that contact is reported, with Autopilot's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
+from shared.batch_messages import BatchMessage
+from shared.contact_state import Acked
+from shared.contacts import mask_email
+from shared.rate_budget import Deferred, Pacer
+
+log = logging.getLogger("autopilot.sender")
+TRIES_IN_PROCESS = 3
+MAX_ATTEMPTS = 8  # re-queues before the rest of a batch is reported as failed
+MAX_WAIT = 6.0  # longest wait for a request slot inside one function invocation
+
+
+class Requeue(Exception):
+    """Stop here; the unfinished items go back on the queue, visible again at `at`."""
+
+    def __init__(self, at: float, reason: str, slot: float | None = None):
+        super().__init__(reason)
+        self.at, self.reason, self.slot = at, reason, slot
+
+
+@dataclass
+class Progress:
+    """What happened to each item of the batch so far; carried across re-queues."""
+
+    acked: list[Acked] = field(default_factory=list)
+    refused: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)
+    carried_accepted: int = 0  # acknowledged before a re-queue or a redelivery
+
+    def settle(self, item: dict, outcome: str, reason: str = "") -> None:
+        self.done.add(item["k"])
+        if outcome == "acked":
+            self.acked.append(Acked(item["k"], item.get("f", ""), bool(item.get("m", True))))
+        else:
+            getattr(self, outcome).append({"email": mask_email(item["k"]), "reason": reason})
+
+
+@dataclass
+class BatchSender:
+    client: AutopilotClient
+    pacer: Pacer
+    message: BatchMessage
+    progress: Progress = field(default_factory=Progress)
+
+    def run(self) -> None:
+        """Send every unsettled item; raises Requeue or ApiKeyRejected to stop early."""
+        items = [i for i in self.message.items if i["k"] not in self.progress.done]
+        if self.message.kind == "upsert":
+            self._upsert(items)
+        else:
+            for item in items:
+                self._single(item)
+
+    def _upsert(self, items: list[dict]) -> None:
+        try:
+            result = self._with_retries(lambda: self.client.upsert_contacts([i["d"] for i in items], self.pacer))
+        except Refused as exc:
+            if len(items) == 1:
+                self.progress.settle(items[0], "refused", exc.message)
+                return
+            half = len(items) // 2
+            self._upsert(items[:half])
+            self._upsert(items[half:])
+            return
+        seen = {email.lower() for email in result.get("email_contact_map", {})}
+        for item in items:
+            if item["k"] in seen:
+                self.progress.settle(item, "acked")
+            else:
+                self.progress.settle(item, "failed", "Autopilot did not acknowledge this contact")
+
+    def _single(self, item: dict) -> None:
+        list_id = self.message.list_id
+        if self.message.kind == "join":
+            call = lambda: self.client.upsert_contact(item["d"], list_id, self.pacer)
+        else:
+            call = lambda: self.client.remove_from_list(list_id, item["k"], self.pacer)
+        try:
+            self._with_retries(call)
+            self.progress.settle(item, "acked")
+        except Refused as exc:
+            self.progress.settle(item, "refused", exc.message)
+
+    def _with_retries(self, call):
+        for attempt in range(1, TRIES_IN_PROCESS + 1):
+            try:
+                return call()
+            except Deferred as exc:
+                raise Requeue(exc.at, "waiting for a request slot", slot=exc.at) from None
+            except Throttled as exc:
+                raise Requeue(time.time() + (exc.retry_after or backoff(self.message.attempt)), "throttled (429)") from None
+            except Transient as exc:
+                if attempt == TRIES_IN_PROCESS:
+                    raise Requeue(time.time() + backoff(self.message.attempt), exc.message) from None
+                log.info("transient Autopilot failure, retrying: %s", exc.message)
+
+
+def backoff(attempt: int) -> float:
+    """Growing delay before a re-queued batch is tried again: 2, 4, 8 ... 60 seconds."""
+    return float(min(60, 2 ** (attempt + 1)))
+
+
+def fail_rest(message: BatchMessage, progress: Progress, reason: str) -> None:
+    for item in message.items:
+        if item["k"] not in progress.done:
+            progress.settle(item, "failed", reason)
+

@@ -1,0 +1,108 @@
+"""The clients one Function instance uses, built once and lazily from the settings; tests may swap them."""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob import ContainerClient
+
+from shared.autopilot_client import AutopilotClient
+from shared.contact_state import STATE_TABLE, ContactState
+from shared.export_config import ExportDefinition, load_exports
+from shared.rate_budget import RateBudget
+from shared.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
+from shared.secrets import ApiKeyProvider
+from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE, Settings
+from shared.storage import StorageConnection
+
+BUDGET_TABLE = "ratebudget"
+CONTAINERS = ("batches", "reports", "config")
+
+
+class Services:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.host = StorageConnection(HOST_CONNECTION, settings.env)
+        self._ready = False
+        self._lock = threading.Lock()
+
+    @cached_property
+    def records(self) -> RunRecords:
+        return RunRecords(self.host.tables)
+
+    @cached_property
+    def budget(self) -> RateBudget:
+        return RateBudget(self.host.tables.get_table_client(BUDGET_TABLE), self.settings.requests_per_second)
+
+    @cached_property
+    def queue(self):
+        return self.host.queue(BATCH_QUEUE)
+
+    @cached_property
+    def poison_queue(self):
+        return self.host.queue(POISON_QUEUE)
+
+    @cached_property
+    def api_key(self) -> ApiKeyProvider:
+        return ApiKeyProvider.from_settings(self.settings.env)
+
+    @cached_property
+    def autopilot(self) -> AutopilotClient:
+        return AutopilotClient(self.settings.autopilot_base_url, self.api_key)
+
+    def state(self, export: str) -> ContactState:
+        return ContactState(self.host.tables, export)
+
+    def exports(self) -> tuple[ExportDefinition, ...]:
+        """Read on every use, so an edited definitions document applies to the next run."""
+        return load_exports(self.settings.env, self._read_host_blob)
+
+    def export_container(self, export: ExportDefinition) -> ContainerClient:
+        return StorageConnection(export.connection, self.settings.env).blob.get_container_client(export.container)
+
+    def _read_host_blob(self, container: str, path: str) -> bytes:
+        return self.host.blob.get_blob_client(container, path).download_blob().readall()
+
+    def ensure_resources(self) -> None:
+        """Create the tables, queues and containers the app uses (provisioned by infra/ in Azure)."""
+        with self._lock:
+            if self._ready:
+                return
+            for table in (RUNS_TABLE, BATCHES_TABLE, STATE_TABLE, BUDGET_TABLE):
+                _ignore_exists(lambda t=table: self.host.tables.create_table(t))
+            for queue in (self.queue, self.poison_queue):
+                _ignore_exists(queue.create_queue)
+            for container in CONTAINERS:
+                _ignore_exists(lambda c=container: self.host.blob.create_container(c))
+            self._ready = True
+
+
+def _ignore_exists(create) -> None:
+    try:
+        create()
+    except ResourceExistsError:
+        pass
+
+
+_current: Services | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> Services:
+    """The process's services, built from the environment on first use (never at import time)."""
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = Services(Settings.from_env())
+        services = _current
+    services.ensure_resources()
+    return services
+
+
+def use(services: Services | None) -> None:
+    """Replace the process's services (tests, the local host)."""
+    global _current
+    with _current_lock:
+        _current = services

@@ -1,0 +1,81 @@
+"""Storage clients for a named connection setting, in either form the Functions host accepts.
+
+`<NAME>` holds a connection string (local: Azurite), or `<NAME>__blobServiceUri` / `__queueServiceUri` /
+`__tableServiceUri` (or `<NAME>__serviceUri` for blob) name endpoints reached with a managed identity
+(`<NAME>__clientId` selects a user-assigned one). No account keys are needed in Azure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+from azure.data.tables import TableServiceClient
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+
+from shared.settings import SettingsError
+
+# The well-known Azurite endpoints that "UseDevelopmentStorage=true" stands for.
+_DEV_ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+DEV_STORAGE = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    f"AccountKey={_DEV_ACCOUNT_KEY};"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+    "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+)
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    """The clients for one connection setting; each is made on first use."""
+
+    name: str
+    env: Mapping[str, str]
+
+    @cached_property
+    def _connection_string(self) -> str | None:
+        value = (self.env.get(self.name) or "").strip()
+        if value.lower() == "usedevelopmentstorage=true":
+            return DEV_STORAGE
+        return value or None
+
+    def _endpoint(self, service: str) -> str:
+        for key in (f"{self.name}__{service}ServiceUri", f"{self.name}__serviceUri" if service == "blob" else ""):
+            if key and self.env.get(key):
+                return self.env[key]
+        raise SettingsError(
+            f"storage connection {self.name!r}: set {self.name} (connection string) or "
+            f"{self.name}__{service}ServiceUri (managed identity)"
+        )
+
+    @cached_property
+    def _credential(self):
+        from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+        client_id = self.env.get(f"{self.name}__clientId")
+        return ManagedIdentityCredential(client_id=client_id) if client_id else DefaultAzureCredential()
+
+    @cached_property
+    def blob(self) -> BlobServiceClient:
+        if self._connection_string:
+            return BlobServiceClient.from_connection_string(self._connection_string)
+        return BlobServiceClient(self._endpoint("blob"), credential=self._credential)
+
+    @cached_property
+    def tables(self) -> TableServiceClient:
+        if self._connection_string:
+            return TableServiceClient.from_connection_string(self._connection_string)
+        return TableServiceClient(self._endpoint("table"), credential=self._credential)
+
+    def queue(self, name: str) -> QueueClient:
+        """A queue client speaking base64, as the Functions queue trigger expects."""
+        policies = {
+            "message_encode_policy": BinaryBase64EncodePolicy(),
+            "message_decode_policy": BinaryBase64DecodePolicy(),
+        }
+        if self._connection_string:
+            return QueueClient.from_connection_string(self._connection_string, name, **policies)
+        return QueueClient(self._endpoint("queue"), name, credential=self._credential, **policies)

@@ -1,0 +1,34 @@
+"""Shared fixtures: real Azurite on loopback, started once per test session."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from tools.azurite import Azurite
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    with Azurite() as instance:
+        yield instance
+
+
+@pytest.fixture
+def storage_connection(azurite) -> str:
+    return azurite.connection_string
+
+
+@pytest.fixture
+def blob_service(azurite) -> BlobServiceClient:
+    return BlobServiceClient.from_connection_string(azurite.connection_string)
+
+
+@pytest.fixture
+def container(blob_service):
+    """A fresh, uniquely named blob container for one test."""
+    client = blob_service.create_container(f"t{uuid.uuid4().hex[:20]}")
+    yield client
+    client.delete_container()

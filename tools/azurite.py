@@ -1,0 +1,104 @@
+"""Start and stop Azurite (Blob, Queue, Table emulator) on loopback for tests, the demo and benchmarks.
+
+Azurite comes from the committed package.json/package-lock.json (`npm ci`), so nothing is installed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite"
+ACCOUNT = "devstoreaccount1"
+# Azurite's published development key: public, identical in every Azurite install, not a secret.
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Azurite:
+    """One Azurite process with its own data folder and free ports; `connection_string` points at it."""
+
+    def __init__(self, location: str | os.PathLike | None = None):
+        self._own_location = location is None
+        self.location = Path(location or tempfile.mkdtemp(prefix="azurite-"))
+        self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def connection_string(self) -> str:
+        host = "http://127.0.0.1"
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={host}:{self.ports['blob']}/{ACCOUNT};"
+            f"QueueEndpoint={host}:{self.ports['queue']}/{ACCOUNT};"
+            f"TableEndpoint={host}:{self.ports['table']}/{ACCOUNT};"
+        )
+
+    def start(self, timeout: float = 30.0) -> Azurite:
+        if not AZURITE_BIN.exists():
+            raise RuntimeError(f"{AZURITE_BIN} is missing: run `npm ci` (make does this)")
+        self.location.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(AZURITE_BIN), "--silent", "--skipApiVersionCheck", "--loose", "--disableProductStyleUrl",
+            "--location", str(self.location),
+            "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
+            "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
+            "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
+        ]
+        log = open(self.location / "azurite.log", "ab")
+        # A process group of its own, so stop() also ends node's children.
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        self._wait_listening(timeout)
+        return self
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.ports.values())
+        while pending:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"Azurite exited early; see {self.location / 'azurite.log'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Azurite did not listen on {sorted(pending)} within {timeout}s")
+            for port in list(pending):
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        pending.discard(port)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(5)
+        self._proc = None
+
+    def restart(self) -> None:
+        """Stop and start on the same ports and data folder (fault tests)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_location:
+            shutil.rmtree(self.location, ignore_errors=True)
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
