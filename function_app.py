@@ -1,0 +1,59 @@
+"""The Function App's triggers. Each hands over to `shared/` at once; Azure types stay in this file."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import azure.functions as func
+
+from shared import http_api, runs, services
+from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+log = logging.getLogger("autopilot.triggers")
+
+
+def _json(answer: http_api.Answer) -> func.HttpResponse:
+    status, body = answer
+    return func.HttpResponse(json.dumps(body, default=str), status_code=status, mimetype="application/json")
+
+
+@app.timer_trigger(arg_name="timer", schedule="%EXPORT_SCHEDULE%", run_on_startup=False, use_monitor=True)
+def scheduled_sync(timer: func.TimerRequest) -> None:
+    """Start a run for every enabled export with a snapshot not yet synced."""
+    if timer.past_due:
+        log.warning("the export schedule is past due; running now")
+    runs.scheduled_tick(services.current())
+
+
+@app.route(route="exports/{name}/runs", methods=["POST"])
+def start_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.start_run, req.route_params.get("name", ""), req.get_body()))
+
+
+@app.route(route="runs/{run_id}", methods=["GET"])
+def get_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.get_run, req.route_params.get("run_id", "")))
+
+
+@app.route(route="exports", methods=["GET"])
+def list_exports(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.list_exports))
+
+
+@app.route(route="runs/{run_id}/replay", methods=["POST"])
+def replay_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.replay_run, req.route_params.get("run_id", "")))
+
+
+@app.queue_trigger(arg_name="msg", queue_name=BATCH_QUEUE, connection=HOST_CONNECTION)
+def send_batch(msg: func.QueueMessage) -> None:
+    """Send one batch to Autopilot; an exception makes the host retry it, then poison it."""
+    runs.process_batch(services.current(), msg.get_body(), msg.dequeue_count or 1)
+
+
+@app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=HOST_CONNECTION)
+def record_dead_batch(msg: func.QueueMessage) -> None:
+    """Settle a dead batch on its run (kept in the `dead` container for replay)."""
+    runs.record_dead(services.current(), msg.get_body())

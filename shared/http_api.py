@@ -1,0 +1,110 @@
+"""The HTTP API's logic, free of Azure types: path values and body bytes in, (status, JSON body) out.
+
+Every answer is JSON. Names and run ids are checked against strict patterns before they reach storage,
+so no path or query can be smuggled through them; nothing returned holds a secret or a full profile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from shared import runs, services
+from shared.export_config import ExportConfigError
+from shared.run_records import RunInProgress
+from shared.services import Services
+from shared.settings import SettingsError
+
+log = logging.getLogger("autopilot.http")
+Answer = tuple[int, dict]
+
+MAX_BODY = 16 * 1024
+EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+RUN_OPTIONS = {"dryRun", "force"}
+
+
+def _error(status: int, message: str, **extra) -> Answer:
+    return status, {"error": message, **extra}
+
+
+def start_run(svc: Services, name: str, body: bytes) -> Answer:
+    """POST /api/exports/{name}/runs: 202 queued, 200 dry-run report, 400/404/409/422 with the reason."""
+    if not EXPORT_NAME.fullmatch(name or ""):
+        return _error(404, f"no export named {name[:80]!r}")
+    options = _run_options(body)
+    if isinstance(options, str):
+        return _error(400, options)
+    try:
+        export = runs.find_export(svc, name)
+        export.check_runnable()
+        run = runs.start_run(svc, export.name, force=options.get("force", False),
+                             dry_run=options.get("dryRun", False), trigger="http")
+    except runs.UnknownExport as exc:
+        return _error(404, str(exc))
+    except RunInProgress as exc:
+        return _error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")
+    except ExportConfigError as exc:
+        return _error(422, str(exc))
+    view = runs.run_view(svc, run["RowKey"])
+    status = 200 if view["status"] in ("dry run", "failed") else 202
+    return status, {**view, "statusUrl": f"/api/runs/{run['RowKey']}"}
+
+
+def _run_options(body: bytes) -> dict | str:
+    """The run options, or a message saying what is wrong with the body."""
+    if len(body) > MAX_BODY:
+        return f"request body is {len(body)} bytes; at most {MAX_BODY} are accepted"
+    if not body.strip():
+        return {}
+    try:
+        options = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"request body is not valid JSON: {exc}"
+    if not isinstance(options, dict):
+        return 'request body must be a JSON object such as {"dryRun": true}'
+    unknown = sorted(set(options) - RUN_OPTIONS)
+    if unknown:
+        return f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(RUN_OPTIONS))}"
+    wrong = [k for k, v in options.items() if not isinstance(v, bool)]
+    if wrong:
+        return f"option(s) {', '.join(wrong)} must be true or false"
+    return options
+
+
+def get_run(svc: Services, run_id: str) -> Answer:
+    """GET /api/runs/{id}: status, counts, timings, samples and where the reports are."""
+    view = runs.run_view(svc, run_id) if RUN_ID.fullmatch(run_id or "") else None
+    if view is None:
+        return _error(404, f"no run with id {run_id[:80]!r}")
+    return 200, view
+
+
+def list_exports(svc: Services) -> Answer:
+    """GET /api/exports: each definition (no secrets live in it) and its latest run."""
+    exports = []
+    for export in svc.exports():
+        last = svc.records.for_export(export.name, limit=1)
+        summary = {k: last[0].get(k) for k in ("RowKey", "status", "snapshot", "finished")} if last else None
+        if summary:
+            summary["runId"] = summary.pop("RowKey")
+        exports.append({**export.public(), "lastRun": summary})
+    return 200, {"exports": exports}
+
+
+def replay_run(svc: Services, run_id: str) -> Answer:
+    """POST /api/runs/{id}/replay: put the run's dead batches back on the queue."""
+    if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
+        return _error(404, f"no run with id {run_id[:80]!r}")
+    return 200, {"runId": run_id, "replayedBatches": runs.replay(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}
+
+
+def guarded(call, *args) -> Answer:
+    """Run one API call with the process's services; a configuration problem becomes a 500 that says what to
+    fix, never a stack trace."""
+    try:
+        return call(services.current(), *args)
+    except (SettingsError, ExportConfigError) as exc:
+        log.error("configuration problem: %s", exc)
+        return _error(500, f"the app is misconfigured: {exc}")

@@ -1,0 +1,89 @@
+"""The local host behaves like the Functions host where the product relies on it."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+import azure.functions as func
+import pytest
+import requests
+from azure.storage.queue import QueueClient
+
+from tools.local_host import LocalHost, QueueOptions
+
+
+def _wait_for(predicate, timeout: float = 20.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"q{uuid.uuid4().hex[:12]}"
+
+
+def _app(queue_name: str, seen: list) -> func.FunctionApp:
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+    @app.queue_trigger(arg_name="msg", queue_name=queue_name, connection="AzureWebJobsStorage")
+    def always_fails(msg: func.QueueMessage) -> None:
+        seen.append((msg.get_body(), msg.dequeue_count))
+        raise RuntimeError("this function always fails")
+
+    @app.route(route="echo/{word}", methods=["POST"])
+    def echo(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse(req.route_params["word"] + ":" + req.get_body().decode(), status_code=201)
+
+    return app
+
+
+def test_message_that_always_fails_moves_to_poison_queue_after_max_dequeue_count(storage_connection, queue_name):
+    seen: list = []
+    options = QueueOptions(batch_size=4, new_batch_threshold=2, max_dequeue_count=3, visibility_timeout=0,
+                           max_polling_interval=0.2)
+    settings = {"AzureWebJobsStorage": storage_connection}
+    with LocalHost(_app(queue_name, seen), settings, options=options):
+        queue = QueueClient.from_connection_string(storage_connection, queue_name)
+        _wait_for(lambda: _exists(queue))
+        queue.send_message(base64.b64encode(b"hello").decode())
+        poison = QueueClient.from_connection_string(storage_connection, f"{queue_name}-poison")
+        poisoned = _wait_for(lambda: list(poison.peek_messages(max_messages=5)))
+    assert [body for body, _ in seen] == [b"hello"] * 3
+    assert [count for _, count in seen] == [1, 2, 3]
+    assert base64.b64decode(poisoned[0].content) == b"hello"
+    assert queue.get_queue_properties().approximate_message_count == 0
+
+
+def _exists(queue: QueueClient) -> bool:
+    try:
+        queue.get_queue_properties()
+        return True
+    except Exception:
+        return False
+
+
+def test_http_function_needs_the_function_key(storage_connection, queue_name):
+    settings = {"AzureWebJobsStorage": storage_connection}
+    with LocalHost(_app(queue_name, []), settings, port=0, function_key="k3y") as host:
+        url = f"{host.base_url}/api/echo/hi"
+        assert requests.post(url, data=b"x", timeout=5).status_code == 401
+        assert requests.post(url, data=b"x", params={"code": "wrong"}, timeout=5).status_code == 401
+        ok = requests.post(url, data=b"there", headers={"x-functions-key": "k3y"}, timeout=5)
+        assert (ok.status_code, ok.text) == (201, "hi:there")
+        assert requests.get(url, params={"code": "k3y"}, timeout=5).status_code == 405
+        assert requests.post(f"{host.base_url}/api/nothing", params={"code": "k3y"}, timeout=5).status_code == 404
+
+
+def test_options_come_from_host_json():
+    options = QueueOptions.from_host_json()
+    assert options.max_dequeue_count == 5
+    assert options.batch_size == 16
+    assert options.new_batch_threshold == 24
+    assert options.max_polling_interval == 2.0

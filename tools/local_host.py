@@ -1,0 +1,344 @@
+"""A small local Functions host: drives the very decorated functions of `function_app.py` on the local stack.
+
+Azure Functions Core Tools cannot be installed offline, so this host does, for development and tests, what
+the real host does: it polls the Azurite queues and calls the queue-triggered functions with base64-decoded
+messages (honouring host.json's batchSize, newBatchThreshold, maxDequeueCount then `<queue>-poison`,
+visibilityTimeout and maxPollingInterval), serves the HTTP functions on loopback under /api with function-key
+checks, and fires the timer on demand (as the real host's admin API does: POST /admin/functions/{name}).
+
+    python -m tools.local_host --settings local.settings.json --port 7071
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import azure.functions as func
+from azure.core.exceptions import ResourceExistsError
+from azure.functions.queue import QueueMessage
+from azure.functions.timer import TimerRequest
+from azure.storage.queue import QueueClient
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("local_host")
+LEASE_SECONDS = 600  # how long a message stays invisible while a function works on it (the real host renews)
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """The `extensions.queues` part of host.json, with the real host's defaults."""
+
+    batch_size: int = 16
+    new_batch_threshold: int = 8
+    max_dequeue_count: int = 5
+    visibility_timeout: float = 0.0
+    max_polling_interval: float = 60.0
+
+    @classmethod
+    def from_host_json(cls, path: Path = ROOT / "host.json") -> QueueOptions:
+        queues = json.loads(path.read_text()).get("extensions", {}).get("queues", {})
+        return cls(
+            batch_size=int(queues.get("batchSize", cls.batch_size)),
+            new_batch_threshold=int(queues.get("newBatchThreshold", cls.new_batch_threshold)),
+            max_dequeue_count=int(queues.get("maxDequeueCount", cls.max_dequeue_count)),
+            visibility_timeout=_timespan(queues.get("visibilityTimeout", "00:00:00")),
+            max_polling_interval=_timespan(queues.get("maxPollingInterval", "00:01:00")),
+        )
+
+
+def _timespan(value: str) -> float:
+    hours, minutes, seconds = value.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+class LocalHost:
+    """Hosts one FunctionApp: queue pollers, an HTTP server and timer firing, on the app settings given."""
+
+    def __init__(self, app: func.FunctionApp, settings: dict[str, str], *, port: int | None = None,
+                 function_key: str | None = None, options: QueueOptions | None = None):
+        self.app = app
+        self.settings = settings
+        self.port = port
+        self.function_key = function_key or secrets.token_urlsafe(24)
+        self.options = options or QueueOptions.from_host_json()
+        self.functions = {f.get_function_name(): f for f in app.get_functions()}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: ThreadingHTTPServer | None = None
+        self.invocations = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> LocalHost:
+        from shared import services
+
+        os.environ.update(self.settings)  # as the real host exposes app settings to the worker
+        services.use(None)  # a fresh worker builds its clients from those settings
+        for name, function in self.functions.items():
+            trigger = function.get_trigger()
+            if trigger.get_binding_name() == "queueTrigger":
+                self._spawn(QueuePoller(self, name, trigger.get_dict_repr()).run, f"queue-{name}")
+        if self.port is not None:
+            self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
+            self._server.daemon_threads = True
+            self.port = self._server.server_address[1]
+            self._spawn(self._server.serve_forever, "http")
+        return self
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def __enter__(self) -> LocalHost:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- invoking functions -----------------------------------------------------------------------
+    def call(self, name: str, **arguments):
+        self.invocations += 1
+        return self.functions[name].get_user_function()(**arguments)
+
+    def fire_timer(self, name: str | None = None, past_due: bool = False) -> None:
+        """Fire a timer-triggered function now (the first one when no name is given)."""
+        name = name or next(n for n, f in self.functions.items() if _trigger_type(f) == "timerTrigger")
+        arg = self.functions[name].get_trigger().get_dict_repr()["name"]
+        self.call(name, **{arg: TimerRequest(past_due=past_due)})
+
+    def connection_string(self, setting: str) -> str:
+        from shared.storage import DEV_STORAGE
+
+        value = self.settings.get(setting) or os.environ.get(setting, "")
+        return DEV_STORAGE if value.lower() == "usedevelopmentstorage=true" else value
+
+
+def _trigger_type(function) -> str:
+    return function.get_trigger().get_binding_name()
+
+
+class QueuePoller:
+    """Polls one queue the way the Functions host does and runs its function on a pool of workers."""
+
+    def __init__(self, host: LocalHost, name: str, binding: dict):
+        self.host, self.name, self.opts = host, name, host.options
+        connection = host.connection_string(binding.get("connection") or "AzureWebJobsStorage")
+        self.queue = QueueClient.from_connection_string(connection, binding["queueName"])
+        self.poison = QueueClient.from_connection_string(connection, binding["queueName"] + "-poison")
+        self.arg = binding["name"]
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        for queue in (self.queue, self.poison):
+            try:
+                queue.create_queue()
+            except ResourceExistsError:
+                pass
+        idle = 0.1
+        with ThreadPoolExecutor(self.opts.batch_size + self.opts.new_batch_threshold) as pool:
+            while not self.host._stop.is_set():
+                got = self._fetch(pool)
+                idle = 0.1 if got else min(idle * 2, self.opts.max_polling_interval)
+                self.host._stop.wait(idle if not got else 0.01)
+
+    def _fetch(self, pool: ThreadPoolExecutor) -> int:
+        with self._lock:
+            if self._busy > self.opts.new_batch_threshold:
+                return 1  # enough in hand: check again soon without fetching
+        try:
+            messages = list(self.queue.receive_messages(
+                messages_per_page=self.opts.batch_size, max_messages=self.opts.batch_size,
+                visibility_timeout=LEASE_SECONDS))
+        except Exception as exc:  # storage unreachable (Azurite restarting): keep polling
+            log.warning("queue %s: receive failed: %s", self.queue.queue_name, type(exc).__name__)
+            return 0
+        for message in messages:
+            with self._lock:
+                self._busy += 1
+            pool.submit(self._invoke, message)
+        return len(messages)
+
+    def _invoke(self, message) -> None:
+        try:
+            self._run_function(message)
+        except Exception as exc:
+            self._failed(message, exc)
+        else:
+            self._ignore_gone(lambda: self.queue.delete_message(message))
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _run_function(self, message) -> None:
+        try:
+            body = base64.b64decode(message.content, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("message is not valid base64 (the queue trigger expects base64)") from None
+        self.host.call(self.name, **{self.arg: QueueMessage(
+            id=message.id, body=body, dequeue_count=message.dequeue_count, pop_receipt=message.pop_receipt)})
+
+    def _failed(self, message, exc: Exception) -> None:
+        log.warning("function %s failed on message %s (try %d): %s: %s", self.name, message.id,
+                    message.dequeue_count, type(exc).__name__, exc)
+        if message.dequeue_count >= self.opts.max_dequeue_count:
+            self._ignore_gone(lambda: self.poison.send_message(message.content))
+            self._ignore_gone(lambda: self.queue.delete_message(message))
+        else:
+            self._ignore_gone(lambda: self.queue.update_message(
+                message, visibility_timeout=int(self.opts.visibility_timeout)))
+
+    @staticmethod
+    def _ignore_gone(action) -> None:
+        try:
+            action()
+        except Exception as exc:  # the message came back to another poller meanwhile: it will be seen again
+            log.warning("queue bookkeeping failed: %s", type(exc).__name__)
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+MAX_BODY = 100 * 1024 * 1024  # the real host's request size limit
+
+
+def _routes(host: LocalHost) -> list[tuple[re.Pattern, set[str], str, str, str]]:
+    routes = []
+    for name, function in host.functions.items():
+        trigger = function.get_trigger().get_dict_repr()
+        if trigger["type"] != "httpTrigger":
+            continue
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", trigger.get("route") or name)
+        methods = {str(getattr(m, "value", m)).upper() for m in trigger.get("methods") or ["GET", "POST"]}
+        auth = str(getattr(trigger.get("authLevel"), "value", trigger.get("authLevel") or "function")).lower()
+        routes.append((re.compile(f"/api/{pattern}"), methods, name, trigger["name"], auth))
+    return routes
+
+
+def _handler_for(host: LocalHost):
+    routes = _routes(host)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: the functions log what matters
+            pass
+
+        def do_GET(self) -> None:
+            self._dispatch()
+
+        def do_POST(self) -> None:
+            self._dispatch()
+
+        def do_PUT(self) -> None:
+            self._dispatch()
+
+        def do_DELETE(self) -> None:
+            self._dispatch()
+
+        def _dispatch(self) -> None:
+            url = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                return self._send(413, {"error": "request body too large"}, close=True)
+            body = self.rfile.read(length) if length else b""
+            params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            if url.path.startswith("/admin/functions/"):
+                return self._admin(url.path.rsplit("/", 1)[-1], params)
+            for pattern, methods, name, arg, auth in routes:
+                match = pattern.fullmatch(url.path)
+                if not match:
+                    continue
+                if self.command not in methods:
+                    return self._send(405, {"error": f"{self.command} is not allowed here"})
+                if auth != "anonymous" and not self._authorised(params):
+                    return self._send(401, {"error": "a function key is required (?code=... or x-functions-key)"})
+                request = func.HttpRequest(self.command, f"{host.base_url}{self.path}", headers=dict(self.headers),
+                                           params=params, route_params=match.groupdict(), body=body)
+                try:
+                    response = host.call(name, **{arg: request})
+                except Exception as exc:
+                    log.exception("function %s failed", name)
+                    return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
+                return self._raw(response.status_code, response.get_body(), response.mimetype)
+            self._send(404, {"error": "no function serves this route"})
+
+        def _authorised(self, params: dict) -> bool:
+            given = self.headers.get("x-functions-key") or params.get("code") or ""
+            return secrets.compare_digest(given.encode(), host.function_key.encode())
+
+        def _admin(self, name: str, params: dict) -> None:
+            if self.command != "POST" or not self._authorised(params):
+                return self._send(401, {"error": "the admin API needs POST and the key"})
+            if name not in host.functions or _trigger_type(host.functions[name]) != "timerTrigger":
+                return self._send(404, {"error": f"no timer function {name!r}"})
+            try:
+                host.fire_timer(name)
+            except Exception as exc:
+                log.exception("timer %s failed", name)
+                return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
+            self._send(202, {"fired": name})
+
+        def _send(self, status: int, body: dict, close: bool = False) -> None:
+            self._raw(status, json.dumps(body).encode(), "application/json", close)
+
+        def _raw(self, status: int, body: bytes, mimetype: str | None, close: bool = False) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", mimetype or "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+# --- command line ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="local.settings.json", help="local.settings.json-style file")
+    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--function-key", default=os.environ.get("LOCAL_FUNCTION_KEY"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    values = json.loads(Path(args.settings).read_text())["Values"]
+    from function_app import app
+
+    host = LocalHost(app, values, port=args.port, function_key=args.function_key).start()
+    print(f"local host listening on {host.base_url}/api (functions: {', '.join(host.functions)})", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    host.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Run one export end to end on the local stack and write its run report.
+
+    AUTOPILOT_API_KEY=... python -m tools.local_run --export-dir DIR --exports-config FILE --export NAME \\
+        [--autopilot-url URL] [--report FILE] [--dry-run] [--force] [--state-dir DIR]
+
+DIR mirrors the export container's content (as Customer Insights writes it); it is uploaded to Azurite. The
+API key is stored in the Key Vault stand-in and read back by the app through the real Key Vault client. The
+run goes through the same functions as in Azure: the HTTP trigger starts it, the queue trigger sends it.
+With --state-dir the stack's storage is kept, so the next run of the same export is incremental.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from shared.export_config import ExportConfigError, parse_exports
+from shared.settings import SettingsError, Settings
+from tools.local_host import LocalHost
+from tools.local_stack import LocalStack
+
+FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+
+
+class UsageError(Exception):
+    """A bad argument or input file: reported in one line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.local_run", description=__doc__.splitlines()[0])
+    parser.add_argument("--export-dir", required=True, type=Path, help="folder mirroring the export container")
+    parser.add_argument("--exports-config", required=True, type=Path, help="export definitions (JSON)")
+    parser.add_argument("--export", required=True, help="name of the export to run")
+    parser.add_argument("--autopilot-url", help="an Autopilot-compatible API; default: start the simulator")
+    parser.add_argument("--report", type=Path, help="write the run report (JSON) here")
+    parser.add_argument("--dry-run", action="store_true", help="report what would be sent; send nothing")
+    parser.add_argument("--force", action="store_true", help="full resync: ignore what was already sent")
+    parser.add_argument("--state-dir", type=Path, help="keep the local stack's storage here between runs")
+    parser.add_argument("--timeout", type=float, default=3600, help="give up waiting after this many seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
+    try:
+        report = run(args)
+    except (UsageError, ExportConfigError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.report:
+        args.report.write_text(text)
+    print(text)
+    return 0 if report["status"] in ("succeeded", "dry run") else 1
+
+
+def run(args: argparse.Namespace) -> dict:
+    exports = _read_exports(args.exports_config, args.export)
+    api_key = os.environ.get("AUTOPILOT_API_KEY", "")
+    if not api_key:
+        raise UsageError("set the environment variable AUTOPILOT_API_KEY (the key is stored in the Key Vault "
+                         "stand-in and read back by the app)")
+    if not args.export_dir.is_dir():
+        raise UsageError(f"--export-dir {args.export_dir} is not a folder")
+    rate = Settings.from_env({**os.environ, "KEY_VAULT_URL": "-"}).requests_per_second
+    with LocalStack(args.state_dir, api_key=api_key, rate=rate, autopilot_url=args.autopilot_url) as stack:
+        definition = next(e for e in parse_exports(exports) if e.name == args.export)
+        upload_folder(stack.storage, definition.container, args.export_dir)
+        settings = stack.settings(exports)
+        with LocalHost(_app(), settings, port=0) as host:
+            return _run_and_wait(host, args)
+
+
+def _read_exports(path: Path, name: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read --exports-config {path}: {exc.strerror}") from None
+    names = [e.name for e in parse_exports(text, source=str(path))]
+    if name not in names:
+        raise UsageError(f"{path} has no export named {name!r} (it has: {', '.join(names) or 'none'})")
+    return text
+
+
+def _app():
+    from function_app import app  # imported late: the host sets the app settings first
+
+    return app
+
+
+def upload_folder(connection: str, container: str, folder: Path) -> int:
+    """Mirror a folder into a blob container (paths relative to the folder); returns the file count."""
+    from azure.core.exceptions import ResourceExistsError
+    from azure.storage.blob import BlobServiceClient
+
+    client = BlobServiceClient.from_connection_string(connection).get_container_client(container)
+    try:
+        client.create_container()
+    except ResourceExistsError:
+        pass
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    for path in files:
+        with path.open("rb") as data:
+            client.upload_blob(path.relative_to(folder).as_posix(), data, overwrite=True)
+    return len(files)
+
+
+def _run_and_wait(host: LocalHost, args: argparse.Namespace) -> dict:
+    api = requests.Session()
+    api.headers["x-functions-key"] = host.function_key
+    body = {"dryRun": args.dry_run, "force": args.force}
+    started = api.post(f"{host.base_url}/api/exports/{args.export}/runs", json=body, timeout=600)
+    view = started.json()
+    if started.status_code >= 400:
+        raise UsageError(f"the run was refused ({started.status_code}): {view.get('error')}")
+    return _wait(api, host.base_url + view["statusUrl"], view, args.timeout)
+
+
+def _wait(api: requests.Session, url: str, view: dict, timeout: float) -> dict:
+    bar = _progress_bar(view)
+    deadline = time.monotonic() + timeout
+    while view["status"] not in FINAL:
+        if time.monotonic() > deadline:
+            raise UsageError(f"run {view['runId']} did not finish within {timeout:.0f}s; see {url}")
+        time.sleep(0.5)
+        view = api.get(url, timeout=30).json()
+        if bar is not None:
+            bar.total = view["batches"]["planned"] or bar.total
+            bar.update(view["batches"]["settled"] - bar.n)
+    if bar is not None:
+        bar.close()
+    return view
+
+
+def _progress_bar(view: dict):
+    if not sys.stderr.isatty() or view["status"] in FINAL:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=view["batches"]["planned"], unit="batch", desc=f"run {view['runId']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

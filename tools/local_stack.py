@@ -1,0 +1,85 @@
+"""The embedded local stack: Azurite, the Key Vault stand-in and the Autopilot simulator, all on loopback.
+
+The demo, the local run command, the tests and the benchmarks all start the stack through this one class,
+so they run the product against the same real parts.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from tools.autopilot_sim import AutopilotSim, Faults
+from tools.azurite import Azurite
+from tools.keyvault_standin import KeyVaultStandIn
+
+SECRET_NAME = "autopilot-api-key"
+SCHEDULE = "0 */15 * * * *"
+
+
+class LocalStack:
+    def __init__(self, state_dir: str | Path | None = None, *, api_key: str | None = None, rate: float = 5.0,
+                 autopilot_url: str | None = None, faults: Faults | None = None):
+        self._own_dir = state_dir is None
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="local-stack-"))
+        self.api_key = api_key or secrets.token_hex(16)
+        self.rate = rate
+        self.autopilot_url = autopilot_url
+        self.faults = faults
+        self.azurite = Azurite(self.state_dir / "azurite")
+        self.keyvault = KeyVaultStandIn(state_dir=self.state_dir / "keyvault")
+        self.sim: AutopilotSim | None = None
+
+    def start(self) -> LocalStack:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.azurite.start()
+        self.keyvault.start()
+        self.keyvault.set_secret(SECRET_NAME, self.api_key)
+        if self.autopilot_url is None:
+            self.sim = AutopilotSim(self.api_key, rate=self.rate, faults=self.faults).start()
+            self.autopilot_url = self.sim.base_url
+        return self
+
+    def stop(self) -> None:
+        if self.sim:
+            self.sim.stop()
+        self.keyvault.stop()
+        self.azurite.stop()
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def storage(self) -> str:
+        return self.azurite.connection_string
+
+    def settings(self, exports: dict | str | None = None, **overrides: str) -> dict[str, str]:
+        """App settings for the Function App on this stack (the local form of what infra/ sets in Azure)."""
+        document = exports if isinstance(exports, str) or exports is None else json.dumps(exports)
+        values = {
+            "FUNCTIONS_WORKER_RUNTIME": "python",
+            "AzureWebJobsStorage": self.storage,
+            "EXPORT_STORAGE": self.storage,
+            "EXPORT_SCHEDULE": SCHEDULE,
+            "EXPORTS": document or "",
+            "EXPORTS_BLOB": "config/exports.json",
+            "KEY_VAULT_URL": self.keyvault.url,
+            "KEY_VAULT_CA_FILE": str(self.keyvault.ca_file),
+            "AUTOPILOT_API_KEY_SECRET_NAME": SECRET_NAME,
+            "AUTOPILOT_BASE_URL": self.autopilot_url or "",
+            "AUTOPILOT_REQUESTS_PER_SECOND": str(self.rate),
+        }
+        values.update(overrides)
+        return values
