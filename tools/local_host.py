@@ -39,6 +39,17 @@ log = logging.getLogger("local_host")
 LEASE_SECONDS = 600  # how long a message stays invisible while a function works on it (the real host renews)
 
 
+_indexed: dict[int, list] = {}
+
+
+def index(app: func.FunctionApp) -> list:
+    """The app's functions. `get_functions()` may run once per app (a second call fails its unique-name check,
+    as the real host only indexes once), so several hosts in one process share the first result."""
+    if id(app) not in _indexed:
+        _indexed[id(app)] = app.get_functions()
+    return _indexed[id(app)]
+
+
 @dataclass(frozen=True)
 class QueueOptions:
     """The `extensions.queues` part of host.json, with the real host's defaults."""
@@ -76,7 +87,7 @@ class LocalHost:
         self.port = port
         self.function_key = function_key or secrets.token_urlsafe(24)
         self.options = options or QueueOptions.from_host_json()
-        self.functions = {f.get_function_name(): f for f in app.get_functions()}
+        self.functions = {f.get_function_name(): f for f in index(app)}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None

@@ -1,0 +1,60 @@
+"""Indexing: the Functions host finds every function, with the right trigger, queue, route and schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from function_app import app
+from tools.local_host import index
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _triggers() -> dict[str, dict]:
+    return {f.get_function_name(): f.get_trigger().get_dict_repr() for f in index(app)}
+
+
+def test_every_function_is_indexed_with_its_trigger():
+    triggers = _triggers()
+    assert {name: t["type"] for name, t in triggers.items()} == {
+        "scheduled_sync": "timerTrigger",
+        "start_run": "httpTrigger",
+        "get_run": "httpTrigger",
+        "list_exports": "httpTrigger",
+        "replay_run": "httpTrigger",
+        "send_batch": "queueTrigger",
+        "record_dead_batch": "queueTrigger",
+    }
+
+
+def test_timer_reads_its_schedule_from_an_app_setting_and_does_not_run_on_start_up():
+    timer = _triggers()["scheduled_sync"]
+    assert timer["schedule"] == "%EXPORT_SCHEDULE%"
+    assert timer["runOnStartup"] is False
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    assert sample["EXPORT_SCHEDULE"].count(" ") == 5  # NCRONTAB has six fields
+
+
+def test_queue_triggers_listen_on_the_batch_queue_and_its_poison_queue():
+    triggers = _triggers()
+    assert triggers["send_batch"]["queueName"] == "autopilot-batches"
+    assert triggers["record_dead_batch"]["queueName"] == "autopilot-batches-poison"
+    assert {triggers[n]["connection"] for n in ("send_batch", "record_dead_batch")} == {"AzureWebJobsStorage"}
+
+
+def test_http_routes_need_a_function_key():
+    routes = {name: t for name, t in _triggers().items() if t["type"] == "httpTrigger"}
+    assert {n: (t["route"], [str(m.value) for m in t["methods"]]) for n, t in routes.items()} == {
+        "start_run": ("exports/{name}/runs", ["POST"]),
+        "get_run": ("runs/{run_id}", ["GET"]),
+        "list_exports": ("exports", ["GET"]),
+        "replay_run": ("runs/{run_id}/replay", ["POST"]),
+    }
+    assert {str(t["authLevel"].value) for t in routes.values()} == {"function"}
+
+
+def test_host_json_poisons_after_a_bounded_number_of_tries_and_uses_base64():
+    queues = json.loads((ROOT / "host.json").read_text())["extensions"]["queues"]
+    assert queues["messageEncoding"] == "base64"
+    assert 1 < queues["maxDequeueCount"] <= 10
