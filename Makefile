@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# checkov pins libraries the app also uses, so it lives in a venv of its own.
+INFRA_VENV := .venv-infra
+INFRA_STAMP := $(INFRA_VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick setup clean
 
@@ -15,6 +18,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+$(INFRA_STAMP): requirements-infra.txt
+	$(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(INFRA_VENV)/bin/python -m pip install --quiet -r requirements-infra.txt
+	touch $@
+
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -22,7 +31,7 @@ $(NODE_STAMP): package.json package-lock.json
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup lint $(INFRA_STAMP)
 	$(PY) -m pytest -q
 
 demo: setup
@@ -35,4 +44,4 @@ bench-quick: setup
 	$(PY) -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache bench/out
+	rm -rf $(VENV) $(INFRA_VENV) node_modules .pytest_cache bench/out

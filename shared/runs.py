@@ -267,7 +267,8 @@ def _unwrap(body: bytes) -> tuple[str, bytes]:
 
 def replay(svc: Services, run_id: str) -> int:
     """Put a run's dead batches back on the queue; returns how many."""
-    dead = [o for o in svc.records.batch_outcomes(run_id) if o.get("status") == "dead"]
+    outcomes = svc.records.batch_outcomes(run_id)
+    dead = [o for o in outcomes if o.get("status") == "dead"]
     for outcome in dead:
         batch = int(outcome["RowKey"])
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
@@ -275,7 +276,7 @@ def replay(svc: Services, run_id: str) -> int:
         svc.records.forget_batch(run_id, batch)
         queue_message(svc, message, None)
     if dead:
-        svc.records.update(run_id, status="running", finished="", done=0)
+        svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead))
     return len(dead)
 
 

@@ -18,7 +18,7 @@ from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE, Settings
 from shared.storage import StorageConnection
 
 BUDGET_TABLE = "ratebudget"
-CONTAINERS = ("batches", "reports", "config")
+CONTAINERS = ("batches", "reports", "config", "dead")
 
 
 class Services:

@@ -1,0 +1,202 @@
+// The Function App on Flex Consumption (Python 3.11), running as the user-assigned identity. Every app setting the
+// code reads is set here, in siteConfig.appSettings; no setting holds a key or a secret.
+param name string
+param planName string
+param location string
+param tags object
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+param identityClientId string
+param storageAccountName string
+param deploymentContainerName string
+param appInsightsName string
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int
+param exportSchedule string
+@description('Blob (container/name) in host storage holding the export definitions.')
+param exportsBlob string
+param keyVaultUrl string
+param apiKeySecretName string
+param autopilotBaseUrl string
+param autopilotRequestsPerSecond string
+@description('Customer Insights export account; empty: the EXPORT_STORAGE settings are left for the operator to set.')
+param exportStorageAccountName string = ''
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  //checkov:skip=CKV_AZURE_225: zone redundancy on Flex Consumption exists only in some regions and needs always-ready instances; a batch sync that resumes from its queue after an outage does not need it.
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    tier: 'FlexConsumption'
+    name: 'FC1'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+// Identity-based connections only. AzureWebJobsStorage serves the triggers and the app's own clients;
+// EXPORT_STORAGE reads the customer's export container; AZURE_CLIENT_ID picks the identity for Key Vault.
+// Set in siteConfig (not a sites/config resource) so that the settings and the site are one resource.
+var hostStorageSettings = [
+  {
+    name: 'AzureWebJobsStorage__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identityClientId
+  }
+  {
+    name: 'AzureWebJobsStorage__blobServiceUri'
+    value: storage.properties.primaryEndpoints.blob
+  }
+  {
+    name: 'AzureWebJobsStorage__queueServiceUri'
+    value: storage.properties.primaryEndpoints.queue
+  }
+  {
+    name: 'AzureWebJobsStorage__tableServiceUri'
+    value: storage.properties.primaryEndpoints.table
+  }
+]
+var exportStorageSettings = empty(exportStorageAccountName) ? [] : [
+  {
+    name: 'EXPORT_STORAGE__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'EXPORT_STORAGE__clientId'
+    value: identityClientId
+  }
+  {
+    name: 'EXPORT_STORAGE__blobServiceUri'
+    value: 'https://${exportStorageAccountName}.blob.${environment().suffixes.storage}/'
+  }
+]
+var appSettings = [
+  {
+    name: 'AZURE_CLIENT_ID'
+    value: identityClientId
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    value: appInsights.properties.ConnectionString
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+    value: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+  {
+    name: 'EXPORT_SCHEDULE'
+    value: exportSchedule
+  }
+  {
+    name: 'EXPORTS_BLOB'
+    value: exportsBlob
+  }
+  {
+    name: 'KEY_VAULT_URL'
+    value: keyVaultUrl
+  }
+  {
+    name: 'AUTOPILOT_API_KEY_SECRET_NAME'
+    value: apiKeySecretName
+  }
+  {
+    name: 'AUTOPILOT_BASE_URL'
+    value: autopilotBaseUrl
+  }
+  {
+    name: 'AUTOPILOT_REQUESTS_PER_SECOND'
+    value: autopilotRequestsPerSecond
+  }
+]
+
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  //checkov:skip=CKV_AZURE_222: the HTTP API (start a run, read a run) is called from the operator's machine or scheduler with a function key over HTTPS (TLS 1.2); private access would need VNet integration and private endpoints, which this one-command deployment leaves out.
+  //checkov:skip=CKV_AZURE_17: incoming client certificates would lock out the API's callers (curl, schedulers); they authenticate with function keys instead.
+  //checkov:skip=CKV_AZURE_212: Flex Consumption has no fixed worker count (numberOfWorkers); it scales each trigger from zero up to maximumInstanceCount.
+  //checkov:skip=CKV_AZURE_213: Flex Consumption does not support the App Service health check (healthCheckPath); host health shows in Application Insights.
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    publicNetworkAccess: 'Enabled'
+    siteConfig: {
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      appSettings: concat(hostStorageSettings, exportStorageSettings, appSettings)
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+// Deployment goes through the Flex package container with the identity: no publishing profile, no basic auth.
+resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output name string = site.name
+output uri string = 'https://${site.properties.defaultHostName}'

@@ -1,0 +1,89 @@
+// Host storage: the Functions runtime (AzureWebJobsStorage), the Flex deployment package, and the app's queues,
+// tables and containers. Reached only with Entra ID: shared keys, SAS from keys and anonymous access are off.
+param name string
+param location string
+param tags object
+@description('Blob containers to create, the Flex deployment package container among them.')
+param containers array
+@description('Queues to create.')
+param queues array
+@description('Tables to create.')
+param tables array
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
+  //checkov:skip=CKV_AZURE_35: Flex Consumption without VNet integration has no fixed outbound addresses a firewall could allow; every request needs an Entra ID token and a data role (shared keys are off).
+  //checkov:skip=CKV_AZURE_59: same reason as CKV_AZURE_35: the public endpoint stays on, access is identity-only and anonymous blob access is off.
+  //checkov:skip=CKV_AZURE_206: locally redundant, the Functions host storage default: queued batches and run records are working state, and the next export snapshot rebuilds anything lost.
+  name: name
+  location: location
+  tags: tags
+  kind: 'StorageV2'
+  sku: {
+    name: 'Standard_LRS'
+  }
+  properties: {
+    accessTier: 'Hot'
+    allowBlobPublicAccess: false
+    allowSharedKeyAccess: false
+    allowCrossTenantReplication: false
+    defaultToOAuthAuthentication: true
+    minimumTlsVersion: 'TLS1_2'
+    supportsHttpsTrafficOnly: true
+    publicNetworkAccess: 'Enabled'
+    networkAcls: {
+      defaultAction: 'Allow'
+      bypass: 'AzureServices'
+    }
+  }
+}
+
+resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    deleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+    containerDeleteRetentionPolicy: {
+      enabled: true
+      days: 7
+    }
+  }
+}
+
+resource blobContainers 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = [
+  for container in containers: {
+    parent: blobService
+    name: container
+    properties: {
+      publicAccess: 'None'
+    }
+  }
+]
+
+resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource storageQueues 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = [
+  for queue in queues: {
+    parent: queueService
+    name: queue
+  }
+]
+
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource storageTables 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = [
+  for table in tables: {
+    parent: tableService
+    name: table
+  }
+]
+
+output name string = storage.name
