@@ -32,3 +32,13 @@ def container(blob_service):
     client = blob_service.create_container(f"t{uuid.uuid4().hex[:20]}")
     yield client
     client.delete_container()
+
+
+@pytest.fixture
+def world():
+    """A fresh local stack with the local host running function_app.py on it."""
+    from tests.support import close_world, open_world
+
+    instance = open_world()
+    yield instance
+    close_world(instance)

@@ -1,0 +1,114 @@
+"""The local world for end-to-end tests: a fresh stack (Azurite, Key Vault stand-in, simulator) and a local
+host running function_app.py on it, driven over HTTP the way an operator would."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import requests
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob import BlobServiceClient
+
+from tools.generate_export import STANDARD_COLUMNS, write_export
+from tools.local_host import LocalHost, QueueOptions
+from tools.local_stack import LocalStack
+
+FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+CONTAINER = "ciexports"
+# Quick polling and retries, so a test's run takes seconds (the real host.json values are tested elsewhere).
+FAST_QUEUES = QueueOptions(batch_size=16, new_batch_threshold=24, max_dequeue_count=3, visibility_timeout=0.5,
+                           max_polling_interval=0.2)
+
+
+def definition(name: str, membership: str = "field", **extra) -> dict:
+    """An export definition in the document's own shape, mapping the generator's standard columns."""
+    destination = {"membership": membership, "onLeave": extra.pop("on_leave", "remove")}
+    destination.update({"field": "In High Value Segment"} if membership == "field" else {"list": "High value"})
+    return {
+        "name": name, "enabled": True, "dataTransferAcknowledged": True,
+        "source": {"connection": "EXPORT_STORAGE", "container": CONTAINER, "prefix": "",
+                   "segment": extra.pop("segment", "HighValueSegment")},
+        "destination": destination,
+        "fields": {"Email": "PrimaryEmail", "FirstName": "FirstName", "LastName": "LastName",
+                   "Company": "CompanyName", "MailingCity": "City"},
+        "customFields": [{"name": "Loyalty Points", "type": "integer", "column": "LoyaltyPoints"}],
+        **extra,
+    }
+
+
+class World:
+    def __init__(self, stack: LocalStack, host: LocalHost):
+        self.stack, self.host = stack, host
+        self.sim = stack.sim
+        self.blobs = BlobServiceClient.from_connection_string(stack.storage)
+        self.api = requests.Session()
+        self.api.headers["x-functions-key"] = host.function_key
+        self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)
+
+    def define(self, *exports: dict) -> None:
+        """Write the export definitions document where the app reads it (EXPORTS_BLOB)."""
+        self.blobs.get_blob_client("config", "exports.json").upload_blob(
+            json.dumps({"exports": list(exports)}), overwrite=True)
+
+    def snapshot(self, rows, *, segment: str = "HighValueSegment", columns=STANDARD_COLUMNS, **options) -> None:
+        """Write the next refresh of a segment, as Customer Insights would (15 minutes after the last)."""
+        container = self.blobs.get_container_client(CONTAINER)
+        try:
+            container.create_container()
+        except ResourceExistsError:
+            pass
+        self._clock += timedelta(minutes=15)
+        write_export(container, rows, columns=columns, segment=segment, time=self._clock, **options)
+
+    def start(self, name: str, **options) -> requests.Response:
+        return self.api.post(f"{self.host.base_url}/api/exports/{name}/runs", json=options, timeout=120)
+
+    def view(self, run_id: str) -> dict:
+        return self.api.get(f"{self.host.base_url}/api/runs/{run_id}", timeout=30).json()
+
+    def wait(self, run_id: str, timeout: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.view(run_id)
+            if view["status"] in FINAL:
+                return view
+            time.sleep(0.1)
+        raise AssertionError(f"run {run_id} did not finish in {timeout}s: {self.view(run_id)}")
+
+    def run(self, name: str, **options) -> dict:
+        response = self.start(name, **options)
+        assert response.status_code in (200, 202), response.text
+        return self.wait(response.json()["runId"])
+
+    # --- what Autopilot holds ---------------------------------------------------------------------
+    def field_members(self, key: str = "boolean--In--High--Value--Segment") -> set[str]:
+        return {email for email, c in self.sim.contacts().items() if c.get("custom", {}).get(key) is True}
+
+    def list_members(self, title: str = "High value") -> set[str]:
+        ids = [list_id for list_id, name in self.sim.lists().items() if name == title]
+        return self.sim.members(ids[0]) if ids else set()
+
+    def contact_requests(self) -> list[dict]:
+        """Logged requests that carry contacts or membership (not the list look-up), answered or not."""
+        return [r for r in self.sim.request_log()
+                if r["path"].endswith(("/contact", "/contacts")) or "/contact/" in r["path"]]
+
+
+def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, **stack_options):
+    """Start a fresh stack and a local host on it; the caller stops both (see the `world` fixture)."""
+    stack = LocalStack(rate=rate, **stack_options).start()
+    settings = stack.settings(None)
+    from function_app import app
+
+    from shared import services
+
+    host = LocalHost(app, settings, port=0, options=queues).start()
+    services.current()  # creates the queues, tables and containers (infra/ does this in Azure)
+    return World(stack, host)
+
+
+def close_world(world: World) -> None:
+    world.host.stop()
+    world.stack.stop()
