@@ -13,7 +13,7 @@ from requests.adapters import HTTPAdapter
 
 from shared.secrets import ApiKeyProvider
 
-TIMEOUT = (3.05, 10.0)  # connect, read (seconds)
+CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
 
 
 class AutopilotError(Exception):
@@ -46,8 +46,9 @@ def _no_pace() -> None:
 
 
 class AutopilotClient:
-    def __init__(self, base_url: str, api_key: ApiKeyProvider, pool_size: int = 32):
+    def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 32):
         self.base_url = base_url.rstrip("/")
+        self.timeout = (CONNECT_TIMEOUT, read_timeout)
         self.api_key = api_key
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
@@ -103,7 +104,7 @@ class AutopilotClient:
         pace()
         headers = {"autopilotapikey": self.api_key.get()}
         try:
-            return self.session.request(method, self.base_url + path, json=body, headers=headers, timeout=TIMEOUT)
+            return self.session.request(method, self.base_url + path, json=body, headers=headers, timeout=self.timeout)
         except requests.Timeout:
             raise Transient(None, f"{method} {path} timed out (the write may have been applied)") from None
         except requests.ConnectionError as exc:

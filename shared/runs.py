@@ -18,7 +18,7 @@ from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import Planner, TooManyProfiles
 from shared.rate_budget import LEAD, Pacer
 from shared.run_records import ACTIVE, BatchOutcome, RunInProgress, new_run_id, utcnow
-from shared.sender import MAX_ATTEMPTS, MAX_WAIT, BatchSender, Progress, Requeue, fail_rest
+from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, fail_rest
 from shared.services import Services
 from shared.settings import SettingsError
 
@@ -160,16 +160,22 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
 
 
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
-    """Send the batch; False when its rest was re-queued (the batch is not settled yet)."""
+    """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
     pacer = Pacer(svc.budget, message.at, message.slots, MAX_WAIT)
     sender = BatchSender(svc.autopilot, pacer, message, progress)
     try:
         sender.run()
     except Requeue as exc:
-        if message.attempt + 1 >= MAX_ATTEMPTS and exc.slot is None:
-            fail_rest(message, progress, f"gave up after {MAX_ATTEMPTS} attempts: {exc.reason}")
-            return True
-        _requeue(svc, message, progress, exc)
+        svc.state(message.export).acknowledge(progress.acked)
+        if message.attempt + 1 >= svc.settings.max_attempts and exc.slot is None:
+            reason = f"gave up after {svc.settings.max_attempts} attempts: {exc.reason}"
+            poison(svc, batch_messages.encode(_rest(message, progress), svc.host.blob), reason)
+            rlog.warning("batch %d parked as dead (%s)", message.batch, reason)
+            return False
+        waiting = exc.slot is not None  # a slot wait is not a failed attempt
+        again = _rest(message, progress, at=exc.slot, slots=1 if waiting else 0,
+                      attempt=message.attempt + (0 if waiting else 1))
+        queue_message(svc, again, exc.at)
         rlog.info("batch %d re-queued (%s)", message.batch, exc.reason)
         return False
     except ApiKeyRejected as exc:
@@ -180,16 +186,13 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     return True
 
 
-def _requeue(svc: Services, message: BatchMessage, progress: Progress, exc: Requeue) -> None:
-    svc.state(message.export).acknowledge(progress.acked)
+def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:
+    """The batch's unsettled items, carrying the outcome of the settled ones."""
     rest = [i for i in message.items if i["k"] not in progress.done]
     carry = {"accepted": message.carry.get("accepted", 0) + len(progress.acked),
              "refused": message.carry.get("refused", []) + progress.refused,
              "failed": message.carry.get("failed", []) + progress.failed}
-    waiting = exc.slot is not None  # a slot wait is not a failed attempt
-    again = message.with_items(rest, at=exc.slot, slots=1 if waiting else 0,
-                               attempt=message.attempt + (0 if waiting else 1), carry=carry)
-    queue_message(svc, again, exc.at)
+    return message.with_items(rest, carry=carry, **changes)
 
 
 def _carried(message: BatchMessage) -> Progress:

@@ -20,7 +20,6 @@ from shared.rate_budget import Deferred, Pacer
 
 log = logging.getLogger("autopilot.sender")
 TRIES_IN_PROCESS = 3
-MAX_ATTEMPTS = 8  # re-queues before the rest of a batch is reported as failed
 MAX_WAIT = 6.0  # longest wait for a request slot inside one function invocation
 
 

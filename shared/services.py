@@ -50,7 +50,7 @@ class Services:
 
     @cached_property
     def autopilot(self) -> AutopilotClient:
-        return AutopilotClient(self.settings.autopilot_base_url, self.api_key)
+        return AutopilotClient(self.settings.autopilot_base_url, self.api_key, self.settings.request_timeout)
 
     def state(self, export: str) -> ContactState:
         return ContactState(self.host.tables, export)

@@ -21,7 +21,9 @@ class Settings:
     autopilot_base_url: str
     requests_per_second: float
     key_vault_url: str
-    env: Mapping[str, str] = field(repr=False)
+    request_timeout: float = 10.0  # seconds to wait for Autopilot's answer before retrying
+    max_attempts: int = 8  # deliveries of a batch before its rest is parked as a dead batch
+    env: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -30,6 +32,8 @@ class Settings:
             autopilot_base_url=env.get("AUTOPILOT_BASE_URL") or DEFAULT_BASE_URL,
             requests_per_second=_positive_float(env, "AUTOPILOT_REQUESTS_PER_SECOND", 5.0),
             key_vault_url=_required(env, "KEY_VAULT_URL"),
+            request_timeout=_positive_float(env, "AUTOPILOT_TIMEOUT_SECONDS", 10.0),
+            max_attempts=_positive_int(env, "AUTOPILOT_MAX_ATTEMPTS", 8),
             env=env,
         )
 
@@ -52,3 +56,10 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise SettingsError(f"app setting {name} must be greater than 0, got {raw!r}")
     return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _positive_float(env, name, default)
+    if value != int(value):
+        raise SettingsError(f"app setting {name} must be a whole number, got {env[name]!r}")
+    return int(value)

@@ -96,10 +96,12 @@ class World:
                 if r["path"].endswith(("/contact", "/contacts")) or "/contact/" in r["path"]]
 
 
-def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, **stack_options):
-    """Start a fresh stack and a local host on it; the caller stops both (see the `world` fixture)."""
+def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings: dict | None = None,
+               **stack_options):
+    """Start a fresh stack and a local host on it; the caller stops both (see the `world` fixture).
+    `settings` overrides app settings, e.g. {"AUTOPILOT_TIMEOUT_SECONDS": "1", "AUTOPILOT_MAX_ATTEMPTS": "2"}."""
     stack = LocalStack(rate=rate, **stack_options).start()
-    settings = stack.settings(None)
+    settings = stack.settings(None, **(settings or {}))
     from function_app import app
 
     from shared import services

@@ -45,6 +45,8 @@ APP_SETTINGS = {
     "AUTOPILOT_API_KEY_SECRET_NAME",
     "AUTOPILOT_BASE_URL",
     "AUTOPILOT_REQUESTS_PER_SECOND",
+    "AUTOPILOT_TIMEOUT_SECONDS",
+    "AUTOPILOT_MAX_ATTEMPTS",
 }
 # Set in Azure only: they name the identity and the telemetry sink, which a local run does not have.
 AZURE_ONLY_SETTINGS = {

@@ -128,6 +128,16 @@ var appSettings = [
     name: 'AUTOPILOT_REQUESTS_PER_SECOND'
     value: autopilotRequestsPerSecond
   }
+  {
+    // Seconds to wait for Autopilot's answer; a timed-out upsert is retried (keyed by email, so safe).
+    name: 'AUTOPILOT_TIMEOUT_SECONDS'
+    value: '10'
+  }
+  {
+    // Deliveries of a batch before its unsent rest is parked as a dead batch (replayable).
+    name: 'AUTOPILOT_MAX_ATTEMPTS'
+    value: '8'
+  }
 ]
 
 resource site 'Microsoft.Web/sites@2024-04-01' = {
