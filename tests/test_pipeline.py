@@ -1,0 +1,261 @@
+"""The main job end to end: Azurite, the Key Vault stand-in and the simulator over HTTP, through the local host."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.support import close_world, definition, open_world
+from tools.autopilot_sim import Faults
+from tools.generate_export import STANDARD_COLUMNS, sample_profiles
+from tools.local_stack import SECRET_NAME
+
+COLUMN = {name: i for i, name in enumerate(STANDARD_COLUMNS)}
+FIELD_KEY = "boolean--In--High--Value--Segment"
+
+
+def expected_contacts(rows) -> dict[str, dict]:
+    """What Autopilot must hold for these rows under tests.support.definition's mapping (empty values omitted)."""
+    fields = {"FirstName": "FirstName", "LastName": "LastName", "Company": "CompanyName", "MailingCity": "City"}
+    result = {}
+    for row in rows:
+        contact = {field: row[COLUMN[column]] for field, column in fields.items() if row[COLUMN[column]]}
+        contact["Email"] = row[COLUMN["PrimaryEmail"]]
+        points = row[COLUMN["LoyaltyPoints"]]
+        contact["custom"] = {FIELD_KEY: True, **({"integer--Loyalty--Points": int(points)} if points else {})}
+        result[contact["Email"].lower()] = contact
+    return result
+
+
+def held(sim, email: str) -> dict:
+    contact = sim.contacts()[email]
+    return {k: v for k, v in contact.items() if k not in ("contact_id", "unsubscribed")}
+
+
+def test_first_sync_delivers_every_valid_contact_with_its_fields(world):
+    rows = list(sample_profiles(230, seed=3))
+    bad = [list(rows[0]), list(rows[1])]
+    bad[0][COLUMN["PrimaryEmail"]] = "not-an-email"
+    bad[1][COLUMN["LoyaltyPoints"]] = "lots"
+    world.define(definition("hv"))
+    world.snapshot(rows[2:] + [tuple(b) for b in bad], partitions=3)
+
+    report = world.run("hv")
+
+    want = expected_contacts(rows[2:])
+    assert report["status"] == "succeeded"
+    assert {email: held(world.sim, email) for email in world.sim.contacts()} == want
+    counts = report["counts"]
+    assert (counts["read"], counts["valid"], counts["rejected"]) == (230, 228, 2)
+    assert (counts["sent"], counts["accepted"], counts["failed"]) == (228, 228, 0)
+    reasons = sorted(r["reason"] for r in report["rejectedSample"])
+    assert "LoyaltyPoints" in reasons[0] and "integer" in reasons[0]
+    assert "PrimaryEmail" in reasons[1] and "@" in reasons[1]
+    assert all(not c.get("unsubscribed") for c in world.sim.contacts().values())
+
+
+def test_report_is_written_where_the_run_view_says(world):
+    world.define(definition("hv"))
+    world.snapshot(sample_profiles(20))
+    report = world.run("hv")
+    container, _, name = report["reports"]["report"].partition("/")
+    stored = json.loads(world.blobs.get_blob_client(container, name).download_blob().readall())
+    assert stored["runId"] == report["runId"]
+    assert stored["counts"]["accepted"] == report["counts"]["accepted"] == 20
+
+
+def test_list_mode_first_sync_puts_every_joiner_on_the_list_one_request_each(world):
+    rows = list(sample_profiles(25, seed=5))
+    world.define(definition("lv", membership="list"))
+    world.snapshot(rows)
+    report = world.run("lv")
+    assert report["status"] == "succeeded"
+    assert world.list_members() == {r[COLUMN["PrimaryEmail"]].lower() for r in rows}
+    assert len([r for r in world.contact_requests() if r["status"] == 200]) == 25
+
+
+def test_faults_together_leave_exact_state_and_honest_counts():
+    world = open_world(rate=200, settings={"AUTOPILOT_TIMEOUT_SECONDS": "0.5"})
+    try:
+        world.sim.faults = Faults(fail_rate=0.1, timeout_rate=0.05, timeout_seconds=1.0, drop_rate=0.05,
+                                  burst_rate=0.02, burst_length=3)
+        rows = list(sample_profiles(3000, seed=11))
+        world.define(definition("hv"))
+        world.snapshot(rows)
+        report = world.run("hv")
+        world.sim.faults = Faults()
+        faults = [r for r in world.sim.request_log() if r.get("fault")]
+        assert len(faults) > 5  # the faults really happened
+        assert report["status"] == "succeeded", report
+        assert world.field_members() == set(expected_contacts(rows))
+        assert report["counts"]["accepted"] == 3000
+        assert len(world.sim.contacts()) == 3000  # merged by email: no duplicates
+    finally:
+        close_world(world)
+
+
+def test_key_rotated_between_batches_is_picked_up_from_key_vault():
+    world = open_world(rate=10)
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(1500))
+        run_id = world.start("hv").json()["runId"]
+        _wait(lambda: world.view(run_id)["batches"]["settled"] >= 2)
+        world.stack.keyvault.set_secret(SECRET_NAME, "rotated-key-0123456789")
+        world.sim.set_api_key("rotated-key-0123456789")
+        report = world.wait(run_id)
+        assert report["status"] == "succeeded"
+        assert len(world.field_members()) == 1500
+        assert any(r["status"] == 401 for r in world.sim.request_log())  # the old key was refused once
+    finally:
+        close_world(world)
+
+
+def test_key_that_stays_invalid_fails_the_run_and_says_so(world):
+    world.sim.set_api_key("a-key-nobody-has")
+    world.define(definition("hv"))
+    world.snapshot(sample_profiles(10))
+    report = world.run("hv")
+    assert report["status"] == "failed"
+    assert "API key" in report["error"] and "rejected" in report["error"]
+    assert world.stack.api_key not in json.dumps(report)
+
+
+def test_batch_too_big_for_a_queue_message_goes_through_a_blob(world):
+    wide = [*STANDARD_COLUMNS, "Notes"]
+    rows = [(*row, "x" * 900) for row in sample_profiles(100)]
+    export = definition("wide")
+    export["customFields"].append({"name": "Notes", "type": "string", "column": "Notes"})
+    world.define(export)
+    world.snapshot(rows, columns=wide)
+    report = world.run("wide")
+    assert report["status"] == "succeeded"
+    pointers = list(world.blobs.get_container_client("batches").list_blobs(name_starts_with=report["runId"]))
+    assert pointers, "a 100-contact batch of ~90 KiB should have travelled as a blob"
+    assert all(c["custom"]["string--Notes"] == "x" * 900 for c in world.sim.contacts().values())
+
+
+def test_batch_that_fails_every_try_is_dead_recorded_and_replayable():
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "2"})
+    try:
+        world.sim.faults = Faults(fail_rate=1.0)
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(40))
+        report = world.run("hv")
+        assert report["status"] == "failed"
+        assert report["batches"]["dead"] == 1 and report["counts"]["failed"] == 40
+        assert world.sim.contacts() == {}
+        world.sim.faults = Faults()
+        replay = world.api.post(f"{world.host.base_url}/api/runs/{report['runId']}/replay", timeout=30).json()
+        assert replay["replayedBatches"] == 1
+        again = world.wait(report["runId"])
+        assert again["status"] == "succeeded", again
+        assert again["counts"]["accepted"] == 40 and again["counts"]["failed"] == 0
+        assert len(world.field_members()) == 40
+    finally:
+        close_world(world)
+
+
+def test_two_hosts_on_one_run_stay_inside_the_rate_budget():
+    from function_app import app
+    from tools.local_host import LocalHost
+
+    world = open_world(rate=10)
+    try:
+        second = LocalHost(app, world.host.settings, options=world.host.options).start()
+        try:
+            world.define(definition("lv", membership="list"))
+            world.snapshot(sample_profiles(60))
+            report = world.run("lv")
+        finally:
+            second.stop()
+        assert report["status"] == "succeeded"
+        assert max_in_any_second(world.sim.request_log()) <= 10
+        assert world.host.invocations and second.invocations  # both hosts did work
+    finally:
+        close_world(world)
+
+
+def max_in_any_second(log: list[dict]) -> int:
+    times = sorted(r["t"] for r in log if r.get("status") is not None)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _wait(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+# --- the HTTP API -----------------------------------------------------------------------------------
+def test_unknown_export_is_404_and_bad_bodies_are_400(world):
+    world.define(definition("hv"))
+    assert world.start("nope").status_code == 404
+    assert world.start("..%2F..%2Fetc").status_code == 404
+    url = f"{world.host.base_url}/api/exports/hv/runs"
+    assert world.api.post(url, data=b"{not json", timeout=10).status_code == 400
+    answer = world.api.post(url, json={"dryRun": "yes"}, timeout=10)
+    assert answer.status_code == 400 and "dryRun" in answer.json()["error"]
+    assert world.api.post(url, json={"bogus": True}, timeout=10).status_code == 400
+
+
+def test_second_run_of_a_busy_export_is_409_unless_forced():
+    world = open_world(rate=5)
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(1000))
+        first = world.start("hv").json()["runId"]
+        busy = world.start("hv")
+        assert busy.status_code == 409 and busy.json()["runId"] == first
+        forced = world.start("hv", force=True)
+        assert forced.status_code == 202
+        assert world.wait(first)["status"] == "failed"  # superseded
+        assert world.wait(forced.json()["runId"])["status"] == "succeeded"
+    finally:
+        close_world(world)
+
+
+def test_exports_are_listed_with_their_last_run(world):
+    world.define(definition("hv"), definition("off", enabled=False))
+    world.snapshot(sample_profiles(5))
+    run = world.run("hv")
+    listed = world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]
+    by_name = {e["name"]: e for e in listed}
+    assert by_name["hv"]["lastRun"]["runId"] == run["runId"]
+    assert by_name["off"]["lastRun"] is None and by_name["off"]["enabled"] is False
+    assert world.view("20990101T000000Z-00000000").get("error")
+
+
+def test_timer_starts_runs_only_for_enabled_exports_with_an_unsynced_snapshot(world):
+    world.define(definition("hv"), definition("off", enabled=False))
+    world.snapshot(sample_profiles(30))
+    world.host.fire_timer()
+    listed = {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}
+    assert listed["off"]["lastRun"] is None
+    first = world.wait(listed["hv"]["lastRun"]["runId"])
+    assert first["status"] == "succeeded" and first["trigger"] == "timer"
+    world.host.fire_timer()  # same snapshot, already synced: nothing new
+    again = {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}
+    assert again["hv"]["lastRun"]["runId"] == first["runId"]
+
+
+@pytest.mark.parametrize("membership", ["field", "list"])
+def test_dry_run_sends_nothing_and_predicts_the_real_run(world, membership):
+    world.define(definition("hv", membership=membership))
+    world.snapshot(sample_profiles(30))
+    dry = world.run("hv", dryRun=True)
+    assert dry["status"] == "dry run"
+    assert world.sim.request_log() == []
+    real = world.run("hv")
+    for key in ("joiners", "changed", "leavers", "unchanged", "rejected"):
+        assert dry["counts"][key] == real["counts"][key]
+    assert dry["plannedRequests"] == len([r for r in world.contact_requests() if r["status"] == 200])
