@@ -96,7 +96,8 @@ class Planner:
         inserted = self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
         if inserted > self.export.max_profiles:
             raise TooManyProfiles(self.export.name, inserted, self.export.max_profiles)
-        self.db.executemany("INSERT OR REPLACE INTO acked VALUES (?,?,?)", ((a.key, a.fingerprint, int(a.member)) for a in acked))
+        self.db.executemany("INSERT OR REPLACE INTO acked VALUES (?,?,?)",
+                            ((a.key, a.fingerprint, int(a.member)) for a in acked))
         plan.counts = {"read": read, "valid": valid, "rejected": read - valid, "duplicates": valid - inserted,
                        "profiles": inserted}
         self._diff(plan, force)
@@ -115,9 +116,10 @@ class Planner:
     def _contacts(self, rows, rejected_file, plan: Plan) -> Iterator[tuple[str, str, str]]:
         self._rejected = 0
         for row in rows:
-            result = (
-                Rejection(row.partition, row.number, row.reason, "") if isinstance(row, BadRow) else self.mapper.map(row)
-            )
+            if isinstance(row, BadRow):
+                result = Rejection(row.partition, row.number, row.reason, "")
+            else:
+                result = self.mapper.map(row)
             if isinstance(result, Contact):
                 doc = result.document
                 yield result.key, fingerprint(doc), json.dumps(doc, separators=(",", ":"))
@@ -136,7 +138,8 @@ class Planner:
                        f"WHERE {'1' if force else f'{member_fp} IS NULL'}",
             "changed": "SELECT s.key, s.fp, s.doc FROM seg s JOIN acked a ON a.key = s.key "
                        f"WHERE {'0' if force else 'a.member = 1 AND a.fp != s.fp'}",
-            "leavers": "SELECT a.key, a.fp, NULL FROM acked a WHERE a.member = 1 AND a.key NOT IN (SELECT key FROM seg)",
+            "leavers": "SELECT a.key, a.fp, NULL FROM acked a "
+                       "WHERE a.member = 1 AND a.key NOT IN (SELECT key FROM seg)",
         }
 
     def _diff(self, plan: Plan, force: bool) -> None:
@@ -152,7 +155,8 @@ class Planner:
             self.export.membership, plan.counts["joiners"], plan.counts["changed"],
             0 if keep else plan.counts["leavers"])
         plan.batches = lambda: self._batches(queries, keep)
-        plan.kept_leavers = lambda: (Acked(k, fp, False) for k, fp, _ in self._rows(queries["leavers"])) if keep else iter(())
+        plan.kept_leavers = lambda: (
+            (Acked(k, fp, False) for k, fp, _ in self._rows(queries["leavers"])) if keep else iter(()))
 
     def _rows(self, sql: str) -> Iterator[tuple]:
         return self.db.execute(f"{sql} ORDER BY 1")

@@ -56,17 +56,17 @@ def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = 
         if not dry_run:
             superseded = svc.records.acquire(export.name, run_id, take_over=force)
             if superseded:
-                svc.records.finish(superseded, "failed", error=f"cancelled: superseded by forced run {run_id}")
+                conclude(svc, superseded, "failed", error=f"cancelled: superseded by forced run {run_id}")
         _plan_and_queue(svc, export, run_id, force, dry_run, rlog)
     except RunInProgress as exc:
-        svc.records.finish(run_id, "failed", error=str(exc))
+        conclude(svc, run_id, "failed", error=str(exc))
         raise
     except USER_ERRORS as exc:
         rlog.error("run failed while planning: %s", exc)
-        svc.records.finish(run_id, "failed", error=str(exc))
+        conclude(svc, run_id, "failed", error=str(exc))
     except Exception as exc:
         rlog.exception("run failed while planning")
-        svc.records.finish(run_id, "failed", error=f"internal error while planning: {type(exc).__name__}")
+        conclude(svc, run_id, "failed", error=f"internal error while planning: {type(exc).__name__}")
         raise
     return svc.records.get(run_id)
 
@@ -81,9 +81,11 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
         plan = planner.plan(read_rows(container, snapshot), svc.state(export.name).load(), force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
         summary = {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
-                   "plan": {"samples": plan.samples, "seconds_at_budget": round(plan.requests * svc.budget.interval, 1)}}
+                   "plan": {"samples": plan.samples,
+                            "seconds_at_budget": round(plan.requests * svc.budget.interval, 1)}}
         if dry_run:
-            svc.records.finish(run_id, "dry run", **summary)
+            svc.records.update(run_id, **summary)
+            conclude(svc, run_id, "dry run")
             rlog.info("dry run: %s", plan.counts)
             return
         list_id = _resolve_list(svc, export) if export.membership == "list" else None
@@ -180,8 +182,7 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
         return False
     except ApiKeyRejected as exc:
         fail_rest(message, progress, exc.message)
-        svc.records.finish(message.run, "failed", error=f"{exc.message} (Key Vault secret "
-                           f"{svc.api_key.secret_name!r})")
+        conclude(svc, message.run, "failed", error=f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})")
         rlog.error("API key rejected by Autopilot; run failed")
     return True
 
@@ -302,8 +303,7 @@ def finish_if_complete(svc: Services, run_id: str) -> bool:
     totals = delivery_totals(outcomes)
     status = "succeeded" if not totals["failed"] and not totals["refused"] else (
         "partially succeeded" if totals["accepted"] else "failed")
-    if svc.records.finish(run_id, status, delivery=json.dumps(totals)):
-        write_report(svc, run_id)
+    if conclude(svc, run_id, status, delivery=json.dumps(totals)):
         run_log(run_id, run["export"]).info("run %s: %s", status, totals)
     return True
 
@@ -342,8 +342,17 @@ def run_view(svc: Services, run_id: str) -> dict | None:
     }
 
 
-def write_report(svc: Services, run_id: str) -> None:
+def conclude(svc: Services, run_id: str, status: str, error: str = "", **fields) -> bool:
+    """Write the run's final report, then mark it finished, so a finished run always has its report.
+    False if the run had already finished."""
+    write_report(svc, run_id, status, error)
+    return svc.records.finish(run_id, status, error=error, **fields)
+
+
+def write_report(svc: Services, run_id: str, status: str, error: str) -> None:
     view = run_view(svc, run_id)
+    view.update(status=status, error=error or view["error"])
+    view["timings"]["finished"] = utcnow()
     view["deliveryProblems"] = [d for o in svc.records.batch_outcomes(run_id) for d in o.get("outcome", [])]
     svc.host.blob.get_blob_client(REPORTS, f"{run_id}/report.json").upload_blob(
         json.dumps(view, indent=2), overwrite=True)

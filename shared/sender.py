@@ -102,7 +102,8 @@ class BatchSender:
             except Deferred as exc:
                 raise Requeue(exc.at, "waiting for a request slot", slot=exc.at) from None
             except Throttled as exc:
-                raise Requeue(time.time() + (exc.retry_after or backoff(self.message.attempt)), "throttled (429)") from None
+                delay = exc.retry_after or backoff(self.message.attempt)
+                raise Requeue(time.time() + delay, "throttled (429)") from None
             except Transient as exc:
                 if attempt == TRIES_IN_PROCESS:
                     raise Requeue(time.time() + backoff(self.message.attempt), exc.message) from None

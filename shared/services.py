@@ -27,6 +27,7 @@ class Services:
         self.host = StorageConnection(HOST_CONNECTION, settings.env)
         self._ready = False
         self._lock = threading.Lock()
+        self._connections: dict[str, StorageConnection] = {HOST_CONNECTION: self.host}
 
     @cached_property
     def records(self) -> RunRecords:
@@ -60,7 +61,11 @@ class Services:
         return load_exports(self.settings.env, self._read_host_blob)
 
     def export_container(self, export: ExportDefinition) -> ContainerClient:
-        return StorageConnection(export.connection, self.settings.env).blob.get_container_client(export.container)
+        with self._lock:
+            if export.connection not in self._connections:
+                self._connections[export.connection] = StorageConnection(export.connection, self.settings.env)
+            connection = self._connections[export.connection]
+        return connection.blob.get_container_client(export.container)
 
     def _read_host_blob(self, container: str, path: str) -> bytes:
         return self.host.blob.get_blob_client(container, path).download_blob().readall()
@@ -77,6 +82,20 @@ class Services:
             for container in CONTAINERS:
                 _ignore_exists(lambda c=container: self.host.blob.create_container(c))
             self._ready = True
+
+
+    def close(self) -> None:
+        """Close every pooled connection (a stopped host must not keep Azurite or Autopilot sockets open)."""
+        for connection in self._connections.values():
+            connection.close()
+        built = self.__dict__
+        for name in ("queue", "poison_queue"):
+            if name in built:
+                built[name].close()
+        if "autopilot" in built:
+            built["autopilot"].session.close()
+        if "api_key" in built:
+            built["api_key"].close()
 
 
 def _ignore_exists(create) -> None:
@@ -102,7 +121,9 @@ def current() -> Services:
 
 
 def use(services: Services | None) -> None:
-    """Replace the process's services (tests, the local host)."""
+    """Replace the process's services (tests, the local host), closing the ones replaced."""
     global _current
     with _current_lock:
-        _current = services
+        previous, _current = _current, services
+    if previous is not None and previous is not services:
+        previous.close()

@@ -79,3 +79,8 @@ class StorageConnection:
         if self._connection_string:
             return QueueClient.from_connection_string(self._connection_string, name, **policies)
         return QueueClient(self._endpoint("queue"), name, credential=self._credential, **policies)
+
+    def close(self) -> None:
+        for name in ("blob", "tables"):
+            if name in self.__dict__:
+                self.__dict__[name].close()

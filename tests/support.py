@@ -103,7 +103,6 @@ def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings:
     stack = LocalStack(rate=rate, **stack_options).start()
     settings = stack.settings(None, **(settings or {}))
     from function_app import app
-
     from shared import services
 
     host = LocalHost(app, settings, port=0, options=queues).start()
@@ -113,4 +112,5 @@ def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings:
 
 def close_world(world: World) -> None:
     world.host.stop()
+    world.blobs.close()
     world.stack.stop()

@@ -79,12 +79,19 @@ class Azurite:
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
+            log = self.location / "azurite.log"
+            closed_before = _closed_services(log)
             os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
+            # After serving traffic Azurite lingers on its timers once its services have closed (and saved
+            # their data); waiting for those "closed" lines, then killing, makes a stop take milliseconds.
+            deadline = time.monotonic() + 10
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                if _closed_services(log) - closed_before >= 3:
+                    break
+                time.sleep(0.02)
+            if self._proc.poll() is None:
                 os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait(5)
+            self._proc.wait(5)
         self._proc = None
 
     def restart(self) -> None:
@@ -102,3 +109,10 @@ class Azurite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _closed_services(log: Path) -> int:
+    try:
+        return log.read_text(errors="replace").count("successfully closed")
+    except OSError:
+        return 0

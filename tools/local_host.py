@@ -21,7 +21,6 @@ import re
 import secrets
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -122,6 +121,9 @@ class LocalHost:
             self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
+        from shared import services
+
+        services.use(None)  # closes the worker's connections, as a stopped worker process would
 
     def __enter__(self) -> LocalHost:
         return self.start()
@@ -179,6 +181,8 @@ class QueuePoller:
                 got = self._fetch(pool)
                 idle = 0.1 if got else min(idle * 2, self.opts.max_polling_interval)
                 self.host._stop.wait(idle if not got else 0.01)
+        self.queue.close()
+        self.poison.close()
 
     def _fetch(self, pool: ThreadPoolExecutor) -> int:
         with self._lock:

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from shared.export_config import ExportConfigError, parse_exports
-from shared.settings import SettingsError, Settings
+from shared.settings import Settings, SettingsError
 from tools.local_host import LocalHost
 from tools.local_stack import LocalStack
 

@@ -1,0 +1,192 @@
+"""Turn a snapshot row into the Autopilot contact it describes, or into the reason it cannot be sent.
+
+Empty values are left out of the contact document: Autopilot keeps fields a request omits, so a profile
+with a gap never blanks out data someone entered in Autopilot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import DOT_ATOM_TEXT  # the library's own rule for plain ASCII local parts
+
+from shared.cdm_reader import Row
+from shared.export_config import ExportConfigError, ExportDefinition
+
+EMAIL_MAX_LENGTH = 254
+_HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
+_INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?", re.ASCII)  # "12.0" is 12; "12.5" is not an integer
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def mask_email(email: str) -> str:
+    """A log-safe hint of an address: `maria.lopez@fabrikam.example` → `ma***@f***.example`.
+
+    At most two characters of the local part (fewer for short ones), the first character of the domain and its
+    top-level label; never the whole address. Anything that is not an address is masked the same way.
+    """
+    text = email.strip() if isinstance(email, str) else ""
+    if not text:
+        return ""
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return f"{_visible(text[:min(2, len(text) // 2)])}***"
+    masked = f"{_visible(local[:min(2, len(local) // 2)])}***@{_visible(domain[:1])}***"
+    labels = domain.split(".")
+    return f"{masked}.{_visible(labels[-1][:24])}" if len(labels) > 1 and labels[-1] else masked
+
+
+def _visible(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def email_problem(email: str) -> str | None:
+    """email_validator's reason why `email` (already trimmed) is not a valid address, or None; no DNS.
+
+    Fast path, same verdicts: a plain ASCII address's local part is checked with the library's own pattern
+    and its domain with validate_email once per domain (cached), since domains repeat across a segment.
+    Everything else goes through validate_email whole.
+    """
+    local, at, domain = email.partition("@")
+    if (at and len(email) <= EMAIL_MAX_LENGTH and DOT_ATOM_TEXT.match(local) and _HOSTNAME.fullmatch(domain)
+            and "xn--" not in domain.lower()):  # punycode would grow when normalized: let the library measure it
+        return _domain_problem(domain)
+    return _problem(email)
+
+
+@lru_cache(maxsize=8192)
+def _domain_problem(domain: str) -> str | None:
+    return _problem(f"a@{domain}")
+
+
+def _problem(email: str) -> str | None:
+    try:
+        validate_email(email, check_deliverability=False)
+    except EmailNotValidError as exc:
+        return str(exc)
+    return None
+
+
+# --- custom field values --------------------------------------------------------------------------
+def to_integer(value: str) -> int:
+    if not _INTEGER.fullmatch(value):
+        raise ValueError(value)
+    return int(value.partition(".")[0])
+
+
+def to_float(value: str) -> float:
+    number = float(value) if _FLOAT.fullmatch(value) else math.nan
+    if not math.isfinite(number):  # NaN and infinities are not JSON
+        raise ValueError(value)
+    return number
+
+
+def to_boolean(value: str) -> bool:
+    return _BOOLEANS[value.lower()]  # KeyError for anything else: map() turns it into a rejection
+
+
+def to_date(value: str) -> str:
+    """Lenient ISO 8601: a date stays a date (`2025-06-14`); a time becomes UTC (`2025-06-14T10:22:00Z`).
+
+    A time without a zone is taken as UTC (Customer Insights documents none); fractions are kept to
+    milliseconds when present.
+    """
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    moment = datetime.fromisoformat(value)
+    moment = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "string": str, "integer": to_integer, "float": to_float, "boolean": to_boolean, "date": to_date,
+}
+_EXPECTED = {"integer": "a whole number", "float": "a number", "boolean": "true/false, yes/no or 1/0",
+             "date": "an ISO 8601 date", "string": "text"}
+
+
+# --- mapping --------------------------------------------------------------------------------------
+class MappingError(ExportConfigError):
+    """The export maps a field to a column the snapshot does not have."""
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    key: str  # the normalised email: trimmed, lower-cased
+    document: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    partition: str
+    row: int
+    reason: str
+    email: str = ""  # masked
+
+
+class ContactMapper:
+    """Maps rows of one snapshot for one export; column positions are resolved once, here."""
+
+    def __init__(self, export: ExportDefinition, columns: Sequence[str]):
+        index: dict[str, int] = {}
+        for position, column in enumerate(columns):
+            index.setdefault(column, position)
+        self._check_columns(export, columns, index)
+        self.email_column = export.fields["Email"]
+        self._email = index[self.email_column]
+        self._fields = [(key, index[column]) for key, column in export.fields.items() if key != "Email"]
+        self._custom = [
+            (field.key, index[field.column], CONVERTERS[field.type],
+             f"column {field.column} is not {_EXPECTED[field.type]} (custom field \"{field.name}\", type {field.type})")
+            for field in export.custom_fields
+        ]
+
+    @staticmethod
+    def _check_columns(export: ExportDefinition, columns: Sequence[str], index: dict[str, int]) -> None:
+        if "Email" not in export.fields:
+            raise MappingError(f'export "{export.name}": fields maps no "Email" column; the email is required')
+        wanted = [(f"fields.{key}", column) for key, column in export.fields.items()]
+        wanted += [(f'customFields "{field.name}"', field.column) for field in export.custom_fields]
+        problems = [f'export "{export.name}": {label} is mapped to column "{column}", which the snapshot does not have'
+                    for label, column in wanted if column not in index]
+        if problems:
+            available = ", ".join(columns)
+            raise MappingError("\n".join(problems) + f"\ncolumns in the snapshot: {available}", problems)
+
+    def map(self, row: Row) -> Contact | Rejection:
+        values = row.values
+        email = values[self._email].strip()
+        if not email:
+            return Rejection(row.partition, row.number, f"no email in column {self.email_column}")
+        problem = email_problem(email)
+        if problem:
+            return Rejection(row.partition, row.number, f"invalid email in column {self.email_column}: {problem}",
+                             mask_email(email))
+        document: dict[str, Any] = {"Email": email}
+        for key, position in self._fields:
+            value = values[position].strip()
+            if value:
+                document[key] = value
+        if self._custom:
+            custom = {}
+            for key, position, convert, reason in self._custom:
+                value = values[position].strip()
+                if value:
+                    try:
+                        custom[key] = convert(value)
+                    except (ValueError, KeyError, OverflowError):
+                        return Rejection(row.partition, row.number, reason, mask_email(email))
+            if custom:
+                document["custom"] = custom
+        return Contact(email.lower(), document)

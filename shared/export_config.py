@@ -1,0 +1,422 @@
+"""The export definitions: one JSON document, validated as a whole, listing every export this app runs.
+
+```json
+{"exports": [{
+  "name": "high-value", "enabled": true, "dataTransferAcknowledged": true,
+  "source": {"connection": "EXPORT_STORAGE", "container": "ciexports", "prefix": "", "segment": "HighValueSegment"},
+  "destination": {"membership": "list", "list": "High value customers", "onLeave": "remove"},
+  "fields": {"Email": "PrimaryEmail", "FirstName": "FirstName"},
+  "customFields": [{"name": "Loyalty Points", "type": "integer", "column": "LoyaltyPoints"}],
+  "maxProfiles": 100000
+}]}
+```
+
+Every problem in the document is collected and reported at once, each naming the export and the JSON path,
+so one edit fixes them all. `enabled: false` only keeps the export off the timer; an on-demand run still works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STANDARD_FIELDS = (
+    "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
+    "MobilePhone", "Fax", "Website", "MailingStreet", "MailingCity", "MailingState", "MailingPostalCode",
+    "MailingCountry", "LeadSource", "Status", "LinkedIn", "Twitter", "owner_name",
+)
+CUSTOM_TYPES = ("string", "integer", "float", "boolean", "date")
+DEFAULT_CONNECTION = "EXPORT_STORAGE"
+DEFAULT_MAX_PROFILES = 100_000
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# An app setting name (the Functions host also accepts `__` sections, which this allows).
+SETTING_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Azure container names: 3-63 of lower-case letters, digits and single hyphens, not starting/ending with one.
+CONTAINER_RE = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
+EXPORT_KEYS = ("name", "enabled", "dataTransferAcknowledged", "source", "destination", "fields", "customFields",
+               "maxProfiles")
+SOURCE_KEYS = ("connection", "container", "prefix", "segment")
+DESTINATION_KEYS = ("membership", "list", "field", "onLeave")
+CUSTOM_KEYS = ("name", "type", "column")
+
+
+class ExportConfigError(ValueError):
+    """The export definitions cannot be used as written; `problems` lists each fix needed."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+
+def typed_key(kind: str, name: str) -> str:
+    """Autopilot's custom field key: `<type>--<words joined by -->`, e.g. `boolean--In--High--Value--Segment`."""
+    return "--".join([kind, *name.split()])
+
+
+@dataclass(frozen=True)
+class CustomField:
+    name: str
+    type: str
+    column: str
+
+    @property
+    def key(self) -> str:
+        return typed_key(self.type, self.name)
+
+
+@dataclass(frozen=True)
+class ExportDefinition:
+    """One validated export (attribute order follows the document; only `name` has no default)."""
+
+    name: str
+    enabled: bool = True  # false keeps it off the timer only
+    acknowledged: bool = False  # dataTransferAcknowledged
+    connection: str = DEFAULT_CONNECTION  # the app setting naming the export's storage
+    container: str = ""
+    prefix: str = ""
+    segment: str = ""
+    membership: str = "list"
+    list: str | None = None
+    field: str | None = None
+    on_leave: str = "remove"
+    fields: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)  # Autopilot field -> column
+    custom_fields: tuple[CustomField, ...] = ()
+    max_profiles: int = DEFAULT_MAX_PROFILES
+
+    @property
+    def membership_key(self) -> str | None:
+        """The boolean custom field that carries membership in field mode; None in list mode."""
+        return typed_key("boolean", self.field) if self.membership == "field" and self.field else None
+
+    def check_runnable(self) -> None:
+        if self.acknowledged is not True:
+            raise ExportConfigError(
+                f'export "{self.name}" may not run yet: sending its profiles to Autopilot moves customer data '
+                "outside the Customer Insights compliance boundary. Once your Customer Insights admin has agreed "
+                'to that, set "dataTransferAcknowledged": true on this export in the export definitions '
+                "(app setting EXPORTS or the blob named by EXPORTS_BLOB)."
+            )
+
+    def public(self) -> dict:
+        """The definition in the document's own JSON shape (connection settings are named, never resolved)."""
+        destination: dict[str, Any] = {"membership": self.membership}
+        if self.membership == "list":
+            destination["list"] = self.list
+        else:
+            destination["field"] = self.field
+        destination["onLeave"] = self.on_leave
+        return {
+            "name": self.name, "enabled": self.enabled, "dataTransferAcknowledged": self.acknowledged,
+            "source": {"connection": self.connection, "container": self.container, "prefix": self.prefix,
+                       "segment": self.segment},
+            "destination": destination,
+            "fields": dict(self.fields),
+            "customFields": [{"name": c.name, "type": c.type, "column": c.column} for c in self.custom_fields],
+            "maxProfiles": self.max_profiles,
+        }
+
+
+# --- reading the document -------------------------------------------------------------------------
+def load_exports(env: Mapping[str, str], read_blob: Callable[[str, str], bytes]) -> tuple[ExportDefinition, ...]:
+    """From app setting EXPORTS (the JSON text) if set, else the host-storage blob EXPORTS_BLOB names."""
+    text = (env.get("EXPORTS") or "").strip()
+    if text:
+        return parse_exports(text, "app setting EXPORTS")
+    location = (env.get("EXPORTS_BLOB") or "").strip()
+    if not location:
+        raise ExportConfigError(
+            "no export definitions: set app setting EXPORTS to the JSON document, or EXPORTS_BLOB to "
+            "<container>/<path> of a blob holding it in the app's own storage (AzureWebJobsStorage)"
+        )
+    container, _, path = location.strip("/").partition("/")
+    if not container or not path:
+        raise ExportConfigError(f"app setting EXPORTS_BLOB must be <container>/<path>, got {location!r}")
+    from azure.core.exceptions import ResourceNotFoundError  # the edge: only this path touches the SDK
+
+    try:
+        data = read_blob(container, path)
+    except ResourceNotFoundError:
+        raise ExportConfigError(
+            f"app setting EXPORTS_BLOB names blob {path!r} in container {container!r} of the app's storage, "
+            "but it does not exist: upload the export definitions there or fix the setting"
+        ) from None
+    return parse_exports(data, f"blob {container}/{path} (EXPORTS_BLOB)")
+
+
+def parse_exports(document: str | bytes | dict, source: str = "EXPORTS") -> tuple[ExportDefinition, ...]:
+    """Validate the whole document; raise one ExportConfigError listing every problem."""
+    duplicates: list[str] = []
+    if isinstance(document, bytes | bytearray):
+        try:
+            document = bytes(document).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ExportConfigError(f"{source} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    if isinstance(document, str):
+        document = _load_json(document, source, duplicates)
+    checker = _Checker()
+    for key in duplicates:
+        checker.problem(f'key "{key}" appears twice in one object (JSON keeps only the last)')
+    exports = checker.document(document)
+    if checker.problems:
+        count = len(checker.problems)
+        lines = "\n".join(f"  - {p}" for p in checker.problems)
+        raise ExportConfigError(f"{source}: {count} problem{'s' if count > 1 else ''} in the export definitions:\n"
+                                f"{lines}", checker.problems)
+    return exports
+
+
+def _load_json(text: str, source: str, duplicates: list[str]) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                duplicates.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise ExportConfigError(
+            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggest(key: str, options: tuple[str, ...]) -> str:
+    """` (did you mean "X"?)` for a key that differs from a known one in case or by a typo."""
+    lowered = {o.lower(): o for o in options}
+    match = lowered.get(key.lower()) or next(iter(difflib.get_close_matches(key, options, n=1, cutoff=0.8)), None)
+    return f' (did you mean "{match}"?)' if match else ""
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _Checker:
+    """Walks the document, collecting problems instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.where = ""
+
+    def problem(self, text: str, path: str = "") -> None:
+        prefix = f"{self.where}: " if self.where else ""
+        self.problems.append(f"{prefix}{path}{' ' if path else ''}{text}")
+
+    # Typed getters: each returns the default (and records a problem) when the value is wrong.
+    def obj(self, data: dict, key: str, path: str) -> dict:
+        value = data.get(key)
+        if value is None:
+            self.problem("is required (an object)" if key not in data else "must be an object, got null", path)
+            return {}
+        if not isinstance(value, dict):
+            self.problem(f"must be an object, got {_type_name(value)}", path)
+            return {}
+        return value
+
+    def text(self, data: dict, key: str, path: str, default: str | None = None,
+             allow_empty: bool = False) -> str | None:
+        if key not in data:
+            if default is None:
+                self.problem("is required", path)
+            return default
+        value = data[key]
+        if not isinstance(value, str):
+            self.problem(f"must be a string, got {_type_name(value)} {_show(value)}", path)
+            return default
+        if not value.strip() and not allow_empty:
+            self.problem("must not be empty", path)
+            return default
+        return value if allow_empty else value.strip()
+
+    def flag(self, data: dict, key: str, path: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(f"must be true or false, got {_show(value)}", path)
+            return default
+        return value
+
+    def choice(self, data: dict, key: str, path: str, options: tuple[str, ...], default: str | None) -> str | None:
+        value = self.text(data, key, path, default)
+        if value is not None and value not in options:
+            quoted = [f'"{o}"' for o in options]
+            wanted = " or ".join(quoted) if len(quoted) == 2 else f"one of {', '.join(quoted)}"
+            self.problem(f"must be {wanted}, got {_show(data[key])}", path)
+            return default
+        return value
+
+    def unknown(self, data: dict, allowed: tuple[str, ...], path: str) -> None:
+        for key in data:
+            if key not in allowed:
+                hint = _suggest(key, allowed)
+                self.problem(f"is not a known key{hint}; known keys: {', '.join(allowed)}",
+                             f"{path}.{key}" if path else key)
+
+    # The document and its parts.
+    def document(self, document: Any) -> tuple[ExportDefinition, ...]:
+        if not isinstance(document, dict):
+            self.problem(f'the document must be an object {{"exports": [...]}}, got {_type_name(document)}')
+            return ()
+        self.unknown(document, ("exports",), "")
+        exports = document.get("exports")
+        if not isinstance(exports, list):
+            self.problem('"exports" is required: a list of export definitions' if exports is None
+                         else f'"exports" must be a list, got {_type_name(exports)}')
+            return ()
+        result = [self.export(i, item) for i, item in enumerate(exports)]
+        self._duplicates(exports)
+        return tuple(e for e in result if e is not None)
+
+    def _duplicates(self, exports: list) -> None:
+        seen: dict[str, int] = {}
+        for index, data in enumerate(exports):
+            name = data.get("name") if isinstance(data, dict) else None
+            if not isinstance(name, str) or not name:
+                continue
+            if name in seen:
+                self.where = f"exports[{index}] {_show(name)}"
+                self.problem(f"is already the name of exports[{seen[name]}]; export names must be unique", "name")
+            seen.setdefault(name, index)
+        self.where = ""
+
+    def export(self, index: int, data: Any) -> ExportDefinition | None:
+        self.where = f"exports[{index}]"
+        if not isinstance(data, dict):
+            self.problem(f"must be an object, got {_type_name(data)}")
+            return None
+        name = data.get("name")
+        if isinstance(name, str) and name:
+            self.where = f"exports[{index}] {_show(name)}"
+        before = len(self.problems)
+        self.unknown(data, EXPORT_KEYS, "")
+        values = {
+            "name": self._name(data),
+            "enabled": self.flag(data, "enabled", "enabled", True),
+            "acknowledged": self.flag(data, "dataTransferAcknowledged", "dataTransferAcknowledged", False),
+            **self.source(self.obj(data, "source", "source")),
+            **self.destination(self.obj(data, "destination", "destination")),
+            **self.mapping(data),
+            "max_profiles": self._limit(data),
+        }
+        self._membership_clash(values)
+        return None if len(self.problems) > before else ExportDefinition(**values)
+
+    def _membership_clash(self, values: dict) -> None:
+        key = typed_key("boolean", values["field"]).lower() if values["field"] else None
+        if key and any(c.key.lower() == key for c in values["custom_fields"]):
+            self.problem("is also the name of a boolean custom field; the membership field needs a name of its own",
+                         "destination.field")
+
+    def _name(self, data: dict) -> str:
+        name = self.text(data, "name", "name")
+        if name is not None and not NAME_RE.fullmatch(data["name"]):
+            self.problem("must be 1-63 lower-case letters, digits or hyphens, starting with a letter or digit "
+                         f"(it appears in URLs and table keys), got {_show(data['name'])}", "name")
+        return name or ""
+
+    def _limit(self, data: dict) -> int:
+        value = data.get("maxProfiles", DEFAULT_MAX_PROFILES)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.problem(f"must be a positive whole number, got {_show(value)}", "maxProfiles")
+            return DEFAULT_MAX_PROFILES
+        return value
+
+    def source(self, data: dict) -> dict:
+        self.unknown(data, SOURCE_KEYS, "source")
+        connection = self.text(data, "connection", "source.connection", DEFAULT_CONNECTION)
+        if "connection" in data and isinstance(data["connection"], str) and not SETTING_RE.fullmatch(
+                data["connection"]):
+            self.problem("must name an app setting (letters, digits, underscores), not hold a connection string "
+                         f"or URL; got {_show(data['connection'])}", "source.connection")
+        container = self.text(data, "container", "source.container") if data else None
+        if container and not CONTAINER_RE.fullmatch(container):
+            self.problem("is not a valid blob container name (3-63 lower-case letters, digits and single hyphens), "
+                         f"got {_show(container)}", "source.container")
+        return {
+            "connection": connection,
+            "container": container or "",
+            "prefix": self.text(data, "prefix", "source.prefix", "", allow_empty=True),
+            "segment": (self.text(data, "segment", "source.segment") if data else None) or "",
+        }
+
+    def destination(self, data: dict) -> dict:
+        self.unknown(data, DESTINATION_KEYS, "destination")
+        membership = self.choice(data, "membership", "destination.membership", ("list", "field"), None) \
+            if data else None
+        values = {"membership": membership or "", "list": None, "field": None,
+                  "on_leave": self.choice(data, "onLeave", "destination.onLeave", ("remove", "keep"), "remove")}
+        other = {"list": "field", "field": "list"}.get(membership or "")
+        if membership:
+            values[membership] = self.text(data, membership, f"destination.{membership}")
+            if other in data:
+                self.problem(f'is only used when membership is "{other}"; remove it or change the membership',
+                             f"destination.{other}")
+        if membership == "field" and values["field"] and "--" in values["field"]:
+            self.problem('must be a plain name such as "In High Value Segment" (the key boolean--In--High--Value--'
+                         f"Segment is derived from it), got {_show(values['field'])}", "destination.field")
+        return values
+
+    def mapping(self, data: dict) -> dict:
+        fields = self.obj(data, "fields", "fields")
+        mapped: dict[str, str] = {}
+        for key in fields:
+            if self._standard_field(key) and (value := self.text(fields, key, f"fields.{key}")):
+                mapped[key] = value
+        if isinstance(data.get("fields"), dict) and "Email" not in fields:
+            self.problem('must map "Email" to the column holding the email address (it is required)', "fields")
+        return {"fields": mapped, "custom_fields": self.custom_fields(data)}
+
+    def _standard_field(self, key: str) -> bool:
+        if key in STANDARD_FIELDS:
+            return True
+        if key.lower() == "unsubscribed":
+            self.problem("cannot be mapped: this app never changes a contact's subscription", f"fields.{key}")
+            return False
+        hint = _suggest(key, STANDARD_FIELDS)
+        self.problem(f"is not an Autopilot standard field{hint}; use one of {', '.join(STANDARD_FIELDS)}, "
+                     "or a customFields entry", f"fields.{key}")
+        return False
+
+    def custom_fields(self, data: dict) -> tuple[CustomField, ...]:
+        items = data.get("customFields", [])
+        if not isinstance(items, list):
+            self.problem(f"must be a list, got {_type_name(items)}", "customFields")
+            return ()
+        result: list[CustomField] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            path = f"customFields[{i}]"
+            if not isinstance(item, dict):
+                self.problem(f"must be an object, got {_type_name(item)}", path)
+                continue
+            before = len(self.problems)
+            self.unknown(item, CUSTOM_KEYS, path)
+            name = self.text(item, "name", f"{path}.name")
+            kind = self.choice(item, "type", f"{path}.type", CUSTOM_TYPES, None)
+            column = self.text(item, "column", f"{path}.column")
+            if name and "--" in name:
+                self.problem(f'must not contain "--" (it separates words in the Autopilot key), got {_show(name)}',
+                             f"{path}.name")
+            words = " ".join((name or "").split()).lower()  # the same key in Autopilot
+            if words and words in seen:
+                self.problem(f"{_show(name)} is already defined by customFields[{seen[words]}]", f"{path}.name")
+            if words:
+                seen.setdefault(words, i)
+            if len(self.problems) == before and name and kind and column:
+                result.append(CustomField(" ".join(name.split()), kind, column))
+        return tuple(result)
