@@ -15,6 +15,23 @@ from tools.generate_export import STANDARD_COLUMNS, write_export
 from tools.local_host import LocalHost, QueueOptions
 from tools.local_stack import LocalStack
 
+COLUMN = {name: i for i, name in enumerate(STANDARD_COLUMNS)}
+FIELD_KEY = "boolean--In--High--Value--Segment"
+
+
+def expected_contacts(rows) -> dict[str, dict]:
+    """What Autopilot must hold for these rows under tests.support.definition's mapping (empty values omitted)."""
+    fields = {"FirstName": "FirstName", "LastName": "LastName", "Company": "CompanyName", "MailingCity": "City"}
+    result = {}
+    for row in rows:
+        contact = {field: row[COLUMN[column]] for field, column in fields.items() if row[COLUMN[column]]}
+        contact["Email"] = row[COLUMN["PrimaryEmail"]]
+        points = row[COLUMN["LoyaltyPoints"]]
+        contact["custom"] = {FIELD_KEY: True, **({"integer--Loyalty--Points": int(points)} if points else {})}
+        result[contact["Email"].lower()] = contact
+    return result
+
+
 FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
 CONTAINER = "ciexports"
 # Quick polling and retries, so a test's run takes seconds (the real host.json values are tested elsewhere).
@@ -77,6 +94,15 @@ class World:
             time.sleep(0.1)
         raise AssertionError(f"run {run_id} did not finish in {timeout}s: {self.view(run_id)}")
 
+    def view_records(self, run_id: str) -> int:
+        """Batches of a run settled so far, read from the run records (works while no host serves HTTP)."""
+        from azure.data.tables import TableServiceClient
+
+        from shared.run_records import RunRecords
+
+        with TableServiceClient.from_connection_string(self.stack.storage) as tables:
+            return len(RunRecords(tables).batch_outcomes(run_id))
+
     def run(self, name: str, **options) -> dict:
         response = self.start(name, **options)
         assert response.status_code in (200, 202), response.text
@@ -94,6 +120,14 @@ class World:
         """Logged requests that carry contacts or membership (not the list look-up), answered or not."""
         return [r for r in self.sim.request_log()
                 if r["path"].endswith(("/contact", "/contacts")) or "/contact/" in r["path"]]
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
 
 
 def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings: dict | None = None,

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.support import close_world, definition, open_world
+from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until
 from tools.autopilot_sim import Faults
 from tools.generate_export import STANDARD_COLUMNS, sample_profiles
 from tools.local_stack import SECRET_NAME
-
-COLUMN = {name: i for i, name in enumerate(STANDARD_COLUMNS)}
-FIELD_KEY = "boolean--In--High--Value--Segment"
-
-
-def expected_contacts(rows) -> dict[str, dict]:
-    """What Autopilot must hold for these rows under tests.support.definition's mapping (empty values omitted)."""
-    fields = {"FirstName": "FirstName", "LastName": "LastName", "Company": "CompanyName", "MailingCity": "City"}
-    result = {}
-    for row in rows:
-        contact = {field: row[COLUMN[column]] for field, column in fields.items() if row[COLUMN[column]]}
-        contact["Email"] = row[COLUMN["PrimaryEmail"]]
-        points = row[COLUMN["LoyaltyPoints"]]
-        contact["custom"] = {FIELD_KEY: True, **({"integer--Loyalty--Points": int(points)} if points else {})}
-        result[contact["Email"].lower()] = contact
-    return result
 
 
 def held(sim, email: str) -> dict:
@@ -102,7 +85,7 @@ def test_key_rotated_between_batches_is_picked_up_from_key_vault():
         world.define(definition("hv"))
         world.snapshot(sample_profiles(1500))
         run_id = world.start("hv").json()["runId"]
-        _wait(lambda: world.view(run_id)["batches"]["settled"] >= 2)
+        wait_until(lambda: world.view(run_id)["batches"]["settled"] >= 2)
         world.stack.keyvault.set_secret(SECRET_NAME, "rotated-key-0123456789")
         world.sim.set_api_key("rotated-key-0123456789")
         report = world.wait(run_id)
@@ -186,14 +169,6 @@ def max_in_any_second(log: list[dict]) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
-
-
-def _wait(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 # --- the HTTP API -----------------------------------------------------------------------------------
