@@ -16,8 +16,8 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-MARGIN = 0.02  # keeps network jitter from pushing N+1 requests into one second
-TOLERANCE = 0.015  # seconds a sender may start late; below MARGIN (seconds) no 1-s window holds N+1
+MARGIN = 0.04  # absorbs up to 40 ms of jitter between our send and the API's clock (N+1 never fit in 1 s)
+TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot (well below MARGIN seconds)
 LEAD = 2.0  # messages become visible this long before their slot, to absorb queue polling
 
 
@@ -80,16 +80,19 @@ class Pacer:
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
-        now = self.budget.clock()
-        if self._left and now > self._next + TOLERANCE:
-            self._left = 0  # late for the planned slots: never send them bunched up
-        if not self._left:
-            self._next, self._left = self.budget.reserve(1), 1
-        wait = self._next - self.budget.clock()
-        if wait > self.max_wait:
-            self._left = 0
-            raise Deferred(self._next)
-        if wait > 0:
-            time.sleep(wait)
+        while True:
+            if self._left and self.budget.clock() > self._next + TOLERANCE:
+                self._left = 0  # late for the planned slots: never send them bunched up
+            if not self._left:
+                self._next, self._left = self.budget.reserve(1), 1
+            wait = self._next - self.budget.clock()
+            if wait > self.max_wait:
+                self._left = 0
+                raise Deferred(self._next)
+            if wait > 0:
+                time.sleep(wait)
+            if self.budget.clock() <= self._next + TOLERANCE:
+                break
+            self._left = 0  # overslept (a busy process): the slot is gone, take a fresh one
         self._next += self.budget.interval
         self._left -= 1

@@ -57,9 +57,11 @@ import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from collections.abc import Callable
@@ -798,6 +800,80 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     return args
+
+
+class SimProcess:
+    """The simulator in a process of its own, with AutopilotSim's state accessors (read over its admin API).
+
+    Rate-discipline checks need it: in one process with the Function workers, the simulator's request
+    timestamps would carry the workers' GIL stalls rather than the arrival times Autopilot would see."""
+
+    def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0):
+        self._argv = [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", str(rate or 0),
+                      "--api-key", api_key, "--seed", str(seed)]
+        self._faults = faults or Faults()
+        self._proc: subprocess.Popen | None = None
+        self.base_url = ""
+
+    def start(self, timeout: float = 30.0) -> SimProcess:
+        root = Path(__file__).resolve().parent.parent
+        self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, text=True)
+        ready = threading.Timer(timeout, self._proc.kill)  # bounds the wait for the "listening" line
+        ready.start()
+        line = self._proc.stdout.readline()
+        ready.cancel()
+        found = re.search(r"listening on (http://\S+/v1)", line)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the Autopilot simulator did not start: {line!r}")
+        self.base_url = found.group(1)
+        self.faults = self._faults
+        return self
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        if self._proc and self._proc.stdout:
+            self._proc.stdout.close()
+
+    def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        origin = self.base_url.removesuffix("/v1")
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(origin + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read() or b"{}")
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._admin("POST", "/_sim/config", {"faults": asdict(faults)})
+        self._faults = faults
+
+    def set_api_key(self, key: str) -> None:
+        self._admin("POST", "/_sim/config", {"api_key": key})
+
+    def contacts(self) -> dict[str, dict]:
+        return self._admin("GET", "/_sim/state")["contacts"]
+
+    def lists(self) -> dict[str, str]:
+        return self._admin("GET", "/_sim/state")["lists"]
+
+    def members(self, list_id: str) -> set[str]:
+        return set(self._admin("GET", "/_sim/state")["members"][list_id])
+
+    def request_log(self) -> list[dict]:
+        return self._admin("GET", "/_sim/log")["log"]
+
+    def reset_log(self) -> None:
+        self._admin("POST", "/_sim/reset-log")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tools.autopilot_sim import AutopilotSim, Faults
+from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
 from tools.keyvault_standin import KeyVaultStandIn
 
@@ -31,7 +31,7 @@ class LocalStack:
         self.faults = faults
         self.azurite = Azurite(self.state_dir / "azurite")
         self.keyvault = KeyVaultStandIn(state_dir=self.state_dir / "keyvault")
-        self.sim: AutopilotSim | None = None
+        self.sim: SimProcess | None = None
 
     def start(self) -> LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ class LocalStack:
         self.keyvault.start()
         self.keyvault.set_secret(SECRET_NAME, self.api_key)
         if self.autopilot_url is None:
-            self.sim = AutopilotSim(self.api_key, rate=self.rate, faults=self.faults).start()
+            self.sim = SimProcess(self.api_key, rate=self.rate, faults=self.faults).start()
             self.autopilot_url = self.sim.base_url
         return self
 
