@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
+import requests
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
@@ -26,6 +28,18 @@ DEV_STORAGE = (
     "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
     "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
 )
+
+
+POOL_SIZE = 64  # a Function instance runs up to batchSize + newBatchThreshold invocations at once
+
+
+def _transport() -> RequestsTransport:
+    """A pooled HTTP transport large enough for every concurrent invocation (the SDK default keeps 10)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return RequestsTransport(session=session, session_owner=True)
 
 
 @dataclass(frozen=True)
@@ -61,20 +75,21 @@ class StorageConnection:
     @cached_property
     def blob(self) -> BlobServiceClient:
         if self._connection_string:
-            return BlobServiceClient.from_connection_string(self._connection_string)
-        return BlobServiceClient(self._endpoint("blob"), credential=self._credential)
+            return BlobServiceClient.from_connection_string(self._connection_string, transport=_transport())
+        return BlobServiceClient(self._endpoint("blob"), credential=self._credential, transport=_transport())
 
     @cached_property
     def tables(self) -> TableServiceClient:
         if self._connection_string:
-            return TableServiceClient.from_connection_string(self._connection_string)
-        return TableServiceClient(self._endpoint("table"), credential=self._credential)
+            return TableServiceClient.from_connection_string(self._connection_string, transport=_transport())
+        return TableServiceClient(self._endpoint("table"), credential=self._credential, transport=_transport())
 
     def queue(self, name: str) -> QueueClient:
         """A queue client speaking base64, as the Functions queue trigger expects."""
         policies = {
             "message_encode_policy": BinaryBase64EncodePolicy(),
             "message_decode_policy": BinaryBase64DecodePolicy(),
+            "transport": _transport(),
         }
         if self._connection_string:
             return QueueClient.from_connection_string(self._connection_string, name, **policies)
