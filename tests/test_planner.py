@@ -1,0 +1,105 @@
+"""The planner as plain Python: rows and acknowledged state in, counts and batches out."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.cdm_reader import BadRow, Row
+from shared.contact_state import Acked
+from shared.export_config import parse_exports
+from shared.planner import Planner, TooManyProfiles, expected_requests, fingerprint
+
+COLUMNS = ["CustomerId", "Email", "First"]
+
+
+def export(membership: str = "field", **extra):
+    destination = {"membership": membership, "onLeave": extra.pop("onLeave", "remove")}
+    destination.update({"field": "In Segment"} if membership == "field" else {"list": "Segment"})
+    document = {"name": "t", "dataTransferAcknowledged": True, "destination": destination,
+                "source": {"container": "ciexports", "segment": "Seg"},
+                "fields": {"Email": "Email", "FirstName": "First"}, **extra}
+    return parse_exports({"exports": [document]})[0]
+
+
+def rows(*people: tuple[str, str]) -> list[Row]:
+    return [Row("p1", n, [str(n), email, first]) for n, (email, first) in enumerate(people, start=1)]
+
+
+def acked(email: str, first: str, member: bool = True) -> Acked:
+    return Acked(email.lower(), fingerprint({"Email": email, "FirstName": first}), member)
+
+
+def plan(definition, segment, state=(), force=False):
+    planner = Planner(definition, COLUMNS, list_ops_per_message=3)
+    try:
+        result = planner.plan(segment, state, force=force)
+        result.kept = list(result.kept_leavers())  # read before the planner's working set is removed
+        return result, list(result.batches())
+    finally:
+        planner.close()
+
+
+def test_diff_finds_joiners_changed_leavers_and_unchanged():
+    segment = rows(("a@x.com", "Ann"), ("B@x.com", "Bob"), ("c@x.com", "Cy"))
+    state = [acked("b@x.com", "Bob"), acked("c@x.com", "Old"), acked("d@x.com", "Dee"), acked("e@x.com", "E", False)]
+    result, batches = plan(export(), segment, state)
+    counts = result.counts
+    assert (counts["joiners"], counts["changed"], counts["leavers"], counts["unchanged"]) == (1, 1, 1, 1)
+    sent = {item.key: item for batch in batches for item in batch.items}
+    assert set(sent) == {"a@x.com", "c@x.com", "d@x.com"}
+    assert sent["d@x.com"].document == {"Email": "d@x.com", "custom": {"boolean--In--Segment": False}}
+    assert sent["a@x.com"].document["custom"] == {"boolean--In--Segment": True}
+
+
+def test_first_row_wins_when_an_email_repeats_in_any_case():
+    result, batches = plan(export(), rows(("a@x.com", "First"), ("A@X.COM", "Second")))
+    assert result.counts["duplicates"] == 1 and result.counts["profiles"] == 1
+    assert [i.document["FirstName"] for b in batches for i in b.items] == ["First"]
+
+
+def test_bad_rows_are_rejected_and_counted_without_stopping_the_plan():
+    segment = [*rows(("a@x.com", "Ann"), ("nope", "No")), BadRow("p1", 9, "expected 3 columns, got 2")]
+    result, _ = plan(export(), segment)
+    assert (result.counts["read"], result.counts["valid"], result.counts["rejected"]) == (3, 1, 2)
+    assert [r["row"] for r in result.rejected_sample] == [2, 9]
+
+
+def test_list_mode_sends_joins_and_leaves_one_by_one_and_changes_in_bulk():
+    segment = rows(*[(f"j{i}@x.com", "J") for i in range(4)], ("c@x.com", "New"))
+    state = [acked("c@x.com", "Old"), acked("l@x.com", "L")]
+    result, batches = plan(export("list"), segment, state)
+    assert [(b.kind, len(b.items)) for b in batches] == [("join", 3), ("join", 1), ("upsert", 1), ("leave", 1)]
+    assert result.requests == sum(b.requests for b in batches) == expected_requests("list", 4, 1, 1) == 6
+
+
+def test_field_mode_packs_every_change_into_bulk_batches_of_100():
+    segment = rows(*[(f"p{i}@x.com", "P") for i in range(250)])
+    result, batches = plan(export(), segment, [acked("gone@x.com", "G")])
+    assert [len(b.items) for b in batches] == [100, 100, 51]
+    assert result.requests == expected_requests("field", 250, 0, 1) == 3
+
+
+def test_unchanged_segment_plans_nothing_and_force_plans_everything():
+    segment = rows(("a@x.com", "Ann"), ("b@x.com", "Bob"))
+    state = [acked("a@x.com", "Ann"), acked("b@x.com", "Bob")]
+    quiet, none = plan(export("list"), segment, state)
+    assert none == [] and quiet.requests == 0 and quiet.counts["unchanged"] == 2
+    forced, all_of_them = plan(export("list"), segment, state, force=True)
+    assert forced.counts["joiners"] == 2 and sum(len(b.items) for b in all_of_them) == 2
+
+
+def test_kept_leavers_are_not_sent_but_forgotten_as_members():
+    result, batches = plan(export("list", onLeave="keep"), rows(("a@x.com", "Ann")), [acked("l@x.com", "L")])
+    assert result.counts["kept_leavers"] == 1 and all(b.kind != "leave" for b in batches)
+    assert [(a.key, a.member) for a in result.kept] == [("l@x.com", False)]
+
+
+def test_more_valid_profiles_than_allowed_fails_before_anything_is_planned():
+    with pytest.raises(TooManyProfiles, match="3 valid profiles, more than its maxProfiles of 2"):
+        plan(export(maxProfiles=2), rows(("a@x.com", "A"), ("b@x.com", "B"), ("c@x.com", "C")))
+
+
+def test_email_case_does_not_change_the_fingerprint():
+    ann = {"Email": "a@x.com", "FirstName": "Ann"}
+    assert fingerprint({**ann, "Email": "A@X.com"}) == fingerprint(ann)
+    assert fingerprint({**ann, "FirstName": "An"}) != fingerprint(ann)
