@@ -11,6 +11,7 @@ from urllib.parse import quote
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.contacts import mask_emails_in
 from shared.secrets import ApiKeyProvider
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
@@ -127,8 +128,10 @@ def _result(response: requests.Response) -> dict:
 
 
 def _message(response: requests.Response) -> str:
+    """Autopilot's reason, with any address in it masked: it reaches logs and run reports."""
     try:
         body = response.json()
-        return str(body.get("message") or body.get("error") or body)[:500]
+        text = str(body.get("message") or body.get("error") or body) if isinstance(body, dict) else str(body)
     except ValueError:
-        return (response.text or response.reason or "")[:500]
+        text = response.text or response.reason or ""
+    return mask_emails_in(text[:500])

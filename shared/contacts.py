@@ -44,6 +44,14 @@ def mask_email(email: str) -> str:
     return f"{masked}.{_visible(labels[-1][:24])}" if len(labels) > 1 and labels[-1] else masked
 
 
+_EMAIL_LIKE = re.compile(r"[^\s\"'<>(),;:]+@[^\s\"'<>(),;:]+")
+
+
+def mask_emails_in(text: str) -> str:
+    """Mask every address-like word of a free text (Autopilot's error messages may quote the contact)."""
+    return _EMAIL_LIKE.sub(lambda m: mask_email(m.group(0).rstrip(".")), text)
+
+
 def _visible(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 

@@ -205,3 +205,11 @@ addresses = st.builds(
 def test_the_fast_email_check_gives_email_validators_verdict(email):
     email = email.strip()
     assert email_problem(email) == validator_problem(email)
+
+
+def test_addresses_inside_free_text_are_masked():
+    from shared.contacts import mask_emails_in
+
+    text = mask_emails_in('Invalid Email "maria.lopez@fabrikam.example". Also ken@contoso.example, done')
+    assert "maria.lopez@" not in text and "ken@contoso" not in text
+    assert text == 'Invalid Email "ma***@f***.example". Also k***@c***.example, done'
