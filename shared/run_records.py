@@ -19,6 +19,7 @@ RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
 ACTIVE = ("planning", "planned", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
 JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome")
+STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
 
 
 class RunInProgress(Exception):
@@ -109,8 +110,9 @@ class RunRecords:
         return [_decode(e) for e in self.runs.query_entities(f"PartitionKey eq 'run' and ({filters})")]
 
     # --- one run at a time per export -------------------------------------------------------------
-    def acquire(self, export: str, run_id: str, take_over: bool = False) -> str | None:
-        """Make `run_id` the export's active run. Returns the run it superseded (force), if any."""
+    def acquire(self, export: str, run_id: str, take_over: bool = False) -> tuple[str, str] | None:
+        """Make `run_id` the export's active run. Returns (run id, why) of an active run it took over: a forced
+        start supersedes one, and any start takes over a run whose planning stopped (its instance died)."""
         lock = {"PartitionKey": "lock", "RowKey": export, "run": run_id}
         try:
             self.runs.create_entity(lock)
@@ -120,7 +122,8 @@ class RunRecords:
         held = self.runs.get_entity("lock", export)
         holder = self.get(held["run"])
         busy = holder is not None and holder.get("status") in ACTIVE
-        if busy and not take_over:
+        stale = busy and _planning_stopped(holder)
+        if busy and not (take_over or stale):
             raise RunInProgress(export, held["run"])
         try:
             self.runs.update_entity(
@@ -128,7 +131,14 @@ class RunRecords:
             )
         except ResourceModifiedError:
             raise RunInProgress(export, "(just started)") from None
-        return held["run"] if busy else None
+        if not busy:
+            return None
+        if stale:
+            return held["run"], f"abandoned: its planning stopped (no progress for {STALE_PLANNING // 60} minutes)"
+        return held["run"], f"cancelled: superseded by forced run {run_id}"
+
+    def delete(self, run_id: str) -> None:
+        self.runs.delete_entity("run", run_id)
 
     # --- batch outcomes ---------------------------------------------------------------------------
     def record_batch(self, run_id: str, outcome: BatchOutcome) -> bool:
@@ -156,6 +166,14 @@ class RunRecords:
 
     def forget_batch(self, run_id: str, batch: int) -> None:
         self.batches.delete_entity(run_id, f"{batch:06d}")
+
+
+def _planning_stopped(run: dict) -> bool:
+    """A run still planning long after it started: the instance planning it is gone (planning is one call)."""
+    if run.get("status") not in ("planning", "planned"):
+        return False
+    started = datetime.fromisoformat(run["created"].replace("Z", "+00:00"))
+    return (datetime.now(UTC) - started).total_seconds() > STALE_PLANNING
 
 
 def _encode(entity: dict) -> dict:

@@ -61,14 +61,14 @@ def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = 
                        started=utcnow())
     rlog = run_log(run_id, export.name)
     try:
-        if not dry_run:
-            superseded = svc.records.acquire(export.name, run_id, take_over=force)
-            if superseded:
-                conclude(svc, superseded, "failed", error=f"cancelled: superseded by forced run {run_id}")
-        _plan_and_queue(svc, export, run_id, force, dry_run, rlog)
-    except RunInProgress as exc:
-        conclude(svc, run_id, "failed", error=str(exc))
+        taken_over = None if dry_run else svc.records.acquire(export.name, run_id, take_over=force)
+    except RunInProgress:
+        svc.records.delete(run_id)  # a refused start is no run: it must not show as the export's last run
         raise
+    try:
+        if taken_over:
+            conclude(svc, taken_over[0], "failed", error=taken_over[1])
+        _plan_and_queue(svc, export, run_id, force, dry_run, rlog)
     except USER_ERRORS as exc:
         rlog.error("run failed while planning: %s", exc)
         conclude(svc, run_id, "failed", error=str(exc))

@@ -234,3 +234,34 @@ def test_dry_run_sends_nothing_and_predicts_the_real_run(world, membership):
     for key in ("joiners", "changed", "leavers", "unchanged", "rejected"):
         assert dry["counts"][key] == real["counts"][key]
     assert dry["plannedRequests"] == len([r for r in world.contact_requests() if r["status"] == 200])
+
+
+def test_run_whose_planning_died_does_not_block_the_export_forever(world):
+    from azure.data.tables import TableServiceClient
+
+    from shared.run_records import RunRecords
+
+    with TableServiceClient.from_connection_string(world.stack.storage) as tables:
+        records = RunRecords(tables)
+        records.create("20260101T000000Z-deadbeef", "hv", status="planning", created="2026-01-01T00:00:00.000Z")
+        records.acquire("hv", "20260101T000000Z-deadbeef")
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(10))
+        report = world.run("hv")
+        stuck = records.get("20260101T000000Z-deadbeef")
+    assert report["status"] == "succeeded"
+    assert stuck["status"] == "failed" and "planning stopped" in stuck["error"]
+
+
+def test_refused_start_leaves_no_run_behind():
+    world = open_world(rate=5)
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(1000))
+        first = world.start("hv").json()["runId"]
+        assert world.start("hv").status_code == 409
+        listed = world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]
+        assert listed[0]["lastRun"]["runId"] == first
+        assert world.wait(first)["status"] == "succeeded"
+    finally:
+        close_world(world)
