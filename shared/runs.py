@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -115,7 +116,11 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
 
 def _resolve_list(svc: Services, export: ExportDefinition) -> str:
     pacer = Pacer(svc.budget, None, 0, max_wait=30.0)
-    return svc.autopilot.resolve_list(export.list, pacer)
+    list_id = svc.autopilot.resolve_list(export.list, pacer)
+    # The look-up opens a fresh connection, so it may reach Autopilot late and bunch up with the first planned
+    # requests; one idle second of budget between them keeps every 1-second window inside the limit.
+    svc.budget.reserve(math.ceil(svc.budget.rate))
+    return list_id
 
 
 def _enqueue(svc: Services, export: ExportDefinition, run_id: str, list_id: str | None, plan) -> int:
