@@ -7,7 +7,7 @@ import logging
 
 import azure.functions as func
 
-from shared import http_api, runs, services
+from shared import delivery, http_api, runs, services
 from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -50,10 +50,10 @@ def replay_run(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name=BATCH_QUEUE, connection=HOST_CONNECTION)
 def send_batch(msg: func.QueueMessage) -> None:
     """Send one batch to Autopilot; an exception makes the host retry it, then poison it."""
-    runs.process_batch(services.current(), msg.get_body(), msg.dequeue_count or 1)
+    delivery.process_batch(services.current(), msg.get_body(), msg.dequeue_count or 1)
 
 
 @app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=HOST_CONNECTION)
 def record_dead_batch(msg: func.QueueMessage) -> None:
     """Settle a dead batch on its run (kept in the `dead` container for replay)."""
-    runs.record_dead(services.current(), msg.get_body())
+    delivery.record_dead(services.current(), msg.get_body())

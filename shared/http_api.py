@@ -10,7 +10,7 @@ import json
 import logging
 import re
 
-from shared import runs, services
+from shared import delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
 from shared.services import Services
@@ -47,7 +47,7 @@ def start_run(svc: Services, name: str, body: bytes) -> Answer:
         return _error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")
     except ExportConfigError as exc:
         return _error(422, str(exc))
-    view = runs.run_view(svc, run["RowKey"])
+    view = reports.run_view(svc, run["RowKey"])
     status = 200 if view["status"] in ("dry run", "failed") else 202
     return status, {**view, "statusUrl": f"/api/runs/{run['RowKey']}"}
 
@@ -75,7 +75,7 @@ def _run_options(body: bytes) -> dict | str:
 
 def get_run(svc: Services, run_id: str) -> Answer:
     """GET /api/runs/{id}: status, counts, timings, samples and where the reports are."""
-    view = runs.run_view(svc, run_id) if RUN_ID.fullmatch(run_id or "") else None
+    view = reports.run_view(svc, run_id) if RUN_ID.fullmatch(run_id or "") else None
     if view is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
     return 200, view
@@ -97,7 +97,7 @@ def replay_run(svc: Services, run_id: str) -> Answer:
     """POST /api/runs/{id}/replay: put the run's dead batches back on the queue."""
     if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
-    return 200, {"runId": run_id, "replayedBatches": runs.replay(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}
+    return 200, {"runId": run_id, "replayedBatches": delivery.replay(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}
 
 
 def guarded(call, *args) -> Answer:

@@ -7,6 +7,7 @@ redelivered message cannot count twice); the run's `done` counter is only a chea
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,18 @@ ACTIVE = ("planning", "planned", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
 JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome")
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
+
+
+class RunLog(logging.LoggerAdapter):
+    """Every record names its run and export: in the text, and as custom dimensions in Application Insights."""
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**self.extra, **kwargs.get("extra", {})}
+        return f"[run {self.extra['run_id']} export {self.extra['export']}] {msg}", kwargs
+
+
+def run_log(run_id: str, export: str) -> RunLog:
+    return RunLog(logging.getLogger("autopilot.runs"), {"run_id": run_id, "export": export})
 
 
 class RunInProgress(Exception):

@@ -1,0 +1,176 @@
+"""Delivering one queued batch: send it, settle its outcome, re-queue or park what could not be sent, and
+replay a run's dead batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict
+
+from shared import batch_messages
+from shared.autopilot_client import ApiKeyRejected
+from shared.batch_messages import BatchMessage, MessageError
+from shared.rate_budget import LEAD, Pacer
+from shared.reports import after_batch, conclude
+from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
+from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, fail_rest
+from shared.services import Services
+
+log = logging.getLogger("autopilot.delivery")
+DEAD = "dead"
+
+
+def queue_message(svc: Services, message: BatchMessage, visible_at: float | None) -> None:
+    delay = 0 if visible_at is None else max(0, int(visible_at - time.time() - LEAD))
+    svc.queue.send_message(batch_messages.encode(message, svc.host.blob), visibility_timeout=delay or None)
+
+
+def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
+    """The queue trigger's work. Malformed messages go to the poison queue with their reason."""
+    try:
+        message = batch_messages.decode(body, svc.host.blob)
+    except MessageError as exc:
+        log.error("rejected queue message: %s", exc)
+        poison(svc, body, str(exc))
+        return
+    run = svc.records.get(message.run)
+    if run is None:
+        poison(svc, body, f"unknown run {message.run!r}")
+        return
+    if svc.records.has_batch(message.run, message.batch):
+        return  # already settled: a redelivered message
+    rlog = run_log(message.run, message.export)
+    progress = _carried(message)
+    if run.get("status") not in ACTIVE:
+        fail_rest(message, progress, f"run already ended ({run.get('status')}: {run.get('error', '')})")
+    else:
+        if dequeue_count > 1 or message.attempt:
+            _skip_acknowledged(svc, message, progress)
+        if not _send(svc, message, progress, rlog):
+            return
+    _settle(svc, message, progress, rlog)
+
+
+def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
+    """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
+    pacer = Pacer(svc.budget, message.at, message.slots, MAX_WAIT)
+    sender = BatchSender(svc.autopilot, pacer, message, progress)
+    try:
+        sender.run()
+    except Requeue as exc:
+        svc.state(message.export).acknowledge(progress.acked)
+        if message.attempt + 1 >= svc.settings.max_attempts and exc.slot is None:
+            reason = f"gave up after {svc.settings.max_attempts} attempts: {exc.reason}"
+            poison(svc, batch_messages.encode(_rest(message, progress), svc.host.blob), reason)
+            rlog.warning("batch %d parked as dead (%s)", message.batch, reason)
+            return False
+        waiting = exc.slot is not None  # a slot wait is not a failed attempt
+        again = _rest(message, progress, at=exc.slot, slots=1 if waiting else 0,
+                      attempt=message.attempt + (0 if waiting else 1))
+        queue_message(svc, again, exc.at)
+        rlog.info("batch %d re-queued (%s)", message.batch, exc.reason)
+        return False
+    except ApiKeyRejected as exc:
+        fail_rest(message, progress, exc.message)
+        conclude(svc, message.run, "failed", error=f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})")
+        rlog.error("API key rejected by Autopilot; run failed")
+    return True
+
+
+def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:
+    """The batch's unsettled items, carrying the outcome of the settled ones."""
+    rest = [i for i in message.items if i["k"] not in progress.done]
+    carry = {"accepted": message.carry.get("accepted", 0) + len(progress.acked),
+             "refused": message.carry.get("refused", []) + progress.refused,
+             "failed": message.carry.get("failed", []) + progress.failed}
+    return message.with_items(rest, carry=carry, **changes)
+
+
+def _carried(message: BatchMessage) -> Progress:
+    carry = message.carry
+    return Progress(refused=list(carry.get("refused", [])), failed=list(carry.get("failed", [])),
+                    carried_accepted=carry.get("accepted", 0))
+
+
+def _skip_acknowledged(svc: Services, message: BatchMessage, progress: Progress) -> None:
+    """On redelivery, contacts Autopilot already acknowledged for this state are not sent again."""
+    known = svc.state(message.export).lookup(i["k"] for i in message.items)
+    for item in message.items:
+        ack = known.get(item["k"])
+        if ack and ack.fingerprint == item.get("f") and ack.member == bool(item.get("m", True)):
+            progress.done.add(item["k"])
+            progress.carried_accepted += 1
+
+
+def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> None:
+    svc.state(message.export).acknowledge(progress.acked)
+    outcome = BatchOutcome(
+        batch=message.batch, kind=message.kind, status="done", contacts=len(message.items) + _carry_size(message),
+        accepted=len(progress.acked) + progress.carried_accepted, rejected=len(progress.refused),
+        failed=len(progress.failed), detail=progress.refused + progress.failed)
+    if svc.records.record_batch(message.run, outcome):
+        rlog.info("batch %d settled: %d accepted, %d refused, %d failed", message.batch, outcome.accepted,
+                  outcome.rejected, outcome.failed)
+        after_batch(svc, message.run)
+
+
+def _carry_size(message: BatchMessage) -> int:
+    carry = message.carry
+    return carry.get("accepted", 0) + len(carry.get("refused", [])) + len(carry.get("failed", []))
+
+
+# --- dead batches ---------------------------------------------------------------------------------
+def poison(svc: Services, body: bytes, reason: str) -> None:
+    wrapped = json.dumps({"poison_reason": reason, "body": body.decode("utf-8", "replace")}).encode()
+    svc.poison_queue.send_message(wrapped)
+
+
+def record_dead(svc: Services, body: bytes) -> None:
+    """The poison trigger: keep the dead message, and settle its batch as failed on its run."""
+    reason, original = _unwrap(body)
+    try:
+        message = batch_messages.decode(original, svc.host.blob)
+    except MessageError as exc:
+        name = f"unreadable/{utcnow()[:10]}/{uuid.uuid4().hex}.json"
+        svc.host.blob.get_blob_client(DEAD, name).upload_blob(json.dumps({"reason": reason or str(exc),
+                                                                          "body": original.decode("utf-8", "replace")}))
+        log.error("dead queue message kept as %s/%s: %s", DEAD, name, reason or exc)
+        return
+    reason = reason or "the batch failed on every delivery (maxDequeueCount reached; see the function's logs)"
+    svc.host.blob.get_blob_client(DEAD, f"{message.run}/{message.batch:06d}.json").upload_blob(
+        json.dumps(asdict(message)), overwrite=True)
+    progress = _carried(message)
+    fail_rest(message, progress, f"dead batch: {reason}")
+    run_log(message.run, message.export).error("batch %d is dead: %s", message.batch, reason)
+    outcome = BatchOutcome(message.batch, message.kind, "dead", len(message.items) + _carry_size(message),
+                           progress.carried_accepted, len(progress.refused), len(progress.failed),
+                           progress.refused + progress.failed, reason)
+    if svc.records.get(message.run) and svc.records.record_batch(message.run, outcome):
+        after_batch(svc, message.run)
+
+
+def _unwrap(body: bytes) -> tuple[str, bytes]:
+    try:
+        data = json.loads(body)
+        if isinstance(data, dict) and "poison_reason" in data:
+            return str(data["poison_reason"]), str(data.get("body", "")).encode()
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return "", body
+
+
+def replay(svc: Services, run_id: str) -> int:
+    """Put a run's dead batches back on the queue; returns how many."""
+    outcomes = svc.records.batch_outcomes(run_id)
+    dead = [o for o in outcomes if o.get("status") == "dead"]
+    for outcome in dead:
+        batch = int(outcome["RowKey"])
+        data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
+        message = BatchMessage(**dict(data, at=None, slots=0, attempt=0))
+        svc.records.forget_batch(run_id, batch)
+        queue_message(svc, message, None)
+    if dead:
+        svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead))
+    return len(dead)
