@@ -19,6 +19,9 @@ from azure.data.tables import TableClient, UpdateMode
 MARGIN = 0.04  # absorbs up to 40 ms of jitter between our send and the API's clock (N+1 never fit in 1 s)
 TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot (well below MARGIN seconds)
 LEAD = 2.0  # messages become visible this long before their slot, to absorb queue polling
+# Planned slots start at least this far ahead: a message visible LEAD before its slot is then found even by a
+# poller idling at host.json's maxPollingInterval (2 s), instead of arriving after its slot has passed.
+AHEAD = LEAD + 1.0
 
 
 class Deferred(Exception):
@@ -40,11 +43,11 @@ class RateBudget:
     def interval(self) -> float:
         return (1 + MARGIN) / self.rate
 
-    def reserve(self, count: int) -> float:
-        """Reserve `count` consecutive slots; returns the time of the first."""
+    def reserve(self, count: int, ahead: float = 0.0) -> float:
+        """Reserve `count` consecutive slots, the first no sooner than `ahead` seconds from now; returns its time."""
         while True:
             entity, etag = self._read()
-            start = max(entity["next"], self.clock())
+            start = max(entity["next"], self.clock() + ahead)
             entity["next"] = start + count * self.interval
             if self._write(entity, etag):
                 return start

@@ -4,9 +4,8 @@ timer's tick that starts runs for new snapshots."""
 from __future__ import annotations
 
 import logging
-import math
-import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
@@ -15,13 +14,14 @@ from shared.contacts import MappingError
 from shared.delivery import queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import Planner, TooManyProfiles
-from shared.rate_budget import Pacer
+from shared.rate_budget import AHEAD, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, is_synced
 from shared.run_records import RunInProgress, new_run_id, run_log, utcnow
 from shared.services import Services
 from shared.settings import SettingsError
 
 log = logging.getLogger("autopilot.runs")
+CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
 # Problems the user can fix: the run fails with this message instead of a stack trace.
 USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError)
 
@@ -98,30 +98,29 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
 
 
 def _resolve_list(svc: Services, export: ExportDefinition) -> str:
-    pacer = Pacer(svc.budget, None, 0, max_wait=30.0)
-    list_id = svc.autopilot.resolve_list(export.list, pacer)
-    # The look-up opens a fresh connection, so it may reach Autopilot late and bunch up with the first planned
-    # requests; one idle second of budget between them keeps every 1-second window inside the limit.
-    svc.budget.reserve(math.ceil(svc.budget.rate))
-    return list_id
+    # Planned requests start AHEAD seconds later, so this look-up (on a fresh connection, it may arrive late)
+    # cannot bunch up with them inside one second.
+    return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, None, 0, max_wait=30.0))
 
 
 def _enqueue(svc: Services, export: ExportDefinition, run_id: str, list_id: str | None, plan) -> int:
-    """Queue every batch, each delayed until just before its reserved request slots."""
-    slot = svc.budget.reserve(plan.requests) if plan.requests else time.time()
+    """Queue every batch, each delayed until just before its request slots. Slots are reserved a chunk at a
+    time, right before the chunk is queued, so no slot passes while later messages are still being written."""
     interval = svc.budget.interval
     count = 0
     with ThreadPoolExecutor(8) as pool:
-        futures = []
-        for count, batch in enumerate(plan.batches(), start=1):
-            items = [{"k": i.key, "f": i.fingerprint, "m": i.member, "d": i.document} for i in batch.items]
-            message = BatchMessage(run_id, export.name, count, batch.kind, items, list_id, slot, batch.requests)
-            futures.append(pool.submit(queue_message, svc, message, slot))
-            slot += batch.requests * interval
-            if len(futures) > 256:
-                futures.pop(0).result()
-        for future in futures:
-            future.result()
+        batches = iter(plan.batches())
+        while chunk := list(islice(batches, CHUNK)):
+            slot = svc.budget.reserve(sum(b.requests for b in chunk), ahead=AHEAD)
+            futures = []
+            for batch in chunk:
+                count += 1
+                items = [{"k": i.key, "f": i.fingerprint, "m": i.member, "d": i.document} for i in batch.items]
+                message = BatchMessage(run_id, export.name, count, batch.kind, items, list_id, slot, batch.requests)
+                futures.append(pool.submit(queue_message, svc, message, slot))
+                slot += batch.requests * interval
+            for future in futures:
+                future.result()
     return count
 
 
