@@ -104,12 +104,13 @@ class AutopilotClient:
     def _send(self, method: str, path: str, body: dict | None, pace: Callable[[], None]) -> requests.Response:
         pace()
         headers = {"autopilotapikey": self.api_key.get()}
+        shown = f"{method} {mask_emails_in(path)}"  # list membership paths hold the address
         try:
             return self.session.request(method, self.base_url + path, json=body, headers=headers, timeout=self.timeout)
         except requests.Timeout:
-            raise Transient(None, f"{method} {path} timed out (the write may have been applied)") from None
+            raise Transient(None, f"{shown} timed out (the write may have been applied)") from None
         except requests.ConnectionError as exc:
-            raise Transient(None, f"{method} {path}: connection failed ({type(exc).__name__})") from None
+            raise Transient(None, f"{shown}: connection failed ({type(exc).__name__})") from None
 
 
 def _result(response: requests.Response) -> dict:

@@ -15,7 +15,7 @@ from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer
 from shared.reports import after_batch, conclude
 from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
-from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, fail_rest
+from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
 
 log = logging.getLogger("autopilot.delivery")
@@ -56,27 +56,38 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
     pacer = Pacer(svc.budget, message.at, message.slots, MAX_WAIT)
-    sender = BatchSender(svc.autopilot, pacer, message, progress)
+    settled_before = len(progress.done)
     try:
-        sender.run()
+        BatchSender(svc.autopilot, pacer, message, progress).run()
+        return True
     except Requeue as exc:
-        svc.state(message.export).acknowledge(progress.acked)
-        if message.attempt + 1 >= svc.settings.max_attempts and exc.slot is None:
-            reason = f"gave up after {svc.settings.max_attempts} attempts: {exc.reason}"
-            poison(svc, batch_messages.encode(_rest(message, progress), svc.host.blob), reason)
-            rlog.warning("batch %d parked as dead (%s)", message.batch, reason)
-            return False
-        waiting = exc.slot is not None  # a slot wait is not a failed attempt
-        again = _rest(message, progress, at=exc.slot, slots=1 if waiting else 0,
-                      attempt=message.attempt + (0 if waiting else 1))
-        queue_message(svc, again, exc.at)
-        rlog.info("batch %d re-queued (%s)", message.batch, exc.reason)
-        return False
+        reason, at, slot = exc.reason, exc.at, exc.slot
     except ApiKeyRejected as exc:
-        fail_rest(message, progress, exc.message)
-        conclude(svc, message.run, "failed", error=f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})")
-        rlog.error("API key rejected by Autopilot; run failed")
-    return True
+        if message.attempt + 1 >= svc.settings.max_attempts:
+            fail_rest(message, progress, exc.message)
+            conclude(svc, message.run, "failed", error=f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})")
+            rlog.error("API key rejected by Autopilot on every attempt; run failed")
+            return True
+        # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated): try later.
+        reason, at, slot = exc.message, time.time() + backoff(message.attempt), None
+    return _retry_later(svc, message, progress, rlog, reason, at, slot, len(progress.done) > settled_before)
+
+
+def _retry_later(svc: Services, message: BatchMessage, progress: Progress, rlog, reason: str, at: float,
+                 slot: float | None, progressed: bool) -> bool:
+    """Re-queue the unsettled rest until `at`, or park it as a dead batch once its attempts are used up.
+    Waiting for a slot, or a delivery that got further than the last, is not a failed attempt."""
+    svc.state(message.export).acknowledge(progress.acked)
+    attempt = message.attempt + (0 if slot is not None or progressed else 1)
+    if attempt >= svc.settings.max_attempts:
+        reason = f"gave up after {svc.settings.max_attempts} attempts: {reason}"
+        poison(svc, batch_messages.encode(_rest(message, progress), svc.host.blob), reason)
+        rlog.warning("batch %d parked as dead (%s)", message.batch, reason)
+        return False
+    again = _rest(message, progress, at=slot, slots=0 if slot is None else 1, attempt=attempt)
+    queue_message(svc, again, at)
+    rlog.info("batch %d re-queued (%s)", message.batch, reason)
+    return False
 
 
 def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:

@@ -13,7 +13,7 @@ from shared.cdm_reader import ExportDataError, find_snapshot, read_rows
 from shared.contacts import MappingError
 from shared.delivery import queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
-from shared.planner import Planner, TooManyProfiles
+from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
 from shared.rate_budget import AHEAD, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, is_synced
 from shared.run_records import RunInProgress, new_run_id, run_log, utcnow
@@ -68,7 +68,9 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     container = svc.export_container(export)
     snapshot = find_snapshot(container, export.prefix, export.segment)
     svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "")
-    planner = Planner(export, list(snapshot.columns), list_ops_per_message=max(1, int(2 * svc.budget.rate)))
+    # A list-mode message holds about two seconds of per-contact requests, never more than a batch may hold.
+    ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
+    planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
         plan = planner.plan(read_rows(container, snapshot), svc.state(export.name).load(), force=force)
         _save_rejections(svc, run_id, plan.rejections_file)

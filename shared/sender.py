@@ -59,6 +59,8 @@ class BatchSender:
     def run(self) -> None:
         """Send every unsettled item; raises Requeue or ApiKeyRejected to stop early."""
         items = [i for i in self.message.items if i["k"] not in self.progress.done]
+        if not items:
+            return  # a redelivered batch whose every contact was already acknowledged
         if self.message.kind == "upsert":
             self._upsert(items)
         else:

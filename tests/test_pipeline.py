@@ -97,14 +97,18 @@ def test_key_rotated_between_batches_is_picked_up_from_key_vault():
         close_world(world)
 
 
-def test_key_that_stays_invalid_fails_the_run_and_says_so(world):
-    world.sim.set_api_key("a-key-nobody-has")
-    world.define(definition("hv"))
-    world.snapshot(sample_profiles(10))
-    report = world.run("hv")
-    assert report["status"] == "failed"
-    assert "API key" in report["error"] and "rejected" in report["error"]
-    assert world.stack.api_key not in json.dumps(report)
+def test_key_that_stays_invalid_fails_the_run_and_says_so():
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "2"})
+    try:
+        world.sim.set_api_key("a-key-nobody-has")
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(10))
+        report = world.run("hv")
+        assert report["status"] == "failed"
+        assert "API key" in report["error"] and "rejected" in report["error"]
+        assert world.stack.api_key not in json.dumps(report)
+    finally:
+        close_world(world)
 
 
 def test_batch_too_big_for_a_queue_message_goes_through_a_blob(world):
