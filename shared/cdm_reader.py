@@ -108,7 +108,11 @@ class _Model:
 
 def find_snapshot(container: ContainerClient, prefix: str, segment: str) -> Snapshot:
     """The newest complete snapshot of `segment` among the model.json files under `prefix` (any depth)."""
-    blobs = {b.name: b for b in container.list_blobs(name_starts_with=prefix or None)}
+    try:
+        blobs = {b.name: b for b in container.list_blobs(name_starts_with=prefix or None)}
+    except ResourceNotFoundError:
+        raise ExportDataError(f"export container {container.container_name!r} does not exist in the export storage "
+                              "account: check source.container and source.connection") from None
     where = f"container {container.container_name!r}" + (f" under prefix {prefix!r}" if prefix else "")
     names = sorted(n for n in blobs if posixpath.basename(n) == "model.json")
     if not names:

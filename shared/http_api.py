@@ -60,8 +60,8 @@ def _run_options(body: bytes) -> dict | str:
         return {}
     try:
         options = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"request body is not valid JSON: {exc}"
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"request body is not valid JSON: {str(exc)[:200]}"
     if not isinstance(options, dict):
         return 'request body must be a JSON object such as {"dryRun": true}'
     unknown = sorted(set(options) - RUN_OPTIONS)

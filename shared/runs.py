@@ -132,10 +132,13 @@ def scheduled_tick(svc: Services) -> list[str]:
     for run in svc.records.active():
         if run.get("status") == "running":
             finish_if_complete(svc, run["RowKey"])
+    try:
+        exports = svc.exports()
+    except ExportConfigError as exc:  # the timer must not fail on every tick: say what to fix, once a tick
+        log.error("no export started: the export definitions are invalid: %s", exc)
+        return []
     started = []
-    for export in svc.exports():
-        if not export.enabled:
-            continue
+    for export in (e for e in exports if e.enabled):
         try:
             if _has_new_snapshot(svc, export):
                 started.append(start_run(svc, export.name, trigger="timer")["RowKey"])
@@ -143,6 +146,8 @@ def scheduled_tick(svc: Services) -> list[str]:
             log.info("export %s: %s", export.name, exc)
         except USER_ERRORS as exc:
             log.error("export %s not started: %s", export.name, exc)
+        except Exception:  # one broken export must not keep the others from running
+            log.exception("export %s not started", export.name)
     return started
 
 
