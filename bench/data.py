@@ -1,0 +1,65 @@
+"""What the benchmarks sync: export definitions and segment rows (a base segment, and the same segment after
+churn: some profiles joined, some changed, some left)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bench.env import CONTAINER
+from tools.generate_export import profile, sample_profiles
+
+FIRST_NAME = 2  # position of FirstName in the generator's STANDARD_COLUMNS
+
+
+def export_doc(name: str, segment: str, membership: str, max_profiles: int = 100_000) -> dict:
+    """An export definition mapping the generator's columns (the shape tests/support.py uses)."""
+    destination = {"membership": membership, "onLeave": "remove"}
+    destination.update({"field": "In Bench Segment"} if membership == "field" else {"list": f"Bench {name}"})
+    return {
+        "name": name, "enabled": True, "dataTransferAcknowledged": True,
+        "source": {"connection": "EXPORT_STORAGE", "container": CONTAINER, "prefix": "", "segment": segment},
+        "destination": destination,
+        "fields": {"Email": "PrimaryEmail", "FirstName": "FirstName", "LastName": "LastName",
+                   "Company": "CompanyName", "MailingCity": "City"},
+        "customFields": [{"name": "Loyalty Points", "type": "integer", "column": "LoyaltyPoints"}],
+        "maxProfiles": max_profiles,
+    }
+
+
+@dataclass(frozen=True)
+class Churn:
+    """A churned segment: profiles 0..leaves-1 left, the next `changes` changed, `joins` new ones at the end."""
+
+    profiles: int
+    joins: int
+    changes: int
+    leaves: int
+
+    @classmethod
+    def of(cls, profiles: int, fraction: float = 0.01) -> Churn:
+        """`fraction` of the segment churns, split evenly between joins, changes and leaves."""
+        total = max(3, round(profiles * fraction))
+        joins = math.ceil(total / 3)
+        changes = math.ceil((total - joins) / 2)
+        return cls(profiles, joins, changes, total - joins - changes)
+
+    def rows(self) -> Iterator[tuple[str, ...]]:
+        for i in range(self.leaves, self.profiles + self.joins):
+            row = profile(i)
+            if i < self.leaves + self.changes:
+                row = (*row[:FIRST_NAME], f"Changed{i}", *row[FIRST_NAME + 1:])
+            yield row
+
+    def as_dict(self) -> dict:
+        return {"profiles": self.profiles, "joins": self.joins, "changes": self.changes, "leaves": self.leaves}
+
+
+def base_rows(profiles: int):
+    return sample_profiles(profiles)
+
+
+def partitions_for(rows: int) -> int:
+    """Customer Insights splits big exports into several partitions; so do the benchmarks (one per 250k rows)."""
+    return 1 + rows // 250_000

@@ -1,0 +1,250 @@
+"""The benchmarks' local stack: Azurite and the Key Vault stand-in (LocalStack, in this process), the Autopilot
+simulator and local Functions hosts as separate processes, and a small client for the app's HTTP API.
+
+Every child process runs in a session of its own, so Ctrl-C reaches only the benchmark, whose `finally`
+blocks stop the children one by one (by their own process, never by name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import requests
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob import BlobServiceClient
+
+from tools.azurite import free_port
+from tools.generate_export import write_export
+from tools.local_stack import LocalStack
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+CONTAINER = "ciexports"
+FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+_STARTED = time.monotonic()
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not measure what it set out to (a run failed, a process did not start...)."""
+
+
+def say(message: str) -> None:
+    """A progress line, stamped with the seconds since the suite started."""
+    print(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", flush=True)
+
+
+# --- child processes ------------------------------------------------------------------------------
+class Child:
+    """One child process with its output in a log file under bench/out."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready: str, timeout: float = 60.0) -> re.Match:
+        """Start the process and wait for a line matching `ready` in its output."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(ready, self.log_path.read_text(errors="replace"))
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        self.stop()
+        raise BenchError(f"{self.name} did not start (no {ready!r} in its output); its log ends:\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far, from /proc."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 45.0) -> None:
+        """SIGTERM (the CLIs stop cleanly on it), SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Simulator(Child):
+    """tools.autopilot_sim started through its CLI; admin endpoints for its log and its rate."""
+
+    def __init__(self, out: Path, api_key: str, rate: float):
+        argv = [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", f"{rate:g}", "--api-key", api_key]
+        super().__init__("autopilot simulator", argv, out / "simulator.log")
+        self.base_url = ""
+        self.http = requests.Session()
+
+    def start(self, ready: str = r"listening on (http://\S+/v1)", timeout: float = 30.0) -> re.Match:
+        match = super().start(ready, timeout)
+        self.base_url = match.group(1)
+        return match
+
+    def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        url = self.base_url.removesuffix("/v1") + path
+        response = self.http.request(method, url, json=body, timeout=120)
+        response.raise_for_status()
+        return response.json()
+
+    def request_log(self) -> list[dict]:
+        return self._admin("GET", "/_sim/log")["log"]
+
+    def reset_log(self) -> None:
+        self._admin("POST", "/_sim/reset-log")
+
+    def set_rate(self, rate: float) -> None:
+        """Requests per second per key; 0 means unthrottled."""
+        self._admin("POST", "/_sim/config", {"rate": rate})
+
+
+class Host(Child):
+    """A local Functions host process (`python -m tools.local_host`, or a module with the same CLI)."""
+
+    def __init__(self, out: Path, name: str, settings: dict[str, str], function_key: str,
+                 module: str = "tools.local_host", extra: tuple[str, ...] = ()):
+        settings_file = out / f"{name}.settings.json"
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
+        self.port = free_port()
+        argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
+                "--function-key", function_key, *extra]
+        super().__init__(name, argv, out / f"{name}.log")
+        self.function_key = function_key
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+# --- the stack ------------------------------------------------------------------------------------
+class BenchStack:
+    """Azurite + Key Vault stand-in + simulator process for one benchmark; hosts are added on demand."""
+
+    def __init__(self, name: str, sim_rate: float):
+        self.name = name
+        self.out = OUT / name
+        self.api_key = secrets.token_hex(16)
+        self.function_key = secrets.token_urlsafe(24)
+        self.sim = Simulator(self.out, self.api_key, sim_rate)
+        self.stack: LocalStack | None = None
+        self.hosts: list[Host] = []
+        self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)
+        self._host_count = 0
+
+    def __enter__(self) -> BenchStack:
+        shutil.rmtree(self.out, ignore_errors=True)  # scratch of an earlier run
+        try:
+            self.sim.start()
+            self.stack = LocalStack(api_key=self.api_key, autopilot_url=self.sim.base_url).start()
+            self.blobs = BlobServiceClient.from_connection_string(self.stack.storage)
+            for container in ("config", CONTAINER):
+                try:
+                    self.blobs.create_container(container)
+                except ResourceExistsError:
+                    pass
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop_hosts()
+        self.sim.stop()
+        if self.stack is not None:
+            self.stack.stop()
+
+    def settings(self, rate: float) -> dict[str, str]:
+        """The app settings of a host on this stack, spending `rate` requests per second."""
+        return self.stack.settings(None, AUTOPILOT_REQUESTS_PER_SECOND=f"{rate:g}")
+
+    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = ()) -> Host:
+        """Start one more host process (real host.json queue options) and wait until it serves HTTP."""
+        self._host_count += 1
+        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra)
+        self.hosts.append(host)
+        host.start(r"local host listening on")
+        return host
+
+    def stop_hosts(self) -> None:
+        while self.hosts:
+            self.hosts.pop().stop()
+
+    def define(self, *exports: dict) -> None:
+        """Write the export definitions where the app reads them (EXPORTS_BLOB = config/exports.json)."""
+        self.blobs.get_blob_client("config", "exports.json").upload_blob(
+            json.dumps({"exports": list(exports)}), overwrite=True)
+
+    def snapshot(self, rows, segment: str, partitions: int = 1) -> None:
+        """Write the next refresh of a segment, as Customer Insights would (15 minutes after the last one)."""
+        self._clock += timedelta(minutes=15)
+        write_export(self.blobs.get_container_client(CONTAINER), rows, segment=segment, time=self._clock,
+                     partitions=partitions)
+
+
+# --- the app's HTTP API ---------------------------------------------------------------------------
+class Api:
+    def __init__(self, host: Host):
+        self.base_url = host.base_url
+        self.http = requests.Session()
+        self.http.headers["x-functions-key"] = host.function_key
+
+    def start(self, export: str, **options) -> dict:
+        """POST /api/exports/{name}/runs: plans and queues the run, then answers with the run's view."""
+        response = self.http.post(f"{self.base_url}/api/exports/{export}/runs", json=options, timeout=900)
+        if response.status_code not in (200, 202):
+            raise BenchError(f"starting a run of {export} answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def view(self, run_id: str) -> dict:
+        response = self.http.get(f"{self.base_url}/api/runs/{run_id}", timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def wait(self, run_id: str, timeout: float, stall: float = 120.0, report: float = 15.0) -> dict:
+        """Poll the run until it is final; a progress line every `report` seconds. Gives up after `timeout`, or
+        when no batch settled for `stall` seconds (a stuck run would otherwise hold the suite for its timeout).
+
+        Polls often at first and every 3 s later: each GET reads all of the run's batch outcomes, work the
+        measured host does (figures come from the run's own timestamps, not from when the poll saw them)."""
+        now = time.monotonic()
+        deadline, next_report = now + timeout, now + report
+        settled, progressed, every = -1, now, 0.25
+        while True:
+            view = self.view(run_id)
+            if view["status"] in FINAL:
+                return view
+            now = time.monotonic()
+            if view["batches"]["settled"] != settled:
+                settled, progressed = view["batches"]["settled"], now
+            if now > deadline or now - progressed > stall:
+                why = f"within {timeout:.0f}s" if now > deadline else f"(no batch settled for {stall:.0f}s)"
+                raise BenchError(f"run {run_id} did not finish {why}: status {view['status']}, "
+                                 f"{settled}/{view['batches']['planned']} batches settled")
+            if now >= next_report:
+                say(f"  run {run_id}: {view['status']}, {view['batches']['settled']}/{view['batches']['planned']} "
+                    "batches settled")
+                next_report += report
+            time.sleep(every)
+            every = min(3.0, every * 1.5)

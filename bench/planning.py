@@ -1,0 +1,151 @@
+"""Benchmark 4: planning speed and memory. Read a churned export from Azurite, map, validate, de-duplicate and
+diff it against an acknowledged state of similar size, and stream the batches out: the planner's whole job.
+
+Each size is planned in a fresh child process (`python -m bench.planning SPEC`), whose peak RSS minus its peak
+after imports is the planner's memory, SQLite and C buffers included. The peak is VmHWM from /proc/self/status:
+getrusage's ru_maxrss would do in a process of its own, but Linux carries the parent's high-water mark into a
+forked child across exec, so a child of this (large) process would report the parent's peak instead.
+The acknowledged state is streamed from a file prepared beforehand (real fingerprints of the segment before
+churn), standing in for the Table query that a real run pages through.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.data import Churn, base_rows, export_doc, partitions_for
+from bench.env import ROOT, BenchError, BenchStack, say
+from bench.measure import Result
+from bench.profiles import TOP, profile_table
+
+TARGET_ROWS_PER_S = 30_000
+TARGET_PEAK_MB = 200  # at 1,000,000 rows
+SEGMENT = "PlanningSegment"
+
+
+def planning(quick: bool) -> Result:
+    sizes = (2_000, 20_000) if quick else (100_000, 1_000_000)
+    result = Result("planning", "Planning: read + map + validate + diff")
+    result.inputs = {"rows": list(sizes), "churn_vs_acknowledged_state": "1% (joins, changes, leaves)",
+                     "membership": "field", "source": "Azurite blobs (CDM export, 1 partition per 250k rows)",
+                     "acknowledged_state": "streamed from a file (Table query stand-in)"}
+    with BenchStack(result.name, sim_rate=5) as stack:
+        for rows in sizes:
+            _size(result, stack, rows, largest=rows == sizes[-1])
+    return result
+
+
+def _size(result: Result, stack: BenchStack, rows: int, largest: bool) -> None:
+    segment = f"{SEGMENT}{rows}"
+    churn = Churn.of(rows)
+    definition = export_doc(f"plan-{rows}", segment, "field", max_profiles=2 * rows)
+    say(f"planning: writing a {churn.profiles + churn.joins - churn.leaves}-row export and the acknowledged state")
+    started = time.monotonic()
+    stack.snapshot(churn.rows(), segment, partitions_for(rows))
+    acked = stack.out / f"acked-{rows}.tsv"
+    _write_acked(definition, rows, acked)
+    say(f"planning: inputs ready in {time.monotonic() - started:.0f}s; planning in a fresh process")
+    spec = {"storage": stack.stack.storage, "definition": definition, "acked": str(acked)}
+    measured = _child(spec, stack.out / f"planning-{rows}.json")
+    if not largest:  # once more under cProfile, to show where planning time goes (not timed)
+        stats = stack.out / f"planning-{rows}.prof"
+        _child(dict(spec, profile=str(stats)), stack.out / f"planning-{rows}-profiled.json")
+        result.details.setdefault("text", {})[f"Planning {rows:,} rows under cProfile, top {TOP} by own time"] = \
+            profile_table(stats, TOP)
+    acked.unlink()
+    label = f"{rows:,} rows"
+    rate = measured["rows"] / measured["seconds"]
+    result.add(f"{label}: rows/s", round(rate), "rows/s", f"≥ {TARGET_ROWS_PER_S:,}", rate >= TARGET_ROWS_PER_S)
+    target, met = (f"< {TARGET_PEAK_MB} MB", measured["peak_mb"] < TARGET_PEAK_MB) if largest else ("", None)
+    result.add(f"{label}: peak memory (RSS above baseline)", measured["peak_mb"], "MB", target, met)
+    result.add(f"{label}: planning time", measured["seconds"], "s")
+    result.add(f"{label}: CPU time", measured["cpu_seconds"], "s")
+    result.add(f"{label}: rows per CPU second", round(measured["rows"] / measured["cpu_seconds"]), "rows/s")
+    result.details[str(rows)] = measured
+
+
+def _write_acked(definition: dict, rows: int, path: Path) -> None:
+    """The state Autopilot acknowledged for the segment before churn: key, fingerprint, member."""
+    from shared.cdm_reader import Row
+    from shared.contacts import Contact, ContactMapper
+    from shared.export_config import parse_exports
+    from shared.planner import fingerprint
+    from tools.generate_export import STANDARD_COLUMNS
+
+    export = parse_exports({"exports": [definition]})[0]
+    mapper = ContactMapper(export, STANDARD_COLUMNS)
+    with open(path, "w", encoding="utf-8") as out:
+        for number, values in enumerate(base_rows(rows), start=1):
+            contact = mapper.map(Row("base", number, list(values)))
+            if isinstance(contact, Contact):  # the planner fingerprints the mapped document, as here
+                out.write(f"{contact.key}\t{fingerprint(contact.document)}\n")
+
+
+def _child(spec: dict, spec_path: Path) -> dict:
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "bench.planning", str(spec_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise BenchError(f"planning child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the child process ----------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM, KiB) in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024
+
+
+def child_main(spec_path: str) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    from shared.cdm_reader import find_snapshot, read_rows
+    from shared.contact_state import Acked
+    from shared.export_config import parse_exports
+    from shared.planner import Planner
+
+    spec = json.loads(Path(spec_path).read_text())
+    export = parse_exports({"exports": [spec["definition"]]})[0]
+    container = BlobServiceClient.from_connection_string(spec["storage"]).get_container_client(export.container)
+    phases: dict[str, float] = {}
+
+    def acked():
+        phases["segment_loaded"] = time.perf_counter()  # the planner asks for the state once the rows are in
+        with open(spec["acked"], encoding="utf-8") as lines:
+            for line in lines:
+                key, fp = line.rstrip("\n").split("\t")
+                yield Acked(key, fp, True)
+
+    profiler = cProfile.Profile() if spec.get("profile") else None
+    baseline = _peak_rss_mb()
+    if profiler:
+        profiler.enable()
+    started, cpu = time.perf_counter(), time.process_time()
+    snapshot = find_snapshot(container, export.prefix, export.segment)
+    planner = Planner(export, list(snapshot.columns))
+    plan = planner.plan(read_rows(container, snapshot), acked())
+    planned = time.perf_counter()
+    items = sum(len(batch.items) for batch in plan.batches())
+    ended = time.perf_counter()
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
+    planner.close()
+    print(json.dumps({
+        "rows": plan.counts["read"], "counts": plan.counts, "requests": plan.requests, "batch_items": items,
+        "seconds": round(ended - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+        "phases_s": {"read_map_validate_insert": round(phases["segment_loaded"] - started, 2),
+                     "state_and_diff_counts": round(planned - phases["segment_loaded"], 2),
+                     "batches": round(ended - planned, 2)},
+        "baseline_mb": round(baseline, 1), "peak_mb": round(_peak_rss_mb() - baseline, 1),
+    }))
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1])
