@@ -102,8 +102,8 @@ class AutopilotClient:
         return _result(response)
 
     def _send(self, method: str, path: str, body: dict | None, pace: Callable[[], None]) -> requests.Response:
+        headers = {"autopilotapikey": self.api_key.get()}  # before pacing: a Key Vault read must not make it late
         pace()
-        headers = {"autopilotapikey": self.api_key.get()}
         shown = f"{method} {mask_emails_in(path)}"  # list membership paths hold the address
         try:
             return self.session.request(method, self.base_url + path, json=body, headers=headers, timeout=self.timeout)

@@ -80,6 +80,7 @@ class Pacer:
         self.max_wait = max_wait
         self._next = planned_at
         self._left = planned_count if planned_at is not None else 0
+        self._lead = 0.05  # fresh slots start this far ahead, so reserving one cannot make it already missed
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
@@ -87,7 +88,7 @@ class Pacer:
             if self._left and self.budget.clock() > self._next + TOLERANCE:
                 self._left = 0  # late for the planned slots: never send them bunched up
             if not self._left:
-                self._next, self._left = self.budget.reserve(1), 1
+                self._next, self._left = self.budget.reserve(1, ahead=self._lead), 1
             wait = self._next - self.budget.clock()
             if wait > self.max_wait:
                 self._left = 0
@@ -96,6 +97,7 @@ class Pacer:
                 time.sleep(wait)
             if self.budget.clock() <= self._next + TOLERANCE:
                 break
-            self._left = 0  # overslept (a busy process): the slot is gone, take a fresh one
+            self._left = 0  # overslept (a busy process): the slot is gone, take a fresh one further ahead
+            self._lead = min(1.0, 2 * self._lead)
         self._next += self.budget.interval
         self._left -= 1
