@@ -26,7 +26,7 @@ SEGMENT, PROFILED = "OverheadSegment", "ProfiledSegment"
 
 
 def overhead(quick: bool) -> Result:
-    contacts = 2_000 if quick else 20_000
+    contacts = 1_000 if quick else 20_000
     profiled = 500 if quick else 5_000
     result = Result("overhead", "Overhead: queue + sender, simulator unthrottled")
     result.inputs = {"membership": "field", "contacts": contacts, "simulator_rate": "unthrottled",

@@ -71,7 +71,9 @@ def markdown(doc: dict) -> str:
         "Everything runs on loopback: Azurite, the Key Vault stand-in, the Autopilot simulator "
         "(`tools.autopilot_sim`, its own process) and local Functions hosts (`tools.local_host`, their own "
         "processes, real host.json queue options). Timings are ratios against a ceiling measured in the same "
-        "run where possible. These are measurements, not test assertions.", "",
+        "run where possible. These are measurements, not test assertions. Each section gives the machine's "
+        "1-minute load average before and after it: with other work on the same cores (a load above the core "
+        "count), hosts wake late for their request slots and timings suffer.", "",
         "## Summary", "",
         "| benchmark | figure | value | target | met |", "|---|---|---|---|---|",
     ]
