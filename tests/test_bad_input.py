@@ -7,7 +7,9 @@ report), or the dead-letter record a queue message ends in, with its reason. For
 next to bad ones still arrive. The reader and definition validators are unit-tested in test_cdm_reader.py and
 test_export_config.py; here a representative handful goes through a whole run.
 
-Corpus: 10 export-file cases, 8 export-definition cases, 21 queue-message cases, 27 HTTP cases (66).
+Corpus (75 cases in 69 tests): 10 export-file cases (the first holds five kinds of bad row), 10 configuration
+cases (export definitions, and the API key's secret missing from Key Vault), 28 queue-message cases, 27 HTTP
+cases.
 """
 
 from __future__ import annotations
@@ -493,6 +495,41 @@ def test_hostile_http_request_gets_a_clear_json_answer(case, method, path, body,
     case.no_function_failed()
 
 
+# === configuration the product does not handle yet ===================================================
+
+@pytest.fixture
+def app_setting(monkeypatch):
+    """Change an app setting of the module's world, as an operator would (the worker restarts with it)."""
+    from shared import services
+
+    def change(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        services.use(None)
+
+    yield change
+    monkeypatch.undo()
+    services.use(None)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: shared.secrets.SecretUnavailable is neither in runs.USER_ERRORS nor "
+                   "caught in delivery._send: in list mode planning fails with HTTP 500 'function start_run failed: "
+                   "SecretUnavailable'; in field mode every send function fails until maxDequeueCount and the run "
+                   "ends 'failed' with error None and only 'dead batch: ... see the function's logs'")
+@pytest.mark.parametrize("membership", ["field", "list"])
+def test_api_key_secret_missing_from_key_vault_fails_the_run_naming_the_secret(case, app_setting, membership):
+    app_setting("AUTOPILOT_API_KEY_SECRET_NAME", "no-such-secret")
+    app_setting("AUTOPILOT_MAX_ATTEMPTS", "2")
+    name = f"nokey-{membership}"
+    case.world.define(case.export(name, list(sample_profiles(10, seed=47, start=600_000)), membership=membership))
+    answer = case.world.start(name)
+    assert answer.status_code in (200, 202), answer.text
+    view = case.world.wait(answer.json()["runId"], timeout=60)
+    assert view["status"] == "failed"
+    assert "no-such-secret" in (view["error"] or "") and "does not exist" in view["error"]
+    assert case.requests == []
+    case.no_function_failed()
+
+
 # === queue messages the product does not handle yet (last: their failed deliveries go on in the background) =====
 TYPE_ERRORS = {
     "batch number as text": {"batch": "7"},
@@ -529,7 +566,7 @@ def test_queue_messages_with_wrongly_typed_fields_are_dead_lettered_with_their_r
         marker = f"typ{uuid.uuid4().hex[:10]}"
         markers[marker] = name
         _send(case.world, json.dumps({**_message(marker, **changes), "export": marker}).encode())
-    dead = _dead_letters(case.world, list(markers), timeout=8)
+    dead = _dead_letters(case.world, list(markers), timeout=5)
     assert case.requests == []
     missing = [markers[m] for m in markers if m not in dead]
     assert not missing, f"not dead-lettered with a reason: {missing}"
@@ -544,7 +581,7 @@ def test_queue_messages_with_wrongly_typed_fields_are_dead_lettered_with_their_r
 def test_queue_message_pointing_outside_its_container_with_dots_is_dead_lettered(case):
     marker = f"dots{uuid.uuid4().hex[:10]}"
     _send(case.world, json.dumps(_message(marker, items=None, blob="batches/../config/exports.json")).encode())
-    dead = _dead_letters(case.world, [marker], timeout=8)
+    dead = _dead_letters(case.world, [marker], timeout=5)
     assert case.requests == []
     assert marker in dead and "message points outside the 'batches' container" in dead[marker]["reason"]
     case.no_function_failed()
@@ -560,7 +597,7 @@ def test_queue_message_too_big_to_wrap_for_the_poison_queue_is_still_dead_letter
     wrapped = json.dumps({"poison_reason": "x" * 60, "body": body.decode()}).encode()
     assert len(base64.b64encode(wrapped)) > 64 * 1024  # its poison wrapper does not fit
     _send(case.world, body)
-    dead = _dead_letters(case.world, [marker], timeout=8)
+    dead = _dead_letters(case.world, [marker], timeout=5)
     assert case.requests == []
     assert marker in dead and "batch holds 101 contacts" in dead[marker]["reason"]
     case.no_function_failed()
@@ -589,8 +626,9 @@ def test_messages_whose_documents_could_change_a_subscription_or_identity_are_re
                 "d": {"Email": f"{marker}@example.net", **document}}
         message = _message(marker, run=run_id, export="forged", batch=batch, items=[item])
         _send(case.world, json.dumps(message).encode())
-    dead = _dead_letters(case.world, list(markers), timeout=8)
+    dead = _dead_letters(case.world, list(markers), timeout=5)
     assert not [c for c in case.world.sim.contacts().values() if c.get("unsubscribed")], "a contact was unsubscribed"
     assert case.requests == []
     missing = [markers[m] for m in markers if m not in dead]
     assert not missing, f"not refused: {missing}"
+
