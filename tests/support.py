@@ -85,13 +85,15 @@ class World:
     def view(self, run_id: str) -> dict:
         return self.api.get(f"{self.host.base_url}/api/runs/{run_id}", timeout=30).json()
 
-    def wait(self, run_id: str, timeout: float = 90.0) -> dict:
+    def wait(self, run_id: str, timeout: float = 90.0, poll: float = 0.1) -> dict:
+        """Poll the run until it ends. A long run wants a slower `poll`: each view sums every batch outcome, and
+        the host runs in this process."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             view = self.view(run_id)
             if view["status"] in FINAL:
                 return view
-            time.sleep(0.1)
+            time.sleep(poll)
         raise AssertionError(f"run {run_id} did not finish in {timeout}s: {self.view(run_id)}")
 
     def view_records(self, run_id: str) -> int:
