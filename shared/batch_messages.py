@@ -13,11 +13,16 @@ from dataclasses import asdict, dataclass, field, replace
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
+from shared.export_config import NAME_RE, STANDARD_FIELDS
 from shared.planner import BULK_LIMIT
+from shared.run_records import RUN_ID_RE
 
 MAX_ENCODED = 64 * 1024
 BATCH_CONTAINER = "batches"
 KINDS = ("upsert", "join", "leave")
+# The only document keys the planner writes. Anything else ('unsubscribed', '_NewEmail', '_autopilot_list'...)
+# could change a subscription, an identity or a list membership behind the plan's back: forged or corrupt.
+DOCUMENT_KEYS = frozenset(STANDARD_FIELDS) | {"custom"}
 
 
 class MessageError(ValueError):
@@ -67,29 +72,75 @@ def decode(body: bytes, blobs: BlobServiceClient) -> BatchMessage:
 
 def _load_items(pointer: str, blobs: BlobServiceClient) -> list:
     container, _, name = str(pointer).partition("/")
-    if container != BATCH_CONTAINER or not name:
-        raise MessageError(f"message points outside the {BATCH_CONTAINER!r} container: {pointer!r}")
+    segments = name.split("/")
+    if container != BATCH_CONTAINER or "\\" in name or any(s in ("", ".", "..") for s in segments):
+        raise MessageError(f"message points outside the {BATCH_CONTAINER!r} container: {pointer!r}"[:300])
     try:
         return json.loads(blobs.get_blob_client(container, name).download_blob().readall())
     except ResourceNotFoundError:
         raise MessageError(f"message points at a missing blob: {pointer}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MessageError(f"message points at a blob that is not JSON: {pointer}") from None
 
 
 def _validated(data: dict) -> BatchMessage:
     known = set(BatchMessage.__dataclass_fields__)
     problems = [f"unknown field {k!r}" for k in data if k not in known]
     problems += [f"missing field {k!r}" for k in ("run", "export", "batch", "kind", "items") if k not in data]
+    problems += [f"{name} {problem}" for name, problem in _field_type_problems(data)]
     if problems:
-        raise MessageError("wrong message schema: " + "; ".join(problems))
-    if data["kind"] not in KINDS:
-        raise MessageError(f"wrong message schema: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+        raise MessageError("wrong message schema: " + "; ".join(problems)[:500])
     items = data["items"]
-    if not isinstance(items, list) or not items:
-        raise MessageError("wrong message schema: items must be a non-empty list")
     if len(items) > BULK_LIMIT:
         raise MessageError(f"batch holds {len(items)} contacts; at most {BULK_LIMIT} are allowed")
     for n, item in enumerate(items):
-        if not (isinstance(item, dict) and isinstance(item.get("k"), str) and isinstance(item.get("d"), dict)
-                and isinstance(item["d"].get("Email"), str)):
-            raise MessageError(f"wrong message schema: item {n} needs a key 'k' and a document 'd' with an Email")
+        if problem := _item_problem(item):
+            raise MessageError(f"wrong message schema: item {n} {problem}")
     return BatchMessage(**data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+FIELD_CHECKS = {  # field: (check, what it must be)
+    "run": (lambda v: isinstance(v, str) and RUN_ID_RE.fullmatch(v), "a run id"),
+    "export": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "an export name"),
+    "batch": (lambda v: _is_int(v) and v >= 1, "a whole number from 1"),
+    "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "items": (lambda v: isinstance(v, list) and v, "a non-empty list"),
+    "list_id": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "at": (lambda v: v is None or _is_int(v) or isinstance(v, float), "a number or null"),
+    "slots": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
+    "attempt": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
+    "carry": (lambda v: isinstance(v, dict) and _is_int(v.get("accepted", 0))
+              and all(isinstance(v.get(k, []), list) for k in ("refused", "failed")),
+              "an object with a whole 'accepted' and lists 'refused' and 'failed'"),
+}
+
+
+def _field_type_problems(data: dict):
+    for name, (check, expected) in FIELD_CHECKS.items():
+        if name in data and not check(data[name]):
+            yield name, f"must be {expected}, not {_shown(data[name])}"
+
+
+def _shown(value) -> str:
+    """A wrong value as the reason may quote it: short scalars only (items and carry may hold addresses)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)[:40]
+    return f"{'an empty' if not value else 'a'} {type(value).__name__}"
+
+
+def _item_problem(item) -> str:
+    """Why an item cannot be sent as planned, or "" when it can."""
+    if not (isinstance(item, dict) and isinstance(item.get("k"), str) and isinstance(item.get("d"), dict)
+            and isinstance(item["d"].get("Email"), str)):
+        return "needs a key 'k' and a document 'd' with an Email"
+    if item["d"]["Email"].lower() != item["k"]:
+        return "has a document whose Email is not its key"
+    if unknown := sorted(k for k in item["d"] if k not in DOCUMENT_KEYS):
+        return f"has a document with {', '.join(map(repr, unknown))}"[:200] + ", which this app never sends"
+    if not isinstance(item["d"].get("custom", {}), dict):
+        return "has a document whose 'custom' is not an object"
+    return ""

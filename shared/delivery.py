@@ -3,6 +3,7 @@ replay a run's dead batches."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer
 from shared.reports import after_batch, conclude
 from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
+from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
 
@@ -40,7 +42,10 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
         poison(svc, body, f"unknown run {message.run!r}")
         return
     if svc.records.has_batch(message.run, message.batch):
-        return  # already settled: a redelivered message
+        # Already settled: a redelivered message. Its instance may have died before counting it toward the
+        # run's `done` hint, so count it (again): an over-count only makes finishing check the outcomes sooner.
+        after_batch(svc, message.run)
+        return
     rlog = run_log(message.run, message.export)
     progress = _carried(message)
     if run.get("status") not in ACTIVE:
@@ -62,15 +67,23 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
         return True
     except Requeue as exc:
         reason, at, slot = exc.reason, exc.at, exc.slot
-    except ApiKeyRejected as exc:
+    except (ApiKeyRejected, SecretUnavailable) as exc:
+        problem = _key_problem(svc, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
-            fail_rest(message, progress, exc.message)
-            conclude(svc, message.run, "failed", error=f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})")
-            rlog.error("API key rejected by Autopilot on every attempt; run failed")
+            fail_rest(message, progress, problem)
+            conclude(svc, message.run, "failed", error=problem)
+            rlog.error("no usable API key on every attempt; run failed: %s", problem)
             return True
-        # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated): try later.
-        reason, at, slot = exc.message, time.time() + backoff(message.attempt), None
+        # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated), or Key Vault
+        # may be briefly unreachable: try later.
+        reason, at, slot = problem, time.time() + backoff(message.attempt), None
     return _retry_later(svc, message, progress, rlog, reason, at, slot, len(progress.done) > settled_before)
+
+
+def _key_problem(svc: Services, exc: Exception) -> str:
+    if isinstance(exc, ApiKeyRejected):
+        return f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})"
+    return str(exc)  # SecretUnavailable names the secret and the vault, never the value
 
 
 def _retry_later(svc: Services, message: BatchMessage, progress: Progress, rlog, reason: str, at: float,
@@ -134,13 +147,18 @@ def _carry_size(message: BatchMessage) -> int:
 
 # --- dead batches ---------------------------------------------------------------------------------
 def poison(svc: Services, body: bytes, reason: str) -> None:
+    """Queue `body` on the poison queue with its reason. A body too big to wrap is kept in a blob instead."""
     wrapped = json.dumps({"poison_reason": reason, "body": body.decode("utf-8", "replace")}).encode()
+    if len(base64.b64encode(wrapped)) > batch_messages.MAX_ENCODED:
+        name = f"poisoned/{utcnow()[:10]}/{uuid.uuid4().hex}"
+        svc.host.blob.get_blob_client(DEAD, name).upload_blob(body)
+        wrapped = json.dumps({"poison_reason": reason[:2000], "body_blob": name}).encode()
     svc.poison_queue.send_message(wrapped)
 
 
 def record_dead(svc: Services, body: bytes) -> None:
     """The poison trigger: keep the dead message, and settle its batch as failed on its run."""
-    reason, original = _unwrap(body)
+    reason, original = _unwrap(svc, body)
     try:
         message = batch_messages.decode(original, svc.host.blob)
     except MessageError as exc:
@@ -162,14 +180,18 @@ def record_dead(svc: Services, body: bytes) -> None:
         after_batch(svc, message.run)
 
 
-def _unwrap(body: bytes) -> tuple[str, bytes]:
+def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
     try:
         data = json.loads(body)
-        if isinstance(data, dict) and "poison_reason" in data:
-            return str(data["poison_reason"]), str(data.get("body", "")).encode()
     except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    return "", body
+        return "", body
+    if not (isinstance(data, dict) and "poison_reason" in data):
+        return "", body
+    if isinstance(data.get("body_blob"), str):  # our own wrapper never points outside poisoned/
+        name = data["body_blob"]
+        if name.startswith("poisoned/") and ".." not in name:
+            return str(data["poison_reason"]), svc.host.blob.get_blob_client(DEAD, name).download_blob().readall()
+    return str(data["poison_reason"]), str(data.get("body", "")).encode()
 
 
 def replay(svc: Services, run_id: str) -> int:

@@ -17,13 +17,15 @@ from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
 from shared.rate_budget import AHEAD, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, is_synced
 from shared.run_records import RunInProgress, new_run_id, run_log, utcnow
+from shared.secrets import SecretUnavailable
 from shared.services import Services
 from shared.settings import SettingsError
 
 log = logging.getLogger("autopilot.runs")
 CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
 # Problems the user can fix: the run fails with this message instead of a stack trace.
-USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError)
+USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError,
+               SecretUnavailable)
 
 
 class UnknownExport(LookupError):

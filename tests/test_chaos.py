@@ -319,9 +319,6 @@ class HostProcess:
                 self.kill()
 
 
-@pytest.mark.xfail(strict=False, reason="BUG (deterministic twin: test_run_whose_done_hint_missed_a_batch_still_"
-                   "finishes): a kill between record_batch and count_done leaves the run 'running' with every batch "
-                   "settled; not strict, since a kill outside that window passes")
 def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_contacts(tmp_path):
     key = "crash-key-" + "3" * 22
     sim = RecordingSim(key).start()
@@ -405,10 +402,6 @@ def test_redelivered_batch_whose_contacts_were_all_acknowledged_settles_without_
         close_world(world)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: delivery._settle records the outcome, then reports.after_batch bumps the "
-                   "run's `done` hint and finishes the run only when the hint reaches planned_batches; an instance "
-                   "that dies between the two leaves the hint one short for good, so the last batch never finishes "
-                   "the run (only the next timer tick does)")
 def test_run_whose_done_hint_missed_a_batch_still_finishes():
     """What a crash between `record_batch` and `after_batch` leaves behind, made deterministic: batch 1's outcome
     is recorded but the run's hint never counted it; its message comes back (it was never deleted), and batch 2
