@@ -22,6 +22,7 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
+from tools.autopilot_sim import SimProcess
 from tools.azurite import free_port
 from tools.generate_export import write_export
 from tools.local_stack import LocalStack
@@ -43,6 +44,12 @@ def say(message: str) -> None:
 
 
 # --- child processes ------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Child:
     """One child process with its output in a log file under bench/out."""
 
@@ -69,9 +76,7 @@ class Child:
         raise BenchError(f"{self.name} did not start (no {ready!r} in its output); its log ends:\n{tail}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all its threads) so far, from /proc."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def stop(self, timeout: float = 45.0) -> None:
         """SIGTERM (the CLIs stop cleanly on it), SIGKILL if it does not exit in time."""
@@ -85,37 +90,6 @@ class Child:
             self.proc.wait(10)
 
 
-class Simulator(Child):
-    """tools.autopilot_sim started through its CLI; admin endpoints for its log and its rate."""
-
-    def __init__(self, out: Path, api_key: str, rate: float):
-        argv = [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", f"{rate:g}", "--api-key", api_key]
-        super().__init__("autopilot simulator", argv, out / "simulator.log")
-        self.base_url = ""
-        self.http = requests.Session()
-
-    def start(self, ready: str = r"listening on (http://\S+/v1)", timeout: float = 30.0) -> re.Match:
-        match = super().start(ready, timeout)
-        self.base_url = match.group(1)
-        return match
-
-    def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
-        url = self.base_url.removesuffix("/v1") + path
-        response = self.http.request(method, url, json=body, timeout=120)
-        response.raise_for_status()
-        return response.json()
-
-    def request_log(self) -> list[dict]:
-        return self._admin("GET", "/_sim/log")["log"]
-
-    def reset_log(self) -> None:
-        self._admin("POST", "/_sim/reset-log")
-
-    def set_rate(self, rate: float) -> None:
-        """Requests per second per key; 0 means unthrottled."""
-        self._admin("POST", "/_sim/config", {"rate": rate})
-
-
 class Host(Child):
     """A local Functions host process (`python -m tools.local_host`, or a module with the same CLI)."""
 
@@ -126,7 +100,7 @@ class Host(Child):
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
         self.port = free_port()
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
-                "--function-key", function_key, *extra]
+                "--function-key", function_key, "--sdk-requests", *extra]
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
 
@@ -144,7 +118,7 @@ class BenchStack:
         self.out = OUT / name
         self.api_key = secrets.token_hex(16)
         self.function_key = secrets.token_urlsafe(24)
-        self.sim = Simulator(self.out, self.api_key, sim_rate)
+        self.sim = SimProcess(self.api_key, sim_rate, log_path=self.out / "simulator.log")
         self.stack: LocalStack | None = None
         self.hosts: list[Host] = []
         self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)

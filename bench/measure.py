@@ -69,6 +69,13 @@ def max_in_window(times: list[float], width: float = 1.0) -> int:
     return best
 
 
+def tightest_span(times: list[float], rate: float) -> float | None:
+    """The shortest time any rate + 1 consecutive requests took: above 1 s, no 1-s window held more than `rate`;
+    what it exceeds 1 s by is the slack the rate margin had left."""
+    times, n = sorted(times), int(rate)
+    return min((times[i + n] - times[i] for i in range(len(times) - n)), default=None)
+
+
 @dataclass
 class HostLog:
     """Counts in a host's log (the local host logs every Azure SDK request at INFO, URL included)."""

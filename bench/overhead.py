@@ -11,7 +11,7 @@ from __future__ import annotations
 import pstats
 
 from bench.data import base_rows, export_doc, partitions_for
-from bench.env import BenchError, BenchStack, say
+from bench.env import BenchError, BenchStack, cpu_seconds, say
 from bench.measure import HostLog, Result, RunMeasure, timed_run
 from bench.profiles import CUMULATIVE, OWN, TOP, calls, table, top
 
@@ -62,10 +62,10 @@ def _measure(result: Result, stack: BenchStack, contacts: int, rate: float) -> N
     timed_run(stack, host, export, timeout=600, dryRun=True)
     planning_cpu = host.cpu_seconds() - cpu
     say(f"overhead: full run of {contacts} contacts, simulator unthrottled, {label}")
-    cpu, sim_cpu, logged = host.cpu_seconds(), stack.sim.cpu_seconds(), HostLog.read(host)
+    cpu, sim_cpu, logged = host.cpu_seconds(), cpu_seconds(stack.sim.pid), HostLog.read(host)
     try:
         run = timed_run(stack, host, export, timeout=contacts / 20 + 300)
-        run_cpu, sim_cpu = host.cpu_seconds() - cpu, stack.sim.cpu_seconds() - sim_cpu
+        run_cpu, sim_cpu = host.cpu_seconds() - cpu, cpu_seconds(stack.sim.pid) - sim_cpu
     finally:
         stack.stop_hosts()
     logged = HostLog.read(host) - logged

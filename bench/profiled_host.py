@@ -11,17 +11,13 @@ them miss their request slots and contend on the rate budget, which the unprofil
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
-import logging
 import pstats
-import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
 
-from tools.local_host import LocalHost, QueueOptions
+from tools.local_host import LocalHost, QueueOptions, host_parser, load_app, serve
 
 PROFILED = "send_batch"
 
@@ -52,27 +48,15 @@ class Profiles:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--function-key", required=True)
+    parser = host_parser(__doc__.splitlines()[0])
     parser.add_argument("--stats", required=True, type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    values = json.loads(Path(args.settings).read_text())["Values"]
-    from function_app import app
-
+    app, values = load_app(args)
     profiles = Profiles()
     options = replace(QueueOptions.from_host_json(), batch_size=1, new_batch_threshold=0)
     host = LocalHost(app, values, port=args.port, function_key=args.function_key, options=options)
     host.call = profiles.wrap(host.call)  # the pollers invoke functions through host.call
-    host.start()
-    print(f"local host listening on {host.base_url}/api (profiling {PROFILED})", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    host.stop()
+    serve(host, "local host listening on {url}/api (profiling " + PROFILED + ")")
     if profiles.stats is not None:
         profiles.stats.dump_stats(args.stats)
 

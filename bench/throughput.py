@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bench.data import base_rows, export_doc, partitions_for
 from bench.env import BenchStack, say
-from bench.measure import HostLog, Result, RunMeasure, accepted, throttled, timed_run
+from bench.measure import HostLog, Result, RunMeasure, accepted, throttled, tightest_span, timed_run
 from shared.rate_budget import MARGIN
 
 RATE = 5.0
@@ -65,6 +65,10 @@ def _throughput_figures(result: Result, run: RunMeasure, rate: float) -> None:
     result.add("429s received", too_many, "", f"≤ {TARGET_429:.0%} of sent",
                too_many <= TARGET_429 * len(sent))
     result.add("best ratio the budget allows, 1 / (1 + MARGIN)", 1 / (1 + MARGIN))
+    span = tightest_span([r["t"] for r in ok], rate)
+    result.add(f"tightest span of {rate + 1:g} consecutive accepted requests (nominal {1 + MARGIN:g})", span, "s",
+               "> 1 s", None if span is None else span > 1.0)
+    result.add("first request after run start", run.first_request - run.started, "s")
     result.add("planning + queueing (POST answered)", run.planning, "s")
     result.add("run start → run finished", run.finished - run.started, "s")
     result.details["run"] = {"runId": run.view["runId"], "counts": run.view["counts"],

@@ -16,12 +16,14 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-MARGIN = 0.04  # absorbs up to 40 ms of jitter between our send and the API's clock (N+1 never fit in 1 s)
-TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot (well below MARGIN seconds)
-LEAD = 2.0  # messages become visible this long before their slot, to absorb queue polling
-# Planned slots start at least this far ahead: a message visible LEAD before its slot is then found even by a
-# poller idling at host.json's maxPollingInterval (2 s), instead of arriving after its slot has passed.
-AHEAD = LEAD + 1.0
+# N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
+# start (at most TOLERANCE) plus the jitter between our send and the API's clock, so N+1 never fit in 1 s.
+MARGIN = 0.025
+TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot
+LEAD = 1.5  # messages become visible this long before their slot, to absorb queue polling
+# Planned slots start at least this far ahead: a message queued at once is still found before its slot by a
+# poller idling at host.json's maxPollingInterval (1 s).
+AHEAD = LEAD
 
 
 class Deferred(Exception):
@@ -85,8 +87,7 @@ class Pacer:
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
         while True:
-            if self._left and self.budget.clock() > self._next + TOLERANCE:
-                self._left = 0  # late for the planned slots: never send them bunched up
+            self._skip_missed()
             if not self._left:
                 self._next, self._left = self.budget.reserve(1, ahead=self._lead), 1
             wait = self._next - self.budget.clock()
@@ -97,7 +98,13 @@ class Pacer:
                 time.sleep(wait)
             if self.budget.clock() <= self._next + TOLERANCE:
                 break
-            self._left = 0  # overslept (a busy process): the slot is gone, take a fresh one further ahead
-            self._lead = min(1.0, 2 * self._lead)
+            self._lead = min(1.0, 2 * self._lead)  # overslept (a busy process): fresh slots start further ahead
         self._next += self.budget.interval
         self._left -= 1
+
+    def _skip_missed(self) -> None:
+        """A planned slot that has passed is lost, never used late (the request would bunch up with the next
+        one); the batch's later planned slots stay good."""
+        while self._left and self.budget.clock() > self._next + TOLERANCE:
+            self._next += self.budget.interval
+            self._left -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from itertools import islice
 
 from shared.autopilot_client import AutopilotError
@@ -14,7 +15,7 @@ from shared.contacts import MappingError
 from shared.delivery import queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
-from shared.rate_budget import AHEAD, Pacer
+from shared.rate_budget import AHEAD, Deferred, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, is_synced
 from shared.run_records import RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
@@ -22,10 +23,17 @@ from shared.services import Services
 from shared.settings import SettingsError
 
 log = logging.getLogger("autopilot.runs")
+LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
 CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
+
+
+class BudgetBooked(RuntimeError):
+    """A list-mode run needs one request now (the list look-up), but other runs booked the budget far ahead."""
+
+
 # Problems the user can fix: the run fails with this message instead of a stack trace.
 USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError,
-               SecretUnavailable)
+               SecretUnavailable, BudgetBooked)
 
 
 class UnknownExport(LookupError):
@@ -104,7 +112,13 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
 def _resolve_list(svc: Services, export: ExportDefinition) -> str:
     # Planned requests start AHEAD seconds later, so this look-up (on a fresh connection, it may arrive late)
     # cannot bunch up with them inside one second.
-    return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, None, 0, max_wait=30.0))
+    try:
+        return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, None, 0, max_wait=LOOKUP_WAIT))
+    except Deferred as exc:
+        free = datetime.fromtimestamp(exc.at, UTC).strftime("%H:%M:%S UTC")
+        raise BudgetBooked(f"the Autopilot request budget is booked by other runs until {free}; the list "
+                           f"{export.list!r} could not be looked up, so nothing was sent: start again after that "
+                           "(the timer retries on its next tick)") from None
 
 
 def _enqueue(svc: Services, export: ExportDefinition, run_id: str, list_id: str | None, plan) -> int:

@@ -27,7 +27,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient

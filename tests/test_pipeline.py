@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime, time
 
 import pytest
 
@@ -93,6 +95,29 @@ def test_key_rotated_between_batches_is_picked_up_from_key_vault():
         assert report["status"] == "succeeded"
         assert len(world.field_members()) == 1500
         assert any(r["status"] == 401 for r in world.sim.request_log())  # the old key was refused once
+    finally:
+        close_world(world)
+
+
+def test_list_run_that_cannot_get_a_slot_for_its_look_up_fails_saying_until_when():
+    world = open_world()
+    try:
+        from shared import services
+
+        booked = services.current().budget.reserve(1, ahead=120)  # another run's batches hold 2 minutes
+        world.define(definition("lv", membership="list"))
+        world.snapshot(sample_profiles(5, seed=6))
+        answer = world.start("lv")
+        assert answer.status_code in (200, 202), answer.text
+        report = world.wait(answer.json()["runId"], timeout=60)
+        assert report["status"] == "failed"
+        assert "'High value'" in report["error"], report["error"]
+        free = re.search(r"booked by other runs until (\d\d:\d\d:\d\d) UTC", report["error"]).group(1)
+        day = datetime.fromtimestamp(booked, UTC)
+        named = datetime.combine(day.date(), time.fromisoformat(free), UTC)
+        apart = (named - day).total_seconds() % 86400  # the time of day the budget is free again
+        assert min(apart, 86400 - apart) < 3
+        assert world.sim.request_log() == []
     finally:
         close_world(world)
 

@@ -808,16 +808,30 @@ class SimProcess:
     Rate-discipline checks need it: in one process with the Function workers, the simulator's request
     timestamps would carry the workers' GIL stalls rather than the arrival times Autopilot would see."""
 
-    def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0):
+    def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0,
+                 log_path: Path | None = None):
         self._argv = [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", str(rate or 0),
                       "--api-key", api_key, "--seed", str(seed)]
         self._faults = faults or Faults()
         self._proc: subprocess.Popen | None = None
+        self._log_path = log_path  # where its log lines go (default: this process's stderr)
         self.base_url = ""
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def start(self, timeout: float = 30.0) -> SimProcess:
         root = Path(__file__).resolve().parent.parent
-        self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, text=True)
+        log = None
+        if self._log_path:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self._log_path, "wb")  # the child keeps its own copy of the descriptor
+        # A session of its own: Ctrl-C in a terminal reaches only the caller, which stops the simulator itself.
+        self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, stderr=log, text=True,
+                                      start_new_session=True)
+        if log:
+            log.close()
         ready = threading.Timer(timeout, self._proc.kill)  # bounds the wait for the "listening" line
         ready.start()
         line = self._proc.stdout.readline()
@@ -859,6 +873,10 @@ class SimProcess:
 
     def set_api_key(self, key: str) -> None:
         self._admin("POST", "/_sim/config", {"api_key": key})
+
+    def set_rate(self, rate: float) -> None:
+        """Requests per second per key; 0 means unthrottled."""
+        self._admin("POST", "/_sim/config", {"rate": rate})
 
     def contacts(self) -> dict[str, dict]:
         return self._admin("GET", "/_sim/state")["contacts"]

@@ -336,23 +336,43 @@ def _handler_for(host: LocalHost):
 
 
 # --- command line ---------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def host_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every local host shares (bench/profiled_host.py adds its own options)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--settings", default="local.settings.json", help="local.settings.json-style file")
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--function-key", default=os.environ.get("LOCAL_FUNCTION_KEY"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--sdk-requests", action="store_true",
+                        help="log every Azure SDK request (the app keeps them at WARNING; the bench counts them)")
+    return parser
+
+
+def load_app(args: argparse.Namespace):
+    """Logging as the Functions host sets it up, then the app and its settings."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    values = json.loads(Path(args.settings).read_text())["Values"]
     from function_app import app
 
-    host = LocalHost(app, values, port=args.port, function_key=args.function_key).start()
-    print(f"local host listening on {host.base_url}/api (functions: {', '.join(host.functions)})", flush=True)
+    if args.sdk_requests:
+        logging.getLogger("azure").setLevel(logging.INFO)
+    return app, json.loads(Path(args.settings).read_text())["Values"]
+
+
+def serve(host: LocalHost, banner: str) -> None:
+    """Run until SIGTERM or SIGINT, then stop the host cleanly."""
+    host.start()
+    print(banner.format(url=host.base_url), flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     host.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = host_parser(__doc__.splitlines()[0]).parse_args(argv)
+    app, values = load_app(args)
+    host = LocalHost(app, values, port=args.port, function_key=args.function_key)
+    serve(host, "local host listening on {url}/api (functions: " + ", ".join(host.functions) + ")")
 
 
 if __name__ == "__main__":
