@@ -86,4 +86,12 @@ def test_options_come_from_host_json():
     assert options.max_dequeue_count == 5
     assert options.batch_size == 16
     assert options.new_batch_threshold == 24
-    assert options.max_polling_interval == 2.0
+    assert options.max_polling_interval == 1.0
+
+
+def test_host_json_polls_often_enough_for_the_rate_budgets_lead():
+    """A message becomes visible LEAD before its request slot: an idle poller must find it before the slot."""
+    from shared.rate_budget import AHEAD, LEAD
+
+    polling = QueueOptions.from_host_json().max_polling_interval
+    assert polling + 0.25 <= LEAD and polling + 0.25 <= AHEAD
