@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableServiceClient, UpdateMode
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 STATE_TABLE = "contactstate"
 _TRANSACTION_LIMIT = 100  # Table storage's cap on operations per transaction
@@ -29,9 +29,13 @@ def row_key(key: str) -> str:
 
 
 class ContactState:
-    def __init__(self, tables: TableServiceClient, export: str):
-        self.table = tables.get_table_client(STATE_TABLE)
+    def __init__(self, table: TableClient, export: str):
+        self.table = table  # the STATE_TABLE client, shared by every export
         self.export = export
+
+    @classmethod
+    def from_service(cls, tables: TableServiceClient, export: str) -> ContactState:
+        return cls(tables.get_table_client(STATE_TABLE), export)
 
     def load(self) -> Iterator[Acked]:
         rows = self.table.query_entities(

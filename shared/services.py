@@ -6,6 +6,7 @@ import threading
 from functools import cached_property
 
 from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import TableClient
 from azure.storage.blob import ContainerClient
 
 from shared.autopilot_client import AutopilotClient
@@ -53,8 +54,12 @@ class Services:
     def autopilot(self) -> AutopilotClient:
         return AutopilotClient(self.settings.autopilot_base_url, self.api_key, self.settings.request_timeout)
 
+    @cached_property
+    def state_table(self) -> TableClient:
+        return self.host.tables.get_table_client(STATE_TABLE)
+
     def state(self, export: str) -> ContactState:
-        return ContactState(self.host.tables, export)
+        return ContactState(self.state_table, export)
 
     def exports(self) -> tuple[ExportDefinition, ...]:
         """Read on every use, so an edited definitions document applies to the next run."""
@@ -81,6 +86,10 @@ class Services:
                 _ignore_exists(queue.create_queue)
             for container in CONTAINERS:
                 _ignore_exists(lambda c=container: self.host.blob.create_container(c))
+            # Every table client is built now, before any request is in flight: azure-data-tables'
+            # get_table_client() re-links the policies all its pipelines share, and doing that while another
+            # thread sends breaks that request ("'_SansIOHTTPPolicyRunner' object has no attribute 'next'").
+            _ = self.records, self.budget, self.state_table
             self._ready = True
 
 

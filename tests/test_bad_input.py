@@ -390,7 +390,7 @@ def test_copy_of_an_already_settled_batch_is_ignored(case):
     assert view["status"] == "succeeded"
     mark = len(case.world.sim.request_log())
     with TableServiceClient.from_connection_string(case.world.stack.storage) as tables:
-        acked = list(ContactState(tables, "again").load())
+        acked = list(ContactState.from_service(tables, "again").load())
     items = [{"k": a.key, "f": a.fingerprint, "m": True, "d": {"Email": a.key, "FirstName": "Changed"}}
              for a in acked]
     _send(case.world, json.dumps(_message("again", run=view["runId"], items=items)).encode())

@@ -102,7 +102,7 @@ def assert_counts_are_the_truth(world, view: dict, export: str) -> None:
     counts = view["counts"]
     assert counts["accepted"] + counts["failed"] + counts["refused"] == counts["sent"]
     with TableServiceClient.from_connection_string(world.stack.storage) as tables:
-        acknowledged = {a.key for a in ContactState(tables, export).load() if a.member}
+        acknowledged = {a.key for a in ContactState.from_service(tables, export).load() if a.member}
     assert len(acknowledged) == counts["accepted"]
     assert acknowledged <= set(world.sim.contacts()), "a contact counted as accepted is not in Autopilot"
     report = json.loads(world.blobs.get_blob_client("reports", f"{view['runId']}/report.json").download_blob()
@@ -344,7 +344,7 @@ def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_cont
 
         host.kill()
         settled_at_kill = len(records.batch_outcomes(run_id))
-        acknowledged = {a.key for a in ContactState(tables, "hv").load()}
+        acknowledged = {a.key for a in ContactState.from_service(tables, "hv").load()}
         mark = len(sim.applied)
         assert 6 <= settled_at_kill < 30 and len(acknowledged) >= 600, (settled_at_kill, len(acknowledged))
         assert records.get(run_id)["status"] == "running"
@@ -382,7 +382,7 @@ def test_redelivered_batch_whose_contacts_were_all_acknowledged_settles_without_
         world.snapshot(rows)
         assert world.run("hv")["status"] == "succeeded"
         with TableServiceClient.from_connection_string(world.stack.storage) as tables:
-            acked = list(ContactState(tables, "hv").load())
+            acked = list(ContactState.from_service(tables, "hv").load())
             run_id = "20260302T043000Z-0c0ffee0"
             RunRecords(tables).create(run_id, "hv", status="running", planned_batches=1, trigger="http")
         items = [{"k": a.key, "f": a.fingerprint, "m": True, "d": {"Email": a.key}} for a in acked]

@@ -1,0 +1,60 @@
+"""The clients one instance shares between its threads, on real Azurite."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from shared.contact_state import Acked
+from shared.services import Services
+from shared.settings import Settings
+from tools.local_stack import LocalStack
+
+
+@pytest.fixture
+def services(tmp_path):
+    stack = LocalStack(tmp_path / "stack").start()
+    svc = Services(Settings.from_env(stack.settings(None)))
+    svc.ensure_resources()
+    yield svc
+    svc.close()
+    stack.stop()
+
+
+def test_threads_using_the_contact_state_of_new_exports_do_not_break_each_others_requests(services):
+    """azure-data-tables re-links shared policies whenever a table client is built: building one per use broke
+    requests in flight in other threads. Bounded: 3 sending and 3 opening threads for 4 seconds."""
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 4
+
+    def send(n: int) -> None:  # requests through the state table, as senders do
+        state = services.state(f"export-{n}")
+        try:
+            for count in range(1_000_000):
+                if time.monotonic() > stop:
+                    break
+                state.acknowledge([Acked(f"c{count}@example.net", "f" * 20, True)])
+                assert f"c{count}@example.net" in state.lookup([f"c{count}@example.net"])
+        except BaseException as exc:  # any failure of a thread fails the test
+            errors.append(exc)
+
+    def open_states(n: int) -> None:  # meanwhile, other batches open the state of other exports
+        for count in range(1_000_000):
+            if time.monotonic() > stop:
+                break
+            services.state(f"other-{n}-{count}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # hand the GIL over often, as the app does (function_app.py)
+    try:
+        threads = [threading.Thread(target=job, args=(n,)) for n in range(3) for job in (send, open_states)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} threads failed, first: {errors[0]!r}"
