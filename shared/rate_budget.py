@@ -18,6 +18,7 @@ from azure.data.tables import TableClient, UpdateMode
 
 # N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
 # start (at most TOLERANCE) plus the jitter between our send and the API's clock, so N+1 never fit in 1 s.
+# The default of the app setting AUTOPILOT_RATE_MARGIN (settings.Settings.rate_margin).
 MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot
 LEAD = 1.5  # messages become visible this long before their slot, to absorb queue polling
@@ -39,11 +40,12 @@ class RateBudget:
     table: TableClient
     rate: float
     key: str = "autopilot"
+    margin: float = MARGIN
     clock = staticmethod(time.time)
 
     @property
     def interval(self) -> float:
-        return (1 + MARGIN) / self.rate
+        return (1 + self.margin) / self.rate
 
     def reserve(self, count: int, ahead: float = 0.0) -> float:
         """Reserve `count` consecutive slots, the first no sooner than `ahead` seconds from now; returns its time."""

@@ -36,7 +36,8 @@ class Services:
 
     @cached_property
     def budget(self) -> RateBudget:
-        return RateBudget(self.host.tables.get_table_client(BUDGET_TABLE), self.settings.requests_per_second)
+        return RateBudget(self.host.tables.get_table_client(BUDGET_TABLE), self.settings.requests_per_second,
+                          margin=self.settings.rate_margin)
 
     @cached_property
     def queue(self):

@@ -23,6 +23,7 @@ class Settings:
     key_vault_url: str
     request_timeout: float = 10.0  # seconds to wait for Autopilot's answer before retrying
     max_attempts: int = 8  # deliveries of a batch before its rest is parked as a dead batch
+    rate_margin: float = 0.025  # requests are spaced (1 + margin) / rate apart (see rate_budget)
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -34,6 +35,7 @@ class Settings:
             key_vault_url=_required(env, "KEY_VAULT_URL"),
             request_timeout=_positive_float(env, "AUTOPILOT_TIMEOUT_SECONDS", 10.0),
             max_attempts=_positive_int(env, "AUTOPILOT_MAX_ATTEMPTS", 8),
+            rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", 0.025),
             env=env,
         )
 

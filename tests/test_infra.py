@@ -47,6 +47,7 @@ APP_SETTINGS = {
     "AUTOPILOT_REQUESTS_PER_SECOND",
     "AUTOPILOT_TIMEOUT_SECONDS",
     "AUTOPILOT_MAX_ATTEMPTS",
+    "AUTOPILOT_RATE_MARGIN",
 }
 # Set in Azure only: they name the identity and the telemetry sink, which a local run does not have.
 AZURE_ONLY_SETTINGS = {

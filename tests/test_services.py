@@ -10,7 +10,7 @@ import pytest
 
 from shared.contact_state import Acked
 from shared.services import Services
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from tools.local_stack import LocalStack
 
 
@@ -22,6 +22,32 @@ def services(tmp_path):
     yield svc
     svc.close()
     stack.stop()
+
+
+BASE = {"KEY_VAULT_URL": "https://vault.example/"}
+
+
+@pytest.mark.parametrize("name,value,problem", [
+    ("AUTOPILOT_RATE_MARGIN", "2,5%", "must be a number, got '2,5%'"),
+    ("AUTOPILOT_RATE_MARGIN", "0", "must be greater than 0"),
+    ("AUTOPILOT_REQUESTS_PER_SECOND", "-5", "must be greater than 0"),
+    ("AUTOPILOT_MAX_ATTEMPTS", "2.5", "must be a whole number"),
+    ("AUTOPILOT_TIMEOUT_SECONDS", "ten", "must be a number"),
+])
+def test_a_malformed_setting_refuses_to_start_naming_it(name, value, problem):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({**BASE, name: value})
+    assert f"app setting {name} {problem}" in str(refused.value)
+
+
+def test_the_rate_margin_setting_spaces_the_shared_budget(services):
+    assert services.budget.interval == pytest.approx(1.025 / 5)  # the default
+    wider = Services(Settings.from_env({**services.settings.env, "AUTOPILOT_RATE_MARGIN": "0.1"}))
+    try:
+        first = wider.budget.reserve(1, ahead=60)
+        assert wider.budget.reserve(1) == pytest.approx(first + 1.1 / 5)
+    finally:
+        wider.close()
 
 
 def test_threads_using_the_contact_state_of_new_exports_do_not_break_each_others_requests(services):

@@ -138,6 +138,11 @@ var appSettings = [
     name: 'AUTOPILOT_MAX_ATTEMPTS'
     value: '8'
   }
+  {
+    // Requests are spaced (1 + margin) / rate apart: raise it if Autopilot answers 429 to on-time requests.
+    name: 'AUTOPILOT_RATE_MARGIN'
+    value: '0.025'
+  }
 ]
 
 resource site 'Microsoft.Web/sites@2024-04-01' = {
