@@ -78,9 +78,9 @@ def _load_items(pointer: str, blobs: BlobServiceClient) -> list:
     try:
         return json.loads(blobs.get_blob_client(container, name).download_blob().readall())
     except ResourceNotFoundError:
-        raise MessageError(f"message points at a missing blob: {pointer}") from None
+        raise MessageError(f"message points at a missing blob: {pointer}"[:300]) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MessageError(f"message points at a blob that is not JSON: {pointer}") from None
+        raise MessageError(f"message points at a blob that is not JSON: {pointer}"[:300]) from None
 
 
 def _validated(data: dict) -> BatchMessage:
