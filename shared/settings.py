@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shared.rate_budget import MARGIN
+
 DEFAULT_BASE_URL = "https://api2.autopilothq.com/v1"
 BATCH_QUEUE = "autopilot-batches"
 POISON_QUEUE = f"{BATCH_QUEUE}-poison"
@@ -23,7 +25,7 @@ class Settings:
     key_vault_url: str
     request_timeout: float = 10.0  # seconds to wait for Autopilot's answer before retrying
     max_attempts: int = 8  # deliveries of a batch before its rest is parked as a dead batch
-    rate_margin: float = 0.025  # requests are spaced (1 + margin) / rate apart (see rate_budget)
+    rate_margin: float = MARGIN  # requests are spaced (1 + margin) / rate apart
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -35,7 +37,7 @@ class Settings:
             key_vault_url=_required(env, "KEY_VAULT_URL"),
             request_timeout=_positive_float(env, "AUTOPILOT_TIMEOUT_SECONDS", 10.0),
             max_attempts=_positive_int(env, "AUTOPILOT_MAX_ATTEMPTS", 8),
-            rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", 0.025),
+            rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", MARGIN),
             env=env,
         )
 

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient
@@ -151,45 +152,32 @@ def chaos_run(world, export: str, rows, faults: Faults, timeout: float) -> tuple
 
 
 # --- Autopilot faults at scale ---------------------------------------------------------------------
-def test_chaos_run_of_20000_profiles_in_field_mode_ends_exact():
+CHAOS_RUNS = {  # membership: (profiles, seed, partitions, faults, planned requests)
+    "field": (20_000, 31, 4, FIELD_CHAOS, 200),
+    "list": (1000, 32, 1, LIST_CHAOS, 1000),
+}
+
+
+@pytest.mark.parametrize("membership", CHAOS_RUNS)
+def test_chaos_run_ends_exact(membership):
+    """20,000 profiles in field mode, 1,000 joiners in list mode."""
+    profiles, seed, partitions, faults, planned = CHAOS_RUNS[membership]
     world = open_world(rate=100, settings=QUICK_TIMEOUT)
     try:
-        rows = list(sample_profiles(20_000, seed=31))
+        rows = list(sample_profiles(profiles, seed=seed))
         exposure = Exposure([world.stack.api_key], emails_of(rows))
         exposure.watch(world.api)
-        world.define(definition("hv"))
-        world.snapshot(rows, partitions=4)
+        world.define(definition("hv", membership=membership))
+        world.snapshot(rows, partitions=partitions)
         with scanning_logs(exposure, skip=_urllib3_request_line) as scan:
-            first, follow = chaos_run(world, "hv", rows, FIELD_CHAOS, timeout=240)
-        assert first["plannedRequests"] == 200
+            first, follow = chaos_run(world, "hv", rows, faults, timeout=240)
+        assert first["plannedRequests"] == planned
 
-        assert_exact(world.sim, rows, "field")
-        assert_nothing_harmful_sent(world.sim.request_log())
-        assert_settled(world.stack.storage, (follow or first)["runId"])
-        assert scan.seen["autopilot"] and scan.seen["azure"]
-        exposure.storage(world.stack.storage)
-        exposure.assert_clean()
-    finally:
-        close_world(world)
-
-
-def test_chaos_run_of_1000_joiners_in_list_mode_ends_exact():
-    world = open_world(rate=100, settings=QUICK_TIMEOUT)
-    try:
-        rows = list(sample_profiles(1000, seed=32))
-        exposure = Exposure([world.stack.api_key], emails_of(rows))
-        exposure.watch(world.api)
-        world.define(definition("lv", membership="list"))
-        world.snapshot(rows)
-        with scanning_logs(exposure, skip=_urllib3_request_line) as scan:
-            first, follow = chaos_run(world, "lv", rows, LIST_CHAOS, timeout=240)
-        assert first["plannedRequests"] == 1000
-
-        assert_exact(world.sim, rows, "list")
+        assert_exact(world.sim, rows, membership)
         assert_settled(world.stack.storage, (follow or first)["runId"])
         log = world.sim.request_log()
         assert_nothing_harmful_sent(log)
-        assert not [r for r in log if r["method"] == "DELETE"], "a joiner was taken off the list"
+        assert not [r for r in log if r["method"] == "DELETE"], "a member was taken off the list"
         assert scan.seen["autopilot"] and scan.seen["azure"]
         exposure.storage(world.stack.storage)
         exposure.assert_clean()
