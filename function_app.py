@@ -9,7 +9,7 @@ import sys
 import azure.functions as func
 
 from shared import delivery, http_api, runs, services
-from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE
+from shared.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 log = logging.getLogger("autopilot.triggers")
@@ -27,7 +27,7 @@ def _json(answer: http_api.Answer) -> func.HttpResponse:
 
 @app.timer_trigger(arg_name="timer", schedule="%EXPORT_SCHEDULE%", run_on_startup=False, use_monitor=True)
 def scheduled_sync(timer: func.TimerRequest) -> None:
-    """Start a run for every enabled export with a snapshot not yet synced."""
+    """Queue a planning job for every enabled export with a snapshot not yet synced."""
     if timer.past_due:
         log.warning("the export schedule is past due; running now")
     runs.scheduled_tick(services.current())
@@ -51,6 +51,18 @@ def list_exports(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="runs/{run_id}/replay", methods=["POST"])
 def replay_run(req: func.HttpRequest) -> func.HttpResponse:
     return _json(http_api.guarded(http_api.replay_run, req.route_params.get("run_id", "")))
+
+
+@app.queue_trigger(arg_name="msg", queue_name=PLAN_QUEUE, connection=HOST_CONNECTION)
+def plan_run(msg: func.QueueMessage) -> None:
+    """Plan a queued run, or queue the next window of a running run's batches."""
+    runs.handle_plan_message(services.current(), msg.get_body())
+
+
+@app.queue_trigger(arg_name="msg", queue_name=PLAN_POISON_QUEUE, connection=HOST_CONNECTION)
+def record_failed_plan(msg: func.QueueMessage) -> None:
+    """A planning job that failed on every delivery: its run fails, saying so, and frees its export."""
+    runs.fail_planning(services.current(), msg.get_body())
 
 
 @app.queue_trigger(arg_name="msg", queue_name=BATCH_QUEUE, connection=HOST_CONNECTION)

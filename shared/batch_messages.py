@@ -114,9 +114,17 @@ FIELD_CHECKS = {  # field: (check, what it must be)
     "slots": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
     "attempt": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
     "carry": (lambda v: isinstance(v, dict) and _is_int(v.get("accepted", 0))
-              and all(isinstance(v.get(k, []), list) for k in ("refused", "failed")),
-              "an object with a whole 'accepted' and lists 'refused' and 'failed'"),
+              and all(isinstance(v.get(k, []), list) for k in ("refused", "failed"))
+              and _are_acks(v.get("acked", [])),
+              "an object with a whole 'accepted', lists 'refused' and 'failed', and 'acked' entries "
+              "[key, fingerprint, member]"),
 }
+
+
+def _are_acks(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(a, list) and len(a) == 3 and isinstance(a[0], str) and isinstance(a[1], str)
+        and isinstance(a[2], bool) for a in value)
 
 
 def _field_type_problems(data: dict):

@@ -19,6 +19,7 @@ from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
+from shared.state_store import Acked, Destination
 
 log = logging.getLogger("autopilot.delivery")
 DEAD = "dead"
@@ -51,8 +52,6 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
     if run.get("status") not in ACTIVE:
         fail_rest(message, progress, f"run already ended ({run.get('status')}: {run.get('error', '')})")
     else:
-        if dequeue_count > 1 or message.attempt:
-            _skip_acknowledged(svc, message, progress)
         if not _send(svc, message, progress, rlog):
             return
     _settle(svc, message, progress, rlog)
@@ -90,7 +89,6 @@ def _retry_later(svc: Services, message: BatchMessage, progress: Progress, rlog,
                  slot: float | None, progressed: bool) -> bool:
     """Re-queue the unsettled rest until `at`, or park it as a dead batch once its attempts are used up.
     Waiting for a slot, or a delivery that got further than the last, is not a failed attempt."""
-    svc.state(message.export).acknowledge(progress.acked)
     attempt = message.attempt + (0 if slot is not None or progressed else 1)
     if attempt >= svc.settings.max_attempts:
         reason = f"gave up after {svc.settings.max_attempts} attempts: {reason}"
@@ -107,6 +105,7 @@ def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:
     """The batch's unsettled items, carrying the outcome of the settled ones."""
     rest = [i for i in message.items if i["k"] not in progress.done]
     carry = {"accepted": message.carry.get("accepted", 0) + len(progress.acked),
+             "acked": [list(a) for a in progress.all_acked()],
              "refused": message.carry.get("refused", []) + progress.refused,
              "failed": message.carry.get("failed", []) + progress.failed}
     return message.with_items(rest, carry=carry, **changes)
@@ -115,26 +114,16 @@ def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:
 def _carried(message: BatchMessage) -> Progress:
     carry = message.carry
     return Progress(refused=list(carry.get("refused", [])), failed=list(carry.get("failed", [])),
-                    carried_accepted=carry.get("accepted", 0))
-
-
-def _skip_acknowledged(svc: Services, message: BatchMessage, progress: Progress) -> None:
-    """On redelivery, contacts Autopilot already acknowledged for this state are not sent again."""
-    known = svc.state(message.export).lookup(i["k"] for i in message.items)
-    for item in message.items:
-        ack = known.get(item["k"])
-        if ack and ack.fingerprint == item.get("f") and ack.member == bool(item.get("m", True)):
-            progress.done.add(item["k"])
-            progress.carried_accepted += 1
+                    carried_accepted=carry.get("accepted", 0),
+                    carried_acked=[Acked(k, f, bool(m)) for k, f, m in carry.get("acked", [])])
 
 
 def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> None:
-    svc.state(message.export).acknowledge(progress.acked)
     outcome = BatchOutcome(
         batch=message.batch, kind=message.kind, status="done", contacts=len(message.items) + _carry_size(message),
         accepted=len(progress.acked) + progress.carried_accepted, rejected=len(progress.refused),
         failed=len(progress.failed), detail=progress.refused + progress.failed)
-    if svc.records.record_batch(message.run, outcome):
+    if svc.records.record_batch(message.run, outcome, progress.all_acked()):
         rlog.info("batch %d settled: %d accepted, %d refused, %d failed", message.batch, outcome.accepted,
                   outcome.rejected, outcome.failed)
         after_batch(svc, message.run)
@@ -176,7 +165,7 @@ def record_dead(svc: Services, body: bytes) -> None:
     outcome = BatchOutcome(message.batch, message.kind, "dead", len(message.items) + _carry_size(message),
                            progress.carried_accepted, len(progress.refused), len(progress.failed),
                            progress.refused + progress.failed, reason)
-    if svc.records.get(message.run) and svc.records.record_batch(message.run, outcome):
+    if svc.records.get(message.run) and svc.records.record_batch(message.run, outcome, progress.all_acked()):
         after_batch(svc, message.run)
 
 
@@ -198,6 +187,10 @@ def replay(svc: Services, run_id: str) -> int:
     """Put a run's dead batches back on the queue; returns how many."""
     outcomes = svc.records.batch_outcomes(run_id)
     dead = [o for o in outcomes if o.get("status") == "dead"]
+    run = svc.records.get(run_id)
+    if dead and run.get("destination"):  # what the replay acknowledges is folded when the run ends again
+        svc.state(run["export"]).register(run_id, Destination.from_public(run["destination"]),
+                                          entry=f"{run_id}/replay {utcnow()}")
     for outcome in dead:
         batch = int(outcome["RowKey"])
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())

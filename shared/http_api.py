@@ -30,7 +30,8 @@ def _error(status: int, message: str, **extra) -> Answer:
 
 
 def start_run(svc: Services, name: str, body: bytes) -> Answer:
-    """POST /api/exports/{name}/runs: 202 queued, 200 dry-run report, 400/404/409/422 with the reason."""
+    """POST /api/exports/{name}/runs: 202 with the run id and status URL as soon as the run is queued for
+    planning (a dry run too: its report appears on the run view); 400/404/409/422 with the reason."""
     if not EXPORT_NAME.fullmatch(name or ""):
         return _error(404, f"no export named {name[:80]!r}")
     options = _run_options(body)
@@ -47,9 +48,7 @@ def start_run(svc: Services, name: str, body: bytes) -> Answer:
         return _error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")
     except ExportConfigError as exc:
         return _error(422, str(exc))
-    view = reports.run_view(svc, run["RowKey"])
-    status = 200 if view["status"] in ("dry run", "failed") else 202
-    return status, {**view, "statusUrl": f"/api/runs/{run['RowKey']}"}
+    return 202, {**reports.run_view(svc, run["RowKey"], run), "statusUrl": f"/api/runs/{run['RowKey']}"}
 
 
 def _run_options(body: bytes) -> dict | str:

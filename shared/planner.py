@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 
 from shared.cdm_reader import BadRow, Row
-from shared.contact_state import Acked
 from shared.contacts import Contact, ContactMapper, Rejection, mask_email
 from shared.export_config import ExportDefinition
+from shared.state_store import Acked
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts
 SAMPLE_SIZE = 5

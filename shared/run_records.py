@@ -17,10 +17,13 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableServiceClient, UpdateMode
 
+from shared.state_store import Acked, decode_acks, encode_acks
+
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
-ACTIVE = ("planning", "planned", "running")
+ACTIVE = ("queued", "planning", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
-JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome")
+JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination")
+OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
 
 
@@ -158,12 +161,14 @@ class RunRecords:
         self.runs.delete_entity("run", run_id)
 
     # --- batch outcomes ---------------------------------------------------------------------------
-    def record_batch(self, run_id: str, outcome: BatchOutcome) -> bool:
-        """Store a batch's outcome once; False if it was already recorded (redelivered message)."""
+    def record_batch(self, run_id: str, outcome: BatchOutcome, acks: list[Acked] = ()) -> bool:
+        """Store a batch's outcome once, with what Autopilot acknowledged (the state folds it in at the run's
+        end): one write. False if it was already recorded (redelivered message)."""
         entity = {
             "PartitionKey": run_id, "RowKey": f"{outcome.batch:06d}", "kind": outcome.kind, "status": outcome.status,
             "contacts": outcome.contacts, "accepted": outcome.accepted, "rejected": outcome.rejected,
             "failed": outcome.failed, "outcome": outcome.detail[:200], "error": outcome.error[:2000],
+            "acks": encode_acks(acks),
         }
         try:
             self.batches.create_entity(_encode(entity))
@@ -179,7 +184,14 @@ class RunRecords:
             return False
 
     def batch_outcomes(self, run_id: str) -> list[dict]:
-        return [_decode(e) for e in self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id})]
+        found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=OUTCOME_FIELDS)
+        return [_decode(e) for e in found]
+
+    def acknowledged(self, run_id: str):
+        """What the run's settled batches acknowledged, batch by batch."""
+        for entity in self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id},
+                                                  select=["RowKey", "acks"]):
+            yield from decode_acks(entity.get("acks"))
 
     def forget_batch(self, run_id: str, batch: int) -> None:
         self.batches.delete_entity(run_id, f"{batch:06d}")
@@ -187,7 +199,7 @@ class RunRecords:
 
 def _planning_stopped(run: dict) -> bool:
     """A run still planning long after it started: the instance planning it is gone (planning is one call)."""
-    if run.get("status") not in ("planning", "planned"):
+    if run.get("status") not in ("queued", "planning"):
         return False
     started = datetime.fromisoformat(run["created"].replace("Z", "+00:00"))
     return (datetime.now(UTC) - started).total_seconds() > STALE_PLANNING

@@ -1,10 +1,15 @@
-"""Starting a run of one export: find its newest snapshot, plan the difference, queue the batches; and the
-timer's tick that starts runs for new snapshots."""
+"""Runs of one export: starting one (a record and a queued planning job), planning it (newest snapshot, the
+difference against the acknowledged state, the batches kept in page blobs), queueing its batches a window at a
+time as sending advances, and the timer's tick that starts runs for new snapshots."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 
@@ -16,15 +21,20 @@ from shared.delivery import queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
 from shared.rate_budget import AHEAD, Deferred, Pacer
-from shared.reports import REPORTS, conclude, finish_if_complete, is_synced
-from shared.run_records import RunInProgress, new_run_id, run_log, utcnow
+from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
+from shared.run_records import ACTIVE, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.services import Services
 from shared.settings import SettingsError
+from shared.state_store import StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
 CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
+PAGE = 200  # batches booked and queued together; the next page is queued WINDOW_LEAD s before this one ends
+WINDOW_LEAD = 20.0
+MAX_QUEUE_DELAY = 6 * 24 * 3600  # Azure queues delay a message at most 7 days
+PLAN_CONTAINER = "batches"
 
 
 class BudgetBooked(RuntimeError):
@@ -33,7 +43,7 @@ class BudgetBooked(RuntimeError):
 
 # Problems the user can fix: the run fails with this message instead of a stack trace.
 USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError,
-               SecretUnavailable, BudgetBooked)
+               SecretUnavailable, BudgetBooked, StateUnreadable)
 
 
 class UnknownExport(LookupError):
@@ -48,12 +58,12 @@ def find_export(svc: Services, name: str) -> ExportDefinition:
 
 
 def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = False, trigger: str = "http") -> dict:
-    """Plan a run and queue its batches; returns the run record. Raises UnknownExport, RunInProgress."""
+    """Record a run and queue its planning job; returns the run record at once, whatever the segment's size.
+    Raises UnknownExport, RunInProgress."""
     export = find_export(svc, name)
     run_id = new_run_id()
-    svc.records.create(run_id, export.name, status="planning", trigger=trigger, force=force, dry_run=dry_run,
+    svc.records.create(run_id, export.name, status="queued", trigger=trigger, force=force, dry_run=dry_run,
                        started=utcnow())
-    rlog = run_log(run_id, export.name)
     try:
         taken_over = None if dry_run else svc.records.acquire(export.name, run_id, take_over=force)
     except RunInProgress:
@@ -62,46 +72,140 @@ def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = 
     try:
         if taken_over:
             conclude(svc, taken_over[0], "failed", error=taken_over[1])
-        _plan_and_queue(svc, export, run_id, force, dry_run, rlog)
-    except USER_ERRORS as exc:
+        svc.plan_queue.send_message(json.dumps({"run": run_id}).encode())
+    except Exception as exc:
+        run_log(run_id, export.name).exception("run could not be queued for planning")
+        conclude(svc, run_id, "failed", error=f"internal error while queueing the run: {type(exc).__name__}")
+        raise
+    return svc.records.get(run_id)
+
+
+def handle_plan_message(svc: Services, body: bytes) -> None:
+    """The planning queue's trigger: plan a queued run ({"run"}), or queue the next window of its batches
+    ({"run", "page"}). Redelivered messages finish the same run: planning again gives the same plan."""
+    job = _plan_job(body)
+    if job is None:
+        return
+    run = svc.records.get(job["run"])
+    if run is None or run.get("status") not in ACTIVE:
+        log.info("planning job for run %s skipped: %s", job["run"], (run and run.get("status")) or "no such run")
+        return
+    if "page" in job:
+        queue_window(svc, run, job["page"])
+    elif run["status"] == "running":  # planned before a crash: make sure its first window is queued
+        queue_window(svc, run, 0)
+    else:
+        plan_run(svc, run)
+
+
+def fail_planning(svc: Services, body: bytes) -> None:
+    """A planning job the host gave up on (maxDequeueCount): fail its run, unless it already ended."""
+    job = _plan_job(body)
+    if job is not None and (run := svc.records.get(job["run"])) and run.get("status") in ACTIVE:
+        what = f"queueing window {job['page']} of its batches" if "page" in job else "planning"
+        conclude(svc, job["run"], "failed", error=f"{what} failed on every delivery (see the function's logs)")
+
+
+def _plan_job(body: bytes) -> dict | None:
+    try:
+        job = json.loads(body)
+        valid = (isinstance(job, dict) and isinstance(job.get("run"), str) and RUN_ID_RE.fullmatch(job["run"])
+                 and set(job) <= {"run", "page"} and (type(job.get("page", 0)) is int and job.get("page", 0) >= 0))
+    except ValueError:
+        valid = False
+    if not valid:
+        log.error("planning queue: ignored a message that is not a planning job: %r", body[:200])
+        return None
+    return job
+
+
+def plan_run(svc: Services, run: dict) -> None:
+    run_id, rlog = run["RowKey"], run_log(run["RowKey"], run["export"])
+    svc.records.update(run_id, status="planning", planning_started=utcnow())
+    try:
+        export = find_export(svc, run["export"])
+        _plan_and_queue(svc, export, run_id, bool(run.get("force")), bool(run.get("dry_run")), rlog)
+    except (*USER_ERRORS, UnknownExport) as exc:
         rlog.error("run failed while planning: %s", exc)
         conclude(svc, run_id, "failed", error=str(exc))
     except Exception as exc:
         rlog.exception("run failed while planning")
         conclude(svc, run_id, "failed", error=f"internal error while planning: {type(exc).__name__}")
-        raise
-    return svc.records.get(run_id)
 
 
 def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force: bool, dry_run: bool, rlog) -> None:
     export.check_runnable()
     container = svc.export_container(export)
     snapshot = find_snapshot(container, export.prefix, export.segment)
-    svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "")
+    destination, state = svc.destination(export), svc.state(export.name)
+    target = _destination_summary(state, destination)
+    rebuild = _prepare_state(svc, state, destination, force, rlog)
+    target["firstSync"] = rebuild or not state.has_snapshot(destination)
+    svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "",
+                       state=destination.id, destination=target)
     # A list-mode message holds about two seconds of per-contact requests, never more than a batch may hold.
     ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
-        plan = planner.plan(read_rows(container, snapshot), svc.state(export.name).load(), force=force)
+        acked = iter(()) if rebuild else state.load(destination)
+        plan = planner.plan(read_rows(container, snapshot), acked, force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
+        seconds = plan.requests * svc.budget.interval
         summary = {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
-                   "plan": {"samples": plan.samples,
-                            "seconds_at_budget": round(plan.requests * svc.budget.interval, 1)}}
+                   "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
+                            "estimated_duration": _duration(seconds), "destination": target}}
         if dry_run:
             svc.records.update(run_id, **summary)
             conclude(svc, run_id, "dry run")
             rlog.info("dry run: %s", plan.counts)
             return
         list_id = _resolve_list(svc, export) if export.membership == "list" else None
-        svc.state(export.name).acknowledge(list(plan.kept_leavers()))
-        svc.records.update(run_id, status="planned", list_id=list_id or "", planned_at=utcnow(), **summary)
-        batches = _enqueue(svc, export, run_id, list_id, plan)
+        state.save_planned(run_id, plan.kept_leavers())
+        pages = write_pages(svc, run_id, plan.batches())
     finally:
         planner.close()
-    svc.records.update(run_id, status="running", planned_batches=batches, queued_at=utcnow())
-    rlog.info("queued %d batches, %d requests", batches, plan.requests)
-    if batches == 0:
+    state.register(run_id, destination)
+    svc.records.update(run_id, status="running", list_id=list_id or "", planned_at=utcnow(), rebuild_state=rebuild,
+                       planned_batches=pages.batches, pages=pages.count, **summary)
+    rlog.info("planned %d batches, %d requests, to %s", pages.batches, plan.requests, destination.name)
+    queue_window(svc, svc.records.get(run_id), 0)
+    if pages.batches == 0:
         finish_if_complete(svc, run_id)
+
+
+def _destination_summary(state, destination) -> dict:
+    """The run's destination, and the one the export's last run sent to if that was another."""
+    state.import_legacy(destination)
+    previous = state.previous_destination()
+    summary = {**destination.public(), "name": destination.name}
+    if previous and previous != destination.name:
+        summary["changedFrom"] = previous
+        summary["note"] = (f"the destination changed: a first sync to {destination.name}; {previous} is left as "
+                           "it was")
+    return summary
+
+
+def _prepare_state(svc: Services, state, destination, force: bool, rlog) -> bool:
+    """Fold what ended runs acknowledged into the snapshot planning reads; True when a forced run must rebuild
+    a snapshot that cannot be read (an unforced run fails on it, naming it)."""
+    try:
+        fold_state(svc, state, destination)
+        if force:
+            state.check(destination)
+        return False
+    except StateUnreadable as exc:
+        if not force:
+            raise
+        rlog.warning("forced run rebuilds the state: %s", exc)
+        return True
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{n} {unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")) if n]
+    return " ".join(parts[:2]) or "0 s"
 
 
 def _save_rejections(svc: Services, run_id: str, path: str) -> None:
@@ -121,25 +225,68 @@ def _resolve_list(svc: Services, export: ExportDefinition) -> str:
                            "(the timer retries on its next tick)") from None
 
 
-def _enqueue(svc: Services, export: ExportDefinition, run_id: str, list_id: str | None, plan) -> int:
-    """Queue every batch, each delayed until just before its request slots. Slots are reserved a chunk at a
-    time, right before the chunk is queued, so no slot passes while later messages are still being written."""
-    interval = svc.budget.interval
-    count = 0
+# --- windows: batches are booked and queued a page at a time, as sending advances ---------------------
+@dataclass(frozen=True)
+class Pages:
+    count: int
+    batches: int
+
+
+def write_pages(svc: Services, run_id: str, batches) -> Pages:
+    """Keep the plan's batches in blobs of PAGE batches each, numbered from 1 in plan order."""
+    pages = count = 0
+    batches = iter(batches)
+    while chunk := list(islice(batches, PAGE)):
+        lines = [json.dumps({"kind": b.kind, "requests": b.requests,
+                             "items": [{"k": i.key, "f": i.fingerprint, "m": i.member, "d": i.document}
+                                       for i in b.items]}, separators=(",", ":")) for b in chunk]
+        data = gzip.compress("\n".join(lines).encode(), compresslevel=1)
+        svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, pages)).upload_blob(data, overwrite=True)
+        pages += 1
+        count += len(chunk)
+    return Pages(pages, count)
+
+
+def _page_name(run_id: str, page: int) -> str:
+    return f"{run_id}/pages/{page:06d}.jsonl.gz"
+
+
+def queue_window(svc: Services, run: dict, page: int) -> None:
+    """Book request slots for one page of the run's batches and queue them, then queue the job for the next
+    page to run shortly before this page's last slot. A page already queued (redelivery) is not queued again."""
+    run_id = run["RowKey"]
+    if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page or page >= int(run.get("pages", 0)):
+        return
+    data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
+    batches = [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
+    last_slot = _enqueue(svc, run, batches, first=page * PAGE + 1)
+    if page + 1 < int(run["pages"]):
+        job = json.dumps({"run": run_id, "page": page + 1}).encode()
+        delay = int(max(0, last_slot - WINDOW_LEAD - time.time()))
+        svc.plan_queue.send_message(job, visibility_timeout=min(delay, MAX_QUEUE_DELAY) or None)
+    svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())
+
+
+def _enqueue(svc: Services, run: dict, batches: list[dict], first: int) -> float:
+    """Queue the batches, each delayed until just before its request slots. Slots are reserved a chunk at a
+    time, right before the chunk is queued, so no slot passes while later messages are still being written.
+    Returns the last slot booked."""
+    interval, number, slot = svc.budget.interval, first, time.time()
+    list_id = run.get("list_id") or None
     with ThreadPoolExecutor(8) as pool:
-        batches = iter(plan.batches())
-        while chunk := list(islice(batches, CHUNK)):
-            slot = svc.budget.reserve(sum(b.requests for b in chunk), ahead=AHEAD)
+        for start in range(0, len(batches), CHUNK):
+            chunk = batches[start:start + CHUNK]
+            slot = svc.budget.reserve(sum(b["requests"] for b in chunk), ahead=AHEAD)
             futures = []
             for batch in chunk:
-                count += 1
-                items = [{"k": i.key, "f": i.fingerprint, "m": i.member, "d": i.document} for i in batch.items]
-                message = BatchMessage(run_id, export.name, count, batch.kind, items, list_id, slot, batch.requests)
+                message = BatchMessage(run["RowKey"], run["export"], number, batch["kind"], batch["items"], list_id,
+                                       slot, batch["requests"])
                 futures.append(pool.submit(queue_message, svc, message, slot))
-                slot += batch.requests * interval
+                slot += batch["requests"] * interval
+                number += 1
             for future in futures:
                 future.result()
-    return count
+    return slot
 
 
 # --- the timer ------------------------------------------------------------------------------------
@@ -168,8 +315,10 @@ def scheduled_tick(svc: Services) -> list[str]:
 
 
 def _has_new_snapshot(svc: Services, export: ExportDefinition) -> bool:
+    """True unless the newest snapshot was synced to the export's present destination."""
     snapshot = find_snapshot(svc.export_container(export), export.prefix, export.segment)
+    destination = svc.destination(export).id
     for run in svc.records.for_export(export.name, limit=20):
-        if run.get("snapshot") == snapshot.id and is_synced(run):
+        if run.get("snapshot") == snapshot.id and run.get("state") in (None, "", destination) and is_synced(run):
             return False
     return True

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
 from shared.batch_messages import BatchMessage
-from shared.contact_state import Acked
 from shared.contacts import mask_email
 from shared.rate_budget import Deferred, Pacer
+from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
 TRIES_IN_PROCESS = 3
@@ -40,6 +40,10 @@ class Progress:
     failed: list[dict] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
     carried_accepted: int = 0  # acknowledged before a re-queue or a redelivery
+    carried_acked: list[Acked] = field(default_factory=list)  # what those were, for the state
+
+    def all_acked(self) -> list[Acked]:
+        return self.carried_acked + self.acked
 
     def settle(self, item: dict, outcome: str, reason: str = "") -> None:
         self.done.add(item["k"])

@@ -10,16 +10,16 @@ from azure.data.tables import TableClient
 from azure.storage.blob import ContainerClient
 
 from shared.autopilot_client import AutopilotClient
-from shared.contact_state import STATE_TABLE, ContactState
 from shared.export_config import ExportDefinition, load_exports
 from shared.rate_budget import RateBudget
 from shared.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
 from shared.secrets import ApiKeyProvider
-from shared.settings import BATCH_QUEUE, HOST_CONNECTION, POISON_QUEUE, Settings
+from shared.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_QUEUE, POISON_QUEUE, Settings
+from shared.state_store import STATE_CONTAINER, STATE_TABLE, Destination, ExportState
 from shared.storage import StorageConnection
 
 BUDGET_TABLE = "ratebudget"
-CONTAINERS = ("batches", "reports", "config", "dead")
+CONTAINERS = ("batches", "reports", "config", "dead", STATE_CONTAINER)
 
 
 class Services:
@@ -48,6 +48,10 @@ class Services:
         return self.host.queue(POISON_QUEUE)
 
     @cached_property
+    def plan_queue(self):
+        return self.host.queue(PLAN_QUEUE)
+
+    @cached_property
     def api_key(self) -> ApiKeyProvider:
         return ApiKeyProvider.from_settings(self.settings.env)
 
@@ -59,8 +63,15 @@ class Services:
     def state_table(self) -> TableClient:
         return self.host.tables.get_table_client(STATE_TABLE)
 
-    def state(self, export: str) -> ContactState:
-        return ContactState(self.state_table, export)
+    def state(self, export: str) -> ExportState:
+        return ExportState(self.host.blob, self.state_table, export)
+
+    def destination(self, export: ExportDefinition) -> Destination:
+        """Whose state a run of `export` reads and writes: this app's Autopilot account and the export's
+        membership target."""
+        account = f"{self.settings.autopilot_base_url} (key {self.api_key.secret_name})"
+        target = export.list if export.membership == "list" else export.membership_key
+        return Destination(account, export.membership, target or "")
 
     def exports(self) -> tuple[ExportDefinition, ...]:
         """Read on every use, so an edited definitions document applies to the next run."""
@@ -83,7 +94,7 @@ class Services:
                 return
             for table in (RUNS_TABLE, BATCHES_TABLE, STATE_TABLE, BUDGET_TABLE):
                 _ignore_exists(lambda t=table: self.host.tables.create_table(t))
-            for queue in (self.queue, self.poison_queue):
+            for queue in (self.queue, self.poison_queue, self.plan_queue):
                 _ignore_exists(queue.create_queue)
             for container in CONTAINERS:
                 _ignore_exists(lambda c=container: self.host.blob.create_container(c))
@@ -99,7 +110,7 @@ class Services:
         for connection in self._connections.values():
             connection.close()
         built = self.__dict__
-        for name in ("queue", "poison_queue"):
+        for name in ("queue", "poison_queue", "plan_queue"):
             if name in built:
                 built[name].close()
         if "autopilot" in built:

@@ -11,6 +11,8 @@ from shared.rate_budget import MARGIN
 DEFAULT_BASE_URL = "https://api2.autopilothq.com/v1"
 BATCH_QUEUE = "autopilot-batches"
 POISON_QUEUE = f"{BATCH_QUEUE}-poison"
+PLAN_QUEUE = "autopilot-plans"  # planning jobs and the windows of batches a run queues as it sends
+PLAN_POISON_QUEUE = f"{PLAN_QUEUE}-poison"
 HOST_CONNECTION = "AzureWebJobsStorage"
 
 

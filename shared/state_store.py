@@ -1,0 +1,378 @@
+"""What Autopilot acknowledged, per export and destination: a snapshot planning reads in one pass, plus the
+acknowledgements of runs not yet folded into it.
+
+- Snapshot: blob `state/<export>/<destination id>.gz`, gzip text: a JSON header line, then one line per contact
+  `key<TAB>fingerprint<TAB>1|0` (member or not) sorted by key, then `#end<TAB><count>`. Replaced whole, with an
+  If-Match on the blob it was folded from, so two folders can never interleave.
+- Acknowledgements since: each settled batch's acknowledgements are written in its outcome entity, in the same
+  write (run_records.record_batch); what a run settles while planning (kept leavers) goes to a blob of its own.
+- Head: entity (`~head`, <export>) in the `contactstate` table: the destination of the export's last run and
+  `pending`, the runs whose acknowledgements are not yet in a snapshot.
+
+Why a crash loses nothing: a run is registered as pending before its first batch is queued; folding writes the
+new snapshot (naming the folded runs in its header) before it drops them from `pending`, so a crash in between
+leaves runs that the next fold finds already folded and drops; planning folds every ended pending run before it
+reads the snapshot. Runs of one export never overlap (run_records.acquire), so folds follow run order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, UpdateMode
+from azure.storage.blob import BlobServiceClient
+
+STATE_TABLE = "contactstate"  # also holds the acknowledged state of versions before snapshots (partition = export)
+STATE_CONTAINER = "state"
+VERSION = 1
+HEAD = "~head"  # no export name starts with '~'
+FOLDED_KEPT = 50  # run entries a snapshot header remembers as folded
+_END = "#end"
+
+
+class Acked(NamedTuple):
+    key: str  # normalised (lower-case) email
+    fingerprint: str
+    member: bool
+
+
+class StateUnreadable(Exception):
+    """A snapshot that cannot be read: the run fails before anything is sent."""
+
+    def __init__(self, blob: str, why: str):
+        super().__init__(f"the acknowledged state {STATE_CONTAINER}/{blob} cannot be read ({why}); nothing was "
+                         "sent. Start the run with force to rebuild it from the segment (every member is sent again)")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a state belongs: the Autopilot account (API and key) and the membership it keeps."""
+
+    account: str  # the API's base URL and the Key Vault secret holding its key
+    mode: str  # "list" or "field"
+    target: str  # the list's title or id, or the membership field's key
+
+    @property
+    def id(self) -> str:
+        text = json.dumps([self.account, self.mode, self.target])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} {self.target!r} on {self.account}"
+
+    def public(self) -> dict:
+        return {"id": self.id, "membership": self.mode, "target": self.target, "account": self.account}
+
+    @classmethod
+    def from_public(cls, data: dict) -> Destination:
+        return cls(data["account"], data["membership"], data["target"])
+
+
+def encode_acks(acks: Iterable[Acked]) -> bytes:
+    """Acknowledgements as they travel in a batch outcome (a Table binary property of at most 64 KiB)."""
+    return zlib.compress("\n".join(f"{a.key}\t{a.fingerprint}\t{int(a.member)}" for a in acks).encode(), 6)
+
+
+def decode_acks(data: bytes | None) -> list[Acked]:
+    if not data:
+        return []
+    text = zlib.decompress(data).decode()
+    return [_line(line) for line in text.split("\n")] if text else []
+
+
+def _line(line: str) -> Acked:
+    key, fp, member = line.split("\t")
+    if member not in ("0", "1") or not key:
+        raise ValueError(f"bad entry {line[:12]!r}...")
+    return Acked(key, fp, member == "1")
+
+
+class ExportState:
+    """The acknowledged state of one export (every destination it ever had)."""
+
+    def __init__(self, blobs: BlobServiceClient, table: TableClient, export: str):
+        self.container = blobs.get_container_client(STATE_CONTAINER)
+        self.table = table
+        self.export = export
+
+    # --- the head ---------------------------------------------------------------------------------
+    def head(self) -> tuple[dict, str | None]:
+        try:
+            entity = self.table.get_entity(HEAD, self.export)
+        except ResourceNotFoundError:
+            return {"destination": "", "destination_name": "", "pending": []}, None
+        return {"destination": entity.get("destination", ""), "destination_name": entity.get("destination_name", ""),
+                "pending": json.loads(entity.get("pending") or "[]")}, entity.metadata["etag"]
+
+    def previous_destination(self) -> str:
+        """The name of the destination the export's last run sent to ("" if none)."""
+        return self.head()[0]["destination_name"]
+
+    def register(self, run_id: str, destination: Destination, entry: str | None = None) -> None:
+        """Record that `run_id` is about to send to `destination`: its acknowledgements are pending until folded.
+        `entry` names a later registration of the same run (a replay), so a fold does not skip it as done."""
+        entry = entry or run_id
+        self._change_head(lambda head: {
+            **head, "destination": destination.id, "destination_name": destination.name,
+            "pending": head["pending"] + ([] if any(p["entry"] == entry for p in head["pending"])
+                                          else [{"entry": entry, "run": run_id, "state": destination.id}])})
+
+    def _change_head(self, change: Callable[[dict], dict]) -> None:
+        while True:
+            head, etag = self.head()
+            new = change(head)
+            entity = {"PartitionKey": HEAD, "RowKey": self.export, "destination": new["destination"],
+                      "destination_name": new["destination_name"], "pending": json.dumps(new["pending"])}
+            try:
+                if etag is None:
+                    self.table.create_entity(entity)
+                else:
+                    self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag,
+                                             match_condition=MatchConditions.IfNotModified)
+                return
+            except (ResourceExistsError, ResourceModifiedError):
+                continue  # another instance changed the head: read it again
+
+    # --- snapshots --------------------------------------------------------------------------------
+    def blob_name(self, destination: Destination) -> str:
+        return f"{self.export}/{destination.id}.gz"
+
+    def load(self, destination: Destination) -> Iterator[Acked]:
+        """Stream the destination's snapshot (nothing if it has none); raises StateUnreadable when it is broken."""
+        with self._download(self.blob_name(destination)) as (path, _etag):
+            if path is None:
+                return
+            yield from self._entries(path, destination)
+
+    def has_snapshot(self, destination: Destination) -> bool:
+        return self.container.get_blob_client(self.blob_name(destination)).exists()
+
+    def check(self, destination: Destination) -> None:
+        """Read the whole snapshot once; raises StateUnreadable if it is broken."""
+        for _ in self.load(destination):
+            pass
+
+    def _entries(self, path: str, destination: Destination) -> Iterator[Acked]:
+        name = self.blob_name(destination)
+        try:
+            with gzip.open(path, "rt", encoding="utf-8", newline="\n") as lines:
+                header = json.loads(next(lines, "") or "null")
+                if not isinstance(header, dict) or header.get("version") != VERSION:
+                    raise StateUnreadable(name, f"unknown version {_version(header)}; this app reads {VERSION}")
+                if header.get("export") != self.export or header.get("destination") != destination.id:
+                    raise StateUnreadable(name, "its header names another export or destination")
+                count, previous = 0, ""
+                for line in lines:
+                    line = line.rstrip("\n")
+                    if line.startswith(_END):
+                        if line != f"{_END}\t{count}" or next(lines, None) is not None:
+                            raise StateUnreadable(name, f"its end mark does not match its {count} entries")
+                        return
+                    entry = _line(line)
+                    if entry.key <= previous:
+                        raise StateUnreadable(name, f"entry {count + 1} is out of order")
+                    previous = entry.key
+                    count += 1
+                    yield entry
+                raise StateUnreadable(name, f"truncated after {count} entries (no end mark)")
+        except StateUnreadable:
+            raise
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+            raise StateUnreadable(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+    @staticmethod
+    def _header(path: str) -> dict:
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as lines:
+                header = json.loads(next(lines, "") or "{}")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError):
+            return {}
+        return header if isinstance(header, dict) else {}
+
+    def _download(self, name: str):
+        return _Download(self.container.get_blob_client(name))
+
+    def write(self, destination: Destination, entries: Iterable[Acked], folded: list[str], etag: str | None,
+              **header) -> None:
+        """Replace the snapshot with `entries` (sorted by key), only if it is still the blob at `etag`
+        (None: only if there is none). Raises ResourceModifiedError/ResourceExistsError when it changed."""
+        fd, path = tempfile.mkstemp(prefix="state-", suffix=".gz")
+        os.close(fd)
+        try:
+            count = 0
+            with gzip.open(path, "wt", encoding="utf-8", compresslevel=3, newline="\n") as out:
+                out.write(json.dumps({"version": VERSION, "export": self.export, "destination": destination.id,
+                                      "name": destination.name, "folded": folded[-FOLDED_KEPT:], **header}) + "\n")
+                for entry in entries:
+                    out.write(f"{entry.key}\t{entry.fingerprint}\t{int(entry.member)}\n")
+                    count += 1
+                out.write(f"{_END}\t{count}\n")
+            blob = self.container.get_blob_client(self.blob_name(destination))
+            condition = ({"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag
+                         else {"if_none_match": "*"})
+            with open(path, "rb") as data:
+                blob.upload_blob(data, overwrite=True, **condition)
+        finally:
+            os.unlink(path)
+
+    # --- folding ----------------------------------------------------------------------------------
+    def fold(self, destination: Destination, acks_of: Callable[[str], Iterable[Acked] | None],
+             rebuild: Callable[[str], bool] = lambda run: False) -> int:
+        """Fold the pending runs of `destination` whose acknowledgements are final into its snapshot; returns how
+        many. `acks_of(run)` gives a run's acknowledgements in settling order, or None while it still sends;
+        `rebuild(run)` is true for a run that replaces a broken snapshot instead of adding to it."""
+        while True:
+            head, _ = self.head()
+            entries = [p for p in head["pending"] if p["state"] == destination.id]
+            if not entries:
+                return 0
+            try:
+                done = self._fold_entries(destination, entries, acks_of, rebuild)
+            except (ResourceModifiedError, ResourceExistsError):
+                continue  # another instance folded first: start again from its snapshot
+            self._forget(done)
+            return len(done)
+
+    def _forget(self, entries: set[str]) -> None:
+        self._change_head(lambda h: {**h, "pending": [p for p in h["pending"] if p["entry"] not in entries]})
+
+    def _fold_entries(self, destination, entries, acks_of, rebuild) -> set[str]:
+        with self._download(self.blob_name(destination)) as (path, etag), _AckTable() as table:
+            header = self._header(path) if path else {}
+            folded = list(header.get("folded", []))
+            done, base_ok = set(), True
+            for entry in entries:
+                if entry["entry"] in folded:
+                    done.add(entry["entry"])  # folded before a crash that kept it pending
+                    continue
+                acks = acks_of(entry["run"])
+                if acks is None:
+                    break  # still sending: it and every later run wait for the next fold
+                if rebuild(entry["run"]):
+                    base_ok = False
+                    table.clear()
+                table.add(acks)
+                folded.append(entry["entry"])
+                done.add(entry["entry"])
+            if done <= set(header.get("folded", [])):
+                return done
+            old = self._entries(path, destination) if path and base_ok else iter(())
+            self.write(destination, _merge(old, table.sorted()), folded, etag)
+            return done
+
+    # --- state kept before snapshots (one Table entity per contact) -------------------------------
+    def import_legacy(self, destination: Destination) -> int:
+        """Carry an older app's per-contact entities over into the destination's snapshot, once per export:
+        only while the export has no head yet (the older app never wrote one). Returns how many."""
+        if self.head()[1] is not None:
+            return 0
+        rows = self.table.query_entities("PartitionKey eq @p", parameters={"p": self.export},
+                                         select=["email", "fp", "member"])
+        with _AckTable() as table:
+            count = table.add(Acked(e["email"], e["fp"], bool(e["member"])) for e in rows)
+            if count:
+                try:
+                    self.write(destination, table.sorted(), [], None, imported=STATE_TABLE)
+                except ResourceExistsError:
+                    pass  # a snapshot exists already: it is newer than the old entities
+        # The head marks the export as carried over (a later destination must not inherit these entities).
+        self._change_head(lambda h: {**h, "destination": h["destination"] or destination.id,
+                                     "destination_name": h["destination_name"] or destination.name})
+        return count
+
+    # --- acknowledgements settled while planning (leavers kept in Autopilot) ----------------------
+    def save_planned(self, run_id: str, acks: Iterable[Acked]) -> int:
+        data = encode_acks(acks)
+        self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").upload_blob(data, overwrite=True)
+        return len(data)
+
+    def planned(self, run_id: str) -> list[Acked]:
+        try:
+            data = self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").download_blob().readall()
+        except ResourceNotFoundError:
+            return []
+        return decode_acks(data)
+
+
+def _version(header) -> str:
+    return repr(header.get("version")) if isinstance(header, dict) else "(no header)"
+
+
+def _merge(old: Iterator[Acked], new: Iterator[Acked]) -> Iterator[Acked]:
+    """Two key-sorted streams into one; on equal keys the newer entry wins."""
+    a, b = next(old, None), next(new, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a.key < b.key):
+            yield a
+            a = next(old, None)
+        else:
+            if a is not None and a.key == b.key:
+                a = next(old, None)
+            yield b
+            b = next(new, None)
+
+
+class _Download:
+    """The blob in a temporary file for the `with` block: (path, etag), or (None, None) if it does not exist."""
+
+    def __init__(self, blob):
+        self.blob = blob
+        self.path = None
+
+    def __enter__(self):
+        try:
+            downloader = self.blob.download_blob()
+        except ResourceNotFoundError:
+            return None, None
+        fd, self.path = tempfile.mkstemp(prefix="state-", suffix=".gz")
+        with os.fdopen(fd, "wb") as out:
+            downloader.readinto(out)
+        return self.path, downloader.properties.etag
+
+    def __exit__(self, *exc):
+        if self.path:
+            os.unlink(self.path)
+
+
+class _AckTable:
+    """Acknowledgements keyed by contact in a temporary SQLite file (later ones replace earlier ones)."""
+
+    def __enter__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="fold-")
+        self.db = sqlite3.connect(f"{self._dir.name}/acks.sqlite")
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                              "CREATE TABLE acks(key TEXT PRIMARY KEY, fp TEXT, member INT) WITHOUT ROWID;")
+        return self
+
+    def add(self, acks: Iterable[Acked]) -> int:
+        before = self.db.total_changes
+        self.db.executemany("INSERT OR REPLACE INTO acks VALUES (?,?,?)",
+                            ((a.key, a.fingerprint, int(a.member)) for a in acks))
+        return self.db.total_changes - before
+
+    def clear(self) -> None:
+        self.db.execute("DELETE FROM acks")
+
+    def sorted(self) -> Iterator[Acked]:
+        for key, fp, member in self.db.execute("SELECT key, fp, member FROM acks ORDER BY key"):
+            yield Acked(key, fp, bool(member))
+
+    def __exit__(self, *exc):
+        self.db.close()
+        self._dir.cleanup()
