@@ -8,8 +8,47 @@ targetScope = 'subscription'
 @description('azd environment name; with the subscription and location it seeds every resource name.')
 param environmentName string
 
+// Regions that offer Flex Consumption, so that another region fails at once instead of at site creation. Taken
+// 2026-11-30 from Microsoft's list in Azure-Samples/azure-functions-flex-consumption-samples, IaC/bicep/main.bicep
+// ("Last updated: July 2025", commit b5a5697; the sample dropped the list on 2025-12-17), without the canary region
+// eastus2euap, which only early-access subscriptions can use. Flex keeps adding regions: when
+// `az functionapp list-flexconsumption-locations` names one missing here, add it.
 @minLength(1)
 @description('Region for every resource; it must offer Flex Consumption (az functionapp list-flexconsumption-locations).')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'japanwest'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({
   azd: {
     type: 'location'
@@ -19,11 +58,23 @@ param location string
 
 // Every request to Autopilot takes a time slot from one rate budget (an entity in the `ratebudget` table) that
 // all instances share, so more instances never push the app past autopilotRequestsPerSecond; they only absorb
-// planning, retries and bursts of batches faster.
-@minValue(1)
+// planning, retries and bursts of batches faster. 40 is the lowest maximum Flex Consumption accepts in every
+// region ("Scale: the lowest maximum scale is currently 40", learn.microsoft.com/azure/azure-functions/
+// flex-consumption-plan#considerations; the Flex samples use @minValue(40)); lower values are a preview in a few
+// regions only (Azure/azure-functions-host#10523, 2026-01-05). A maximum is a ceiling, not a reservation: on-demand
+// instances are billed only while they execute.
+@minValue(40)
 @maxValue(1000)
-@description('Most instances Flex Consumption may run at once.')
-param maximumInstanceCount int = 4
+@description('Most on-demand instances Flex Consumption may run at once (40 to 1000).')
+param maximumInstanceCount int = 40
+
+// One instance kept running for the HTTP functions, so that a large run, which scales the queue trigger out, never
+// leaves the API (start a run, read a run) without an instance. It is billed around the clock at the always-ready
+// baseline rate; 0 turns it off (see README: Deploy and operate).
+@minValue(0)
+@maxValue(1000)
+@description('Always-ready instances for the HTTP functions (scale group http); 0: none.')
+param httpAlwaysReadyInstances int = 1
 
 @allowed([
   512
@@ -33,8 +84,15 @@ param maximumInstanceCount int = 4
 @description('Memory of each instance, in MB.')
 param instanceMemoryMB int = 2048
 
-@description('Resource id of the storage account Customer Insights exports to. Empty: no role is granted and the EXPORT_STORAGE app settings must be set by hand after deployment.')
+// The Customer Insights export account, in one of two ways (EXPORT_STORAGE_ACCOUNT_ID wins when both are set):
+// its resource id, and the deployment grants the app's identity Storage Blob Data Reader on it; or, when the person
+// running azd cannot grant roles there, its blob endpoint, and the account's owner grants that role (README).
+// Neither: the deployment stops on the function module's exportStorageBlobServiceUri.
+@description('Resource id of the storage account Customer Insights exports to (EXPORT_STORAGE_ACCOUNT_ID); the app gets Storage Blob Data Reader on it.')
 param exportStorageAccountResourceId string = ''
+
+@description('Blob endpoint of the export account, https://<account>.blob.core.windows.net/ (EXPORT_STORAGE_BLOB_URI); used only without exportStorageAccountResourceId, and then the account owner grants the read role.')
+param exportStorageBlobUri string = ''
 
 @description('NCRONTAB schedule on which the app looks for new export snapshots.')
 param exportSchedule string = '0 */15 * * * *'
@@ -49,7 +107,10 @@ param autopilotRequestsPerSecond string = '5'
 @description('Autopilot API key. Empty (the default): the secret is not created; set it after deployment with az keyvault secret set.')
 param autopilotApiKey string = ''
 
-@description('Object id of the person (or CI principal) running azd. Empty: no role for them.')
+// azd (1.17.1 and later) fills both from the account it is signed in with, on every provision, and ignores values
+// set with `azd env set AZURE_PRINCIPAL_ID` / `AZURE_PRINCIPAL_TYPE`: User, or ServicePrincipal when signed in with
+// `azd auth login --client-id` (Azure/azure-dev cli/azd/pkg/infra/provisioning/current_principal_id_provider.go).
+@description('Object id of the account running azd (filled by azd from the login). Empty: no role for them.')
 param principalId string = ''
 
 @allowed([
@@ -57,7 +118,7 @@ param principalId string = ''
   'ServicePrincipal'
   'Group'
 ])
-@description('Kind of principal principalId names.')
+@description('Kind of principal principalId names (filled by azd from the login: User or ServicePrincipal).')
 param principalType string = 'User'
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
@@ -156,6 +217,7 @@ module functionApp 'app/function.bicep' = {
     deploymentContainerName: deploymentContainerName
     appInsightsName: monitoring.outputs.appInsightsName
     maximumInstanceCount: maximumInstanceCount
+    httpAlwaysReadyInstances: httpAlwaysReadyInstances
     instanceMemoryMB: instanceMemoryMB
     exportSchedule: exportSchedule
     exportsBlob: '${configContainerName}/exports.json'
@@ -163,12 +225,14 @@ module functionApp 'app/function.bicep' = {
     apiKeySecretName: apiKeySecretName
     autopilotBaseUrl: autopilotBaseUrl
     autopilotRequestsPerSecond: autopilotRequestsPerSecond
-    exportStorageAccountName: exportStorageAccountName
+    exportStorageBlobServiceUri: exportStorageBlobServiceUri
   }
 }
 
 // /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Storage/storageAccounts/<name>
 var exportStorageAccountName = empty(exportStorageAccountResourceId) ? '' : last(split(exportStorageAccountResourceId, '/'))
+var exportStorageAccountBlobUri = 'https://${exportStorageAccountName}.blob.${environment().suffixes.storage}/'
+var exportStorageBlobServiceUri = empty(exportStorageAccountName) ? exportStorageBlobUri : exportStorageAccountBlobUri
 var exportStorageSubscriptionId = empty(exportStorageAccountResourceId) ? subscription().subscriptionId : split(exportStorageAccountResourceId, '/')[2]
 var exportStorageResourceGroup = empty(exportStorageAccountResourceId) ? rg.name : split(exportStorageAccountResourceId, '/')[4]
 
@@ -194,6 +258,7 @@ output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_NAME string = functionApp.outputs.name
+output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output SERVICE_API_NAME string = functionApp.outputs.name
 output SERVICE_API_URI string = functionApp.outputs.uri
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name

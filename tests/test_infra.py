@@ -2,7 +2,9 @@
 
 Every Bicep file is parsed with pycep, and the security properties the issue asks for are asserted on the parsed
 structure: identity-only storage, Key Vault with RBAC and purge protection, HTTPS/TLS 1.2/no FTP, local auth off
-for monitoring, every app setting the code reads, and least-privilege role assignments kept in one module.
+for monitoring, every app setting the code reads, and least-privilege role assignments kept in one module. What a
+first `azd up` needs is held too: no site property or app setting that Flex Consumption rejects or ignores, limits
+and regions every Flex region accepts, and app settings that come only from azd values (none set by hand).
 checkov (installed in .venv-infra by the Makefile) must then find no failed check.
 """
 
@@ -65,6 +67,57 @@ IDENTITY_CONNECTIONS = {
     "AzureWebJobsStorage": {"credential", "clientId", "blobServiceUri", "queueServiceUri", "tableServiceUri"},
     "EXPORT_STORAGE": {"credential", "clientId", "blobServiceUri"},
 }
+
+# Site properties and app settings that Flex Consumption rejects or ignores. Taken 2026-11-30 from Microsoft's table
+# "Flex Consumption plan deprecations" (https://learn.microsoft.com/azure/azure-functions/functions-app-settings
+# #flex-consumption-plan-deprecations, linked from "Deprecated properties and settings" in
+# https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan) and from that page's "Considerations";
+# ARM names such a property in its refusal ("The following list of ... site configuration properties
+# (Site.SiteConfig.FtpsState, ...) for Flex Consumption sites is invalid"), on some regional stamps only, which is
+# why a deployment can pass in one region and fail in another. Entries marked "ARM:" are not in the table but were
+# named in such refusals of real deployments. Property names compare case-insensitively, as ARM does.
+FLEX_REJECTED_SITE_PROPERTIES = {
+    "ftpsState": "FTPS not supported; FTP is off through basicPublishingCredentialsPolicies",
+    "use32BitWorkerProcess": "32-bit not supported",
+    "isReserved": "not valid",
+    "isXenon": "not valid",
+    "windowsFxVersion": "not valid",
+    "alwaysOn": "not valid",
+    "preWarmedInstanceCount": "renamed functionAppConfig.scaleAndConcurrency.alwaysReady",
+    "functionAppScaleLimit": "renamed functionAppConfig.scaleAndConcurrency.maximumInstanceCount",
+    "containerSize": "renamed functionAppConfig.scaleAndConcurrency.instanceMemoryMB",
+    "javaVersion": "replaced by functionAppConfig.runtime.version",
+    "powerShellVersion": "replaced by functionAppConfig.runtime.version",
+    "netFrameworkVersion": "replaced by functionAppConfig.runtime.version",
+    "linuxFxVersion": "replaced by functionAppConfig.runtime",
+    "functionsRuntimeScaleMonitoringEnabled": "ARM: https://github.com/microsoft/azure-pipelines-tasks/issues/21032",
+}
+FLEX_REJECTED_APP_SETTINGS = {
+    "ENABLE_ORYX_BUILD": "replaced by the remoteBuild deployment parameter",
+    "FUNCTIONS_EXTENSION_VERSION": "set by the platform",
+    "FUNCTIONS_WORKER_RUNTIME": "replaced by functionAppConfig.runtime.name",
+    "FUNCTIONS_WORKER_RUNTIME_VERSION": "replaced by functionAppConfig.runtime.version",
+    "FUNCTIONS_MAX_HTTP_CONCURRENCY": "replaced by functionAppConfig.scaleAndConcurrency.triggers.http",
+    "FUNCTIONS_WORKER_PROCESS_COUNT": "not valid",
+    "FUNCTIONS_WORKER_DYNAMIC_CONCURRENCY_ENABLED": "not valid",
+    "SCM_DO_BUILD_DURING_DEPLOYMENT": "replaced by the remoteBuild deployment parameter",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING": "replaced by functionAppConfig.deployment",
+    "WEBSITE_CONTENTOVERVNET": "not used for networking",
+    "WEBSITE_CONTENTSHARE": "replaced by functionAppConfig.deployment",
+    "WEBSITE_DNS_SERVER": "DNS comes from the integrated virtual network",
+    "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT": "replaced by scaleAndConcurrency.maximumInstanceCount",
+    "WEBSITE_NODE_DEFAULT_VERSION": "replaced by functionAppConfig.runtime.version",
+    "WEBSITE_RUN_FROM_PACKAGE": "not used for deployments",
+    "WEBSITE_SKIP_CONTENTSHARE_VALIDATION": "no content share",
+    "WEBSITE_VNET_ROUTE_ALL": "not used for networking",
+    "WEBSITE_TIME_ZONE": "not supported (Considerations)",
+    "TZ": "not supported (Considerations)",
+    "WEBSITE_LOAD_CERTIFICATES": "certificates not supported (Considerations)",
+}
+# azd 1.22.4 to 1.24.0 also deleted, on `azd down`, resource groups that existed before the deployment and merely
+# received something from it: here the export account's group, which holds the app's read role
+# (https://github.com/Azure/azure-dev/pull/6356 introduced it; #7698 fixed it in azd 1.24.1, 2026-04-17).
+AZD_MIN_VERSION = (1, 24, 1)
 
 
 # --- reading the parsed templates ---------------------------------------------------------------------------
@@ -150,6 +203,34 @@ def app_settings(templates) -> dict[str, Any]:
     return settings
 
 
+def keys_in(value: Any) -> Iterator[str]:
+    """Every property name in a parsed object literal, at any depth (through arrays and conditionals)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in {"operator", "function", "operands", "parameters"}:
+                yield unquote(key)
+            yield from keys_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from keys_in(item)
+
+
+def flex_rejections(site_properties: dict[str, Any], setting_names: set[str]) -> list[str]:
+    """The site properties (top level and siteConfig, at any depth) and app settings Flex Consumption refuses."""
+    rejected = {name.lower(): name for name in FLEX_REJECTED_SITE_PROPERTIES}
+    scanned = {k: v for k, v in site_properties.items() if k != "functionAppConfig"}
+    found = [f"property {rejected[key.lower()]}" for key in keys_in(scanned) if key.lower() in rejected]
+    found += [f"app setting {name}" for name in sorted(setting_names) if name.upper() in FLEX_REJECTED_APP_SETTINGS]
+    return found
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
 # --- the files and their wiring ------------------------------------------------------------------------------
 
 
@@ -194,6 +275,14 @@ def test_azure_yaml_deploys_this_folder_as_the_api_function():
     service = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in service if line.startswith("    "))}
     assert service == {"project": ".", "language": "python", "host": "function"}
     assert "  provider: bicep" in lines and "  path: infra" in lines
+
+
+def test_azure_yaml_requires_an_azd_whose_down_leaves_the_export_accounts_group_alone():
+    text = (ROOT / "azure.yaml").read_text()
+    found = re.search(r"^requiredVersions:\n  azd: \"?>= ?(\d+)\.(\d+)\.(\d+)\"?$", text, re.MULTILINE)
+    assert found, "azure.yaml must set requiredVersions.azd to '>= x.y.z'"
+    assert tuple(int(part) for part in found.groups()) >= AZD_MIN_VERSION
+    assert "azd {}.{}.{}".format(*AZD_MIN_VERSION) in readme_section("Deploy and operate")
 
 
 def test_funcignore_leaves_tooling_out_of_the_package():
@@ -257,18 +346,33 @@ def test_function_app_is_flex_consumption_python_311_running_as_the_identity(tem
     assert storage["authentication"] == {"type": "UserAssignedIdentity", "userAssignedIdentityResourceId": "identityId"}
 
 
-def test_maximum_instance_count_is_a_parameter_of_the_deployment(templates):
-    main = templates["main.bicep"]
-    assert isinstance(param_default(main, "maximumInstanceCount"), int)
-    assert decorators(main, "maximumInstanceCount").keys() >= {"min_value", "max_value"}
+def test_maximum_instance_count_is_a_parameter_every_flex_region_accepts(templates):
+    # 40 is the lowest maximum Flex Consumption accepts in every region (flex-consumption-plan#considerations;
+    # lower values are a preview in a few regions only: Azure/azure-functions-host#10523).
+    main, function = templates["main.bicep"], templates["app/function.bicep"]
+    for template in (main, function):
+        limits = decorators(template, "maximumInstanceCount")
+        assert limits["min_value"] == 40 and limits["max_value"] == 1000
+    assert param_default(main, "maximumInstanceCount") == 40
     params = unwrap(main["modules"]["functionApp"])[0]["params"]
     assert params["maximumInstanceCount"] == "maximumInstanceCount"
     assert params["instanceMemoryMB"] == "instanceMemoryMB"
-    scale = only(templates["app/function.bicep"], "Microsoft.Web/sites")["properties"]["functionAppConfig"]
-    assert scale["scaleAndConcurrency"] == {
-        "maximumInstanceCount": "maximumInstanceCount",
-        "instanceMemoryMB": "instanceMemoryMB",
-    }
+    assert params["httpAlwaysReadyInstances"] == "httpAlwaysReadyInstances"
+    scale = only(function, "Microsoft.Web/sites")["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+    assert scale["maximumInstanceCount"] == "maximumInstanceCount"
+    assert scale["instanceMemoryMB"] == "instanceMemoryMB"
+
+
+def test_the_http_functions_keep_an_always_ready_instance_whatever_the_queue_trigger_takes(templates):
+    main, function = templates["main.bicep"], templates["app/function.bicep"]
+    assert param_default(main, "httpAlwaysReadyInstances") == 1
+    assert decorators(main, "httpAlwaysReadyInstances")["min_value"] == 0
+    scale = only(function, "Microsoft.Web/sites")["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+    groups = list(objects_in(scale["alwaysReady"], function["variables"]))
+    # Only the HTTP group ('http'): the queue trigger and the timer scale to zero.
+    assert groups == [{"name": "http", "instanceCount": "httpAlwaysReadyInstances"}]
+    choice = scale["alwaysReady"]["operator"]
+    assert choice["type"] == "conditional" and choice["operands"]["true_value"] == [], "0 must mean no entry at all"
 
 
 def test_function_app_is_https_only_tls12_without_ftp_or_basic_auth(templates):
@@ -277,10 +381,23 @@ def test_function_app_is_https_only_tls12_without_ftp_or_basic_auth(templates):
     assert props["httpsOnly"] is True
     assert props["siteConfig"]["minTlsVersion"] == "1.2"
     assert props["siteConfig"]["scmMinTlsVersion"] == "1.2"
-    assert props["siteConfig"]["ftpsState"] == "Disabled"
+    # FTP and basic-auth publishing are off through the publishing-credentials policies; siteConfig.ftpsState is
+    # not set because Flex Consumption rejects it (test below), which is why checkov's CKV_AZURE_78 is skipped.
+    assert "ftpsState" not in props["siteConfig"]
     policies = resources(function, "Microsoft.Web/sites/basicPublishingCredentialsPolicies").values()
     assert {p["name"]: p["properties"]["allow"] for p in policies} == {"ftp": False, "scm": False}
     assert {p["parent"] for p in policies} == {"site"}
+
+
+def test_site_and_app_settings_hold_nothing_flex_consumption_rejects_or_ignores(templates, app_settings):
+    function = templates["app/function.bicep"]
+    site = only(function, "Microsoft.Web/sites")
+    assert flex_rejections(site["properties"], set(app_settings)) == []
+    # Settings written by a separate sites/config resource would be held the same way; there is none.
+    assert not resources(function, "Microsoft.Web/sites/config")
+    # The check itself: it finds what the issue found, at any depth and in any letter case.
+    assert flex_rejections({"siteConfig": {"FtpsState": "Disabled"}}, set()) == ["property ftpsState"]
+    assert flex_rejections({}, {"FUNCTIONS_WORKER_RUNTIME"}) == ["app setting FUNCTIONS_WORKER_RUNTIME"]
 
 
 def test_app_settings_set_every_setting_the_code_reads_with_identity_connections(app_settings):
@@ -297,6 +414,88 @@ def test_app_settings_set_every_setting_the_code_reads_with_identity_connections
     # No setting carries a key: storage goes by identity and the Autopilot key stays in Key Vault.
     values = json.dumps(app_settings).lower()
     assert not re.search(r"list_?keys|accountkey|sharedaccesssignature|autopilotapikey", values)
+
+
+def settings_read_by_the_code() -> set[str]:
+    """App settings named in the app's code: env look-ups, `%NAME%` trigger bindings and connection names."""
+    from shared.export_config import DEFAULT_CONNECTION
+    from shared.settings import HOST_CONNECTION
+
+    patterns = (
+        r"env(?:iron)?\.get\(\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",
+        r"env(?:iron)?\[\s*\"([A-Za-z_][A-Za-z0-9_]*)\"\s*\]",
+        r"\b_\w+\(\s*env,\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",
+        r"\"%([A-Za-z_][A-Za-z0-9_]*)%\"",
+    )
+    names = {HOST_CONNECTION, DEFAULT_CONNECTION}
+    for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").glob("*.py"))]:
+        text = path.read_text()
+        for pattern in patterns:
+            names |= set(re.findall(pattern, text))
+    return names
+
+
+def test_every_setting_the_code_reads_is_listed_and_so_set_in_azure(app_settings):
+    read = settings_read_by_the_code()
+    assert {"KEY_VAULT_URL", "EXPORT_SCHEDULE", "EXPORTS_BLOB", "AzureWebJobsStorage"} <= read, "the scan found nothing"
+    unknown = read - APP_SETTINGS - AZURE_ONLY_SETTINGS - set(LOCAL_ONLY_SETTINGS)
+    assert not unknown, f"the code reads {sorted(unknown)}: set them in infra/app/function.bicep and list them here"
+    set_in_azure = {name.split("__")[0] for name in app_settings}
+    assert (read - set(LOCAL_ONLY_SETTINGS)) <= set_in_azure
+
+
+def test_the_export_account_comes_from_an_azd_value_or_the_deployment_stops(templates, app_settings):
+    main, function = templates["main.bicep"], templates["app/function.bicep"]
+    # Either value; neither leaves the function module's parameter empty, and @minLength(1) stops the deployment.
+    assert param_default(main, "exportStorageAccountResourceId") == ""
+    assert param_default(main, "exportStorageBlobUri") == ""
+    given = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert given["exportStorageAccountResourceId"]["value"] == "${EXPORT_STORAGE_ACCOUNT_ID}"
+    assert given["exportStorageBlobUri"]["value"] == "${EXPORT_STORAGE_BLOB_URI}"
+    choice = main["variables"]["exportStorageBlobServiceUri"]["value"]["operator"]
+    assert choice["type"] == "conditional"
+    assert choice["operands"]["condition"]["function"]["parameters"]["item_to_test"] == "exportStorageAccountName"
+    assert (choice["operands"]["true_value"], choice["operands"]["false_value"]) == (
+        "exportStorageBlobUri",
+        "exportStorageAccountBlobUri",
+    )
+    params = unwrap(main["modules"]["functionApp"])[0]["params"]
+    assert params["exportStorageBlobServiceUri"] == "exportStorageBlobServiceUri"
+    assert param_default(function, "exportStorageBlobServiceUri") is None
+    required = decorators(function, "exportStorageBlobServiceUri")
+    assert required["min_length"] == 1
+    named = set(re.findall(r"[A-Z_]{8,}", required["description"]))
+    assert {"EXPORT_STORAGE_ACCOUNT_ID", "EXPORT_STORAGE_BLOB_URI"} <= named, "the error must say what to set"
+    assert app_settings["EXPORT_STORAGE__blobServiceUri"] == "exportStorageBlobServiceUri"
+    # Unconditional: the settings exist whichever value was given.
+    assert function["variables"]["exportStorageSettings"]["value"][2]["name"] == "EXPORT_STORAGE__blobServiceUri"
+
+
+def test_no_readme_step_writes_app_settings_by_hand():
+    # `azd provision` writes the whole app-settings list from the Bicep, so a setting written by hand is deleted by
+    # the next provision. Every setting comes from an azd value instead.
+    text = (ROOT / "README.md").read_text()
+    for pattern in (
+        r"appsettings\s+(set|delete)",
+        r"config\s+appsettings",
+        r"--settings\s+(\\\s*)?[A-Za-z_][A-Za-z0-9_]*=",  # not `tools.local_host --settings FILE`
+        r"/config/appsettings",
+        r"az\s+functionapp\s+config\s+set",
+        r"az\s+webapp\s+config",
+    ):
+        assert not re.search(pattern, text, re.IGNORECASE), f"README.md sets app settings by hand: {pattern}"
+
+
+def test_readme_optional_settings_table_shows_the_bicep_defaults(templates):
+    main = templates["main.bicep"]
+    given = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    by_variable = {entry["value"][2:-1]: name for name, entry in given.items()}
+    rows = re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", readme_section("Deploy and operate"), re.MULTILINE)
+    assert len(rows) >= 5
+    for variable, default in rows:
+        assert variable in by_variable, f"README names {variable}, which main.parameters.json does not read"
+        assert str(param_default(main, by_variable[variable])) == default, variable
+    assert "AZURE_PRINCIPAL_TYPE" not in {variable for variable, _ in rows}, "azd ignores it (it reads the login)"
 
 
 def test_settings_sample_documents_the_settings_the_code_reads(app_settings):
@@ -316,6 +515,14 @@ def test_deployment_defaults_match_the_code_defaults(templates):
     assert main["variables"]["apiKeySecretName"]["value"] == sample["AUTOPILOT_API_KEY_SECRET_NAME"]
     params = unwrap(main["modules"]["functionApp"])[0]["params"]
     assert params["exportsBlob"].replace("${configContainerName}", "config") == sample["EXPORTS_BLOB"]
+
+
+def test_location_allows_only_flex_regions_including_the_readmes_example(templates):
+    allowed = decorators(templates["main.bicep"], "location")["allowed"]
+    assert "westeurope" in allowed and len(allowed) == len(set(allowed)) >= 30
+    assert "eastus2euap" not in allowed, "a canary region only early-access subscriptions can use"
+    examples = re.findall(r"azd env set AZURE_LOCATION (\S+)", readme_section("Deploy and operate"))
+    assert examples and set(examples) <= set(allowed)
 
 
 # --- Key Vault -------------------------------------------------------------------------------------------------
@@ -434,6 +641,18 @@ def test_deployer_gets_only_what_the_operating_steps_need_and_only_if_named(temp
     principals = {principal for _, _, principal, _ in grants(rbac)}
     assert principals == {"appPrincipalId", "deployerPrincipalId"}
     assert param_default(templates["main.bicep"], "principalId") == ""
+
+
+def test_principal_id_and_type_are_left_to_azd(templates):
+    # azd substitutes ${AZURE_PRINCIPAL_ID} and ${AZURE_PRINCIPAL_TYPE} from its login, not from `azd env set`
+    # (Azure/azure-dev cli/azd/pkg/infra/provisioning/bicep/bicep_provider.go, evalParamEnvSubst).
+    given = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert given["principalId"]["value"] == "${AZURE_PRINCIPAL_ID}"
+    assert given["principalType"]["value"] == "${AZURE_PRINCIPAL_TYPE}"
+    allowed = decorators(templates["main.bicep"], "principalType")["allowed"]
+    assert {"User", "ServicePrincipal"} <= set(allowed)
+    params = unwrap(templates["main.bicep"]["modules"]["rbac"])[0]["params"]
+    assert params["deployerPrincipalType"] == "principalType"
 
 
 def test_role_definition_ids_are_the_built_in_roles(templates):

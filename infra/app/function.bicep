@@ -1,5 +1,8 @@
 // The Function App on Flex Consumption (Python 3.11), running as the user-assigned identity. Every app setting the
-// code reads is set here, in siteConfig.appSettings; no setting holds a key or a secret.
+// code reads is set here, in siteConfig.appSettings, from parameters: nothing is set by hand after deployment, so a
+// re-provision (which replaces the whole list) keeps a working app. No setting holds a key or a secret.
+// Only properties Flex Consumption accepts: tests/test_infra.py holds the site and its settings against Microsoft's
+// list of site properties and app settings that Flex rejects or ignores.
 param name string
 param planName string
 param location string
@@ -10,9 +13,12 @@ param identityClientId string
 param storageAccountName string
 param deploymentContainerName string
 param appInsightsName string
-@minValue(1)
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int
+@minValue(0)
+@maxValue(1000)
+param httpAlwaysReadyInstances int
 @allowed([
   512
   2048
@@ -26,8 +32,11 @@ param keyVaultUrl string
 param apiKeySecretName string
 param autopilotBaseUrl string
 param autopilotRequestsPerSecond string
-@description('Customer Insights export account; empty: the EXPORT_STORAGE settings are left for the operator to set.')
-param exportStorageAccountName string = ''
+// No default and at least one character: when neither EXPORT_STORAGE_ACCOUNT_ID nor EXPORT_STORAGE_BLOB_URI is set,
+// the deployment stops on this parameter instead of creating an app whose every run fails on a missing setting.
+@minLength(1)
+@description('Blob endpoint of the Customer Insights export account (https://<account>.blob.core.windows.net/), from EXPORT_STORAGE_ACCOUNT_ID or EXPORT_STORAGE_BLOB_URI. Empty means neither is set: run azd env set EXPORT_STORAGE_ACCOUNT_ID (or EXPORT_STORAGE_BLOB_URI) and azd provision again.')
+param exportStorageBlobServiceUri string
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -77,7 +86,7 @@ var hostStorageSettings = [
     value: storage.properties.primaryEndpoints.table
   }
 ]
-var exportStorageSettings = empty(exportStorageAccountName) ? [] : [
+var exportStorageSettings = [
   {
     name: 'EXPORT_STORAGE__credential'
     value: 'managedidentity'
@@ -88,7 +97,7 @@ var exportStorageSettings = empty(exportStorageAccountName) ? [] : [
   }
   {
     name: 'EXPORT_STORAGE__blobServiceUri'
-    value: 'https://${exportStorageAccountName}.blob.${environment().suffixes.storage}/'
+    value: exportStorageBlobServiceUri
   }
 ]
 var appSettings = [
@@ -145,11 +154,20 @@ var appSettings = [
   }
 ]
 
+// Scale (functionAppConfig.scaleAndConcurrency). Flex scales per function: the HTTP functions together as the
+// group 'http', each other function (the queue trigger send_batch, the timer) alone on its own instances
+// (learn.microsoft.com/azure/azure-functions/flex-consumption-plan#per-function-scaling). Whether
+// maximumInstanceCount caps each group (REST API description, Azure/azure-rest-api-specs#45083, 2026-07-29) or
+// all groups together (Flex team, Azure/azure-functions-host#10523, 2026-01-05) is stated both ways, and a large
+// run can scale the queue trigger to the cap (its target-based scaling counts the queue's delayed messages too).
+// Always-ready instances belong to the group they are set for (flex-consumption-plan#always-ready-instances), so
+// the HTTP API keeps httpAlwaysReadyInstances instances under either reading.
 resource site 'Microsoft.Web/sites@2024-04-01' = {
   //checkov:skip=CKV_AZURE_222: the HTTP API (start a run, read a run) is called from the operator's machine or scheduler with a function key over HTTPS (TLS 1.2); private access would need VNet integration and private endpoints, which this one-command deployment leaves out.
   //checkov:skip=CKV_AZURE_17: incoming client certificates would lock out the API's callers (curl, schedulers); they authenticate with function keys instead.
   //checkov:skip=CKV_AZURE_212: Flex Consumption has no fixed worker count (numberOfWorkers); it scales each trigger from zero up to maximumInstanceCount.
   //checkov:skip=CKV_AZURE_213: Flex Consumption does not support the App Service health check (healthCheckPath); host health shows in Application Insights.
+  //checkov:skip=CKV_AZURE_78: Flex Consumption rejects siteConfig.ftpsState (Microsoft's Flex deprecations list: FTPS not supported); FTP is off through the ftp and scm basicPublishingCredentialsPolicies below (allow: false).
   name: name
   location: location
   tags: union(tags, {
@@ -169,7 +187,6 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
       appSettings: concat(hostStorageSettings, exportStorageSettings, appSettings)
     }
@@ -187,6 +204,12 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        alwaysReady: (httpAlwaysReadyInstances == 0) ? [] : [
+          {
+            name: 'http'
+            instanceCount: httpAlwaysReadyInstances
+          }
+        ]
       }
       runtime: {
         name: 'python'

@@ -10,7 +10,7 @@ param configContainerName string
 param reportsContainerName string
 param keyVaultName string
 param appInsightsName string
-@description('Customer Insights export account name; empty: no grant (the operator sets EXPORT_STORAGE up by hand).')
+@description('Customer Insights export account name; empty: no grant here (EXPORT_STORAGE_BLOB_URI was given, and the account owner grants the role).')
 param exportStorageAccountName string = ''
 param exportStorageSubscriptionId string
 param exportStorageResourceGroup string
