@@ -106,9 +106,9 @@ def child_main(spec_path: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
     from shared.cdm_reader import find_snapshot, read_rows
-    from shared.contact_state import Acked
     from shared.export_config import parse_exports
     from shared.planner import Planner
+    from shared.state_store import Acked
 
     spec = json.loads(Path(spec_path).read_text())
     export = parse_exports({"exports": [spec["definition"]]})[0]

@@ -128,9 +128,8 @@ def plan_run(svc: Services, run: dict) -> None:
     except (*USER_ERRORS, UnknownExport) as exc:
         rlog.error("run failed while planning: %s", exc)
         conclude(svc, run_id, "failed", error=str(exc))
-    except Exception as exc:
-        rlog.exception("run failed while planning")
-        conclude(svc, run_id, "failed", error=f"internal error while planning: {type(exc).__name__}")
+    # Anything else (storage unreachable, a crash) propagates: the job is delivered again and plans the same
+    # run the same way; after maxDequeueCount deliveries fail_planning fails the run.
 
 
 def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force: bool, dry_run: bool, rlog) -> None:

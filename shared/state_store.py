@@ -297,10 +297,11 @@ class ExportState:
         return count
 
     # --- acknowledgements settled while planning (leavers kept in Autopilot) ----------------------
-    def save_planned(self, run_id: str, acks: Iterable[Acked]) -> int:
-        data = encode_acks(acks)
-        self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").upload_blob(data, overwrite=True)
-        return len(data)
+    def save_planned(self, run_id: str, acks: Iterable[Acked]) -> None:
+        acks = list(acks)
+        if acks:
+            self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").upload_blob(encode_acks(acks),
+                                                                                             overwrite=True)
 
     def planned(self, run_id: str) -> list[Acked]:
         try:

@@ -124,6 +124,21 @@ class World:
                 if r["path"].endswith(("/contact", "/contacts")) or "/contact/" in r["path"]]
 
 
+def acknowledged_state(storage: str, export: str) -> list:
+    """The acknowledged state of the export's current destination, as planning reads it (its snapshot)."""
+    from types import SimpleNamespace
+
+    from azure.data.tables import TableServiceClient
+
+    from shared.state_store import STATE_TABLE, ExportState
+
+    with TableServiceClient.from_connection_string(storage) as tables, \
+            BlobServiceClient.from_connection_string(storage) as blobs:
+        state = ExportState(blobs, tables.get_table_client(STATE_TABLE), export)
+        head, _ = state.head()
+        return list(state.load(SimpleNamespace(id=head["destination"]))) if head["destination"] else []
+
+
 def wait_until(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -27,10 +27,18 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.contact_state import ContactState
 from shared.run_records import RunRecords
 from shared.settings import BATCH_QUEUE, POISON_QUEUE
-from tests.support import COLUMN, CONTAINER, close_world, definition, expected_contacts, open_world, wait_until
+from tests.support import (
+    COLUMN,
+    CONTAINER,
+    acknowledged_state,
+    close_world,
+    definition,
+    expected_contacts,
+    open_world,
+    wait_until,
+)
 from tools.generate_export import sample_profiles, write_export
 
 RUN_ID = "20260302T041500Z-{:08x}"
@@ -389,8 +397,7 @@ def test_copy_of_an_already_settled_batch_is_ignored(case):
     view = case.run("again")
     assert view["status"] == "succeeded"
     mark = len(case.world.sim.request_log())
-    with TableServiceClient.from_connection_string(case.world.stack.storage) as tables:
-        acked = list(ContactState.from_service(tables, "again").load())
+    acked = acknowledged_state(case.world.stack.storage, "again")
     items = [{"k": a.key, "f": a.fingerprint, "m": True, "d": {"Email": a.key, "FirstName": "Changed"}}
              for a in acked]
     _send(case.world, json.dumps(_message("again", run=view["runId"], items=items)).encode())

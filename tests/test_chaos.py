@@ -34,13 +34,13 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.contact_state import ContactState
 from shared.run_records import BatchOutcome, RunRecords
 from shared.settings import BATCH_QUEUE, POISON_QUEUE
 from tests.support import (
     CONTAINER,
     FIELD_KEY,
     FINAL,
+    acknowledged_state,
     close_world,
     definition,
     expected_contacts,
@@ -102,8 +102,7 @@ def assert_counts_are_the_truth(world, view: dict, export: str) -> None:
     contact it counts as failed is listed (masked) in its report."""
     counts = view["counts"]
     assert counts["accepted"] + counts["failed"] + counts["refused"] == counts["sent"]
-    with TableServiceClient.from_connection_string(world.stack.storage) as tables:
-        acknowledged = {a.key for a in ContactState.from_service(tables, export).load() if a.member}
+    acknowledged = {a.key for a in acknowledged_state(world.stack.storage, export) if a.member}
     assert len(acknowledged) == counts["accepted"]
     assert acknowledged <= set(world.sim.contacts()), "a contact counted as accepted is not in Autopilot"
     report = json.loads(world.blobs.get_blob_client("reports", f"{view['runId']}/report.json").download_blob()
@@ -332,7 +331,7 @@ def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_cont
 
         host.kill()
         settled_at_kill = len(records.batch_outcomes(run_id))
-        acknowledged = {a.key for a in ContactState.from_service(tables, "hv").load()}
+        acknowledged = {a.key for a in records.acknowledged(run_id)}
         mark = len(sim.applied)
         assert 6 <= settled_at_kill < 30 and len(acknowledged) >= 600, (settled_at_kill, len(acknowledged))
         assert records.get(run_id)["status"] == "running"
@@ -358,35 +357,6 @@ def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_cont
             host.stop()
         stack.stop()
         sim.stop()
-
-
-def test_redelivered_batch_whose_contacts_were_all_acknowledged_settles_without_a_request():
-    """What a crash between `acknowledge` and `record_batch` (runs._settle) leaves behind, made deterministic:
-    the batch comes back (attempt 1) while every contact in it is already acknowledged."""
-    world = open_world(rate=100)
-    try:
-        rows = list(sample_profiles(30, seed=38))
-        world.define(definition("hv"))
-        world.snapshot(rows)
-        assert world.run("hv")["status"] == "succeeded"
-        with TableServiceClient.from_connection_string(world.stack.storage) as tables:
-            acked = list(ContactState.from_service(tables, "hv").load())
-            run_id = "20260302T043000Z-0c0ffee0"
-            RunRecords(tables).create(run_id, "hv", status="running", planned_batches=1, trigger="http")
-        items = [{"k": a.key, "f": a.fingerprint, "m": True, "d": {"Email": a.key}} for a in acked]
-        message = {"run": run_id, "export": "hv", "batch": 1, "kind": "upsert", "items": items, "attempt": 1}
-        mark = len(world.sim.request_log())
-        queue = QueueClient.from_connection_string(world.stack.storage, BATCH_QUEUE,
-                                                   message_encode_policy=BinaryBase64EncodePolicy())
-        queue.send_message(json.dumps(message).encode())
-        try:
-            view = world.wait(run_id, timeout=10)
-        finally:
-            sent = world.sim.request_log()[mark:]
-        assert not sent, f"{len(sent)} requests, e.g. {sent[:2]}"
-        assert view["status"] == "succeeded" and view["counts"]["accepted"] == 30
-    finally:
-        close_world(world)
 
 
 def test_run_whose_done_hint_missed_a_batch_still_finishes():

@@ -21,7 +21,10 @@ from typing import Any
 import pytest
 from pycep import BicepParser
 
-from shared.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.run_records import BATCHES_TABLE, RUNS_TABLE
+from shared.services import BUDGET_TABLE, CONTAINERS
+from shared.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE
+from shared.state_store import STATE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -309,9 +312,10 @@ def test_host_storage_takes_identity_only_over_https(templates):
 def test_host_storage_has_the_queues_tables_and_containers_the_app_uses(templates):
     main = templates["main.bicep"]
     host = main["variables"]["hostStorage"]["value"]
-    assert set(host["queues"]) == {BATCH_QUEUE, POISON_QUEUE}
-    assert set(host["tables"]) == {"runs", "batches", "contactstate", "ratebudget"}
-    assert {"batches", "reports", "config", "dead"} <= set(host["containers"])
+    # The names the code creates locally (services.ensure_resources); in Azure the Bicep provisions them.
+    assert set(host["queues"]) == {PLAN_QUEUE, PLAN_POISON_QUEUE, BATCH_QUEUE, POISON_QUEUE}
+    assert set(host["tables"]) == {RUNS_TABLE, BATCHES_TABLE, STATE_TABLE, BUDGET_TABLE}
+    assert set(CONTAINERS) <= set(host["containers"])
     assert any(name.startswith("app-package-") for name in host["containers"])
     params = unwrap(main["modules"]["storage"])[0]["params"]
     assert {key: dotted(params[key]) for key in ("containers", "queues", "tables")} == {

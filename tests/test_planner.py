@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from shared.cdm_reader import BadRow, Row
-from shared.contact_state import Acked
 from shared.export_config import parse_exports
 from shared.planner import Planner, TooManyProfiles, expected_requests, fingerprint
+from shared.state_store import Acked
 
 COLUMNS = ["CustomerId", "Email", "First"]
 

@@ -25,8 +25,8 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 
-from shared.contact_state import STATE_TABLE
 from shared.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.state_store import STATE_CONTAINER, STATE_TABLE
 from tests.support import COLUMN, CONTAINER, close_world, definition, open_world
 from tools.autopilot_sim import Faults
 from tools.generate_export import sample_profiles
@@ -35,10 +35,11 @@ from tools.local_stack import SECRET_NAME
 # Anything shaped like an address; `%` lets a percent-encoded one (`USER5%2Bci@example.com`) through whole.
 ADDRESS = re.compile(r"[\w.%+'-]+@[\w.-]+\w")
 # Where full addresses belong: the export itself (the tests keep it in the same Azurite), the contact documents
-# a batch carries (queue, blob fallback, dead batches kept for replay) and the acknowledged state, keyed by
-# email. The API key belongs nowhere.
-HOLDS_PROFILES = {CONTAINER, "batches", "dead", f"table {STATE_TABLE}", f"queue {BATCH_QUEUE}",
-                  f"queue {POISON_QUEUE}"}
+# a batch carries (queue, blob fallback and plan pages, dead batches kept for replay) and the acknowledged state,
+# keyed by email (snapshots and older per-contact entities; a batch outcome's acknowledgements are state too, kept
+# compressed, while the rest of the outcome is checked here). The API key belongs nowhere.
+HOLDS_PROFILES = {CONTAINER, "batches", "dead", STATE_CONTAINER, f"table {STATE_TABLE}",
+                  f"queue {BATCH_QUEUE}", f"queue {POISON_QUEUE}"}
 
 
 def emails_of(rows) -> set[str]:

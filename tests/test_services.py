@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from shared.contact_state import Acked
 from shared.services import Services
 from shared.settings import Settings, SettingsError
+from shared.state_store import Destination
 from tools.local_stack import LocalStack
 
 
@@ -50,20 +50,21 @@ def test_the_rate_margin_setting_spaces_the_shared_budget(services):
         wider.close()
 
 
-def test_threads_using_the_contact_state_of_new_exports_do_not_break_each_others_requests(services):
+def test_threads_using_the_state_of_new_exports_do_not_break_each_others_requests(services):
     """azure-data-tables re-links shared policies whenever a table client is built: building one per use broke
     requests in flight in other threads. Bounded: 3 sending and 3 opening threads for 4 seconds."""
     errors: list[BaseException] = []
     stop = time.monotonic() + 4
 
-    def send(n: int) -> None:  # requests through the state table, as senders do
+    def send(n: int) -> None:  # requests through the state table, as planners and folds do
         state = services.state(f"export-{n}")
         try:
             for count in range(1_000_000):
                 if time.monotonic() > stop:
                     break
-                state.acknowledge([Acked(f"c{count}@example.net", "f" * 20, True)])
-                assert f"c{count}@example.net" in state.lookup([f"c{count}@example.net"])
+                destination = Destination("https://autopilot.test", "list", f"list {count}")
+                state.register(f"20260302T043000Z-{count:08x}", destination)
+                assert state.previous_destination() == destination.name
         except BaseException as exc:  # any failure of a thread fails the test
             errors.append(exc)
 
