@@ -68,8 +68,8 @@ param location string
 @description('Most on-demand instances Flex Consumption may run at once (40 to 1000).')
 param maximumInstanceCount int = 40
 
-// One instance kept running for the HTTP functions, so that a large run, which scales the queue trigger out, never
-// leaves the API (start a run, read a run) without an instance. It is billed around the clock at the always-ready
+// One instance kept running for the HTTP functions, so that queued batches, which scale the queue trigger out, never
+// leave the API (start a run, read a run) without an instance. It is billed around the clock at the always-ready
 // baseline rate; 0 turns it off (see README: Deploy and operate).
 @minValue(0)
 @maxValue(1000)
@@ -134,8 +134,11 @@ var hostStorage = {
     'reports'
     'config'
     'dead'
+    'state'
   ]
   queues: [
+    'autopilot-plans'
+    'autopilot-plans-poison'
     'autopilot-batches'
     'autopilot-batches-poison'
   ]

@@ -158,8 +158,8 @@ var appSettings = [
 // group 'http', each other function (the queue trigger send_batch, the timer) alone on its own instances
 // (learn.microsoft.com/azure/azure-functions/flex-consumption-plan#per-function-scaling). Whether
 // maximumInstanceCount caps each group (REST API description, Azure/azure-rest-api-specs#45083, 2026-07-29) or
-// all groups together (Flex team, Azure/azure-functions-host#10523, 2026-01-05) is stated both ways, and a large
-// run can scale the queue trigger to the cap (its target-based scaling counts the queue's delayed messages too).
+// all groups together (Flex team, Azure/azure-functions-host#10523, 2026-01-05) is stated both ways, and queued
+// batches scale the queue trigger out, delayed ones included (its target-based scaling counts them).
 // Always-ready instances belong to the group they are set for (flex-consumption-plan#always-ready-instances), so
 // the HTTP API keeps httpAlwaysReadyInstances instances under either reading.
 resource site 'Microsoft.Web/sites@2024-04-01' = {
