@@ -23,6 +23,8 @@ def test_every_function_is_indexed_with_its_trigger():
         "get_run": "httpTrigger",
         "list_exports": "httpTrigger",
         "replay_run": "httpTrigger",
+        "plan_run": "queueTrigger",
+        "record_failed_plan": "queueTrigger",
         "send_batch": "queueTrigger",
         "record_dead_batch": "queueTrigger",
     }
@@ -36,11 +38,12 @@ def test_timer_reads_its_schedule_from_an_app_setting_and_does_not_run_on_start_
     assert sample["EXPORT_SCHEDULE"].count(" ") == 5  # NCRONTAB has six fields
 
 
-def test_queue_triggers_listen_on_the_batch_queue_and_its_poison_queue():
+def test_queue_triggers_listen_on_the_plan_and_batch_queues_and_their_poison_queues():
     triggers = _triggers()
-    assert triggers["send_batch"]["queueName"] == "autopilot-batches"
-    assert triggers["record_dead_batch"]["queueName"] == "autopilot-batches-poison"
-    assert {triggers[n]["connection"] for n in ("send_batch", "record_dead_batch")} == {"AzureWebJobsStorage"}
+    queues = {"plan_run": "autopilot-plans", "record_failed_plan": "autopilot-plans-poison",
+              "send_batch": "autopilot-batches", "record_dead_batch": "autopilot-batches-poison"}
+    assert {name: triggers[name]["queueName"] for name in queues} == queues
+    assert {triggers[n]["connection"] for n in queues} == {"AzureWebJobsStorage"}
 
 
 def test_http_routes_need_a_function_key():
