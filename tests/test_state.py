@@ -366,3 +366,28 @@ def test_the_state_reader_helper_reads_the_current_destination(world):
     world.run("seg")
     held = acknowledged_state(world.stack.storage, "seg")
     assert {a.key for a in held} == segment_emails(rows) and all(a.member for a in held)
+
+
+def test_a_planning_job_that_fails_on_every_delivery_fails_its_run_and_frees_the_export(world, monkeypatch):
+    rows = list(sample_profiles(30, seed=69))
+    world.define(definition("seg"))
+    world.snapshot(rows)
+
+    def broken(svc, run):
+        raise ConnectionError("storage unreachable")
+
+    monkeypatch.setattr(runs, "plan_run", broken)
+    run_id = world.start("seg").json()["runId"]
+    report = world.wait(run_id, timeout=30)
+    assert report["status"] == "failed" and "planning failed on every delivery" in report["error"]
+    monkeypatch.undo()
+    assert world.run("seg")["status"] == "succeeded"  # the export is not locked by the failed run
+    assert world.field_members() == segment_emails(rows)
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"run": "../etc"}', b'{"run": "20260302T043000Z-0c0ffee0", '
+                                  b'"page": -1}', b'{"run": "20260302T043000Z-0c0ffee0", "extra": 1}'])
+def test_a_malformed_planning_job_is_logged_and_changes_nothing(world, body, caplog):
+    runs.handle_plan_message(_svc(), body)
+    assert "not a planning job" in caplog.text
+    assert RunRecords_for(world).active() == []
