@@ -66,8 +66,17 @@ class Plan:
 
 def fingerprint(document: dict) -> str:
     """Digest of what is sent for a contact; the email's case does not count (Autopilot ignores it)."""
-    canonical = dict(document, Email=document["Email"].lower())
-    return hashlib.blake2b(json.dumps(canonical, sort_keys=True).encode(), digest_size=10).hexdigest()
+    return encoded(document)[1]
+
+
+def encoded(document: dict) -> tuple[str, str]:
+    """The document as JSON and its fingerprint, from one encoding. The digest is of the sorted JSON with the
+    email lower-cased; the email's key is the first `"Email": ` in it (inside a value the quotes are escaped)."""
+    text = json.dumps(document, sort_keys=True)
+    email = document["Email"]
+    canonical = text if email.islower() or email == email.lower() else text.replace(
+        f'"Email": {json.dumps(email)}', f'"Email": {json.dumps(email.lower())}', 1)
+    return text, hashlib.blake2b(canonical.encode(), digest_size=10).hexdigest()
 
 
 class Planner:
@@ -121,8 +130,8 @@ class Planner:
             else:
                 result = self.mapper.map(row)
             if isinstance(result, Contact):
-                doc = result.document
-                yield result.key, fingerprint(doc), json.dumps(doc, separators=(",", ":"))
+                text, fp = encoded(result.document)
+                yield result.key, fp, text
                 continue
             self._rejected += 1
             record = {"partition": result.partition, "row": result.row, "reason": result.reason, "email": result.email}

@@ -14,9 +14,8 @@ REPORTS = "reports"
 
 
 def after_batch(svc: Services, run_id: str) -> None:
-    done = svc.records.count_done(run_id)
-    run = svc.records.get(run_id)
-    if run and done >= int(run.get("planned_batches", 1 << 30)):
+    done, planned = svc.records.count_done(run_id)
+    if done >= planned:
         finish_if_complete(svc, run_id)
 
 

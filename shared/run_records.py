@@ -102,14 +102,15 @@ class RunRecords:
     def reopen(self, run_id: str) -> None:
         self.update(run_id, status="running", finished="")
 
-    def count_done(self, run_id: str) -> int:
-        """Bump the hint counter of finished batches; returns the new value."""
+    def count_done(self, run_id: str) -> tuple[int, int]:
+        """Bump the hint counter of finished batches; returns it and the run's planned batches (none yet: a
+        huge number)."""
         while True:
             entity = self.runs.get_entity("run", run_id)
             done = int(entity.get("done", 0)) + 1
             patch = {"PartitionKey": "run", "RowKey": run_id, "done": done}
             if self._merge_if_unchanged(patch, entity.metadata["etag"]):
-                return done
+                return done, int(entity.get("planned_batches", 1 << 30))
 
     def _merge_if_unchanged(self, patch: dict, etag: str) -> bool:
         try:

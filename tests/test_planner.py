@@ -6,7 +6,7 @@ import pytest
 
 from shared.cdm_reader import BadRow, Row
 from shared.export_config import parse_exports
-from shared.planner import Planner, TooManyProfiles, expected_requests, fingerprint
+from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
 from shared.state_store import Acked
 
 COLUMNS = ["CustomerId", "Email", "First"]
@@ -103,3 +103,21 @@ def test_email_case_does_not_change_the_fingerprint():
     ann = {"Email": "a@x.com", "FirstName": "Ann"}
     assert fingerprint({**ann, "Email": "A@X.com"}) == fingerprint(ann)
     assert fingerprint({**ann, "FirstName": "An"}) != fingerprint(ann)
+
+
+@pytest.mark.parametrize("document", [
+    {"Email": "Ann@X.com", "Company": '"Email": "Ann@X.com"', "FirstName": "Ann"},  # the key's text in a value
+    {"Email": "ÅSA@exämple.se", "LastName": "Öberg", "custom": {"string--Note": 'say "Email": "ÅSA@exämple.se"'}},
+    {"Email": "plain@x.com", "custom": {"integer--Points": 3}},
+    {"Email": "123@456.io"},  # no cased character at all
+])
+def test_the_one_pass_fingerprint_equals_the_digest_the_state_was_written_with(document):
+    """State written by earlier versions holds blake2b(sorted JSON with the email lower-cased): planning's one
+    encoding must give the same digest, or an upgrade would resend every contact."""
+    import hashlib
+    import json
+
+    canonical = dict(document, Email=document["Email"].lower())
+    reference = hashlib.blake2b(json.dumps(canonical, sort_keys=True).encode(), digest_size=10).hexdigest()
+    text, fp = encoded(document)
+    assert fp == reference and json.loads(text) == document
