@@ -72,24 +72,23 @@ def run_view(svc: Services, run_id: str, run: dict | None = None) -> dict | None
 
 
 def conclude(svc: Services, run_id: str, status: str, error: str = "", **fields) -> bool:
-    """Write the run's final report, then mark it finished, so a finished run always has its report; then fold
-    what it acknowledged into its destination's state. False if the run had already finished."""
+    """Write the run's final report, fold what it acknowledged into its destination's state, then mark it
+    finished: a finished run always has its report and, unless the fold failed (the next run of the export folds
+    it before planning), its state. False if the run had already finished."""
     run = write_report(svc, run_id, status, error)
-    if not svc.records.finish(run_id, status, error=error, **fields):
-        return False
     if run.get("status") == "running":
         try:
-            fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]))
-        except Exception:  # the next run of the export folds it before planning
+            fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]), ending=run_id)
+        except Exception:
             run_log(run_id, run["export"]).exception("the acknowledged state was not folded at the run's end")
-    return True
+    return svc.records.finish(run_id, status, error=error, **fields)
 
 
-def fold_state(svc: Services, state: ExportState, destination: Destination) -> int:
-    """Fold the ended runs pending on `destination` into its snapshot."""
+def fold_state(svc: Services, state: ExportState, destination: Destination, ending: str = "") -> int:
+    """Fold the ended runs pending on `destination` into its snapshot (`ending`: a run being concluded)."""
     def acks_of(run_id: str):
         run = svc.records.get(run_id)
-        if run is not None and run.get("status") in ACTIVE:
+        if run_id != ending and run is not None and run.get("status") in ACTIVE:
             return None  # still sending
         return chain(state.planned(run_id), svc.records.acknowledged(run_id))
 
