@@ -47,10 +47,14 @@ class Churn:
 
     def rows(self) -> Iterator[tuple[str, ...]]:
         for i in range(self.leaves, self.profiles + self.joins):
-            row = profile(i)
-            if i < self.leaves + self.changes:
-                row = (*row[:FIRST_NAME], f"Changed{i}", *row[FIRST_NAME + 1:])
-            yield row
+            yield self.row(i)
+
+    def row(self, i: int, base: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """Profile i as the churned segment holds it (`base`: profile(i), when already made)."""
+        row = base or profile(i)
+        if self.leaves <= i < self.leaves + self.changes:
+            row = (*row[:FIRST_NAME], f"Changed{i}", *row[FIRST_NAME + 1:])
+        return row
 
     def as_dict(self) -> dict:
         return {"profiles": self.profiles, "joins": self.joins, "changes": self.changes, "leaves": self.leaves}

@@ -6,7 +6,9 @@ after imports is the planner's memory, SQLite and C buffers included. The peak i
 getrusage's ru_maxrss would do in a process of its own, but Linux carries the parent's high-water mark into a
 forked child across exec, so a child of this (large) process would report the parent's peak instead.
 The acknowledged state is streamed from a file prepared beforehand (real fingerprints of the segment before
-churn), standing in for the Table query that a real run pages through.
+churn), standing in for the Table query that a real run pages through; a spec naming a destination (`state`)
+streams that destination's snapshot blob instead, as a run reads it (bench/big_segments.py plans 10,000,000
+rows that way).
 """
 
 from __future__ import annotations
@@ -112,11 +114,18 @@ def child_main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     export = parse_exports({"exports": [spec["definition"]]})[0]
-    container = BlobServiceClient.from_connection_string(spec["storage"]).get_container_client(export.container)
+    blobs = BlobServiceClient.from_connection_string(spec["storage"])
+    container = blobs.get_container_client(export.container)
     phases: dict[str, float] = {}
 
     def acked():
         phases["segment_loaded"] = time.perf_counter()  # the planner asks for the state once the rows are in
+        if spec.get("state"):  # the destination's snapshot blob, streamed as a run streams it
+            from shared.state_store import Destination, ExportState
+
+            state = ExportState(blobs, None, export.name)
+            yield from state.load(Destination.from_public(spec["state"]))
+            return
         with open(spec["acked"], encoding="utf-8") as lines:
             for line in lines:
                 key, fp = line.rstrip("\n").split("\t")

@@ -1,0 +1,107 @@
+"""The local Functions host with every Azure SDK request attributed to the invocation that made it, for the
+big-segments benchmark's storage-request count.
+
+    python -m bench.counted_host --settings FILE --port P --function-key K --sdk-requests
+
+Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options); the only difference is
+the log format: each line carries `[<thread> <function>#<message id>]`, the queue-triggered invocation
+running on that thread (including the trigger's own delete of the message after it), or `-` outside one.
+`requests_by_invocation` reads such a log back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tools.local_host import LocalHost, QueuePoller, host_parser, load_app, serve
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(invocation)s] %(message)s"
+_current = threading.local()
+
+
+class _Tag(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.invocation = getattr(_current, "invocation", "-")
+        return True
+
+
+def _tagged(invoke):
+    def wrapper(poller: QueuePoller, message) -> None:
+        _current.invocation = f"{poller.name}#{message.id}"
+        try:
+            invoke(poller, message)
+        finally:
+            _current.invocation = "-"
+
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = host_parser(__doc__.splitlines()[0]).parse_args(argv)
+    app, values = load_app(args)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Tag())
+        handler.setFormatter(logging.Formatter(FORMAT))
+    QueuePoller._invoke = _tagged(QueuePoller._invoke)
+    host = LocalHost(app, values, port=args.port, function_key=args.function_key)
+    serve(host, "local host listening on {url}/api (requests counted per invocation; functions: "
+          + ", ".join(host.functions) + ")")
+
+
+# --- reading the log back -------------------------------------------------------------------------
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (\S+) \[(.*?) (-|[\w-]+#[\w-]+)\] ", re.M)
+_REQUEST = re.compile(r"^Request URL: '(.*)'[ \t]*\n\s*Request method: '(\w+)'", re.M)
+
+
+def records(text: str):
+    """(logger, thread, invocation, message) for every record of a counted host's log."""
+    starts = list(_RECORD.finditer(text))
+    for match, following in zip(starts, [*starts[1:], None], strict=True):
+        end = following.start() if following else len(text)
+        yield match[1], match[2], match[3], text[match.end():end]
+
+
+def describe(method: str, url: str, ports: dict[str, int]) -> str:
+    """A storage request as `service name: what`, e.g. `table runs: GET entity`, `queue autopilot-batches:
+    DELETE message`, `blob state: GET`; anything not on the storage ports is `other <host>: METHOD`."""
+    parts = urlsplit(url)
+    service = next((s for s, port in ports.items() if parts.port == port), None)
+    if service is None:
+        return f"other {parts.hostname}:{parts.port}: {method}"
+    segments = [s for s in parts.path.split("/") if s][1:]  # after the account name
+    if service == "table":
+        name = segments[0] if segments else ""
+        table, _, key = name.partition("(")
+        what = "entity" if "PartitionKey" in key else "query" if method == "GET" else "insert" if method == "POST" \
+            else "table"
+        return f"table {table}: {method} {what}"
+    if service == "queue":
+        queue = segments[0] if segments else ""
+        what = "message" if len(segments) > 2 else "messages" if len(segments) == 2 else "queue"
+        return f"queue {queue}: {method} {what}"
+    return f"blob {segments[0] if segments else ''}: {method}"
+
+
+def requests_by_invocation(log_path: Path, ports: dict[str, int], start: int = 0) -> tuple[dict, dict]:
+    """From byte `start` of a counted host's log: {invocation: [request descriptions]} for queue-triggered
+    invocations, and {invocation: [messages logged by the app]} (to tell what each invocation did)."""
+    text = log_path.read_bytes()[start:].decode(errors="replace")
+    requests: dict[str, list[str]] = defaultdict(list)
+    messages: dict[str, list[str]] = defaultdict(list)
+    for logger, thread, invocation, message in records(text):
+        key = invocation if invocation != "-" else f"-{thread}"
+        found = _REQUEST.search(message)
+        if found and logger.startswith("azure"):
+            requests[key].append(describe(found[2], found[1], ports))
+        elif logger.startswith("autopilot"):
+            messages[key].append(message.strip())
+    return dict(requests), dict(messages)
+
+
+if __name__ == "__main__":
+    main()
