@@ -25,9 +25,18 @@ log = logging.getLogger("autopilot.delivery")
 DEAD = "dead"
 
 
+MAX_QUEUE_DELAY = 6 * 24 * 3600  # Azure refuses a visibility delay over 7 days; a message shown early just waits
+
+
+def queue_delay(visible_at: float | None) -> int | None:
+    """The visibility delay that shows a message at `visible_at` (epoch seconds), within the queue's limit."""
+    delay = 0 if visible_at is None else int(max(0, visible_at - time.time()))
+    return min(delay, MAX_QUEUE_DELAY) or None
+
+
 def queue_message(svc: Services, message: BatchMessage, visible_at: float | None) -> None:
-    delay = 0 if visible_at is None else max(0, int(visible_at - time.time() - LEAD))
-    svc.queue.send_message(batch_messages.encode(message, svc.host.blob), visibility_timeout=delay or None)
+    delay = queue_delay(None if visible_at is None else visible_at - LEAD)
+    svc.queue.send_message(batch_messages.encode(message, svc.host.blob), visibility_timeout=delay)
 
 
 def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:

@@ -17,7 +17,7 @@ from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, find_snapshot, read_rows
 from shared.contacts import MappingError
-from shared.delivery import queue_message
+from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
 from shared.rate_budget import AHEAD, Deferred, Pacer
@@ -33,7 +33,6 @@ LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's reque
 CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
 PAGE = 200  # batches booked and queued together; the next page is queued WINDOW_LEAD s before this one ends
 WINDOW_LEAD = 20.0
-MAX_QUEUE_DELAY = 6 * 24 * 3600  # Azure queues delay a message at most 7 days
 PLAN_CONTAINER = "batches"
 
 
@@ -261,8 +260,7 @@ def queue_window(svc: Services, run: dict, page: int) -> None:
     last_slot = _enqueue(svc, run, batches, first=page * PAGE + 1)
     if page + 1 < int(run["pages"]):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
-        delay = int(max(0, last_slot - WINDOW_LEAD - time.time()))
-        svc.plan_queue.send_message(job, visibility_timeout=min(delay, MAX_QUEUE_DELAY) or None)
+        svc.plan_queue.send_message(job, visibility_timeout=queue_delay(last_slot - WINDOW_LEAD))
     svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())
 
 
