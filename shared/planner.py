@@ -64,6 +64,10 @@ class Plan:
     kept_leavers: Callable[[], Iterator[Acked]] = lambda: iter(())
 
 
+_SORTED = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) would build one per call
+_quoted = json.encoder.encode_basestring_ascii  # a string as JSON, as the encoder writes it (ensure_ascii)
+
+
 def fingerprint(document: dict) -> str:
     """Digest of what is sent for a contact; the email's case does not count (Autopilot ignores it)."""
     return encoded(document)[1]
@@ -72,10 +76,10 @@ def fingerprint(document: dict) -> str:
 def encoded(document: dict) -> tuple[str, str]:
     """The document as JSON and its fingerprint, from one encoding. The digest is of the sorted JSON with the
     email lower-cased; the email's key is the first `"Email": ` in it (inside a value the quotes are escaped)."""
-    text = json.dumps(document, sort_keys=True)
+    text = _SORTED.encode(document)
     email = document["Email"]
     canonical = text if email.islower() or email == email.lower() else text.replace(
-        f'"Email": {json.dumps(email)}', f'"Email": {json.dumps(email.lower())}', 1)
+        f'"Email": {_quoted(email)}', f'"Email": {_quoted(email.lower())}', 1)
     return text, hashlib.blake2b(canonical.encode(), digest_size=10).hexdigest()
 
 
@@ -89,8 +93,10 @@ class Planner:
         self.db.executescript(
             """
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;
-            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc TEXT) WITHOUT ROWID;
+            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc INT) WITHOUT ROWID;
+            CREATE TABLE docs(id INTEGER PRIMARY KEY, doc TEXT);
             CREATE TABLE acked(key TEXT PRIMARY KEY, fp TEXT, member INT) WITHOUT ROWID;
+            CREATE TABLE diff(kind TEXT, key TEXT, fp TEXT, doc INT);
             """
         )
         self.rejections_path = f"{self._dir.name}/rejected.jsonl"
@@ -116,8 +122,12 @@ class Planner:
         read = valid = 0
         with open(self.rejections_path, "w", encoding="utf-8") as rejected:
             contacts = self._contacts(rows, rejected, plan)
+            # Documents go to an append-only table; the keyed table stays small (its inserts are in random order).
             while chunk := list(islice(contacts, 5000)):
-                self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?)", chunk)
+                ids = range(valid, valid + len(chunk))
+                self.db.executemany("INSERT INTO docs VALUES (?,?)", zip(ids, (c[2] for c in chunk), strict=True))
+                self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?)",
+                                    ((c[0], c[1], i) for c, i in zip(chunk, ids, strict=True)))
                 valid += len(chunk)
         read = valid + self._rejected
         return read, valid
@@ -139,23 +149,25 @@ class Planner:
             if len(plan.rejected_sample) < REJECTED_SAMPLE:
                 plan.rejected_sample.append(record)
 
-    # The diff as SQL: counts and samples first, batches streamed afterwards (never all in memory).
-    def _queries(self, force: bool) -> dict[str, str]:
-        member_fp = "CASE WHEN a.member = 1 THEN a.fp END"
-        return {
-            "joiners": "SELECT s.key, s.fp, s.doc FROM seg s LEFT JOIN acked a ON a.key = s.key "
-                       f"WHERE {'1' if force else f'{member_fp} IS NULL'}",
-            "changed": "SELECT s.key, s.fp, s.doc FROM seg s JOIN acked a ON a.key = s.key "
-                       f"WHERE {'0' if force else 'a.member = 1 AND a.fp != s.fp'}",
-            "leavers": "SELECT a.key, a.fp, NULL FROM acked a "
-                       "WHERE a.member = 1 AND a.key NOT IN (SELECT key FROM seg)",
-        }
+    # The diff in two passes over the tables (segment against state, state against segment) into a small table of
+    # what must be sent; counts, samples and batches come from that table (batches streamed, never all in memory).
+    def _classify(self, force: bool) -> None:
+        kind = "'joiners'" if force else "CASE WHEN a.key IS NULL OR a.member = 0 THEN 'joiners' ELSE 'changed' END"
+        send = "1" if force else "a.key IS NULL OR a.member = 0 OR a.fp != s.fp"
+        self.db.executescript(f"""
+            INSERT INTO diff SELECT {kind}, s.key, s.fp, s.doc FROM seg s LEFT JOIN acked a ON a.key = s.key
+                WHERE {send};
+            INSERT INTO diff SELECT 'leavers', a.key, a.fp, NULL FROM acked a
+                WHERE a.member = 1 AND NOT EXISTS (SELECT 1 FROM seg s WHERE s.key = a.key);
+            CREATE INDEX diff_kind ON diff(kind, key);
+            """)
 
     def _diff(self, plan: Plan, force: bool) -> None:
-        queries = self._queries(force)
-        for name, sql in queries.items():
-            plan.counts[name] = self.db.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
-            rows = self.db.execute(f"{sql} ORDER BY 1 LIMIT {SAMPLE_SIZE}").fetchall()
+        self._classify(force)
+        found = dict(self.db.execute("SELECT kind, count(*) FROM diff GROUP BY kind").fetchall())
+        for name in ("joiners", "changed", "leavers"):
+            plan.counts[name] = found.get(name, 0)
+            rows = self.db.execute("SELECT key FROM diff WHERE kind = ? ORDER BY key LIMIT ?", (name, SAMPLE_SIZE))
             plan.samples[name] = [mask_email(r[0]) for r in rows]
         plan.counts["unchanged"] = plan.counts["profiles"] - plan.counts["joiners"] - plan.counts["changed"]
         keep = self.export.on_leave == "keep"
@@ -163,17 +175,18 @@ class Planner:
         plan.requests = expected_requests(
             self.export.membership, plan.counts["joiners"], plan.counts["changed"],
             0 if keep else plan.counts["leavers"])
-        plan.batches = lambda: self._batches(queries, keep)
+        plan.batches = lambda: self._batches(keep)
         plan.kept_leavers = lambda: (
-            (Acked(k, fp, False) for k, fp, _ in self._rows(queries["leavers"])) if keep else iter(()))
+            (Acked(k, fp, False) for k, fp, _ in self._rows("leavers")) if keep else iter(()))
 
-    def _rows(self, sql: str) -> Iterator[tuple]:
-        return self.db.execute(f"{sql} ORDER BY 1")
+    def _rows(self, kind: str) -> Iterator[tuple]:
+        return self.db.execute("SELECT d.key, d.fp, docs.doc FROM diff d LEFT JOIN docs ON docs.id = d.doc "
+                               "WHERE d.kind = ? ORDER BY d.key", (kind,))
 
-    def _batches(self, queries: dict[str, str], keep: bool) -> Iterator[Batch]:
-        joins = (self._member(r) for r in self._rows(queries["joiners"]))
-        changes = (self._member(r) for r in self._rows(queries["changed"]))
-        leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, _ in self._rows(queries["leavers"]))
+    def _batches(self, keep: bool) -> Iterator[Batch]:
+        joins = (self._member(r) for r in self._rows("joiners"))
+        changes = (self._member(r) for r in self._rows("changed"))
+        leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, _ in self._rows("leavers"))
         if self.export.membership == "field":
             yield from _chunks("upsert", chain(joins, changes, leaves), BULK_LIMIT)
         else:
