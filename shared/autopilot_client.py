@@ -5,7 +5,9 @@ Pacing is the caller's: every request first calls `pace()`, which waits for a sl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
 import requests
@@ -52,6 +54,7 @@ class AutopilotClient:
         self.timeout = (CONNECT_TIMEOUT, read_timeout)
         self.api_key = api_key
         self.session = requests.Session()
+        self.session.trust_env = False  # no .netrc or proxy look-up on every request
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -119,13 +122,27 @@ def _result(response: requests.Response) -> dict:
         return response.json() if response.content else {}
     message = _message(response)
     if status == 429:
-        return_after = response.headers.get("Retry-After")
-        raise Throttled(message, float(return_after) if return_after and return_after.isdigit() else None)
+        raise Throttled(message, retry_after(response.headers.get("Retry-After")))
     if status >= 500:
         raise Transient(status, message)
     if status == 400:
         raise Refused(status, message)
     raise AutopilotError(status, message)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: a number of seconds or an HTTP date (RFC 9110); None if absent
+    or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _message(response: requests.Response) -> str:

@@ -37,8 +37,6 @@ class BatchMessage:
     kind: str
     items: list  # [{"k": key, "f": fingerprint, "m": member, "d": document}]
     list_id: str | None = None
-    at: float | None = None  # first reserved request slot (epoch seconds)
-    slots: int = 0  # how many consecutive slots were reserved from `at`
     attempt: int = 0
     carry: dict = field(default_factory=dict)  # outcome of items already settled by earlier attempts
 
@@ -67,6 +65,8 @@ def decode(body: bytes, blobs: BlobServiceClient) -> BatchMessage:
     if data.get("blob"):
         data["items"] = _load_items(data.pop("blob"), blobs)
     data.pop("blob", None)
+    for legacy in ("at", "slots"):  # slots booked by versions before the shared budget took them on demand
+        data.pop(legacy, None)
     return _validated(data)
 
 
@@ -110,8 +110,6 @@ FIELD_CHECKS = {  # field: (check, what it must be)
     "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
     "items": (lambda v: isinstance(v, list) and v, "a non-empty list"),
     "list_id": (lambda v: v is None or isinstance(v, str), "text or null"),
-    "at": (lambda v: v is None or _is_int(v) or isinstance(v, float), "a number or null"),
-    "slots": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
     "attempt": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
     "carry": (lambda v: isinstance(v, dict) and _is_int(v.get("accepted", 0))
               and all(isinstance(v.get(k, []), list) for k in ("refused", "failed"))

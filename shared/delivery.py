@@ -14,7 +14,7 @@ from shared import batch_messages
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer
-from shared.reports import after_batch, conclude
+from shared.reports import after_batch, conclude, delivery_totals
 from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
@@ -68,13 +68,13 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
 
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
-    pacer = Pacer(svc.budget, message.at, message.slots, MAX_WAIT)
+    pacer = Pacer(svc.budget, MAX_WAIT)
     settled_before = len(progress.done)
     try:
         BatchSender(svc.autopilot, pacer, message, progress).run()
         return True
     except Requeue as exc:
-        reason, at, slot = exc.reason, exc.at, exc.slot
+        reason, at, failed = exc.reason, exc.at, exc.failed
     except (ApiKeyRejected, SecretUnavailable) as exc:
         problem = _key_problem(svc, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
@@ -84,8 +84,8 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
             return True
         # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated), or Key Vault
         # may be briefly unreachable: try later.
-        reason, at, slot = problem, time.time() + backoff(message.attempt), None
-    return _retry_later(svc, message, progress, rlog, reason, at, slot, len(progress.done) > settled_before)
+        reason, at, failed = problem, time.time() + backoff(message.attempt), True
+    return _retry_later(svc, message, progress, rlog, reason, at, failed and len(progress.done) == settled_before)
 
 
 def _key_problem(svc: Services, exc: Exception) -> str:
@@ -95,16 +95,16 @@ def _key_problem(svc: Services, exc: Exception) -> str:
 
 
 def _retry_later(svc: Services, message: BatchMessage, progress: Progress, rlog, reason: str, at: float,
-                 slot: float | None, progressed: bool) -> bool:
+                 failed: bool) -> bool:
     """Re-queue the unsettled rest until `at`, or park it as a dead batch once its attempts are used up.
-    Waiting for a slot, or a delivery that got further than the last, is not a failed attempt."""
-    attempt = message.attempt + (0 if slot is not None or progressed else 1)
+    Waiting for the budget, a 429, or a delivery that got further than the last, is not a failed attempt."""
+    attempt = message.attempt + (1 if failed else 0)
     if attempt >= svc.settings.max_attempts:
         reason = f"gave up after {svc.settings.max_attempts} attempts: {reason}"
         poison(svc, batch_messages.encode(_rest(message, progress), svc.host.blob), reason)
         rlog.warning("batch %d parked as dead (%s)", message.batch, reason)
         return False
-    again = _rest(message, progress, at=slot, slots=0 if slot is None else 1, attempt=attempt)
+    again = _rest(message, progress, attempt=attempt)
     queue_message(svc, again, at)
     rlog.info("batch %d re-queued (%s)", message.batch, reason)
     return False
@@ -135,7 +135,7 @@ def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> N
     if svc.records.record_batch(message.run, outcome, progress.all_acked()):
         rlog.info("batch %d settled: %d accepted, %d refused, %d failed", message.batch, outcome.accepted,
                   outcome.rejected, outcome.failed)
-        after_batch(svc, message.run)
+        after_batch(svc, message.run, outcome)
 
 
 def _carry_size(message: BatchMessage) -> int:
@@ -175,7 +175,7 @@ def record_dead(svc: Services, body: bytes) -> None:
                            progress.carried_accepted, len(progress.refused), len(progress.failed),
                            progress.refused + progress.failed, reason)
     if svc.records.get(message.run) and svc.records.record_batch(message.run, outcome, progress.all_acked()):
-        after_batch(svc, message.run)
+        after_batch(svc, message.run, outcome)
 
 
 def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
@@ -203,9 +203,13 @@ def replay(svc: Services, run_id: str) -> int:
     for outcome in dead:
         batch = int(outcome["RowKey"])
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
-        message = BatchMessage(**dict(data, at=None, slots=0, attempt=0))
+        data.pop("at", None), data.pop("slots", None)  # dead batches kept by versions that booked slots
+        message = BatchMessage(**dict(data, attempt=0))
         svc.records.forget_batch(run_id, batch)
         queue_message(svc, message, None)
     if dead:
-        svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead))
+        kept = delivery_totals([o for o in outcomes if o.get("status") != "dead"])
+        svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead), delivery="",
+                           c_sent=kept["sent"], c_accepted=kept["accepted"], c_refused=kept["refused"],
+                           c_failed=kept["failed"], c_dead=0)
     return len(dead)

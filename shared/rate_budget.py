@@ -1,10 +1,11 @@
-"""One request budget shared by every Function instance: time slots handed out from a Table entity.
+"""One request budget shared by every Function instance: the generic cell rate algorithm on a Table entity.
 
-Autopilot allows N requests per second per account. Each request needs a slot; slots are spaced by
-`(1 + MARGIN) / N` seconds and reserved with an optimistic-concurrency update of one entity (the GCRA
-"next free time"), so any number of instances together stay inside the limit. The planner reserves a
-run's slots up front and delays each queue message until just before its slot; a sender that arrives
-too late for its slot takes a fresh one instead of sending early and bunching up.
+Autopilot allows N requests per second per account. The entity holds the budget's "next free time" (GCRA's
+theoretical arrival time); a request takes the next slot with an optimistic-concurrency update that moves it
+`(1 + MARGIN) / N` seconds on, so any number of instances together stay inside the limit. Slots are taken one at
+a time, just before the request that uses them: nothing is booked ahead for a whole run, so a sender that wakes
+late takes the next free slot and no slot is lost to it. A 429 pushes the next free time past its Retry-After:
+every instance backs off at once, and sending resumes by itself afterwards.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from azure.data.tables import TableClient, UpdateMode
 # start (at most TOLERANCE) plus the jitter between our send and the API's clock, so N+1 never fit in 1 s.
 # The default of the app setting AUTOPILOT_RATE_MARGIN (settings.Settings.rate_margin).
 MARGIN = 0.025
-TOLERANCE = 0.01  # seconds a sender may start late and keep its planned slot
-LEAD = 1.5  # messages become visible this long before their slot, to absorb queue polling
-# Planned slots start at least this far ahead: a message queued at once is still found before its slot by a
-# poller idling at host.json's maxPollingInterval (1 s).
-AHEAD = LEAD
+TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
+LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
+THROTTLE_HOLD = 2.0  # seconds every sender waits after a 429 that names no Retry-After
 
 
 class Deferred(Exception):
@@ -47,14 +46,31 @@ class RateBudget:
     def interval(self) -> float:
         return (1 + self.margin) / self.rate
 
-    def reserve(self, count: int, ahead: float = 0.0) -> float:
-        """Reserve `count` consecutive slots, the first no sooner than `ahead` seconds from now; returns its time."""
+    def reserve(self, count: int = 1, ahead: float = 0.0, max_wait: float | None = None) -> float:
+        """Take `count` consecutive slots, the first no sooner than `ahead` seconds from now; returns its time.
+        Raises Deferred, taking nothing, if that is more than `max_wait` seconds away."""
         while True:
             entity, etag = self._read()
-            start = max(entity["next"], self.clock() + ahead)
+            now = self.clock()
+            start = max(entity["next"], now + ahead)
+            if max_wait is not None and start - now > max_wait:
+                raise Deferred(start)
             entity["next"] = start + count * self.interval
             if self._write(entity, etag):
                 return start
+
+    def next_free(self) -> float:
+        return max(self._read()[0]["next"], self.clock())
+
+    def hold_off(self, until: float) -> None:
+        """Autopilot answered 429: no instance takes a slot before `until`."""
+        while True:
+            entity, etag = self._read()
+            if entity["next"] >= until:
+                return
+            entity["next"] = until
+            if self._write(entity, etag):
+                return
 
     def _read(self) -> tuple[dict, str | None]:
         try:
@@ -77,36 +93,22 @@ class RateBudget:
 
 
 class Pacer:
-    """Spends slots for the requests of one batch: planned ones while on time, fresh ones after that."""
+    """Takes a slot for each request of one batch, right before it is sent."""
 
-    def __init__(self, budget: RateBudget, planned_at: float | None, planned_count: int, max_wait: float):
+    def __init__(self, budget: RateBudget, max_wait: float):
         self.budget = budget
         self.max_wait = max_wait
-        self._next = planned_at
-        self._left = planned_count if planned_at is not None else 0
-        self._lead = 0.05  # fresh slots start this far ahead, so reserving one cannot make it already missed
+        self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
         while True:
-            self._skip_missed()
-            if not self._left:
-                self._next, self._left = self.budget.reserve(1, ahead=self._lead), 1
-            wait = self._next - self.budget.clock()
-            if wait > self.max_wait:
-                self._left = 0
-                raise Deferred(self._next)
+            slot = self.budget.reserve(1, ahead=self._lead, max_wait=self.max_wait)
+            wait = slot - self.budget.clock()
             if wait > 0:
                 time.sleep(wait)
-            if self.budget.clock() <= self._next + TOLERANCE:
-                break
-            self._lead = min(1.0, 2 * self._lead)  # overslept (a busy process): fresh slots start further ahead
-        self._next += self.budget.interval
-        self._left -= 1
-
-    def _skip_missed(self) -> None:
-        """A planned slot that has passed is lost, never used late (the request would bunch up with the next
-        one); the batch's later planned slots stay good."""
-        while self._left and self.budget.clock() > self._next + TOLERANCE:
-            self._next += self.budget.interval
-            self._left -= 1
+            if self.budget.clock() <= slot + TOLERANCE:
+                return
+            # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
+            # next request); take the next free one, further ahead so as to be on time for it.
+            self._lead = min(0.5, 2 * self._lead)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 from itertools import chain
 
-from shared.run_records import ACTIVE, FINISHED, run_log, utcnow
+from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
 from shared.services import Services
 from shared.state_store import Destination, ExportState
 
 REPORTS = "reports"
 
 
-def after_batch(svc: Services, run_id: str) -> None:
-    done, planned = svc.records.count_done(run_id)
+def after_batch(svc: Services, run_id: str, outcome: BatchOutcome | None = None) -> None:
+    """Count a settled batch on its run (what the run view shows while it runs) and finish the run once every
+    planned batch may be in. `outcome` None: a redelivered batch counted again, as a hint only."""
+    done, planned = svc.records.count_done(run_id, outcome)
     if done >= planned:
         finish_if_complete(svc, run_id)
 
@@ -30,7 +32,7 @@ def finish_if_complete(svc: Services, run_id: str) -> bool:
     totals = delivery_totals(outcomes)
     status = "succeeded" if not totals["failed"] and not totals["refused"] else (
         "partially succeeded" if totals["accepted"] else "failed")
-    if conclude(svc, run_id, status, delivery=json.dumps(totals)):
+    if conclude(svc, run_id, status, outcomes=outcomes):
         run_log(run_id, run["export"]).info("run %s: %s", status, totals)
     return True
 
@@ -44,44 +46,57 @@ def delivery_totals(outcomes: list[dict]) -> dict:
     return totals
 
 
+def _problems(outcomes: list[dict]) -> list[dict]:
+    return [d for o in outcomes for d in o.get("outcome", [])]
+
+
 def run_view(svc: Services, run_id: str, run: dict | None = None) -> dict | None:
-    """What GET /api/runs/{id} shows: status, counts, timings, samples, where the full reports are."""
+    """What GET /api/runs/{id} shows: status, counts, timings, samples, where the full reports are. One read of
+    the run's record, whatever its size: a running run shows the counters its batches bump as they settle, a
+    finished one the exact totals summed from its outcomes when it ended."""
     run = run or svc.records.get(run_id)
     if run is None:
         return None
-    outcomes = svc.records.batch_outcomes(run_id) if run.get("status") in ("running", *FINISHED) else []
-    delivery = delivery_totals(outcomes)
-    problems = [d for o in outcomes for d in o.get("outcome", [])][:20]
-    counts = dict(run.get("counts") or {})
+    if run.get("delivery"):
+        delivery, settled = json.loads(run["delivery"]), int(run.get("settled", run.get("done", 0)))
+    else:
+        delivery = {name: int(run.get(f"c_{name}", 0)) for name in ("sent", "accepted", "refused", "failed")}
+        delivery["dead_batches"] = int(run.get("c_dead", 0))
+        settled = int(run.get("done", 0))
     return {
         "runId": run_id, "export": run["export"], "status": run.get("status"), "trigger": run.get("trigger"),
         "dryRun": bool(run.get("dry_run")), "force": bool(run.get("force")), "snapshot": run.get("snapshot"),
         "destination": run.get("destination") or None,
         "error": run.get("error") or None,
-        "counts": {**counts, **delivery},
-        "batches": {"planned": int(run.get("planned_batches", 0)), "settled": len(outcomes),
+        "counts": {**(run.get("counts") or {}), **delivery},
+        "batches": {"planned": int(run.get("planned_batches", 0)), "settled": settled,
                     "dead": delivery["dead_batches"]},
         "plannedRequests": run.get("planned_requests"),
         "plan": run.get("plan") or {},
         "timings": {k: run.get(k) for k in ("created", "started", "planning_started", "planned_at", "queued_at",
                                             "finished") if run.get(k)},
         "rejectedSample": run.get("rejected_sample") or [],
-        "deliveryProblems": problems,
+        "deliveryProblems": run.get("problems") or [],
         "reports": {"rejectedRows": f"{REPORTS}/{run_id}/rejected.jsonl", "report": f"{REPORTS}/{run_id}/report.json"},
     }
 
 
-def conclude(svc: Services, run_id: str, status: str, error: str = "", **fields) -> bool:
-    """Write the run's final report, fold what it acknowledged into its destination's state, then mark it
-    finished: a finished run always has its report and, unless the fold failed (the next run of the export folds
-    it before planning), its state. False if the run had already finished."""
-    run = write_report(svc, run_id, status, error)
+def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes: list[dict] | None = None) -> bool:
+    """Write the run's final report (exact totals from its batch outcomes), fold what it acknowledged into its
+    destination's state, then mark it finished: a finished run always has its report and, unless the fold failed
+    (the next run of the export folds it before planning), its state. False if the run had already finished."""
+    run = svc.records.get(run_id)
+    outcomes = svc.records.batch_outcomes(run_id) if outcomes is None else outcomes
+    problems = _problems(outcomes)
+    final = {"delivery": json.dumps(delivery_totals(outcomes)), "settled": len(outcomes), "problems": problems[:20],
+             "error": error}
+    write_report(svc, run_id, {**run, **final, "status": status, "error": error or run.get("error")}, problems)
     if run.get("status") == "running":
         try:
             fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]), ending=run_id)
         except Exception:
             run_log(run_id, run["export"]).exception("the acknowledged state was not folded at the run's end")
-    return svc.records.finish(run_id, status, error=error, **fields)
+    return svc.records.finish(run_id, status, **final)
 
 
 def fold_state(svc: Services, state: ExportState, destination: Destination, ending: str = "") -> int:
@@ -95,16 +110,12 @@ def fold_state(svc: Services, state: ExportState, destination: Destination, endi
     return state.fold(destination, acks_of, lambda run_id: bool((svc.records.get(run_id) or {}).get("rebuild_state")))
 
 
-def write_report(svc: Services, run_id: str, status: str, error: str) -> dict:
-    """Write the final report; returns the run record it was made from."""
-    run = svc.records.get(run_id)
-    view = run_view(svc, run_id, run)
-    view.update(status=status, error=error or view["error"])
+def write_report(svc: Services, run_id: str, final: dict, problems: list[dict]) -> None:
+    view = run_view(svc, run_id, final)
     view["timings"]["finished"] = utcnow()
-    view["deliveryProblems"] = [d for o in svc.records.batch_outcomes(run_id) for d in o.get("outcome", [])]
+    view["deliveryProblems"] = problems
     svc.host.blob.get_blob_client(REPORTS, f"{run_id}/report.json").upload_blob(
         json.dumps(view, indent=2), overwrite=True)
-    return run
 
 
 def is_synced(run: dict) -> bool:

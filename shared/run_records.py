@@ -22,7 +22,7 @@ from shared.state_store import Acked, decode_acks, encode_acks
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
 ACTIVE = ("queued", "planning", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
-JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination")
+JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems")
 OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
 
@@ -99,18 +99,33 @@ class RunRecords:
             if self._merge_if_unchanged(patch, entity.metadata["etag"]):
                 return True
 
+    def advance(self, run_id: str, allowed: tuple[str, ...], **fields) -> bool:
+        """Merge `fields` only while the run's status is one of `allowed` (a run that was superseded or failed
+        meanwhile is never brought back); False if it was not."""
+        while True:
+            entity = self.runs.get_entity("run", run_id)
+            if entity.get("status") not in allowed:
+                return False
+            if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, **fields}, entity.metadata["etag"]):
+                return True
+
     def reopen(self, run_id: str) -> None:
         self.update(run_id, status="running", finished="")
 
-    def count_done(self, run_id: str) -> tuple[int, int]:
-        """Bump the hint counter of finished batches; returns it and the run's planned batches (none yet: a
-        huge number)."""
+    def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int]:
+        """Bump the run's count of settled batches (a hint of when to finish: a redelivered batch may count
+        twice) and, given the batch's outcome, the running totals the run view shows. Returns the count and the
+        run's planned batches (none yet: a huge number)."""
         while True:
             entity = self.runs.get_entity("run", run_id)
-            done = int(entity.get("done", 0)) + 1
-            patch = {"PartitionKey": "run", "RowKey": run_id, "done": done}
+            patch = {"PartitionKey": "run", "RowKey": run_id, "done": int(entity.get("done", 0)) + 1}
+            if outcome is not None:
+                for name, value in (("sent", outcome.contacts), ("accepted", outcome.accepted),
+                                    ("refused", outcome.rejected), ("failed", outcome.failed),
+                                    ("dead", int(outcome.status == "dead"))):
+                    patch[f"c_{name}"] = int(entity.get(f"c_{name}", 0)) + value
             if self._merge_if_unchanged(patch, entity.metadata["etag"]):
-                return done, int(entity.get("planned_batches", 1 << 30))
+                return patch["done"], int(entity.get("planned_batches", 1 << 30))
 
     def _merge_if_unchanged(self, patch: dict, etag: str) -> bool:
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from shared.contacts import MappingError
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
-from shared.rate_budget import AHEAD, Deferred, Pacer
+from shared.rate_budget import Deferred, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
@@ -30,8 +29,7 @@ from shared.state_store import StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
-CHUNK = 32  # batches whose slots are reserved together: a few seconds of sending at 5 requests/s
-PAGE = 200  # batches booked and queued together; the next page is queued WINDOW_LEAD s before this one ends
+PAGE = 200  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
 WINDOW_LEAD = 20.0
 PLAN_CONTAINER = "batches"
 
@@ -120,7 +118,8 @@ def _plan_job(body: bytes) -> dict | None:
 
 def plan_run(svc: Services, run: dict) -> None:
     run_id, rlog = run["RowKey"], run_log(run["RowKey"], run["export"])
-    svc.records.update(run_id, status="planning", planning_started=utcnow())
+    if not svc.records.advance(run_id, ("queued", "planning"), status="planning", planning_started=utcnow()):
+        return  # superseded by a forced run meanwhile
     try:
         export = find_export(svc, run["export"])
         _plan_and_queue(svc, export, run_id, bool(run.get("force")), bool(run.get("dry_run")), rlog)
@@ -153,8 +152,8 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
                    "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
                             "estimated_duration": _duration(seconds), "destination": target}}
         if dry_run:
-            svc.records.update(run_id, **summary)
-            conclude(svc, run_id, "dry run")
+            if svc.records.advance(run_id, ACTIVE, **summary):
+                conclude(svc, run_id, "dry run")
             rlog.info("dry run: %s", plan.counts)
             return
         list_id = _resolve_list(svc, export) if export.membership == "list" else None
@@ -163,8 +162,10 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     finally:
         planner.close()
     state.register(run_id, destination)
-    svc.records.update(run_id, status="running", list_id=list_id or "", planned_at=utcnow(), rebuild_state=rebuild,
-                       planned_batches=pages.batches, pages=pages.count, **summary)
+    if not svc.records.advance(run_id, ("planning",), status="running", list_id=list_id or "", planned_at=utcnow(),
+                               rebuild_state=rebuild, planned_batches=pages.batches, pages=pages.count, **summary):
+        rlog.info("run ended while it was planned (superseded by a forced run?): nothing queued")
+        return
     rlog.info("planned %d batches, %d requests, to %s", pages.batches, plan.requests, destination.name)
     queue_window(svc, svc.records.get(run_id), 0)
     if pages.batches == 0:
@@ -212,10 +213,8 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
 
 
 def _resolve_list(svc: Services, export: ExportDefinition) -> str:
-    # Planned requests start AHEAD seconds later, so this look-up (on a fresh connection, it may arrive late)
-    # cannot bunch up with them inside one second.
     try:
-        return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, None, 0, max_wait=LOOKUP_WAIT))
+        return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, max_wait=LOOKUP_WAIT))
     except Deferred as exc:
         free = datetime.fromtimestamp(exc.at, UTC).strftime("%H:%M:%S UTC")
         raise BudgetBooked(f"the Autopilot request budget is booked by other runs until {free}; the list "
@@ -250,40 +249,37 @@ def _page_name(run_id: str, page: int) -> str:
 
 
 def queue_window(svc: Services, run: dict, page: int) -> None:
-    """Book request slots for one page of the run's batches and queue them, then queue the job for the next
-    page to run shortly before this page's last slot. A page already queued (redelivery) is not queued again."""
+    """Queue one page of the run's batches, each shown shortly before its estimated turn on the budget, then the
+    job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
+    queued again."""
     run_id = run["RowKey"]
     if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page or page >= int(run.get("pages", 0)):
         return
     data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
     batches = [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
-    last_slot = _enqueue(svc, run, batches, first=page * PAGE + 1)
+    ends = _enqueue(svc, run, batches, first=page * PAGE + 1)
     if page + 1 < int(run["pages"]):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
-        svc.plan_queue.send_message(job, visibility_timeout=queue_delay(last_slot - WINDOW_LEAD))
+        svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
     svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())
 
 
 def _enqueue(svc: Services, run: dict, batches: list[dict], first: int) -> float:
-    """Queue the batches, each delayed until just before its request slots. Slots are reserved a chunk at a
-    time, right before the chunk is queued, so no slot passes while later messages are still being written.
-    Returns the last slot booked."""
-    interval, number, slot = svc.budget.interval, first, time.time()
+    """Queue the batches, each visible shortly before its turn if the budget were the run's alone (slots are
+    taken when the requests go, so a turn that comes later only keeps the message waiting in the queue).
+    Returns the estimated end of the page."""
+    interval, number, turn = svc.budget.interval, first, svc.budget.next_free()
     list_id = run.get("list_id") or None
     with ThreadPoolExecutor(8) as pool:
-        for start in range(0, len(batches), CHUNK):
-            chunk = batches[start:start + CHUNK]
-            slot = svc.budget.reserve(sum(b["requests"] for b in chunk), ahead=AHEAD)
-            futures = []
-            for batch in chunk:
-                message = BatchMessage(run["RowKey"], run["export"], number, batch["kind"], batch["items"], list_id,
-                                       slot, batch["requests"])
-                futures.append(pool.submit(queue_message, svc, message, slot))
-                slot += batch["requests"] * interval
-                number += 1
-            for future in futures:
-                future.result()
-    return slot
+        futures = []
+        for batch in batches:
+            message = BatchMessage(run["RowKey"], run["export"], number, batch["kind"], batch["items"], list_id)
+            futures.append(pool.submit(queue_message, svc, message, turn))
+            turn += batch["requests"] * interval
+            number += 1
+        for future in futures:
+            future.result()
+    return turn
 
 
 # --- the timer ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Send one batch to Autopilot and record what Autopilot acknowledged.
 
 Retries: a transient failure (5xx, timeout, dropped connection) is retried at once with a fresh slot,
-which is safe because upserts are keyed by email; after that, and on 429, the unfinished part of the batch
-goes back on the queue with a growing delay instead of sleeping inside the function. A 400 on a bulk call
+which is safe because upserts are keyed by email; after that the unfinished part of the batch goes back on the
+queue with a growing delay instead of sleeping inside the function. A 429 holds the shared budget off (every
+sender waits) and re-queues the rest without counting a failed attempt. A 400 on a bulk call
 is split until the refused contact is isolated; only that contact is reported, with Autopilot's message.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
 from shared.batch_messages import BatchMessage
 from shared.contacts import mask_email
-from shared.rate_budget import Deferred, Pacer
+from shared.rate_budget import THROTTLE_HOLD, Deferred, Pacer
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
@@ -24,11 +25,12 @@ MAX_WAIT = 6.0  # longest wait for a request slot inside one function invocation
 
 
 class Requeue(Exception):
-    """Stop here; the unfinished items go back on the queue, visible again at `at`."""
+    """Stop here; the unfinished items go back on the queue, visible again at `at`. `failed`: the try counts
+    toward the batch's attempts (waiting for the budget, or a 429, does not)."""
 
-    def __init__(self, at: float, reason: str, slot: float | None = None):
+    def __init__(self, at: float, reason: str, failed: bool = True):
         super().__init__(reason)
-        self.at, self.reason, self.slot = at, reason, slot
+        self.at, self.reason, self.failed = at, reason, failed
 
 
 @dataclass
@@ -106,10 +108,12 @@ class BatchSender:
             try:
                 return call()
             except Deferred as exc:
-                raise Requeue(exc.at, "waiting for a request slot", slot=exc.at) from None
-            except Throttled as exc:
-                delay = exc.retry_after or backoff(self.message.attempt)
-                raise Requeue(time.time() + delay, "throttled (429)") from None
+                raise Requeue(exc.at, "waiting for a request slot", failed=False) from None
+            except Throttled as exc:  # the whole app holds off, not only this batch
+                until = time.time() + (THROTTLE_HOLD if exc.retry_after is None else exc.retry_after)
+                self.pacer.budget.hold_off(until)
+                raise Requeue(until, f"throttled (429): every sender holds off for {until - time.time():.1f} s",
+                              failed=False) from None
             except Transient as exc:
                 if attempt == TRIES_IN_PROCESS:
                     raise Requeue(time.time() + backoff(self.message.attempt), exc.message) from None

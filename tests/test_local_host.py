@@ -11,7 +11,7 @@ import pytest
 import requests
 from azure.storage.queue import QueueClient
 
-from tools.local_host import LocalHost, QueueOptions
+from tools.local_host import ROOT, LocalHost, QueueOptions
 
 
 def _wait_for(predicate, timeout: float = 20.0, step: float = 0.1):
@@ -90,8 +90,54 @@ def test_options_come_from_host_json():
 
 
 def test_host_json_polls_often_enough_for_the_rate_budgets_lead():
-    """A message becomes visible LEAD before its request slot: an idle poller must find it before the slot."""
-    from shared.rate_budget import AHEAD, LEAD
+    """A message becomes visible LEAD before its turn: an idle poller must find it before then."""
+    from shared.rate_budget import LEAD
 
     polling = QueueOptions.from_host_json().max_polling_interval
-    assert polling + 0.25 <= LEAD and polling + 0.25 <= AHEAD
+    assert polling + 0.25 <= LEAD
+
+
+def test_the_worker_runs_as_many_invocations_at_once_as_its_thread_count_and_no_more():
+    """PYTHON_THREADPOOL_THREAD_COUNT sizes the one worker pool every trigger shares, as in Azure."""
+    import threading
+    import time
+
+    import azure.functions as func
+
+    app = func.FunctionApp()
+    running, peak, lock = [0], [0], threading.Lock()
+
+    @app.route(route="slow", auth_level=func.AuthLevel.ANONYMOUS)
+    def slow(req: func.HttpRequest) -> func.HttpResponse:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return func.HttpResponse("ok")
+
+    host = LocalHost(app, {"PYTHON_THREADPOOL_THREAD_COUNT": "3"}, port=None).start()
+    try:
+        assert host.threads == 3
+        calls = [threading.Thread(target=host.call, args=("slow",),
+                                  kwargs={"req": func.HttpRequest("GET", "/api/slow", body=b"")}) for _ in range(9)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join(10)
+        assert peak[0] == 3
+    finally:
+        host.stop()
+
+
+def test_infra_and_the_local_stack_give_the_worker_the_same_thread_count():
+    import json
+    import re
+
+    from shared.settings import WORKER_THREADS
+
+    bicep = (ROOT / "infra" / "app" / "function.bicep").read_text()
+    infra = re.search(r"name: 'PYTHON_THREADPOOL_THREAD_COUNT'\s+value: '(\d+)'", bicep)
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    assert infra and int(infra.group(1)) == WORKER_THREADS == int(sample["PYTHON_THREADPOOL_THREAD_COUNT"])

@@ -91,6 +91,9 @@ class LocalHost:
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
         self.invocations = 0
+        # One worker, as Azure's Python worker: every invocation (queue, HTTP, timer) runs on its thread pool.
+        self.threads = worker_threads(settings)
+        self._worker: ThreadPoolExecutor | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LocalHost:
@@ -98,6 +101,7 @@ class LocalHost:
 
         os.environ.update(self.settings)  # as the real host exposes app settings to the worker
         services.use(None)  # a fresh worker builds its clients from those settings
+        self._worker = ThreadPoolExecutor(self.threads, thread_name_prefix="worker")
         for name, function in self.functions.items():
             trigger = function.get_trigger()
             if trigger.get_binding_name() == "queueTrigger":
@@ -121,6 +125,8 @@ class LocalHost:
             self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
+        if self._worker:
+            self._worker.shutdown(wait=True, cancel_futures=True)
         from shared import services
 
         services.use(None)  # closes the worker's connections, as a stopped worker process would
@@ -137,8 +143,12 @@ class LocalHost:
 
     # --- invoking functions -----------------------------------------------------------------------
     def call(self, name: str, **arguments):
+        """Run one invocation on the worker's thread pool and wait for it (the host's dispatcher waits too)."""
         self.invocations += 1
-        return self.functions[name].get_user_function()(**arguments)
+        function = self.functions[name].get_user_function()
+        if self._worker is None:  # not started: tests that call a function directly
+            return function(**arguments)
+        return self._worker.submit(function, **arguments).result()
 
     def fire_timer(self, name: str | None = None, past_due: bool = False) -> None:
         """Fire a timer-triggered function now (the first one when no name is given)."""
@@ -151,6 +161,12 @@ class LocalHost:
 
         value = self.settings.get(setting) or os.environ.get(setting, "")
         return DEV_STORAGE if value.lower() == "usedevelopmentstorage=true" else value
+
+
+def worker_threads(settings: dict[str, str]) -> int:
+    """PYTHON_THREADPOOL_THREAD_COUNT, else the Python worker's default: min(32, cores + 4)."""
+    value = settings.get("PYTHON_THREADPOOL_THREAD_COUNT") or os.environ.get("PYTHON_THREADPOOL_THREAD_COUNT")
+    return int(value) if value else min(32, (os.cpu_count() or 1) + 4)
 
 
 def _trigger_type(function) -> str:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from shared.settings import WORKER_THREADS
 from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
 from tools.keyvault_standin import KeyVaultStandIn
@@ -80,6 +81,7 @@ class LocalStack:
             "AUTOPILOT_API_KEY_SECRET_NAME": SECRET_NAME,
             "AUTOPILOT_BASE_URL": self.autopilot_url or "",
             "AUTOPILOT_REQUESTS_PER_SECOND": str(self.rate),
+            "PYTHON_THREADPOOL_THREAD_COUNT": str(WORKER_THREADS),
         }
         values.update(overrides)
         return values

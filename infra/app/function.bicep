@@ -152,6 +152,11 @@ var appSettings = [
     name: 'AUTOPILOT_RATE_MARGIN'
     value: '0.025'
   }
+  {
+    // Threads of the Python worker (shared/settings.py WORKER_THREADS says why 16; Azure's default is cores + 4).
+    name: 'PYTHON_THREADPOOL_THREAD_COUNT'
+    value: '16'
+  }
 ]
 
 // Scale (functionAppConfig.scaleAndConcurrency). Flex scales per function: the HTTP functions together as the

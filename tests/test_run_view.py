@@ -1,0 +1,47 @@
+"""The run view costs the same at any size: GET /api/runs/{id} reads the run's record, never its batch outcomes."""
+
+from __future__ import annotations
+
+from shared import reports, services
+from shared.run_records import BatchOutcome
+
+
+def _running_run_with(world, run_id: str, batches: int) -> None:
+    svc = services.current()
+    svc.records.create(run_id, "seg", status="running", planned_batches=batches + 1, trigger="http")
+    for number in range(1, batches + 1):
+        outcome = BatchOutcome(number, "upsert", "done", 100, 99, 1, 0, [{"email": "ab***@x***.io", "reason": "x"}])
+        assert svc.records.record_batch(run_id, outcome)
+        reports.after_batch(svc, run_id, outcome)
+
+
+def test_the_view_of_a_running_run_reads_one_entity_whatever_its_batches(world, monkeypatch):
+    svc = services.current()
+    _running_run_with(world, "20260302T043000Z-00000001", 3)
+    _running_run_with(world, "20260302T043000Z-00000002", 300)
+    reads: list[str] = []
+    real_get = svc.records.get
+    monkeypatch.setattr(svc.records, "get", lambda run_id: reads.append("run") or real_get(run_id))
+    monkeypatch.setattr(svc.records, "batch_outcomes", lambda run_id: reads.append("outcomes") or [])
+    small = world.view("20260302T043000Z-00000001")
+    assert reads == ["run"]
+    big = world.view("20260302T043000Z-00000002")
+    assert reads == ["run", "run"]  # the same cost at 100 times the batches
+    assert big["batches"] == {"planned": 301, "settled": 300, "dead": 0}
+    assert (big["counts"]["sent"], big["counts"]["accepted"], big["counts"]["refused"]) == (30_000, 29_700, 300)
+    assert small["counts"]["accepted"] == 297
+
+
+def test_a_finished_run_shows_the_exact_totals_summed_once_when_it_ended(world):
+    svc = services.current()
+    _running_run_with(world, "20260302T043000Z-00000003", 4)
+    # A redelivered batch is counted again as a hint: the running counters may run ahead...
+    reports.after_batch(svc, "20260302T043000Z-00000003")
+    extra = BatchOutcome(5, "upsert", "done", 100, 100, 0, 0, [])
+    assert svc.records.record_batch("20260302T043000Z-00000003", extra)
+    reports.after_batch(svc, "20260302T043000Z-00000003", extra)
+    view = world.view("20260302T043000Z-00000003")
+    # ...but the finished run's figures are summed from the outcomes themselves.
+    assert view["status"] == "partially succeeded"
+    assert view["batches"]["settled"] == 5 and view["counts"]["accepted"] == 4 * 99 + 100
+    assert len(view["deliveryProblems"]) == 4
