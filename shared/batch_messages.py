@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
@@ -43,15 +43,19 @@ class BatchMessage:
     def with_items(self, items: list, **changes) -> BatchMessage:
         return replace(self, items=items, **changes)
 
+    def fields(self) -> dict:
+        """The message's fields, shallow (dataclasses.asdict would deep-copy every contact document)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
 
 def encode(message: BatchMessage, blobs: BlobServiceClient) -> bytes:
     """The message body to queue: inline if its base64 form fits, else a pointer to a blob."""
-    body = json.dumps(asdict(message), separators=(",", ":")).encode()
+    body = json.dumps(message.fields(), separators=(",", ":")).encode()
     if len(base64.b64encode(body)) <= MAX_ENCODED:
         return body
     name = f"{message.run}/{message.batch:06d}-{message.attempt}.json"
     blobs.get_blob_client(BATCH_CONTAINER, name).upload_blob(json.dumps(message.items), overwrite=True)
-    pointer = dict(asdict(message), items=None, blob=f"{BATCH_CONTAINER}/{name}")
+    pointer = dict(message.fields(), items=None, blob=f"{BATCH_CONTAINER}/{name}")
     return json.dumps(pointer, separators=(",", ":")).encode()
 
 

@@ -8,7 +8,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict
 
 from shared import batch_messages
 from shared.autopilot_client import ApiKeyRejected
@@ -167,7 +166,7 @@ def record_dead(svc: Services, body: bytes) -> None:
         return
     reason = reason or "the batch failed on every delivery (maxDequeueCount reached; see the function's logs)"
     svc.host.blob.get_blob_client(DEAD, f"{message.run}/{message.batch:06d}.json").upload_blob(
-        json.dumps(asdict(message)), overwrite=True)
+        json.dumps(message.fields()), overwrite=True)
     progress = _carried(message)
     fail_rest(message, progress, f"dead batch: {reason}")
     run_log(message.run, message.export).error("batch %d is dead: %s", message.batch, reason)
