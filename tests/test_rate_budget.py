@@ -116,3 +116,19 @@ def test_a_slot_further_away_than_the_wait_allowed_defers_and_takes_nothing(budg
         Pacer(budget, max_wait=2)()
     assert deferred.value.at >= time.time() + 29
     assert budget.next_free() == pytest.approx(before)
+
+
+@pytest.mark.parametrize("header, low, high", [
+    ("3", 3, 3), ("0.5", 0.5, 0.5), ("-4", 0, 0), (None, None, None), ("soon", None, None),
+    ("in-the-future", 9, 10),  # replaced below by an HTTP date 10 s ahead
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0, 0),  # a date in the past: go now
+])
+def test_retry_after_is_read_as_seconds_or_as_an_http_date(header, low, high):
+    from email.utils import formatdate
+
+    from shared.autopilot_client import retry_after
+
+    if header == "in-the-future":
+        header = formatdate(time.time() + 10, usegmt=True)
+    value = retry_after(header)
+    assert (value is None) if low is None else (low <= value <= high), value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import time
+from itertools import pairwise
 
 import pytest
 from azure.data.tables import TableServiceClient
@@ -354,7 +355,7 @@ def test_batches_are_queued_a_page_at_a_time_as_sending_advances(monkeypatch):
         assert [page for page, _ in windows] == [0, 1, 2, 3]
         # Each page of 3 batches takes 1.5 s of the budget at 2 requests/s: its successor is queued about then,
         # not up front (whole seconds: queue delays are whole seconds).
-        gaps = [b - a for (_, a), (_, b) in zip(windows, windows[1:], strict=False)]
+        gaps = [b - a for (_, a), (_, b) in pairwise(windows)]
         assert all(gap >= 0.9 for gap in gaps), gaps
         assert world.field_members() == segment_emails(rows)
     finally:
