@@ -33,6 +33,7 @@ STANDARD_FIELDS = (
 CUSTOM_TYPES = ("string", "integer", "float", "boolean", "date")
 DEFAULT_CONNECTION = "EXPORT_STORAGE"
 DEFAULT_MAX_PROFILES = 100_000
+DEFAULT_MAX_REMOVAL_PERCENT = 20  # a run removing more of the acknowledged members than this stops (unless forced)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # An app setting name (the Functions host also accepts `__` sections, which this allows).
@@ -41,7 +42,7 @@ SETTING_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 CONTAINER_RE = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 
 EXPORT_KEYS = ("name", "enabled", "dataTransferAcknowledged", "source", "destination", "fields", "customFields",
-               "maxProfiles")
+               "maxProfiles", "maxRemovalPercent")
 SOURCE_KEYS = ("connection", "container", "prefix", "segment")
 DESTINATION_KEYS = ("membership", "list", "field", "onLeave")
 CUSTOM_KEYS = ("name", "type", "column")
@@ -89,6 +90,7 @@ class ExportDefinition:
     fields: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)  # Autopilot field -> column
     custom_fields: tuple[CustomField, ...] = ()
     max_profiles: int = DEFAULT_MAX_PROFILES
+    max_removal_percent: float = DEFAULT_MAX_REMOVAL_PERCENT
 
     @property
     def membership_key(self) -> str | None:
@@ -120,6 +122,7 @@ class ExportDefinition:
             "fields": dict(self.fields),
             "customFields": [{"name": c.name, "type": c.type, "column": c.column} for c in self.custom_fields],
             "maxProfiles": self.max_profiles,
+            "maxRemovalPercent": self.max_removal_percent,
         }
 
 
@@ -312,6 +315,7 @@ class _Checker:
             **self.destination(self.obj(data, "destination", "destination")),
             **self.mapping(data),
             "max_profiles": self._limit(data),
+            "max_removal_percent": self._removal_limit(data),
         }
         self._membership_clash(values)
         return None if len(self.problems) > before else ExportDefinition(**values)
@@ -334,6 +338,13 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             self.problem(f"must be a positive whole number, got {_show(value)}", "maxProfiles")
             return DEFAULT_MAX_PROFILES
+        return value
+
+    def _removal_limit(self, data: dict) -> float:
+        value = data.get("maxRemovalPercent", DEFAULT_MAX_REMOVAL_PERCENT)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            self.problem(f"must be a number from 0 to 100, got {_show(value)}", "maxRemovalPercent")
+            return DEFAULT_MAX_REMOVAL_PERCENT
         return value
 
     def source(self, data: dict) -> dict:

@@ -27,6 +27,29 @@ SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20
 
 
+class MassRemoval(Exception):
+    """A run would take more of the audience away than the export allows: nothing is sent without `force`."""
+
+
+def removal_guard(export: ExportDefinition, counts: dict) -> str | None:
+    """Why a run with these counts must not go ahead without `force`, or None. Removals are leavers taken off
+    the list (list mode) or unmarked (field mode); kept leavers are not removed."""
+    removals = 0 if export.on_leave == "keep" else counts["leavers"]
+    members = counts["members_before"]
+    if not removals:
+        return None
+    share = 100 * removals / members if members else 100.0
+    if counts["profiles"] == 0:
+        why = f"the snapshot has no valid profile, so the run would remove all {removals} members"
+    elif share > export.max_removal_percent:
+        why = (f"the run would remove {removals} of the {members} members acknowledged so far ({share:.1f}%), "
+               f"more than maxRemovalPercent {export.max_removal_percent:g}")
+    else:
+        return None
+    return (f"export {export.name!r}: {why}; nothing was sent. If the segment really shrank, start the run with "
+            "force, or raise maxRemovalPercent on the export")
+
+
 class TooManyProfiles(Exception):
     def __init__(self, export: str, valid: int, limit: int):
         super().__init__(
@@ -170,6 +193,7 @@ class Planner:
             rows = self.db.execute("SELECT key FROM diff WHERE kind = ? ORDER BY key LIMIT ?", (name, SAMPLE_SIZE))
             plan.samples[name] = [mask_email(r[0]) for r in rows]
         plan.counts["unchanged"] = plan.counts["profiles"] - plan.counts["joiners"] - plan.counts["changed"]
+        plan.counts["members_before"] = self.db.execute("SELECT count(*) FROM acked WHERE member = 1").fetchone()[0]
         keep = self.export.on_leave == "keep"
         plan.counts["kept_leavers"] = plan.counts["leavers"] if keep else 0
         plan.requests = expected_requests(

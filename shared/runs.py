@@ -18,7 +18,7 @@ from shared.cdm_reader import ExportDataError, find_snapshot, read_rows
 from shared.contacts import MappingError
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
-from shared.planner import BULK_LIMIT, Planner, TooManyProfiles
+from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
 from shared.rate_budget import Deferred, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
@@ -40,7 +40,7 @@ class BudgetBooked(RuntimeError):
 
 # Problems the user can fix: the run fails with this message instead of a stack trace.
 USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError,
-               SecretUnavailable, BudgetBooked, StateUnreadable)
+               SecretUnavailable, BudgetBooked, StateUnreadable, MassRemoval)
 
 
 class UnknownExport(LookupError):
@@ -148,9 +148,15 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
         plan = planner.plan(read_rows(container, snapshot), acked, force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
         seconds = plan.requests * svc.budget.interval
+        guard = removal_guard(export, plan.counts)
         summary = {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
                    "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
-                            "estimated_duration": _duration(seconds), "destination": target}}
+                            "estimated_duration": _duration(seconds), "destination": target,
+                            "removalGuard": guard and (f"a run without force would stop: {guard}" if not force
+                                                       else f"forced past: {guard}")}}
+        if guard and not force and not dry_run:
+            svc.records.update(run_id, **summary)
+            raise MassRemoval(guard)
         if dry_run:
             if svc.records.advance(run_id, ACTIVE, **summary):
                 conclude(svc, run_id, "dry run")

@@ -19,6 +19,7 @@ EXPORT = {
     "fields": {"Email": "PrimaryEmail", "FirstName": "FirstName", "LastName": "LastName", "Company": "CompanyName"},
     "customFields": [{"name": "Loyalty Points", "type": "integer", "column": "LoyaltyPoints"}],
     "maxProfiles": 100000,
+    "maxRemovalPercent": 20,
 }
 MINIMAL = {"name": "lapsed", "source": {"container": "ciexports", "segment": "LapsedBuyers"},
            "destination": {"membership": "field", "field": "In Lapsed Buyers"}, "fields": {"Email": "EmailAddress"}}
@@ -87,7 +88,11 @@ def test_document_may_be_text_or_bytes_with_a_byte_order_mark():
      'exports[0] "high-value": maxProfiles must be a positive whole number, got "100"'),
     (lambda e: e.update(maxProfile=10),
      'exports[0] "high-value": maxProfile is not a known key (did you mean "maxProfiles"?); known keys: name, enabled, '
-     "dataTransferAcknowledged, source, destination, fields, customFields, maxProfiles"),
+     "dataTransferAcknowledged, source, destination, fields, customFields, maxProfiles, maxRemovalPercent"),
+    (lambda e: e.update(maxRemovalPercent=120),
+     'exports[0] "high-value": maxRemovalPercent must be a number from 0 to 100, got 120'),
+    (lambda e: e.update(maxRemovalPercent=True),
+     'exports[0] "high-value": maxRemovalPercent must be a number from 0 to 100, got true'),
     (lambda e: e["source"].update(Segment="X"),
      'exports[0] "high-value": source.Segment is not a known key (did you mean "segment"?); known keys: connection, '
      "container, prefix, segment"),

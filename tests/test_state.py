@@ -395,3 +395,40 @@ def test_a_malformed_planning_job_is_logged_and_changes_nothing(world, body, cap
     runs.handle_plan_message(_svc(), body)
     assert "not a planning job" in caplog.text
     assert RunRecords_for(world).active() == []
+
+
+# --- the mass-removal guard ---------------------------------------------------------------------------
+@pytest.mark.parametrize("membership", ["list", "field"])
+def test_a_refresh_that_would_empty_the_audience_stops_before_sending_until_forced(world, membership):
+    rows = list(sample_profiles(40, seed=70))
+    world.define(definition("seg", membership=membership))
+    world.snapshot(rows)
+    assert world.run("seg")["status"] == "succeeded"
+    held = world.list_members() if membership == "list" else world.field_members()
+    world.snapshot([])  # a broken upstream refresh: model.json names one empty partition
+    dry = world.run("seg", dryRun=True)
+    assert "a run without force would stop" in dry["plan"]["removalGuard"]
+    mark = len(world.contact_requests())
+    stopped = world.run("seg")
+    assert stopped["status"] == "failed" and "no valid profile" in stopped["error"] and "force" in stopped["error"]
+    assert "maxRemovalPercent" in stopped["error"] and "all 40 members" in stopped["error"]
+    assert world.contact_requests()[mark:] == []
+    assert (world.list_members() if membership == "list" else world.field_members()) == held
+    forced = world.run("seg", force=True)
+    assert forced["status"] == "succeeded" and forced["counts"]["leavers"] == 40
+    assert (world.list_members() if membership == "list" else world.field_members()) == set()
+
+
+def test_removing_more_than_max_removal_percent_names_both_numbers_and_a_raised_limit_lets_it_run(world):
+    rows = list(sample_profiles(50, seed=71))
+    world.define(definition("seg"))
+    world.snapshot(rows)
+    assert world.run("seg")["status"] == "succeeded"
+    world.snapshot(rows[:35])  # 15 of 50 leave: 30%
+    stopped = world.run("seg")
+    assert stopped["status"] == "failed"
+    assert "remove 15 of the 50 members" in stopped["error"] and "30.0%" in stopped["error"]
+    assert "maxRemovalPercent 20" in stopped["error"]
+    world.define(definition("seg", maxRemovalPercent=30))
+    assert world.run("seg")["status"] == "succeeded"
+    assert world.field_members() == segment_emails(rows[:35])
