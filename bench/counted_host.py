@@ -1,11 +1,12 @@
 """The local Functions host with every Azure SDK request attributed to the invocation that made it, for the
-big-segments benchmark's storage-request count.
+benchmarks' storage-request counts (big_segments, throughput, rate_discipline).
 
     python -m bench.counted_host --settings FILE --port P --function-key K --sdk-requests
 
-Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options); the only difference is
-the log format: each line carries `[<thread> <function>#<message id>]`, the queue-triggered invocation
-running on that thread (including the trigger's own delete of the message after it), or `-` outside one.
+Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, one worker pool of
+PYTHON_THREADPOOL_THREAD_COUNT threads); the only difference is the log format: each line carries
+`[<thread> <function>#<message id>]`, the queue-triggered invocation it belongs to (its function running on a
+worker thread, and the trigger's own delete of the message after it on the poller's thread), or `-` outside one.
 `requests_by_invocation` reads such a log back.
 """
 
@@ -15,9 +16,11 @@ import logging
 import re
 import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tools import local_host
 from tools.local_host import LocalHost, QueuePoller, host_parser, load_app, serve
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(invocation)s] %(message)s"
@@ -41,6 +44,22 @@ def _tagged(invoke):
     return wrapper
 
 
+def _carry(tag: str, fn, args, kwargs):
+    _current.invocation = tag
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.invocation = "-"
+
+
+class TagCarryingPool(ThreadPoolExecutor):
+    """A pool whose tasks carry the submitting thread's invocation tag: the poller hands the function to the
+    worker pool (LocalHost.call), and what the function logs there belongs to the poller's invocation."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_carry, getattr(_current, "invocation", "-"), fn, args, kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = host_parser(__doc__.splitlines()[0]).parse_args(argv)
     app, values = load_app(args)
@@ -48,9 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         handler.addFilter(_Tag())
         handler.setFormatter(logging.Formatter(FORMAT))
     QueuePoller._invoke = _tagged(QueuePoller._invoke)
+    local_host.ThreadPoolExecutor = TagCarryingPool  # the host's pools (pollers' and the worker's)
     host = LocalHost(app, values, port=args.port, function_key=args.function_key)
-    serve(host, "local host listening on {url}/api (requests counted per invocation; functions: "
-          + ", ".join(host.functions) + ")")
+    serve(host, "local host listening on {url}/api (requests counted per invocation; worker threads "
+          f"{host.threads}; functions: " + ", ".join(host.functions) + ")")
 
 
 # --- reading the log back -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
+from shared.settings import WORKER_THREADS
 from tools.autopilot_sim import SimProcess
 from tools.azurite import free_port
 from tools.generate_export import write_export
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 CONTAINER = "ciexports"
 FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+THREADS = "PYTHON_THREADPOOL_THREAD_COUNT"
 _STARTED = time.monotonic()
 
 
@@ -94,19 +96,44 @@ class Host(Child):
     """A local Functions host process (`python -m tools.local_host`, or a module with the same CLI)."""
 
     def __init__(self, out: Path, name: str, settings: dict[str, str], function_key: str,
-                 module: str = "tools.local_host", extra: tuple[str, ...] = ()):
+                 module: str = "tools.local_host", extra: tuple[str, ...] = (), sdk_requests: bool = True):
         settings_file = out / f"{name}.settings.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
         self.port = free_port()
+        # --sdk-requests logs every Azure SDK request (URL and headers) so the bench can count them; that
+        # logging costs CPU the app does not spend in Azure (it keeps the SDK at WARNING): CPU figures are
+        # taken on hosts without it.
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
-                "--function-key", function_key, "--sdk-requests", *extra]
+                "--function-key", function_key, *(("--sdk-requests",) if sdk_requests else ()), *extra]
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
+        self.threads = int(settings[THREADS])
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class CoreBurner:
+    """A second process burning one core for as long as it runs (`python -c "while True: pass"`): other work on
+    the machine, as the issue's "loaded" figure asks. Stopped by its own process id."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.cpu = 0.0
+
+    def __enter__(self) -> CoreBurner:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.cpu = cpu_seconds(self.proc.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 # --- the stack ------------------------------------------------------------------------------------
@@ -150,13 +177,23 @@ class BenchStack:
             self.stack.stop()
 
     def settings(self, rate: float) -> dict[str, str]:
-        """The app settings of a host on this stack, spending `rate` requests per second."""
-        return self.stack.settings(None, AUTOPILOT_REQUESTS_PER_SECOND=f"{rate:g}")
+        """The app settings of a host on this stack, spending `rate` requests per second, with the Azure worker's
+        thread count (PYTHON_THREADPOOL_THREAD_COUNT, as infra/ sets it) for the local host's worker pool."""
+        values = self.stack.settings(None, AUTOPILOT_REQUESTS_PER_SECOND=f"{rate:g}")
+        values.setdefault(THREADS, str(WORKER_THREADS))
+        return values
 
-    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = ()) -> Host:
+    @property
+    def worker_threads(self) -> int:
+        """The thread count every host of this stack runs its invocations on."""
+        return int(self.settings(1.0)[THREADS])
+
+    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = (),
+             sdk_requests: bool = True) -> Host:
         """Start one more host process (real host.json queue options) and wait until it serves HTTP."""
         self._host_count += 1
-        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra)
+        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra,
+                    sdk_requests)
         self.hosts.append(host)
         host.start(r"local host listening on")
         return host
@@ -183,28 +220,35 @@ class Api:
         self.base_url = host.base_url
         self.http = requests.Session()
         self.http.headers["x-functions-key"] = host.function_key
+        self.views: list[tuple[float, float, int]] = []  # (epoch seconds, seconds the GET took, batches settled)
 
     def start(self, export: str, **options) -> dict:
-        """POST /api/exports/{name}/runs: plans and queues the run, then answers with the run's view."""
+        """POST /api/exports/{name}/runs: records the run and queues its planning, then answers with its view."""
         response = self.http.post(f"{self.base_url}/api/exports/{export}/runs", json=options, timeout=900)
         if response.status_code not in (200, 202):
             raise BenchError(f"starting a run of {export} answered {response.status_code}: {response.text[:500]}")
         return response.json()
 
     def view(self, run_id: str) -> dict:
+        started = time.perf_counter()
         response = self.http.get(f"{self.base_url}/api/runs/{run_id}", timeout=60)
+        took = time.perf_counter() - started
         response.raise_for_status()
-        return response.json()
+        view = response.json()
+        self.views.append((time.time(), took, view["batches"]["settled"]))
+        return view
 
-    def wait(self, run_id: str, timeout: float, stall: float = 120.0, report: float = 15.0) -> dict:
+    def wait(self, run_id: str, timeout: float, stall: float = 120.0, report: float = 15.0,
+             every: float | None = None) -> dict:
         """Poll the run until it is final; a progress line every `report` seconds. Gives up after `timeout`, or
         when no batch settled for `stall` seconds (a stuck run would otherwise hold the suite for its timeout).
 
-        Polls often at first and every 3 s later: each GET reads all of the run's batch outcomes, work the
-        measured host does (figures come from the run's own timestamps, not from when the poll saw them)."""
+        Polls every `every` seconds (tools/local_run.py polls every 0.5 s), or often at first and every 3 s
+        later. Each GET's time is kept in `views` (figures come from the run's own timestamps, not from when
+        the poll saw them)."""
         now = time.monotonic()
         deadline, next_report = now + timeout, now + report
-        settled, progressed, every = -1, now, 0.25
+        settled, progressed, interval = -1, now, every or 0.25
         while True:
             view = self.view(run_id)
             if view["status"] in FINAL:
@@ -220,5 +264,5 @@ class Api:
                 say(f"  run {run_id}: {view['status']}, {view['batches']['settled']}/{view['batches']['planned']} "
                     "batches settled")
                 next_report += report
-            time.sleep(every)
-            every = min(3.0, every * 1.5)
+            time.sleep(interval)
+            interval = every or min(3.0, interval * 1.5)

@@ -81,8 +81,8 @@ class HostLog:
     """Counts in a host's log (the local host logs every Azure SDK request at INFO, URL included)."""
 
     budget_requests: int  # reads and writes of the rate-budget Table entity
-    missed_slot: int  # batches re-queued because they came too late for their request slot
-    throttled: int  # batches re-queued after a 429
+    waited: int  # batches re-queued because the next free request slot was too far ahead (MAX_WAIT)
+    throttled: int  # batches re-queued after a 429 (which holds every sender off)
 
     @classmethod
     def read(cls, host: Host) -> HostLog:
@@ -91,7 +91,7 @@ class HostLog:
                    text.count("re-queued (throttled"))
 
     def __sub__(self, before: HostLog) -> HostLog:
-        return HostLog(self.budget_requests - before.budget_requests, self.missed_slot - before.missed_slot,
+        return HostLog(self.budget_requests - before.budget_requests, self.waited - before.waited,
                        self.throttled - before.throttled)
 
 
@@ -106,8 +106,9 @@ class RunMeasure:
 
     view: dict
     started: float  # epoch seconds, just before the POST
-    posted: float  # the POST answered: planned and queued
+    posted: float  # the POST answered: the run recorded and its planning queued
     log: list[dict]
+    views: list[tuple[float, float, int]] = field(default_factory=list)  # the GETs polling it (Api.views)
 
     @property
     def contact_requests(self) -> list[dict]:
@@ -138,20 +139,20 @@ class RunMeasure:
 
 
 def timed_run(stack: BenchStack, host: Host, export: str, timeout: float, stall: float = 120.0,
-              **options) -> RunMeasure:
-    """Start a run over HTTP, wait for it, and collect the simulator's log of that run."""
+              poll: float | None = None, **options) -> RunMeasure:
+    """Start a run over HTTP, wait for it (polling its view every `poll` seconds, see Api.wait), and collect the
+    simulator's log of that run."""
     api = Api(host)
     stack.sim.reset_log()
     started = time.time()
     view = api.start(export, **options)
     posted = time.time()
-    say(f"  {export}: run {view['runId']} planned and queued in {posted - started:.1f}s "
-        f"({view.get('plannedRequests')} requests, {view['batches']['planned']} batches)")
-    view = api.wait(view["runId"], timeout, stall)
+    say(f"  {export}: run {view['runId']} started (POST answered in {posted - started:.2f}s)")
+    view = api.wait(view["runId"], timeout, stall, every=poll)
     if view["status"] not in ("succeeded", "dry run"):
         raise BenchError(f"run {view['runId']} of {export} ended {view['status']}: {view.get('error')} "
                          f"{view.get('counts')} {view.get('deliveryProblems', [])[:3]}")
-    measure = RunMeasure(view, started, posted, stack.sim.request_log())
+    measure = RunMeasure(view, started, posted, stack.sim.request_log(), api.views)
     # Kept for investigation (bench/out is scratch): every request the simulator saw during the run.
     (stack.out / f"{export}-{view['runId']}.requests.json").write_text(json.dumps(
         {"started": started, "posted": posted, "log": measure.log}))

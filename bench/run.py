@@ -23,6 +23,7 @@ from bench.report import document, write
 
 BENCHMARKS = {
     "field_sync": throughput.field_sync,
+    "field_rates": throughput.field_rates,
     "list_sync": throughput.list_sync,
     "incremental": incremental.incremental,
     "planning": planning.planning,
