@@ -54,8 +54,8 @@ CALLS = {
     "table batches: GET entity": "RunRecords.has_batch (already settled? a redelivery)",
     "table batches: POST insert": "RunRecords.record_batch: outcome + acknowledged contacts, one insert",
     "table runs: PATCH entity": "RunRecords.count_done: the run's `done` hint, merged If-Match",
-    "table ratebudget: GET entity": "RateBudget.reserve read (a fresh slot: the planned one was missed)",
-    "table ratebudget: PUT entity": "RateBudget.reserve write (a fresh slot)",
+    "table ratebudget: GET entity": "RateBudget: read of the budget's next free time (the request's slot)",
+    "table ratebudget: PUT entity": "RateBudget: the slot taken, written If-Match (again on each conflict)",
     "queue autopilot-batches: POST messages": "re-queue of a batch's rest",
 }
 
@@ -79,7 +79,7 @@ def big_segments(quick: bool) -> Result:
     result.inputs = {
         "sizes": asdict(sizes), "membership": "field", "rate_rps": RATE, "simulator_rate_rps": RATE,
         "initial_sync_rate_rps": INITIAL_RATE, "churn": "1% of the segment, split evenly into joins, changes, leaves",
-        "hosts": 1, "host": f"{HOST_MODULE} (tools.local_host, host.json: batchSize 16, newBatchThreshold 24)",
+        "hosts": 1, "host": f"{HOST_MODULE} (tools.local_host with host.json's queue options)",
         "state": f"{sizes.small:,}: a real first sync; {sizes.big:,} and {sizes.huge:,}: seeded (see notes)",
     }
     definitions = {
@@ -90,6 +90,7 @@ def big_segments(quick: bool) -> Result:
     }
     posts: dict[str, float] = {}
     with BenchStack(result.name, sim_rate=RATE) as stack:
+        threads = result.inputs["worker_threads"] = stack.worker_threads
         svc = _services(stack)
         try:
             stack.define(definitions[SMALL], definitions[BIG], definitions[FIRST])
@@ -112,7 +113,7 @@ def big_segments(quick: bool) -> Result:
         result.add(f"POST /api/exports/{{name}}/runs answer, {sizes.big:,}-profile export (slowest of "
                    f"{len(posts)})", slowest, "s", f"≤ {TARGET['post_s']:g} s", slowest <= TARGET["post_s"])
         result.details["post_answer_s"] = {k: round(v, 3) for k, v in posts.items()}
-    result.notes += _notes(sizes)
+    result.notes += _notes(sizes, threads)
     return result
 
 
@@ -225,6 +226,8 @@ def _storage_figures(result: Result, stack: BenchStack, host: Host, offset: int,
         calls = Counter(r for k in steady for r in storage[k])
         result.add("storage requests of a settled batch, by call (average per settled batch, concluding one "
                    "excluded)", "; ".join(f"{n / len(steady):.2f}x {call}" for call, n in calls.most_common()))
+        budget = sum(n for call, n in calls.items() if call.startswith("table ratebudget: "))
+        result.add("of which the rate budget's own (slot reads and writes), per settled batch", budget / len(steady))
     if concluding:
         result.add("storage requests of the invocation that concluded the run (its batch, report, outcomes, fold)",
                    len(storage[concluding[0]]))
@@ -467,12 +470,13 @@ def _run_details(run: RunMeasure) -> dict:
             "batches": run.view["batches"], "phases_s": {k: round(v, 3) for k, v in _phases(run).items()}}
 
 
-def _notes(sizes: Sizes) -> list[str]:
+def _notes(sizes: Sizes, threads: int) -> list[str]:
     return [
-        f"Conditions: one host process (tools.local_host with per-invocation request tags), host.json queue options "
-        f"(up to 40 concurrent invocations per queue; runs.py books and queues a window with 8 threads); planning is "
-        f"one invocation on one thread. Simulator and budget at {RATE:g} requests/s; the benchmark polls the run "
-        "view over HTTP (every ≤ 3 s), which the host serves meanwhile. Machine load: see load_average_1min.",
+        f"Conditions: one host process (tools.local_host with per-invocation request tags), host.json queue options, "
+        f"invocations on one worker pool of {threads} threads (PYTHON_THREADPOOL_THREAD_COUNT); planning is one "
+        f"invocation on one thread. Simulator and budget at {RATE:g} requests/s; the benchmark polls the run view "
+        "over HTTP, which the host serves meanwhile. Machine load: see load_average_1min (other benchmarks or tests "
+        "running on the same 2 cores slow planning, the figure most sensitive to it).",
         f"The {sizes.small:,}-profile state comes from a real first sync (at {INITIAL_RATE:g} requests/s). The "
         f"{sizes.big:,}- and {sizes.huge:,}-profile states are seeded, not synced (a real first sync of "
         f"{sizes.big:,} profiles takes 2,000 s at 5 requests/s): the snapshot a real first sync of the segment "
