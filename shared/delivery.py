@@ -46,8 +46,8 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
         log.error("rejected queue message: %s", exc)
         poison(svc, body, str(exc))
         return
-    run = svc.records.get(message.run)
-    if run is None:
+    status = svc.records.status(message.run)
+    if status is None:
         poison(svc, body, f"unknown run {message.run!r}")
         return
     if svc.records.has_batch(message.run, message.batch):
@@ -57,8 +57,9 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
         return
     rlog = run_log(message.run, message.export)
     progress = _carried(message)
-    if run.get("status") not in ACTIVE:
-        fail_rest(message, progress, f"run already ended ({run.get('status')}: {run.get('error', '')})")
+    if status not in ACTIVE:
+        run = svc.records.get(message.run) or {}
+        fail_rest(message, progress, f"run already ended ({status}: {run.get('error', '')})")
     else:
         if not _send(svc, message, progress, rlog):
             return

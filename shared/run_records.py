@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -24,6 +25,7 @@ ACTIVE = ("queued", "planning", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
 JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems")
 OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
+STATUS_MAX_AGE = 2.0  # seconds a sender trusts the run status it last read (a cancelled run stops within that)
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
 
 
@@ -73,6 +75,21 @@ class RunRecords:
     def __init__(self, tables: TableServiceClient):
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
+        self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
+
+    def status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
+        """The run's status as this instance last read it, read again when older than `max_age` seconds (every
+        settled batch reads it anyway, so a busy run costs no extra read). None: no such run."""
+        seen = self._seen.get(run_id)
+        if seen and time.monotonic() - seen[1] <= max_age:
+            return seen[0]
+        run = self.get(run_id)
+        return run.get("status") if run else None
+
+    def _saw(self, entity) -> None:
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic())
 
     # --- runs -------------------------------------------------------------------------------------
     def create(self, run_id: str, export: str, **fields) -> dict:
@@ -82,9 +99,11 @@ class RunRecords:
 
     def get(self, run_id: str) -> dict | None:
         try:
-            return _decode(self.runs.get_entity("run", run_id))
+            entity = self.runs.get_entity("run", run_id)
         except ResourceNotFoundError:
             return None
+        self._saw(entity)
+        return _decode(entity)
 
     def update(self, run_id: str, **fields) -> None:
         self.runs.update_entity(_encode({"PartitionKey": "run", "RowKey": run_id, **fields}), mode=UpdateMode.MERGE)
@@ -118,6 +137,7 @@ class RunRecords:
         run's planned batches (none yet: a huge number)."""
         while True:
             entity = self.runs.get_entity("run", run_id)
+            self._saw(entity)
             patch = {"PartitionKey": "run", "RowKey": run_id, "done": int(entity.get("done", 0)) + 1}
             if outcome is not None:
                 for name, value in (("sent", outcome.contacts), ("accepted", outcome.accepted),

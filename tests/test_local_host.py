@@ -141,3 +141,34 @@ def test_infra_and_the_local_stack_give_the_worker_the_same_thread_count():
     infra = re.search(r"name: 'PYTHON_THREADPOOL_THREAD_COUNT'\s+value: '(\d+)'", bicep)
     sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
     assert infra and int(infra.group(1)) == WORKER_THREADS == int(sample["PYTHON_THREADPOOL_THREAD_COUNT"])
+
+
+def test_http_functions_never_wait_for_threads_the_other_triggers_hold():
+    """Flex scales the HTTP functions as a group on instances of their own: busy senders never delay the API."""
+    import threading
+
+    import azure.functions as func
+    from azure.functions.timer import TimerRequest
+
+    app = func.FunctionApp()
+    release = threading.Event()
+
+    @app.timer_trigger(arg_name="timer", schedule="0 0 * * * *")
+    def busy(timer: func.TimerRequest) -> None:
+        release.wait(10)
+
+    @app.route(route="quick", auth_level=func.AuthLevel.ANONYMOUS)
+    def quick(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse("ok")
+
+    host = LocalHost(app, {"PYTHON_THREADPOOL_THREAD_COUNT": "1"}, port=None).start()
+    try:
+        holder = threading.Thread(target=host.call, args=("busy",), kwargs={"timer": TimerRequest()})
+        holder.start()
+        began = time.monotonic()
+        host.call("quick", req=func.HttpRequest("GET", "/api/quick", body=b""))
+        assert time.monotonic() - began < 1.0
+    finally:
+        release.set()
+        holder.join(10)
+        host.stop()

@@ -226,12 +226,13 @@ def test_list_mode_leavers_under_faults_expose_no_address(world):
     rows = list(sample_profiles(60, seed=23))
     exposure = _exposure(world, emails_of(rows))
     with scanning_logs(exposure, skip=_urllib3_request_line):
-        world.define(definition("lv", membership="list"))
+        world.define(definition("lv", membership="list", maxRemovalPercent=60))  # half the list leaves
         world.snapshot(rows)
         assert world.run("lv")["status"] == "succeeded"
         world.snapshot(rows[:30])  # 30 leavers
         world.sim.faults = Faults(drop_rate=0.3)
         second = world.run("lv")
+        assert second["counts"]["leavers"] == 30 and second["status"] != "failed", second
         world.sim.faults = Faults()
         _touch_every_endpoint(world, [second["runId"]])
 

@@ -91,9 +91,13 @@ class LocalHost:
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
         self.invocations = 0
-        # One worker, as Azure's Python worker: every invocation (queue, HTTP, timer) runs on its thread pool.
+        # A worker thread pool per scale group, as Flex Consumption runs them: the HTTP functions together on their
+        # own instances, every other function on instances of its own (per-function scaling). Each pool has the
+        # Python worker's PYTHON_THREADPOOL_THREAD_COUNT threads.
         self.threads = worker_threads(settings)
-        self._worker: ThreadPoolExecutor | None = None
+        self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
+        self._started = False
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LocalHost:
@@ -101,7 +105,7 @@ class LocalHost:
 
         os.environ.update(self.settings)  # as the real host exposes app settings to the worker
         services.use(None)  # a fresh worker builds its clients from those settings
-        self._worker = ThreadPoolExecutor(self.threads, thread_name_prefix="worker")
+        self._started = True
         for name, function in self.functions.items():
             trigger = function.get_trigger()
             if trigger.get_binding_name() == "queueTrigger":
@@ -125,8 +129,9 @@ class LocalHost:
             self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
-        if self._worker:
-            self._worker.shutdown(wait=True, cancel_futures=True)
+        for worker in self._workers.values():
+            worker.shutdown(wait=True, cancel_futures=True)
+        self._started = False
         from shared import services
 
         services.use(None)  # closes the worker's connections, as a stopped worker process would
@@ -146,9 +151,16 @@ class LocalHost:
         """Run one invocation on the worker's thread pool and wait for it (the host's dispatcher waits too)."""
         self.invocations += 1
         function = self.functions[name].get_user_function()
-        if self._worker is None:  # not started: tests that call a function directly
+        if not self._started:  # not started: tests that call a function directly
             return function(**arguments)
-        return self._worker.submit(function, **arguments).result()
+        return self._worker(name).submit(function, **arguments).result()
+
+    def _worker(self, name: str) -> ThreadPoolExecutor:
+        group = "http" if _trigger_type(self.functions[name]) == "httpTrigger" else name
+        with self._pools_lock:
+            if group not in self._workers:
+                self._workers[group] = ThreadPoolExecutor(self.threads, thread_name_prefix=f"worker-{group}")
+            return self._workers[group]
 
     def fire_timer(self, name: str | None = None, past_due: bool = False) -> None:
         """Fire a timer-triggered function now (the first one when no name is given)."""
