@@ -3,7 +3,7 @@ benchmarks' storage-request counts (big_segments, throughput, rate_discipline).
 
     python -m bench.counted_host --settings FILE --port P --function-key K --sdk-requests
 
-Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, one worker pool of
+Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, worker pools of
 PYTHON_THREADPOOL_THREAD_COUNT threads); the only difference is the log format: each line carries
 `[<thread> <function>#<message id>]`, the queue-triggered invocation it belongs to (its function running on a
 worker thread, and the trigger's own delete of the message after it on the poller's thread), or `-` outside one.
@@ -53,7 +53,7 @@ def _carry(tag: str, fn, args, kwargs):
 
 
 class TagCarryingPool(ThreadPoolExecutor):
-    """A pool whose tasks carry the submitting thread's invocation tag: the poller hands the function to the
+    """A pool whose tasks carry the submitting thread's invocation tag: the poller hands the function to a
     worker pool (LocalHost.call), and what the function logs there belongs to the poller's invocation."""
 
     def submit(self, fn, /, *args, **kwargs):

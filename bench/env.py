@@ -105,7 +105,8 @@ class Host(Child):
         # logging costs CPU the app does not spend in Azure (it keeps the SDK at WARNING): CPU figures are
         # taken on hosts without it.
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
-                "--function-key", function_key, *(("--sdk-requests",) if sdk_requests else ()), *extra]
+                f"--function-key={function_key}",  # a key may start with "-": one argument, never an option
+                *(("--sdk-requests",) if sdk_requests else ()), *extra]
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
         self.threads = int(settings[THREADS])

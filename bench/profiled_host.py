@@ -3,8 +3,8 @@
     python -m bench.profiled_host --settings FILE --port P --function-key K --stats FILE [--timer cpu|wall]
                                   [--only FUNCTION] [--one-at-a-time]
 
-Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, one worker pool of
-PYTHON_THREADPOOL_THREAD_COUNT threads). Every invocation run on the worker pool (or only those of --only) runs
+Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, worker pools of
+PYTHON_THREADPOOL_THREAD_COUNT threads). Every invocation run on a worker pool (or only those of --only) runs
 under cProfile on its worker thread, and the merged statistics go to --stats when the host stops (SIGTERM).
 
 --timer cpu (the default) times each function by its thread's CPU time (time.thread_time): concurrent
@@ -68,11 +68,11 @@ class Profiles:
 
 def _profiling_pool(profiles: Profiles):
     class Pool(ThreadPoolExecutor):
-        """The worker pool (thread_name_prefix "worker") profiles what it runs; the pollers' pools do not."""
+        """The worker pools (thread_name_prefix "worker...") profile what they run; the pollers' pools do not."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._profiled = kwargs.get("thread_name_prefix") == "worker"
+            self._profiled = (kwargs.get("thread_name_prefix") or "").startswith("worker")
 
         def submit(self, fn, /, *args, **kwargs):
             return super().submit(profiles.wrap(fn) if self._profiled else fn, *args, **kwargs)

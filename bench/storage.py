@@ -15,6 +15,7 @@ from bench.measure import Result
 SEND, PLAN = "send_batch#", "plan_run#"
 TRIGGER_DELETE = "queue autopilot-batches: DELETE message"  # the trigger's own delete after the function
 RECEIVE = "queue autopilot-batches: GET messages"  # the poller's receives (empty polls included)
+QUEUE_SEND = "queue autopilot-batches: POST messages"  # a batch queued (by queue_window, or re-queued)
 BUDGET = ("table ratebudget: ",)
 _STATUS = re.compile(r"^Response status: (\d+)")
 
@@ -67,6 +68,8 @@ class StorageCount:
                 self.planning.update(storage)
             elif key.startswith("-queue-send_batch"):
                 self.receives += storage.count(RECEIVE)
+            elif key.startswith("-"):  # queue_window sends a page's messages from a pool of its own (untagged)
+                self.planning.update(r for r in storage if r == QUEUE_SEND)
 
     @property
     def budget(self) -> int:
