@@ -10,8 +10,10 @@ every instance backs off at once, and sending resumes by itself afterwards.
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -41,6 +43,11 @@ class RateBudget:
     key: str = "autopilot"
     margin: float = MARGIN
     clock = staticmethod(time.time)
+    # The senders of one instance that want a slot at the same moment share one budget write (`take`).
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    _waiting: int = field(default=0, init=False, repr=False)
+    _taking: bool = field(default=False, init=False, repr=False)
+    _handed: deque = field(default_factory=deque, init=False, repr=False)
 
     @property
     def interval(self) -> float:
@@ -58,6 +65,33 @@ class RateBudget:
             entity["next"] = start + count * self.interval
             if self._write(entity, etag):
                 return start
+
+    def take(self, ahead: float, max_wait: float) -> float:
+        """One slot for one request. Every sender of this instance waiting meanwhile is served by the same
+        reservation (one budget write for all of them), each with a slot of its own."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                while not self._handed:
+                    if self._taking:
+                        self._cond.wait()
+                        continue
+                    self._reserve_for_waiters(ahead, max_wait)
+                return self._handed.popleft()
+            finally:
+                self._waiting -= 1
+
+    def _reserve_for_waiters(self, ahead: float, max_wait: float) -> None:
+        """Called holding the condition: reserve a slot for every sender waiting now (Deferred: none)."""
+        self._taking, count = True, self._waiting
+        self._cond.release()
+        try:
+            start = self.reserve(count, ahead=ahead, max_wait=max_wait)
+        finally:
+            self._cond.acquire()
+            self._taking = False
+            self._cond.notify_all()
+        self._handed.extend(start + n * self.interval for n in range(count))
 
     def next_free(self) -> float:
         return max(self._read()[0]["next"], self.clock())
@@ -103,7 +137,7 @@ class Pacer:
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
         while True:
-            slot = self.budget.reserve(1, ahead=self._lead, max_wait=self.max_wait)
+            slot = self.budget.take(self._lead, self.max_wait)
             wait = slot - self.budget.clock()
             if wait > 0:
                 time.sleep(wait)

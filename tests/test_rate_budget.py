@@ -135,3 +135,25 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date(header, low, high):
         header = formatdate(time.time() + 10, usegmt=True)
     value = retry_after(header)
     assert (value is None) if low is None else (low <= value <= high), value
+
+
+def test_senders_of_one_instance_waiting_together_share_one_budget_write(budget, monkeypatch):
+    writes, real_write = [], budget._write
+    monkeypatch.setattr(budget, "_write", lambda entity, etag: writes.append(1) or real_write(entity, etag))
+    gate, slots, lock = threading.Barrier(8), [], threading.Lock()
+
+    def take() -> None:
+        gate.wait(5)
+        slot = budget.take(0.2, max_wait=5)
+        with lock:
+            slots.append(slot)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    slots.sort()
+    assert len(set(slots)) == 8  # a slot of its own for each
+    assert all(b - a == pytest.approx(budget.interval) for a, b in pairwise(slots))
+    assert len(writes) < 8, len(writes)  # and fewer writes than slots
