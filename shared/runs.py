@@ -15,7 +15,7 @@ from itertools import islice
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, find_snapshot, read_rows
-from shared.contacts import MappingError
+from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
@@ -111,7 +111,7 @@ def _plan_job(body: bytes) -> dict | None:
     except ValueError:
         valid = False
     if not valid:
-        log.error("planning queue: ignored a message that is not a planning job: %r", body[:200])
+        log.error("planning queue: ignored a message that is not a planning job: %s", mask_emails_in(repr(body[:200])))
         return None
     return job
 
