@@ -92,9 +92,9 @@ class StorageCount:
         result.add(f"{label}: rate-budget Table requests per Autopilot request: all / writes / writes refused "
                    "(another sender wrote first)", f"{self.budget / per:.2f} / {writes / per:.2f} / "
                                                    f"{self.budget_conflicts / per:.2f}")
-        # A write that went through took a slot (or held the budget off after a 429): more than one per request
-        # means slots were taken and not used (a sender overslept its slot and took the next).
-        result.add(f"{label}: request slots taken per Autopilot request (budget writes that went through)",
+        # A write that went through took one slot or more (the senders of one instance waiting at the same moment
+        # share one write), or held the budget off after a 429.
+        result.add(f"{label}: rate-budget writes that went through, per Autopilot request",
                    (writes - self.budget_conflicts) / per)
         result.details.setdefault("storage_requests", {})[label] = {
             "batches": batches, "settled_by_send_batch": self.settled, "send_batch_invocations": self.invocations,
