@@ -193,13 +193,20 @@ def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
 
 
 def replay(svc: Services, run_id: str) -> int:
-    """Put a run's dead batches back on the queue; returns how many."""
+    """Put a run's dead batches back on the queue; returns how many. The run is running again before any of
+    them is queued, so a fast sender cannot settle one as belonging to an ended run."""
     outcomes = svc.records.batch_outcomes(run_id)
     dead = [o for o in outcomes if o.get("status") == "dead"]
+    if not dead:
+        return 0
     run = svc.records.get(run_id)
-    if dead and run.get("destination"):  # what the replay acknowledges is folded when the run ends again
+    if run.get("destination"):  # what the replay acknowledges is folded when the run ends again
         svc.state(run["export"]).register(run_id, Destination.from_public(run["destination"]),
                                           entry=f"{run_id}/replay {utcnow()}")
+    kept = delivery_totals([o for o in outcomes if o.get("status") != "dead"])
+    svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead), delivery="",
+                       c_sent=kept["sent"], c_accepted=kept["accepted"], c_refused=kept["refused"],
+                       c_failed=kept["failed"], c_dead=0)
     for outcome in dead:
         batch = int(outcome["RowKey"])
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
@@ -207,9 +214,4 @@ def replay(svc: Services, run_id: str) -> int:
         message = BatchMessage(**dict(data, attempt=0))
         svc.records.forget_batch(run_id, batch)
         queue_message(svc, message, None)
-    if dead:
-        kept = delivery_totals([o for o in outcomes if o.get("status") != "dead"])
-        svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead), delivery="",
-                           c_sent=kept["sent"], c_accepted=kept["accepted"], c_refused=kept["refused"],
-                           c_failed=kept["failed"], c_dead=0)
     return len(dead)

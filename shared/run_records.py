@@ -81,8 +81,8 @@ class RunRecords:
         """The run's status as this instance last read it, read again when older than `max_age` seconds (every
         settled batch reads it anyway, so a busy run costs no extra read). None: no such run."""
         seen = self._seen.get(run_id)
-        if seen and time.monotonic() - seen[1] <= max_age:
-            return seen[0]
+        if seen and seen[0] in ACTIVE and time.monotonic() - seen[1] <= max_age:
+            return seen[0]  # an ended run is always read again: a replay may have reopened it
         run = self.get(run_id)
         return run.get("status") if run else None
 
