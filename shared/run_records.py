@@ -128,9 +128,6 @@ class RunRecords:
             if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, **fields}, entity.metadata["etag"]):
                 return True
 
-    def reopen(self, run_id: str) -> None:
-        self.update(run_id, status="running", finished="")
-
     def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int]:
         """Bump the run's count of settled batches (a hint of when to finish: a redelivered batch may count
         twice) and, given the batch's outcome, the running totals the run view shows. Returns the count and the
