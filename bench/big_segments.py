@@ -362,9 +362,9 @@ def seed(stack: BenchStack, svc, definition: dict, churn: Churn) -> dict:
         nonlocal entries
         with open(ordered, encoding="utf-8") as source:
             for line in source:
-                key, fp, member = line.rstrip("\n").split("\t")
+                key, fp, member, source = line.rstrip("\n").split("\t")
                 entries += 1
-                yield Acked(key, fp, member == "1")
+                yield Acked(key, fp, member == "1", source)
 
     state.write(destination, lines(), [run_id], None)
     state.register(run_id, destination)
@@ -408,8 +408,8 @@ _mappers: dict[str, object] = {}
 
 
 def _chunk(job) -> tuple[list[tuple[str, ...]], str]:
-    """Profiles start..stop-1: the churned segment's rows, and the state lines (key, fingerprint, member) of the
-    segment before churn, mapped and fingerprinted exactly as the planner does."""
+    """Profiles start..stop-1: the churned segment's rows, and the state lines (key, fingerprint, member, source
+    digest) of the segment before churn, mapped, fingerprinted and digested exactly as the planner does."""
     from shared.cdm_reader import Row
     from shared.contacts import Contact, ContactMapper
     from shared.planner import fingerprint
@@ -423,9 +423,10 @@ def _chunk(job) -> tuple[list[tuple[str, ...]], str]:
     for i in range(start, stop):
         row = profile(i)
         if i < churn.profiles:  # in the segment before churn: what its first sync acknowledged
-            contact = mapper.map(Row("base", i + 1, list(row)))
+            base = Row("base", i + 1, list(row))
+            contact = mapper.map(base)
             if isinstance(contact, Contact):
-                lines.append(f"{contact.key}\t{fingerprint(contact.document)}\t1\n")
+                lines.append(f"{contact.key}\t{fingerprint(contact.document)}\t1\t{mapper.source(base)[1]:016x}\n")
         if i >= churn.leaves:  # in the churned segment
             rows.append(churn.row(i, row))
     return rows, "".join(lines)

@@ -72,7 +72,7 @@ def _size(result: Result, stack: BenchStack, rows: int, largest: bool) -> None:
 
 
 def _write_acked(definition: dict, rows: int, path: Path) -> None:
-    """The state Autopilot acknowledged for the segment before churn: key, fingerprint, member."""
+    """The state Autopilot acknowledged for the segment before churn: key, fingerprint, source digest."""
     from shared.cdm_reader import Row
     from shared.contacts import Contact, ContactMapper
     from shared.export_config import parse_exports
@@ -83,9 +83,10 @@ def _write_acked(definition: dict, rows: int, path: Path) -> None:
     mapper = ContactMapper(export, STANDARD_COLUMNS)
     with open(path, "w", encoding="utf-8") as out:
         for number, values in enumerate(base_rows(rows), start=1):
-            contact = mapper.map(Row("base", number, list(values)))
+            row = Row("base", number, list(values))
+            contact = mapper.map(row)
             if isinstance(contact, Contact):  # the planner fingerprints the mapped document, as here
-                out.write(f"{contact.key}\t{fingerprint(contact.document)}\n")
+                out.write(f"{contact.key}\t{fingerprint(contact.document)}\t{mapper.source(row)[1]:016x}\n")
 
 
 def _child(spec: dict, spec_path: Path) -> dict:
@@ -118,18 +119,18 @@ def child_main(spec_path: str) -> None:
     container = blobs.get_container_client(export.container)
     phases: dict[str, float] = {}
 
-    def acked():
-        phases["segment_loaded"] = time.perf_counter()  # the planner asks for the state once the rows are in
+    def acked():  # the planner reads the state first, then the rows
         if spec.get("state"):  # the destination's snapshot blob, streamed as a run streams it
             from shared.state_store import Destination, ExportState
 
             state = ExportState(blobs, None, export.name)
             yield from state.load(Destination.from_public(spec["state"]))
-            return
-        with open(spec["acked"], encoding="utf-8") as lines:
-            for line in lines:
-                key, fp = line.rstrip("\n").split("\t")
-                yield Acked(key, fp, True)
+        else:
+            with open(spec["acked"], encoding="utf-8") as lines:
+                for line in lines:
+                    key, fp, source = line.rstrip("\n").split("\t")
+                    yield Acked(key, fp, True, source)
+        phases["state_loaded"] = time.perf_counter()
 
     profiler = cProfile.Profile() if spec.get("profile") else None
     baseline = _peak_rss_mb()
@@ -149,8 +150,8 @@ def child_main(spec_path: str) -> None:
     print(json.dumps({
         "rows": plan.counts["read"], "counts": plan.counts, "requests": plan.requests, "batch_items": items,
         "seconds": round(ended - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
-        "phases_s": {"read_map_validate_insert": round(phases["segment_loaded"] - started, 2),
-                     "state_and_diff_counts": round(planned - phases["segment_loaded"], 2),
+        "phases_s": {"snapshot_found_state_loaded": round(phases["state_loaded"] - started, 2),
+                     "read_map_validate_diff": round(planned - phases["state_loaded"], 2),
                      "batches": round(ended - planned, 2)},
         "baseline_mb": round(baseline, 1), "peak_mb": round(_peak_rss_mb() - baseline, 1),
     }))

@@ -35,7 +35,7 @@ class BatchMessage:
     export: str
     batch: int
     kind: str
-    items: list  # [{"k": key, "f": fingerprint, "m": member, "d": document}]
+    items: list  # [{"k": key, "f": fingerprint, "m": member, "r": source digest, "d": document}]
     list_id: str | None = None
     attempt: int = 0
     carry: dict = field(default_factory=dict)  # outcome of items already settled by earlier attempts
@@ -119,14 +119,14 @@ FIELD_CHECKS = {  # field: (check, what it must be)
               and all(isinstance(v.get(k, []), list) for k in ("refused", "failed"))
               and _are_acks(v.get("acked", [])),
               "an object with a whole 'accepted', lists 'refused' and 'failed', and 'acked' entries "
-              "[key, fingerprint, member]"),
+              "[key, fingerprint, member, source]"),
 }
 
 
 def _are_acks(value) -> bool:
     return isinstance(value, list) and all(
-        isinstance(a, list) and len(a) == 3 and isinstance(a[0], str) and isinstance(a[1], str)
-        and isinstance(a[2], bool) for a in value)
+        isinstance(a, list) and len(a) in (3, 4) and isinstance(a[0], str) and isinstance(a[1], str)
+        and isinstance(a[2], bool) and all(isinstance(s, str) for s in a[3:]) for a in value)
 
 
 def _field_type_problems(data: dict):

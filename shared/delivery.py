@@ -124,7 +124,7 @@ def _carried(message: BatchMessage) -> Progress:
     carry = message.carry
     return Progress(refused=list(carry.get("refused", [])), failed=list(carry.get("failed", [])),
                     carried_accepted=carry.get("accepted", 0),
-                    carried_acked=[Acked(k, f, bool(m)) for k, f, m in carry.get("acked", [])])
+                    carried_acked=[Acked(a[0], a[1], bool(a[2]), *a[3:]) for a in carry.get("acked", [])])
 
 
 def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> None:

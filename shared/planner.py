@@ -2,8 +2,11 @@
 acknowledged state, and yield batches. Pure Python: rows in, batches out.
 
 The working set lives in a temporary SQLite file, not in memory, so a million-row export plans in a
-bounded footprint. Duplicate emails collapse to the FIRST row that carries them (partition order, then
+bounded footprint. Duplicate emails collapse to the FIRST valid row that carries them (partition order, then
 row order); later ones are counted as duplicates.
+
+A row whose source digest (ContactMapper.source) equals the one its member was acknowledged with maps to the
+document Autopilot already holds: it is neither validated nor encoded again, which is most rows of a refresh.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import json
 import math
 import sqlite3
 import tempfile
+from array import array
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -23,6 +29,7 @@ from shared.export_config import ExportDefinition
 from shared.state_store import Acked
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts
+CHUNK = 5000  # rows looked up and stored together
 SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20
 
@@ -64,6 +71,7 @@ class Item:
     fingerprint: str
     member: bool
     document: dict
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,10 @@ class Plan:
     rejections_file: str = ""
     requests: int = 0
     batches: Callable[[], Iterator[Batch]] = lambda: iter(())
-    kept_leavers: Callable[[], Iterator[Acked]] = lambda: iter(())
+    # What the run acknowledges without sending anything: kept leavers (members no more, left in Autopilot), and
+    # unchanged members acknowledged from another form of their row (an older app's state, a mapping change that
+    # left the document as it was), whose new source digest lets the next run skip them.
+    settled: Callable[[], Iterator[Acked]] = lambda: iter(())
 
 
 _SORTED = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) would build one per call
@@ -116,10 +127,10 @@ class Planner:
         self.db.executescript(
             """
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;
-            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc INT) WITHOUT ROWID;
+            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc INT, source TEXT) WITHOUT ROWID;
             CREATE TABLE docs(id INTEGER PRIMARY KEY, doc TEXT);
-            CREATE TABLE acked(key TEXT PRIMARY KEY, fp TEXT, member INT) WITHOUT ROWID;
-            CREATE TABLE diff(kind TEXT, key TEXT, fp TEXT, doc INT);
+            CREATE TABLE acked(key TEXT PRIMARY KEY, fp TEXT, member INT, source TEXT) WITHOUT ROWID;
+            CREATE TABLE diff(kind TEXT, key TEXT, fp TEXT, doc INT, source TEXT);
             """
         )
         self.rejections_path = f"{self._dir.name}/rejected.jsonl"
@@ -130,58 +141,71 @@ class Planner:
 
     def plan(self, rows: Iterable[Row | BadRow], acked: Iterable[Acked], force: bool = False) -> Plan:
         plan = Plan(rejections_file=self.rejections_path)
-        read, valid = self._load_segment(rows, plan)
+        members = Digests()
+        self.db.executemany("INSERT OR REPLACE INTO acked VALUES (?,?,?,?)", members.collect(acked))
+        read, valid = self._load_segment(rows, plan, members.sealed() if not force else Digests())
         inserted = self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
         if inserted > self.export.max_profiles:
             raise TooManyProfiles(self.export.name, inserted, self.export.max_profiles)
-        self.db.executemany("INSERT OR REPLACE INTO acked VALUES (?,?,?)",
-                            ((a.key, a.fingerprint, int(a.member)) for a in acked))
         plan.counts = {"read": read, "valid": valid, "rejected": read - valid, "duplicates": valid - inserted,
                        "profiles": inserted}
         self._diff(plan, force)
         return plan
 
-    def _load_segment(self, rows: Iterable[Row | BadRow], plan: Plan) -> tuple[int, int]:
-        read = valid = 0
-        with open(self.rejections_path, "w", encoding="utf-8") as rejected:
-            contacts = self._contacts(rows, rejected, plan)
-            # Documents go to an append-only table; the keyed table stays small (its inserts are in random order).
-            while chunk := list(islice(contacts, 5000)):
-                ids = range(valid, valid + len(chunk))
-                self.db.executemany("INSERT INTO docs VALUES (?,?)", zip(ids, (c[2] for c in chunk), strict=True))
-                self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?)",
-                                    ((c[0], c[1], i) for c, i in zip(chunk, ids, strict=True)))
-                valid += len(chunk)
-        read = valid + self._rejected
-        return read, valid
-
-    def _contacts(self, rows, rejected_file, plan: Plan) -> Iterator[tuple[str, str, str]]:
+    def _load_segment(self, rows: Iterable[Row | BadRow], plan: Plan, unchanged: Digests) -> tuple[int, int]:
+        valid = docs = 0
         self._rejected = 0
-        for row in rows:
-            if isinstance(row, BadRow):
-                result = Rejection(row.partition, row.number, row.reason, "")
-            else:
-                result = self.mapper.map(row)
+        rows = iter(rows)
+        with open(self.rejections_path, "w", encoding="utf-8") as rejected:
+            while chunk := list(islice(rows, CHUNK)):
+                contacts = self._contacts(chunk, rejected, plan, unchanged)
+                # Documents go to an append-only table; the keyed table stays small (its inserts are in random
+                # order). A row taken as unchanged has no document: it is never sent.
+                texts, seg = [], []
+                for key, fp, source, text in contacts:
+                    if text is not None:
+                        texts.append((docs, text))
+                        docs += 1
+                    seg.append((key, fp, docs - 1 if text is not None else None, source))
+                self.db.executemany("INSERT INTO docs VALUES (?,?)", texts)
+                self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?,?)", seg)
+                valid += len(contacts)
+        return valid + self._rejected, valid
+
+    def _contacts(self, chunk: list, rejected_file, plan: Plan, unchanged: Digests) -> list[tuple]:
+        """The chunk's valid contacts in row order: (key, fingerprint, source digest, JSON document), both None
+        for a row unchanged since its member was acknowledged; rejected rows are written to `rejected_file`."""
+        contacts = []
+        for row in chunk:
+            key, source = self.mapper.source(row) if isinstance(row, Row) else ("", None)
+            if source in unchanged:
+                contacts.append((key, None, None, None))
+                continue
+            result = self.mapper.map(row) if source is not None else Rejection(row.partition, row.number,
+                                                                                row.reason, "")
             if isinstance(result, Contact):
                 text, fp = encoded(result.document)
-                yield result.key, fp, text
+                contacts.append((key, fp, f"{source:016x}", text))
                 continue
             self._rejected += 1
             record = {"partition": result.partition, "row": result.row, "reason": result.reason, "email": result.email}
             rejected_file.write(json.dumps(record) + "\n")
             if len(plan.rejected_sample) < REJECTED_SAMPLE:
                 plan.rejected_sample.append(record)
+        return contacts
 
     # The diff in two passes over the tables (segment against state, state against segment) into a small table of
     # what must be sent; counts, samples and batches come from that table (batches streamed, never all in memory).
     def _classify(self, force: bool) -> None:
         kind = "'joiners'" if force else "CASE WHEN a.key IS NULL OR a.member = 0 THEN 'joiners' ELSE 'changed' END"
-        send = "1" if force else "a.key IS NULL OR a.member = 0 OR a.fp != s.fp"
+        send = "1" if force else "a.key IS NULL OR a.member = 0 OR a.fp != s.fp"  # an unchanged row's fp is NULL
         self.db.executescript(f"""
-            INSERT INTO diff SELECT {kind}, s.key, s.fp, s.doc FROM seg s LEFT JOIN acked a ON a.key = s.key
-                WHERE {send};
-            INSERT INTO diff SELECT 'leavers', a.key, a.fp, NULL FROM acked a
+            INSERT INTO diff SELECT {kind}, s.key, s.fp, s.doc, s.source FROM seg s
+                LEFT JOIN acked a ON a.key = s.key WHERE {send};
+            INSERT INTO diff SELECT 'leavers', a.key, a.fp, NULL, '' FROM acked a
                 WHERE a.member = 1 AND NOT EXISTS (SELECT 1 FROM seg s WHERE s.key = a.key);
+            INSERT INTO diff SELECT 'resourced', s.key, s.fp, NULL, s.source FROM seg s JOIN acked a ON a.key = s.key
+                WHERE {"0" if force else "a.member = 1 AND s.fp = a.fp AND s.source != a.source"};
             CREATE INDEX diff_kind ON diff(kind, key);
             """)
 
@@ -200,17 +224,18 @@ class Planner:
             self.export.membership, plan.counts["joiners"], plan.counts["changed"],
             0 if keep else plan.counts["leavers"])
         plan.batches = lambda: self._batches(keep)
-        plan.kept_leavers = lambda: (
-            (Acked(k, fp, False) for k, fp, _ in self._rows("leavers")) if keep else iter(()))
+        kept = (lambda: (Acked(k, fp, False) for k, fp, *_ in self._rows("leavers"))) if keep else (lambda: iter(()))
+        plan.settled = lambda: chain(kept(), (Acked(k, fp, True, source) for k, fp, _, source in
+                                              self._rows("resourced")))
 
     def _rows(self, kind: str) -> Iterator[tuple]:
-        return self.db.execute("SELECT d.key, d.fp, docs.doc FROM diff d LEFT JOIN docs ON docs.id = d.doc "
+        return self.db.execute("SELECT d.key, d.fp, docs.doc, d.source FROM diff d LEFT JOIN docs ON docs.id = d.doc "
                                "WHERE d.kind = ? ORDER BY d.key", (kind,))
 
     def _batches(self, keep: bool) -> Iterator[Batch]:
         joins = (self._member(r) for r in self._rows("joiners"))
         changes = (self._member(r) for r in self._rows("changed"))
-        leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, _ in self._rows("leavers"))
+        leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, *_ in self._rows("leavers"))
         if self.export.membership == "field":
             yield from _chunks("upsert", chain(joins, changes, leaves), BULK_LIMIT)
         else:
@@ -219,17 +244,44 @@ class Planner:
             yield from _chunks("leave", leaves, self.list_ops)
 
     def _member(self, row) -> Item:
-        key, fp, doc = row
+        key, fp, doc, source = row
         document = json.loads(doc)
         if self.export.membership == "field":
             document["custom"] = {**document.get("custom", {}), self.export.membership_key: True}
-        return Item(key, fp, True, document)
+        return Item(key, fp, True, document, source)
 
     def _leaver(self, key: str, fp: str) -> Item:
         document = {"Email": key}
         if self.export.membership == "field":
             document["custom"] = {self.export.membership_key: False}
         return Item(key, fp, False, document)
+
+
+class Digests:
+    """A set of 64-bit digests at 8 bytes each (a Python set of ints takes about 50): sorted arrays by top bits.
+    `collect` passes acknowledgements through, keeping the source digests of members; `sealed` sorts them."""
+
+    def __init__(self):
+        self._buckets: dict[int, array] = defaultdict(lambda: array("Q"))
+
+    def collect(self, acked: Iterable[Acked]) -> Iterator[Acked]:
+        buckets = self._buckets
+        for entry in acked:
+            if entry.member and entry.source:
+                digest = int(entry.source, 16)
+                buckets[digest >> 52].append(digest)
+            yield entry
+
+    def sealed(self) -> Digests:
+        self._buckets = {top: array("Q", sorted(bucket)) for top, bucket in self._buckets.items()}
+        return self
+
+    def __contains__(self, digest: int | None) -> bool:
+        bucket = self._buckets.get(digest >> 52) if digest is not None else None
+        if not bucket:
+            return False
+        at = bisect_left(bucket, digest)
+        return at < len(bucket) and bucket[at] == digest
 
 
 def expected_requests(membership: str, joiners: int, changed: int, leavers: int) -> int:

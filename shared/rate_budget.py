@@ -6,6 +6,9 @@ theoretical arrival time); a request takes the next slot with an optimistic-conc
 a time, just before the request that uses them: nothing is booked ahead for a whole run, so a sender that wakes
 late takes the next free slot and no slot is lost to it. A 429 pushes the next free time past its Retry-After:
 every instance backs off at once, and sending resumes by itself afterwards.
+
+An instance remembers the entity as it last wrote it and tries its next update on that (one request instead of a
+read and a write); when another instance wrote since, the update fails on its ETag and the entity is read again.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class RateBudget:
     _waiting: int = field(default=0, init=False, repr=False)
     _taking: bool = field(default=False, init=False, repr=False)
     _handed: deque = field(default_factory=deque, init=False, repr=False)
+    _last: tuple[dict, str] | None = field(default=None, init=False, repr=False)  # as this instance last wrote it
 
     @property
     def interval(self) -> float:
@@ -57,7 +61,7 @@ class RateBudget:
         """Take `count` consecutive slots, the first no sooner than `ahead` seconds from now; returns its time.
         Raises Deferred, taking nothing, if that is more than `max_wait` seconds away."""
         while True:
-            entity, etag = self._read()
+            entity, etag = self._known()
             now = self.clock()
             start = max(entity["next"], now + ahead)
             if max_wait is not None and start - now > max_wait:
@@ -99,12 +103,17 @@ class RateBudget:
     def hold_off(self, until: float) -> None:
         """Autopilot answered 429: no instance takes a slot before `until`."""
         while True:
-            entity, etag = self._read()
+            entity, etag = self._known()
             if entity["next"] >= until:
                 return
             entity["next"] = until
             if self._write(entity, etag):
                 return
+
+    def _known(self) -> tuple[dict, str | None]:
+        """The entity as this instance last wrote it, else as stored now."""
+        last, self._last = self._last, None  # used once: after a failed update the entity is read again
+        return (dict(last[0]), last[1]) if last else self._read()
 
     def _read(self) -> tuple[dict, str | None]:
         try:
@@ -116,14 +125,15 @@ class RateBudget:
     def _write(self, entity: dict, etag: str | None) -> bool:
         try:
             if etag is None:
-                self.table.create_entity(entity)
+                written = self.table.create_entity(entity)
             else:
-                self.table.update_entity(
+                written = self.table.update_entity(
                     entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
-            return True
         except (ResourceExistsError, ResourceModifiedError):
             return False  # another instance took slots first: read again
+        self._last = (entity, written["etag"])
+        return True
 
 
 class Pacer:

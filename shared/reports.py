@@ -82,28 +82,31 @@ def run_view(svc: Services, run_id: str, run: dict | None = None) -> dict | None
 
 
 def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes: list[dict] | None = None) -> bool:
-    """Write the run's final report (exact totals from its batch outcomes), fold what it acknowledged into its
-    destination's state, then mark it finished: a finished run always has its report and, unless the fold failed
-    (the next run of the export folds it before planning), its state. False if the run had already finished."""
+    """Write the run's final report (exact totals from its batch outcomes) and mark it finished, then fold what
+    it acknowledged into its destination's state. The fold comes after: the run's end does not wait for it,
+    and its acknowledgements are safe in its outcomes meanwhile (planning folds every ended run before it reads
+    the state, so a fold this invocation does not finish is done by the next run). False if the run had already
+    finished."""
     run = svc.records.get(run_id)
     outcomes = svc.records.batch_outcomes(run_id) if outcomes is None else outcomes
     problems = _problems(outcomes)
     final = {"delivery": json.dumps(delivery_totals(outcomes)), "settled": len(outcomes), "problems": problems[:20],
              "error": error}
     write_report(svc, run_id, {**run, **final, "status": status, "error": error or run.get("error")}, problems)
-    if run.get("status") == "running":
+    finished = svc.records.finish(run_id, status, **final)
+    if finished and run.get("status") == "running":
         try:
-            fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]), ending=run_id)
+            fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]))
         except Exception:
             run_log(run_id, run["export"]).exception("the acknowledged state was not folded at the run's end")
-    return svc.records.finish(run_id, status, **final)
+    return finished
 
 
-def fold_state(svc: Services, state: ExportState, destination: Destination, ending: str = "") -> int:
-    """Fold the ended runs pending on `destination` into its snapshot (`ending`: a run being concluded)."""
+def fold_state(svc: Services, state: ExportState, destination: Destination) -> int:
+    """Fold the ended runs pending on `destination` into its snapshot."""
     def acks_of(run_id: str):
         run = svc.records.get(run_id)
-        if run_id != ending and run is not None and run.get("status") in ACTIVE:
+        if run is not None and run.get("status") in ACTIVE:
             return None  # still sending
         return chain(state.planned(run_id), svc.records.acknowledged(run_id))
 

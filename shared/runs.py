@@ -163,7 +163,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
             rlog.info("dry run: %s", plan.counts)
             return
         list_id = _resolve_list(svc, export) if export.membership == "list" else None
-        state.save_planned(run_id, plan.kept_leavers())
+        state.save_planned(run_id, plan.settled())
         pages = write_pages(svc, run_id, plan.batches())
     finally:
         planner.close()
@@ -241,7 +241,7 @@ def write_pages(svc: Services, run_id: str, batches) -> Pages:
     batches = iter(batches)
     while chunk := list(islice(batches, PAGE)):
         lines = [json.dumps({"kind": b.kind, "requests": b.requests,
-                             "items": [{"k": i.key, "f": i.fingerprint, "m": i.member, "d": i.document}
+                             "items": [{"k": i.key, "f": i.fingerprint, "m": i.member, "r": i.source, "d": i.document}
                                        for i in b.items]}, separators=(",", ":")) for b in chunk]
         data = gzip.compress("\n".join(lines).encode(), compresslevel=1)
         svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, pages)).upload_blob(data, overwrite=True)

@@ -50,7 +50,7 @@ class Progress:
     def settle(self, item: dict, outcome: str, reason: str = "") -> None:
         self.done.add(item["k"])
         if outcome == "acked":
-            self.acked.append(Acked(item["k"], item.get("f", ""), bool(item.get("m", True))))
+            self.acked.append(Acked(item["k"], item.get("f", ""), bool(item.get("m", True)), item.get("r", "")))
         else:
             getattr(self, outcome).append({"email": mask_email(item["k"]), "reason": reason})
 

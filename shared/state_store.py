@@ -2,8 +2,9 @@
 acknowledgements of runs not yet folded into it.
 
 - Snapshot: blob `state/<export>/<destination id>.gz`, gzip text: a JSON header line, then one line per contact
-  `key<TAB>fingerprint<TAB>1|0` (member or not) sorted by key, then `#end<TAB><count>`. Replaced whole, with an
-  If-Match on the blob it was folded from, so two folders can never interleave.
+  `key<TAB>fingerprint<TAB>1|0<TAB>source` (member or not; the digest of the row it was mapped from, which lets
+  planning skip unchanged rows unmapped; empty in version 1) sorted by key, then `#end<TAB><count>`. Replaced
+  whole, with an If-Match on the blob it was folded from, so two folders can never interleave.
 - Acknowledgements since: each settled batch's acknowledgements are written in its outcome entity, in the same
   write (run_records.record_batch); what a run settles while planning (kept leavers) goes to a blob of its own.
 - Head: entity (`~head`, <export>) in the `contactstate` table: the destination of the export's last run and
@@ -39,7 +40,8 @@ from azure.storage.blob import BlobServiceClient
 
 STATE_TABLE = "contactstate"  # also holds the acknowledged state of versions before snapshots (partition = export)
 STATE_CONTAINER = "state"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # version 1 has no source digests: its rows are all mapped again
 HEAD = "~head"  # no export name starts with '~'
 FOLDED_KEPT = 50  # run entries a snapshot header remembers as folded
 _END = "#end"
@@ -49,6 +51,7 @@ class Acked(NamedTuple):
     key: str  # normalised (lower-case) email
     fingerprint: str
     member: bool
+    source: str = ""  # digest of the segment row it came from (planner.Planner.source), "" when unknown
 
 
 class StateUnreadable(Exception):
@@ -86,7 +89,11 @@ class Destination:
 
 def encode_acks(acks: Iterable[Acked]) -> bytes:
     """Acknowledgements as they travel in a batch outcome (a Table binary property of at most 64 KiB)."""
-    return zlib.compress("\n".join(f"{a.key}\t{a.fingerprint}\t{int(a.member)}" for a in acks).encode(), 6)
+    return zlib.compress("\n".join(map(_text, acks)).encode(), 6)
+
+
+def _text(a: Acked) -> str:
+    return f"{a.key}\t{a.fingerprint}\t{int(a.member)}\t{a.source}"
 
 
 def decode_acks(data: bytes | None) -> list[Acked]:
@@ -97,10 +104,10 @@ def decode_acks(data: bytes | None) -> list[Acked]:
 
 
 def _line(line: str) -> Acked:
-    key, fp, member = line.split("\t")
-    if member not in ("0", "1") or not key:
+    key, fp, member, *source = line.split("\t")
+    if member not in ("0", "1") or not key or len(source) > 1:
         raise ValueError(f"bad entry {line[:12]!r}...")
-    return Acked(key, fp, member == "1")
+    return Acked(key, fp, member == "1", *source)
 
 
 class ExportState:
@@ -173,8 +180,9 @@ class ExportState:
         try:
             with gzip.open(path, "rt", encoding="utf-8", newline="\n") as lines:
                 header = json.loads(next(lines, "") or "null")
-                if not isinstance(header, dict) or header.get("version") != VERSION:
-                    raise StateUnreadable(name, f"unknown version {_version(header)}; this app reads {VERSION}")
+                if not isinstance(header, dict) or header.get("version") not in READABLE:
+                    raise StateUnreadable(name, f"unknown version {_version(header)}; this app reads "
+                                                f"{' and '.join(map(str, READABLE))}")
                 if header.get("export") != self.export or header.get("destination") != destination.id:
                     raise StateUnreadable(name, "its header names another export or destination")
                 count, previous = 0, ""
@@ -220,7 +228,7 @@ class ExportState:
                 out.write(json.dumps({"version": VERSION, "export": self.export, "destination": destination.id,
                                       "name": destination.name, "folded": folded[-FOLDED_KEPT:], **header}) + "\n")
                 for entry in entries:
-                    out.write(f"{entry.key}\t{entry.fingerprint}\t{int(entry.member)}\n")
+                    out.write(_text(entry) + "\n")
                     count += 1
                 out.write(f"{_END}\t{count}\n")
             blob = self.container.get_blob_client(self.blob_name(destination))
@@ -296,19 +304,34 @@ class ExportState:
                                      "destination_name": h["destination_name"] or destination.name})
         return count
 
-    # --- acknowledgements settled while planning (leavers kept in Autopilot) ----------------------
+    # --- acknowledgements settled while planning (planner.Plan.settled) -----------------------------
     def save_planned(self, run_id: str, acks: Iterable[Acked]) -> None:
-        acks = list(acks)
-        if acks:
-            self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").upload_blob(encode_acks(acks),
-                                                                                             overwrite=True)
+        """Keep them in a blob of the run, in encode_acks's form, streamed (an upgraded state may give them all)."""
+        with tempfile.TemporaryFile() as out:
+            packer, count = zlib.compressobj(6), 0
+            for ack in acks:
+                out.write(packer.compress((("\n" if count else "") + _text(ack)).encode()))
+                count += 1
+            if count:
+                out.write(packer.flush())
+                out.seek(0)
+                self._planned_blob(run_id).upload_blob(out, overwrite=True)
 
-    def planned(self, run_id: str) -> list[Acked]:
-        try:
-            data = self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks").download_blob().readall()
-        except ResourceNotFoundError:
-            return []
-        return decode_acks(data)
+    def planned(self, run_id: str) -> Iterator[Acked]:
+        with _Download(self._planned_blob(run_id)) as (path, _etag):
+            if path is None:
+                return
+            with open(path, "rb") as data:
+                unpacker, tail = zlib.decompressobj(), b""
+                while chunk := data.read(1 << 20):
+                    *lines, tail = (tail + unpacker.decompress(chunk)).split(b"\n")
+                    yield from (_line(line.decode()) for line in lines)
+                tail += unpacker.flush()
+                if tail:
+                    yield _line(tail.decode())
+
+    def _planned_blob(self, run_id: str):
+        return self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks")
 
 
 def _version(header) -> str:
@@ -357,22 +380,21 @@ class _AckTable:
     def __enter__(self):
         self._dir = tempfile.TemporaryDirectory(prefix="fold-")
         self.db = sqlite3.connect(f"{self._dir.name}/acks.sqlite")
-        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-                              "CREATE TABLE acks(key TEXT PRIMARY KEY, fp TEXT, member INT) WITHOUT ROWID;")
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE acks(key TEXT PRIMARY "
+                              "KEY, fp TEXT, member INT, source TEXT) WITHOUT ROWID;")
         return self
 
     def add(self, acks: Iterable[Acked]) -> int:
         before = self.db.total_changes
-        self.db.executemany("INSERT OR REPLACE INTO acks VALUES (?,?,?)",
-                            ((a.key, a.fingerprint, int(a.member)) for a in acks))
+        self.db.executemany("INSERT OR REPLACE INTO acks VALUES (?,?,?,?)", acks)
         return self.db.total_changes - before
 
     def clear(self) -> None:
         self.db.execute("DELETE FROM acks")
 
     def sorted(self) -> Iterator[Acked]:
-        for key, fp, member in self.db.execute("SELECT key, fp, member FROM acks ORDER BY key"):
-            yield Acked(key, fp, bool(member))
+        for key, fp, member, source in self.db.execute("SELECT * FROM acks ORDER BY key"):
+            yield Acked(key, fp, bool(member), source)
 
     def __exit__(self, *exc):
         self.db.close()

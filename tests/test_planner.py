@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.cdm_reader import BadRow, Row
+from shared.contacts import ContactMapper
 from shared.export_config import parse_exports
 from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
 from shared.state_store import Acked
@@ -33,7 +34,9 @@ def plan(definition, segment, state=(), force=False):
     planner = Planner(definition, COLUMNS, list_ops_per_message=3)
     try:
         result = planner.plan(segment, state, force=force)
-        result.kept = list(result.kept_leavers())  # read before the planner's working set is removed
+        settled = list(result.settled())  # read before the planner's working set is removed
+        result.kept = [a for a in settled if not a.member]
+        result.resourced = [a for a in settled if a.member]
         return result, list(result.batches())
     finally:
         planner.close()
@@ -92,6 +95,71 @@ def test_kept_leavers_are_not_sent_but_forgotten_as_members():
     result, batches = plan(export("list", onLeave="keep"), rows(("a@x.com", "Ann")), [acked("l@x.com", "L")])
     assert result.counts["kept_leavers"] == 1 and all(b.kind != "leave" for b in batches)
     assert [(a.key, a.member) for a in result.kept] == [("l@x.com", False)]
+
+
+# --- rows unchanged since they were acknowledged are not mapped again ------------------------------
+def acknowledged(definition, segment) -> list[Acked]:
+    """The state a first sync of `segment` leaves: what its batches sent, with each row's source digest."""
+    _, batches = plan(definition, segment)
+    return sorted(Acked(i.key, i.fingerprint, True, i.source) for b in batches for i in b.items)
+
+
+@pytest.fixture
+def mapped(monkeypatch) -> list[str]:
+    """The emails ContactMapper.map is called for (a spy: the real mapping runs)."""
+    calls, real = [], ContactMapper.map
+    monkeypatch.setattr(ContactMapper, "map", lambda self, row: calls.append(row.values[1]) or real(self, row))
+    return calls
+
+
+def test_rows_acknowledged_from_the_same_source_are_neither_mapped_nor_sent_again(mapped):
+    before = rows(("a@x.com", "Ann"), ("b@x.com", "Bob"), ("c@x.com", "Cy"))
+    state = acknowledged(export(), before)
+    assert all(a.source for a in state)
+    mapped.clear()
+    result, batches = plan(export(), rows(("a@x.com", "Ann"), ("b@x.com", "Robert"), ("d@x.com", "Dee")), state)
+    assert sorted(mapped) == ["b@x.com", "d@x.com"]  # a@ is taken as acknowledged, unmapped
+    assert (result.counts["unchanged"], result.counts["changed"], result.counts["joiners"]) == (1, 1, 1)
+    assert {i.key for b in batches for i in b.items} == {"b@x.com", "c@x.com", "d@x.com"}
+    assert result.resourced == []
+
+
+def test_the_skip_never_hides_a_change_or_a_duplicate_or_a_rejection(mapped):
+    state = acknowledged(export(), rows(("a@x.com", "Ann"), ("b@x.com", "Bob")))
+    segment = [Row("p1", 1, ["1", "not an email", "X"]), Row("p1", 2, ["2", "a@x.com", "Ann"]),
+               Row("p1", 3, ["3", "A@x.com", "Other"]), Row("p1", 4, ["4", " b@x.com", "Bob"])]
+    result, batches = plan(export(), segment, state)
+    counts = result.counts
+    assert (counts["rejected"], counts["duplicates"], counts["unchanged"], counts["changed"]) == (1, 1, 2, 0)
+    assert batches == []  # the first a@ row wins; b@'s stray space maps to the same document
+    assert [(a.key, a.source != dict((s.key, s.source) for s in state)["b@x.com"]) for a in result.resourced] == \
+        [("b@x.com", True)]  # b@ is acknowledged again with the digest of its new row: nothing sent
+
+
+def test_a_state_without_source_digests_maps_every_row_once_and_learns_their_digests(mapped):
+    segment = rows(("a@x.com", "Ann"), ("b@x.com", "Bob"))
+    older = [acked("a@x.com", "Ann"), acked("b@x.com", "Bob")]  # an older app's state: no digests
+    result, batches = plan(export(), segment, older)
+    assert batches == [] and len(mapped) == 2
+    assert sorted(a.source for a in result.resourced) == sorted(a.source for a in acknowledged(export(), segment))
+
+
+def test_another_mapping_of_the_same_columns_maps_every_row_again(mapped):
+    segment = rows(("a@x.com", "Ann"), ("b@x.com", "Bob"))
+    state = acknowledged(export(), segment)
+    mapped.clear()
+    renamed = export(fields={"Email": "Email", "LastName": "First"})  # same columns, another document
+    result, batches = plan(renamed, segment, state)
+    assert len(mapped) == 2 and result.counts["changed"] == 2 and len(batches) == 1
+
+
+def test_a_forced_run_maps_and_sends_every_row(mapped):
+    segment = rows(("a@x.com", "Ann"), ("b@x.com", "Bob"))
+    state = acknowledged(export(), segment)
+    mapped.clear()
+    result, batches = plan(export(), segment, state, force=True)
+    assert len(mapped) == 2 and result.counts["joiners"] == 2
+    assert all(i.document["FirstName"] for b in batches for i in b.items)
 
 
 def test_more_valid_profiles_than_allowed_fails_before_anything_is_planned():
