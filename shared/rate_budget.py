@@ -13,14 +13,14 @@ read and a write); when another instance wrote since, the update fails on its ET
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
+
+from shared.combiner import Combiner
 
 # N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
 # start (at most TOLERANCE) plus the jitter between our send and the API's clock, so N+1 never fit in 1 s.
@@ -46,12 +46,11 @@ class RateBudget:
     key: str = "autopilot"
     margin: float = MARGIN
     clock = staticmethod(time.time)
-    # The senders of one instance that want a slot at the same moment share one budget write (`take`).
-    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
-    _waiting: int = field(default=0, init=False, repr=False)
-    _taking: bool = field(default=False, init=False, repr=False)
-    _handed: deque = field(default_factory=deque, init=False, repr=False)
     _last: tuple[dict, str] | None = field(default=None, init=False, repr=False)  # as this instance last wrote it
+
+    def __post_init__(self):
+        # The senders of one instance that want a slot at the same moment share one budget write (`take`).
+        self._takers: Combiner[tuple[float, float], float] = Combiner(self._reserve_for)
 
     @property
     def interval(self) -> float:
@@ -73,29 +72,12 @@ class RateBudget:
     def take(self, ahead: float, max_wait: float) -> float:
         """One slot for one request. Every sender of this instance waiting meanwhile is served by the same
         reservation (one budget write for all of them), each with a slot of its own."""
-        with self._cond:
-            self._waiting += 1
-            try:
-                while not self._handed:
-                    if self._taking:
-                        self._cond.wait()
-                        continue
-                    self._reserve_for_waiters(ahead, max_wait)
-                return self._handed.popleft()
-            finally:
-                self._waiting -= 1
+        return self._takers((ahead, max_wait))
 
-    def _reserve_for_waiters(self, ahead: float, max_wait: float) -> None:
-        """Called holding the condition: reserve a slot for every sender waiting now (Deferred: none)."""
-        self._taking, count = True, self._waiting
-        self._cond.release()
-        try:
-            start = self.reserve(count, ahead=ahead, max_wait=max_wait)
-        finally:
-            self._cond.acquire()
-            self._taking = False
-            self._cond.notify_all()
-        self._handed.extend(start + n * self.interval for n in range(count))
+    def _reserve_for(self, wants: list[tuple[float, float]]) -> list[float]:
+        """Consecutive slots for waiting senders, from the furthest `ahead` any asked for (Deferred: none)."""
+        start = self.reserve(len(wants), ahead=max(w[0] for w in wants), max_wait=min(w[1] for w in wants))
+        return [start + n * self.interval for n in range(len(wants))]
 
     def next_free(self) -> float:
         return max(self._read()[0]["next"], self.clock())

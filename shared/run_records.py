@@ -18,6 +18,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableServiceClient, UpdateMode
 
+from shared.combiner import Combiner
 from shared.state_store import Acked, decode_acks, encode_acks
 
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
@@ -76,6 +77,7 @@ class RunRecords:
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
         self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
+        self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
 
     def status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
         """The run's status as this instance last read it, read again when older than `max_age` seconds (every
@@ -130,19 +132,33 @@ class RunRecords:
 
     def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int]:
         """Bump the run's count of settled batches (a hint of when to finish: a redelivered batch may count
-        twice) and, given the batch's outcome, the running totals the run view shows. Returns the count and the
-        run's planned batches (none yet: a huge number)."""
+        twice) and, given the batch's outcome, the running totals the run view shows. Returns the count with this
+        batch and the run's planned batches (none yet: a huge number). Batches settling at once on this instance
+        are counted by one update."""
+        counter = self._counters.get(run_id)
+        if counter is None:
+            if len(self._counters) > 100:
+                self._counters.clear()
+            counter = self._counters.setdefault(run_id, Combiner(lambda outcomes: self._count(run_id, outcomes)))
+        return counter(outcome)
+
+    def _count(self, run_id: str, outcomes: list[BatchOutcome | None]) -> list[tuple[int, int]]:
+        added = {"sent": 0, "accepted": 0, "refused": 0, "failed": 0, "dead": 0}
+        for outcome in filter(None, outcomes):
+            for name, value in (("sent", outcome.contacts), ("accepted", outcome.accepted),
+                                ("refused", outcome.rejected), ("failed", outcome.failed),
+                                ("dead", int(outcome.status == "dead"))):
+                added[name] += value
         while True:
             entity = self.runs.get_entity("run", run_id)
             self._saw(entity)
-            patch = {"PartitionKey": "run", "RowKey": run_id, "done": int(entity.get("done", 0)) + 1}
-            if outcome is not None:
-                for name, value in (("sent", outcome.contacts), ("accepted", outcome.accepted),
-                                    ("refused", outcome.rejected), ("failed", outcome.failed),
-                                    ("dead", int(outcome.status == "dead"))):
-                    patch[f"c_{name}"] = int(entity.get(f"c_{name}", 0)) + value
+            before = int(entity.get("done", 0))
+            patch = {"PartitionKey": "run", "RowKey": run_id, "done": before + len(outcomes)}
+            patch.update({f"c_{name}": int(entity.get(f"c_{name}", 0)) + value for name, value in added.items()
+                          if value})
             if self._merge_if_unchanged(patch, entity.metadata["etag"]):
-                return patch["done"], int(entity.get("planned_batches", 1 << 30))
+                planned = int(entity.get("planned_batches", 1 << 30))
+                return [(before + n, planned) for n in range(1, len(outcomes) + 1)]
 
     def _merge_if_unchanged(self, patch: dict, etag: str) -> bool:
         try:

@@ -157,3 +157,37 @@ def test_senders_of_one_instance_waiting_together_share_one_budget_write(budget,
     assert len(set(slots)) == 8  # a slot of its own for each
     assert all(b - a == pytest.approx(budget.interval) for a, b in pairwise(slots))
     assert len(writes) < 8, len(writes)  # and fewer writes than slots
+
+
+def test_a_client_updates_on_the_entity_it_last_wrote_and_rereads_it_when_another_wrote_since(budget):
+    calls = []
+    table = budget.table
+    for name in ("get_entity", "update_entity"):
+        real = getattr(table, name)
+        setattr(table, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    budget.reserve(1)
+    calls.clear()
+    first = budget.reserve(1)
+    assert calls == ["update_entity"]  # no read: the entity is as this client wrote it
+    other = RateBudget(table, RATE)
+    taken = other.reserve(1)
+    calls.clear()
+    mine = budget.reserve(1)  # its remembered entity is stale: the update fails on the ETag, read, update
+    assert calls == ["update_entity", "get_entity", "update_entity"]
+    assert taken == pytest.approx(first + budget.interval) and mine == pytest.approx(taken + budget.interval)
+
+
+def test_senders_waiting_together_share_one_budget_write_and_get_a_slot_each(budget):
+    writes, real = [], budget.table.update_entity
+    budget.table.update_entity = lambda *a, **k: (writes.append(1), time.sleep(0.05), real(*a, **k))[2]
+    budget.reserve(1)
+    writes.clear()
+    slots: list[float] = []
+    threads = [threading.Thread(target=lambda: slots.append(budget.take(0.0, 5.0))) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(slots) == 12 and len(writes) < 12  # combined: fewer writes than slots
+    slots.sort()
+    assert all(b - a >= budget.interval - 1e-6 for a, b in pairwise(slots))  # a slot each, spaced as the rate says

@@ -45,3 +45,22 @@ def test_a_finished_run_shows_the_exact_totals_summed_once_when_it_ended(world):
     assert view["status"] == "partially succeeded"
     assert view["batches"]["settled"] == 5 and view["counts"]["accepted"] == 4 * 99 + 100
     assert len(view["deliveryProblems"]) == 4
+
+
+def test_batches_settling_at_once_are_each_counted_once_and_only_the_last_sees_the_run_complete(world):
+    import threading
+
+    svc = services.current()
+    run_id, count = "20260302T043000Z-00000004", 24
+    svc.records.create(run_id, "seg", status="running", planned_batches=count, trigger="http")
+    seen: list[tuple[int, int]] = []
+    outcome = BatchOutcome(1, "upsert", "done", 100, 98, 2, 0, [])
+    threads = [threading.Thread(target=lambda: seen.append(svc.records.count_done(run_id, outcome)))
+               for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    run = svc.records.get(run_id)
+    assert int(run["done"]) == count and int(run["c_accepted"]) == 98 * count and int(run["c_refused"]) == 2 * count
+    assert sorted(done for done, _ in seen) == list(range(1, count + 1))  # one number each: one finisher
