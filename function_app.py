@@ -56,7 +56,7 @@ def replay_run(req: func.HttpRequest) -> func.HttpResponse:
 @app.queue_trigger(arg_name="msg", queue_name=PLAN_QUEUE, connection=HOST_CONNECTION)
 def plan_run(msg: func.QueueMessage) -> None:
     """Plan a queued run, or queue the next window of a running run's batches."""
-    runs.handle_plan_message(services.current(), msg.get_body())
+    runs.handle_plan_message(services.current(), msg.get_body(), msg.dequeue_count or 1)
 
 
 @app.queue_trigger(arg_name="msg", queue_name=PLAN_POISON_QUEUE, connection=HOST_CONNECTION)

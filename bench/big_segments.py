@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench import planning
 from bench.counted_host import requests_by_invocation
-from bench.data import Churn, base_rows, export_doc, partitions_for
+from bench.data import Churn, StateLines, base_rows, export_doc, partitions_for
 from bench.env import Api, BenchError, BenchStack, Host, say
 from bench.measure import Result, RunMeasure, accepted, epoch, is_contact_request, throttled, timed_run
 from bench.profiles import TOP, profile_table
@@ -408,25 +408,18 @@ _mappers: dict[str, object] = {}
 
 
 def _chunk(job) -> tuple[list[tuple[str, ...]], str]:
-    """Profiles start..stop-1: the churned segment's rows, and the state lines (key, fingerprint, member, source
-    digest) of the segment before churn, mapped, fingerprinted and digested exactly as the planner does."""
-    from shared.cdm_reader import Row
-    from shared.contacts import Contact, ContactMapper
-    from shared.planner import fingerprint
-    from tools.generate_export import STANDARD_COLUMNS, profile
+    """Profiles start..stop-1: the churned segment's rows, and the state lines of the segment before churn."""
+    from tools.generate_export import profile
 
     definition, churn, start, stop = job
-    mapper = _mappers.get(definition["name"])
-    if mapper is None:
-        mapper = _mappers[definition["name"]] = ContactMapper(_export(definition), STANDARD_COLUMNS)
+    state = _mappers.get(definition["name"])
+    if state is None:
+        state = _mappers[definition["name"]] = StateLines(definition)
     rows, lines = [], []
     for i in range(start, stop):
         row = profile(i)
         if i < churn.profiles:  # in the segment before churn: what its first sync acknowledged
-            base = Row("base", i + 1, list(row))
-            contact = mapper.map(base)
-            if isinstance(contact, Contact):
-                lines.append(f"{contact.key}\t{fingerprint(contact.document)}\t1\t{mapper.source(base)[1]:016x}\n")
+            lines.append(state.line(i + 1, row))
         if i >= churn.leaves:  # in the churned segment
             rows.append(churn.row(i, row))
     return rows, "".join(lines)

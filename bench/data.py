@@ -67,3 +67,37 @@ def base_rows(profiles: int):
 def partitions_for(rows: int) -> int:
     """Customer Insights splits big exports into several partitions; so do the benchmarks (one per 250k rows)."""
     return 1 + rows // 250_000
+
+
+class StateLines:
+    """The state lines (key, fingerprint, member, source digest) a first sync of generated rows leaves: each row
+    mapped, fingerprinted and digested as the planner does it, its record as stack.snapshot writes it."""
+
+    def __init__(self, definition: dict):
+        import io
+
+        from shared.cdm_reader import csv_settings
+        from shared.contacts import ContactMapper
+        from shared.export_config import parse_exports
+        from tools.generate_export import STANDARD_COLUMNS, CsvFormat
+
+        self.mapper = ContactMapper(parse_exports({"exports": [definition]})[0], STANDARD_COLUMNS)
+        fmt = CsvFormat()
+        self.key = self.mapper.record_key(csv_settings(fmt.file_format_settings()))
+        self._text = io.StringIO()
+        self._writer = fmt.writer(self._text)
+
+    def line(self, number: int, row: tuple[str, ...]) -> str:
+        """The row's state line, or "" if the row is rejected."""
+        from shared.cdm_reader import Row
+        from shared.contacts import Contact
+        from shared.planner import fingerprint, record_digest
+
+        contact = self.mapper.map(Row("base", number, list(row)))
+        if not isinstance(contact, Contact):
+            return ""
+        self._text.seek(0)
+        self._text.truncate()
+        self._writer.writerow(row)
+        digest = record_digest(self.key, self._text.getvalue().removesuffix("\n"))
+        return f"{contact.key}\t{fingerprint(contact.document)}\t1\t{digest:016x}\n"

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import cProfile
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.data import Churn, base_rows, export_doc, partitions_for
+from bench.data import Churn, StateLines, base_rows, export_doc, partitions_for
 from bench.env import ROOT, BenchError, BenchStack, say
 from bench.measure import Result
 from bench.profiles import TOP, profile_table
@@ -72,21 +73,15 @@ def _size(result: Result, stack: BenchStack, rows: int, largest: bool) -> None:
 
 
 def _write_acked(definition: dict, rows: int, path: Path) -> None:
-    """The state Autopilot acknowledged for the segment before churn: key, fingerprint, source digest."""
-    from shared.cdm_reader import Row
-    from shared.contacts import Contact, ContactMapper
-    from shared.export_config import parse_exports
-    from shared.planner import fingerprint
-    from tools.generate_export import STANDARD_COLUMNS
-
-    export = parse_exports({"exports": [definition]})[0]
-    mapper = ContactMapper(export, STANDARD_COLUMNS)
-    with open(path, "w", encoding="utf-8") as out:
+    """The state Autopilot acknowledged for the segment before churn (bench.data.StateLines)."""
+    state, unsorted = StateLines(definition), path.with_suffix(".unsorted")
+    with open(unsorted, "w", encoding="utf-8") as out:
         for number, values in enumerate(base_rows(rows), start=1):
-            row = Row("base", number, list(values))
-            contact = mapper.map(row)
-            if isinstance(contact, Contact):  # the planner fingerprints the mapped document, as here
-                out.write(f"{contact.key}\t{fingerprint(contact.document)}\t{mapper.source(row)[1]:016x}\n")
+            out.write(state.line(number, values))
+    # A state is sorted by key (Python's str order; keys are lower-case ASCII here, so C collation agrees).
+    subprocess.run(["sort", "-t", "\t", "-k1,1", "-o", str(path), str(unsorted)], env={**os.environ, "LC_ALL": "C"},
+                   check=True, timeout=600)
+    unsorted.unlink()
 
 
 def _child(spec: dict, spec_path: Path) -> dict:
@@ -108,7 +103,7 @@ def _peak_rss_mb() -> float:
 def child_main(spec_path: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
-    from shared.cdm_reader import find_snapshot, read_rows
+    from shared.cdm_reader import find_snapshot, read_records
     from shared.export_config import parse_exports
     from shared.planner import Planner
     from shared.state_store import Acked
@@ -117,9 +112,9 @@ def child_main(spec_path: str) -> None:
     export = parse_exports({"exports": [spec["definition"]]})[0]
     blobs = BlobServiceClient.from_connection_string(spec["storage"])
     container = blobs.get_container_client(export.container)
-    phases: dict[str, float] = {}
+    passes: list[float] = []  # when each pass over the state ended (the planner reads it twice)
 
-    def acked():  # the planner reads the state first, then the rows
+    def acked():
         if spec.get("state"):  # the destination's snapshot blob, streamed as a run streams it
             from shared.state_store import Destination, ExportState
 
@@ -128,9 +123,9 @@ def child_main(spec_path: str) -> None:
         else:
             with open(spec["acked"], encoding="utf-8") as lines:
                 for line in lines:
-                    key, fp, source = line.rstrip("\n").split("\t")
-                    yield Acked(key, fp, True, source)
-        phases["state_loaded"] = time.perf_counter()
+                    key, fp, member, source = line.rstrip("\n").split("\t")
+                    yield Acked(key, fp, member == "1", source)
+        passes.append(time.perf_counter())
 
     profiler = cProfile.Profile() if spec.get("profile") else None
     baseline = _peak_rss_mb()
@@ -139,7 +134,7 @@ def child_main(spec_path: str) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     snapshot = find_snapshot(container, export.prefix, export.segment)
     planner = Planner(export, list(snapshot.columns))
-    plan = planner.plan(read_rows(container, snapshot), acked())
+    plan = planner.plan(read_records(container, snapshot), acked)
     planned = time.perf_counter()
     items = sum(len(batch.items) for batch in plan.batches())
     ended = time.perf_counter()
@@ -150,8 +145,8 @@ def child_main(spec_path: str) -> None:
     print(json.dumps({
         "rows": plan.counts["read"], "counts": plan.counts, "requests": plan.requests, "batch_items": items,
         "seconds": round(ended - started, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
-        "phases_s": {"snapshot_found_state_loaded": round(phases["state_loaded"] - started, 2),
-                     "read_map_validate_diff": round(planned - phases["state_loaded"], 2),
+        "phases_s": {"snapshot_found_state_read": round(passes[0] - started, 2),
+                     "segment_read_and_merged_with_the_state": round(planned - passes[0], 2),
                      "batches": round(ended - planned, 2)},
         "baseline_mb": round(baseline, 1), "peak_mb": round(_peak_rss_mb() - baseline, 1),
     }))

@@ -39,6 +39,9 @@ class BatchMessage:
     list_id: str | None = None
     attempt: int = 0
     carry: dict = field(default_factory=dict)  # outcome of items already settled by earlier attempts
+    # Queued by a job that may have queued it before (a redelivered planning job): it may be settled already, so
+    # even its first delivery checks. Otherwise only a redelivered message does (one storage read saved a batch).
+    maybe_settled: bool = False
 
     def with_items(self, items: list, **changes) -> BatchMessage:
         return replace(self, items=items, **changes)
@@ -115,6 +118,7 @@ FIELD_CHECKS = {  # field: (check, what it must be)
     "items": (lambda v: isinstance(v, list) and v, "a non-empty list"),
     "list_id": (lambda v: v is None or isinstance(v, str), "text or null"),
     "attempt": (lambda v: _is_int(v) and v >= 0, "a whole number from 0"),
+    "maybe_settled": (lambda v: isinstance(v, bool), "true or false"),
     "carry": (lambda v: isinstance(v, dict) and _is_int(v.get("accepted", 0))
               and all(isinstance(v.get(k, []), list) for k in ("refused", "failed"))
               and _are_acks(v.get("acked", [])),

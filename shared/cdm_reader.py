@@ -309,12 +309,101 @@ def csv_settings(raw: Any, where: str = "partition") -> CsvSettings:
     return CsvSettings(bool(headers), delimiter, encoding, csv.QUOTE_NONE if style == "none" else csv.QUOTE_MINIMAL)
 
 
-# --- reading rows ---------------------------------------------------------------------------------
-def read_rows(container: ContainerClient, snapshot: Snapshot) -> Iterator[Row | BadRow]:
-    """Every row of every partition, in partition order, streamed READ_CHUNK bytes at a time."""
+# --- reading records and rows --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Records:
+    """One partition's CSV records as text, before parsing: planning parses only the records it has not
+    acknowledged in that exact form (planner.Planner), so a refresh costs what changed, not its size.
+
+    A record is its physical lines joined (a quoted value may hold line breaks: lines are joined while a quote is
+    open) without its final line break. Records are numbered from 1, counting every CSV record, the header row
+    too (as a spreadsheet numbers rows): `Row.number` and the rejection reports use the same numbers.
+    """
+
+    name: str
+    chunks: Iterable[bytes]
+    settings: CsvSettings
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, str]]]:
+        """Lists of (number, first physical line, text), a blob chunk's worth at a time. Blank lines are left out
+        (their numbers too); a quote still open at the end is handed over as it is, for the parser to name."""
+        decoded = _Decoded(self.chunks, self.settings.encoding, self.name)
+        quoted = self.settings.quoting != csv.QUOTE_NONE
+        number = line = 0
+        open_lines: list[str] = []
+        for lines in decoded.line_lists():
+            records = []
+            for text in lines:
+                line += 1
+                if open_lines:
+                    open_lines.append(text)
+                    if text.count('"') & 1:  # the open quote closes on this line
+                        number += 1
+                        records.append((number, line - len(open_lines) + 1, "\n".join(open_lines)))
+                        open_lines = []
+                elif quoted and text.count('"') & 1:
+                    open_lines = [text]
+                elif text and text != "\r":
+                    number += 1
+                    records.append((number, line, text))
+                else:
+                    number += 1  # a blank line is a record of no values (a trailing one, typically)
+            if records:
+                yield records
+        if open_lines:
+            yield [(number + 1, line - len(open_lines) + 1, "\n".join(open_lines))]
+
+    def parse(self, records: list[tuple[int, int, str]], columns: Sequence[str]) -> Iterator[Row | BadRow]:
+        """The records as rows, in order. A record with the wrong number of values, or with bytes that are not
+        valid in the encoding, becomes a BadRow naming the problem. Broken quoting (an unclosed quote, text
+        after a closing quote) or a line break in an unquoted value raises ExportDataError: the records after it
+        cannot be told apart, and treating them as absent would remove those contacts from the audience."""
+        if csv.field_size_limit() < FIELD_LIMIT:
+            csv.field_size_limit(FIELD_LIMIT)
+        settings, width, header = self.settings, len(columns), list(columns)
+        reader = csv.reader((text + "\n" for _, _, text in records), delimiter=settings.delimiter,
+                            quoting=settings.quoting, strict=True)
+        at = 0
+        try:
+            for at, values in enumerate(reader):
+                number = records[at][0]
+                if number == 1 and (settings.headers or values == header):
+                    continue
+                if _ESCAPED.search(records[at][2]) and (reason := _undecodable(values, columns, settings.encoding)):
+                    yield BadRow(self.name, number, reason)
+                elif len(values) != width:
+                    yield BadRow(self.name, number, f"expected {width} columns, got {len(values)}")
+                else:
+                    yield Row(self.name, number, values)
+        except csv.Error as exc:
+            number, line, _ = records[max(1, min(reader.line_num, len(records))) - 1]  # one record per string
+            problem = str(exc).split(" - ")[0]  # drop the csv module's hint about opening files: it misleads here
+            raise ExportDataError(f"partition {self.name}: row {number} (from line {line}) is not valid CSV: "
+                                  f"{problem}; the file looks damaged (a stray quote or line break?): re-run the "
+                                  "export") from None
+
+
+def read_records(container: ContainerClient, snapshot: Snapshot) -> Iterator[Records]:
+    """Every partition's records, in partition order, streamed READ_CHUNK bytes at a time."""
     for partition in snapshot.partitions:
-        yield from parse_partition(partition.name, _blob_chunks(container, partition), partition.settings,
-                                   snapshot.columns)
+        yield Records(partition.name, _blob_chunks(container, partition), partition.settings)
+
+
+def read_rows(container: ContainerClient, snapshot: Snapshot) -> Iterator[Row | BadRow]:
+    """Every row of every partition, parsed (what planning does with the records it has not acknowledged)."""
+    for records in read_records(container, snapshot):
+        yield from _rows(records, snapshot.columns)
+
+
+def parse_partition(name: str, chunks: Iterable[bytes], settings: CsvSettings,
+                    columns: Sequence[str]) -> Iterator[Row | BadRow]:
+    """Every row of one partition from its byte chunks: a pure function (no I/O)."""
+    return _rows(Records(name, chunks, settings), columns)
+
+
+def _rows(records: Records, columns: Sequence[str]) -> Iterator[Row | BadRow]:
+    for chunk in records:
+        yield from records.parse(chunk, columns)
 
 
 def _blob_chunks(container: ContainerClient, partition: Partition) -> Iterator[bytes]:
@@ -337,48 +426,14 @@ def _blob_chunks(container: ContainerClient, partition: Partition) -> Iterator[b
         yield data
 
 
-def parse_partition(name: str, chunks: Iterable[bytes], settings: CsvSettings,
-                    columns: Sequence[str]) -> Iterator[Row | BadRow]:
-    """Parse one partition from its byte chunks: a pure function (no I/O), the code path read_rows uses.
-
-    Rows with the wrong number of columns, or with bytes that are not valid in the encoding, become BadRows
-    naming the problem and the reading goes on, so nothing is lost silently. Broken quoting (an unclosed quote,
-    text after a closing quote) or a line break in an unquoted value raises ExportDataError: the rows after it
-    cannot be told apart, and treating them as absent would remove those contacts from the list.
-    """
-    if csv.field_size_limit() < FIELD_LIMIT:
-        csv.field_size_limit(FIELD_LIMIT)
-    decoded = _Decoded(chunks, settings.encoding, name)
-    reader = csv.reader(decoded.lines(), delimiter=settings.delimiter, quoting=settings.quoting, strict=True)
-    width, header = len(columns), list(columns)
-    number = line = 0
-    try:
-        for values in reader:
-            number, line = number + 1, reader.line_num
-            if number == 1 and (settings.headers or values == header):
-                continue
-            if not values:
-                continue  # a blank line (a trailing one, typically)
-            if decoded.escaped and (reason := _undecodable(values, columns, settings.encoding)):
-                yield BadRow(name, number, reason)
-            elif len(values) != width:
-                yield BadRow(name, number, f"expected {width} columns, got {len(values)}")
-            else:
-                yield Row(name, number, values)
-    except csv.Error as exc:
-        problem = str(exc).split(" - ")[0]  # drop the csv module's hint about opening files, which misleads here
-        raise ExportDataError(f"partition {name}: row {number + 1} (from line {line + 1}) is not valid CSV: {problem}; "
-                              "the file looks damaged (a stray quote or line break?): re-run the export") from None
-
-
 class _Decoded:
-    """Text lines from byte chunks; `escaped` turns true once an undecodable byte was seen."""
+    """Text lines from byte chunks; undecodable bytes are kept as escapes (see _undecodable)."""
 
     def __init__(self, chunks: Iterable[bytes], encoding: str, name: str):
         self.chunks, self.encoding, self.name = chunks, encoding, name
-        self.escaped = False
 
-    def lines(self) -> Iterator[str]:
+    def line_lists(self) -> Iterator[list[str]]:
+        """The lines of each chunk, without their line breaks (a line cut by a chunk's end goes with the next)."""
         # Split on \n only: str.splitlines would also split on \x1c, \u2028... which may be data.
         decoder = codecs.getincrementaldecoder(self.encoding)(errors="surrogateescape")
         tail, started, offset = "", False, 0
@@ -391,11 +446,11 @@ class _Decoded:
                 text, started = text.removeprefix("\ufeff"), True
             lines = (tail + text).split("\n")
             tail = lines.pop()
-            for line in lines:
-                yield line + "\n"
+            if lines:
+                yield lines
         tail += self._decode(decoder, b"", offset, final=True)
         if tail:
-            yield tail.removeprefix("\ufeff") if not started else tail
+            yield [tail.removeprefix("\ufeff") if not started else tail]
 
     def _decode(self, decoder: codecs.IncrementalDecoder, chunk: bytes, offset: int, final: bool = False) -> str:
         try:
@@ -403,8 +458,6 @@ class _Decoded:
         except UnicodeDecodeError as exc:  # only for bytes below 0x80, which UTF-8 never rejects
             raise ExportDataError(f"partition {self.name}: not valid {self.encoding} near byte {offset + exc.start}"
                                   ) from None
-        if not self.escaped and _ESCAPED.search(text):
-            self.escaped = True
         return text
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
-from operator import itemgetter
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -24,8 +23,8 @@ from shared.cdm_reader import Row
 from shared.export_config import ExportConfigError, ExportDefinition
 
 EMAIL_MAX_LENGTH = 254
-# Part of every source digest: change it with any rule that changes what a row maps to (validation, conversions,
-# the document's form or its fingerprint), so that no row is taken as unchanged across the change.
+# Part of every record digest's key: change it with any rule that changes what a row maps to (CSV parsing,
+# validation, conversions, the document's form or its fingerprint), so no record is taken as unchanged across it.
 MAPPING_RULES = "2026-11-30"
 _HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?", re.ASCII)  # "12.0" is 12; "12.5" is not an integer
@@ -165,11 +164,9 @@ class ContactMapper:
              f"column {field.column} is not {_EXPECTED[field.type]} (custom field \"{field.name}\", type {field.type})")
             for field in export.custom_fields
         ]
-        read = [self._email, *(p for _, p in self._fields), *(c[1] for c in self._custom)]
-        self._read = itemgetter(*read) if len(read) > 1 else lambda values: (values[read[0]],)
-        mapping = [MAPPING_RULES, list(export.fields.items()),  # in the order the values are read
-                   [(f.key, f.column, f.type) for f in export.custom_fields]]
-        self._salt = hashlib.blake2b(json.dumps(mapping).encode(), digest_size=16).digest()
+        self._mapping = [MAPPING_RULES, list(export.fields.items()),
+                         [(f.key, f.column, f.type) for f in export.custom_fields]]
+        self._columns = list(columns)
 
     @staticmethod
     def _check_columns(export: ExportDefinition, columns: Sequence[str], index: dict[str, int]) -> None:
@@ -183,14 +180,12 @@ class ContactMapper:
             available = ", ".join(columns)
             raise MappingError("\n".join(problems) + f"\ncolumns in the snapshot: {available}", problems)
 
-    def source(self, row: Row) -> tuple[str, int]:
-        """The row's contact key and a 64-bit digest of every value its contact is mapped from (its email
-        included) and of the mapping: rows with equal digests map to equal documents, so a row whose digest was
-        acknowledged needs no mapping."""
-        values = row.values
-        text = "\x1f".join(self._read(values)).encode("utf-8", "surrogatepass")
-        digest = hashlib.blake2b(text, digest_size=8, key=self._salt).digest()
-        return values[self._email].strip().lower(), int.from_bytes(digest)
+    def record_key(self, settings) -> bytes:
+        """The key of the digests of records read with these CSV settings (cdm_reader.CsvSettings) and mapped
+        by this mapper: records with equal digests under one key map to equal documents, so a record whose digest
+        was acknowledged needs no parsing or mapping. Everything a record's document depends on is in it."""
+        return hashlib.blake2b(json.dumps([self._mapping, self._columns, repr(settings)]).encode(),
+                               digest_size=32).digest()
 
     def map(self, row: Row) -> Contact | Rejection:
         values = row.values

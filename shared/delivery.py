@@ -50,9 +50,10 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
     if status is None:
         poison(svc, body, f"unknown run {message.run!r}")
         return
-    if svc.records.has_batch(message.run, message.batch):
+    if (dequeue_count > 1 or message.maybe_settled) and svc.records.has_batch(message.run, message.batch):
         # Already settled: a redelivered message. Its instance may have died before counting it toward the
         # run's `done` hint, so count it (again): an over-count only makes finishing check the outcomes sooner.
+        # (A first delivery of a message queued once cannot find its batch settled: no other message has it.)
         after_batch(svc, message.run)
         return
     rlog = run_log(message.run, message.export)

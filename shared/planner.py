@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
 
-from shared.cdm_reader import BadRow, Row
-from shared.contacts import Contact, ContactMapper, Rejection, mask_email
+from shared.cdm_reader import Records, Row
+from shared.contacts import ContactMapper, Rejection, mask_email
 from shared.export_config import ExportDefinition
 from shared.state_store import Acked
 
@@ -118,8 +118,17 @@ def encoded(document: dict) -> tuple[str, str]:
 
 
 class Planner:
+    """Plans one run of an export against its acknowledged state, in three streaming passes:
+
+    1. the state's members: the source digest each was acknowledged from (Sources);
+    2. the segment's records: one whose digest is an acknowledged member's is that member, unchanged, and is
+       neither parsed nor kept; every other record is parsed, mapped, validated and kept (table `seg`);
+    3. the state again, merged in key order with `seg`: joiners, changed members, leavers (table `diff`).
+    """
+
     def __init__(self, export: ExportDefinition, columns: list[str], list_ops_per_message: int = 10):
         self.export = export
+        self.columns = list(columns)
         self.mapper = ContactMapper(export, columns)
         self.list_ops = max(1, list_ops_per_message)
         self._dir = tempfile.TemporaryDirectory(prefix="plan-")
@@ -127,97 +136,121 @@ class Planner:
         self.db.executescript(
             """
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;
-            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc INT, source TEXT) WITHOUT ROWID;
+            CREATE TABLE seg(key TEXT PRIMARY KEY, fp TEXT, doc INT, source TEXT, row INT) WITHOUT ROWID;
             CREATE TABLE docs(id INTEGER PRIMARY KEY, doc TEXT);
-            CREATE TABLE acked(key TEXT PRIMARY KEY, fp TEXT, member INT, source TEXT) WITHOUT ROWID;
             CREATE TABLE diff(kind TEXT, key TEXT, fp TEXT, doc INT, source TEXT);
             """
         )
         self.rejections_path = f"{self._dir.name}/rejected.jsonl"
+        self._docs = self._rows_seen = self._rejected = self._valid = 0
 
     def close(self) -> None:
         self.db.close()
         self._dir.cleanup()
 
-    def plan(self, rows: Iterable[Row | BadRow], acked: Iterable[Acked], force: bool = False) -> Plan:
+    def plan(self, partitions: Iterable[Records], acked: Callable[[], Iterable[Acked]], force: bool = False) -> Plan:
+        """`acked()` streams the acknowledged state sorted by key (it is read twice)."""
         plan = Plan(rejections_file=self.rejections_path)
-        members = Digests()
-        self.db.executemany("INSERT OR REPLACE INTO acked VALUES (?,?,?,?)", members.collect(acked))
-        read, valid = self._load_segment(rows, plan, members.sealed() if not force else Digests())
-        inserted = self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
-        if inserted > self.export.max_profiles:
-            raise TooManyProfiles(self.export.name, inserted, self.export.max_profiles)
-        plan.counts = {"read": read, "valid": valid, "rejected": read - valid, "duplicates": valid - inserted,
-                       "profiles": inserted}
+        sources = Sources()
+        members = sources.collect(acked(), skip=not force)
+        with open(self.rejections_path, "w", encoding="utf-8") as rejected:
+            for records in partitions:
+                self._load(records, sources, rejected, plan)
+        profiles = self._merge(acked(), sources.sightings(), force)
+        if profiles > self.export.max_profiles:
+            raise TooManyProfiles(self.export.name, profiles, self.export.max_profiles)
+        valid = self._valid + sources.seen
+        plan.counts = {"read": valid + self._rejected, "valid": valid, "rejected": self._rejected,
+                       "duplicates": valid - profiles, "profiles": profiles, "members_before": members}
         self._diff(plan, force)
         return plan
 
-    def _load_segment(self, rows: Iterable[Row | BadRow], plan: Plan, unchanged: Digests) -> tuple[int, int]:
-        valid = docs = 0
-        self._rejected = 0
-        rows = iter(rows)
-        with open(self.rejections_path, "w", encoding="utf-8") as rejected:
-            while chunk := list(islice(rows, CHUNK)):
-                contacts = self._contacts(chunk, rejected, plan, unchanged)
-                # Documents go to an append-only table; the keyed table stays small (its inserts are in random
-                # order). A row taken as unchanged has no document: it is never sent.
-                texts, seg = [], []
-                for key, fp, source, text in contacts:
-                    if text is not None:
-                        texts.append((docs, text))
-                        docs += 1
-                    seg.append((key, fp, docs - 1 if text is not None else None, source))
-                self.db.executemany("INSERT INTO docs VALUES (?,?)", texts)
-                self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?,?)", seg)
-                valid += len(contacts)
-        return valid + self._rejected, valid
+    # --- pass 2: the segment's records ------------------------------------------------------------
+    def _load(self, records: Records, sources: Sources, rejected, plan: Plan) -> None:
+        key = self.mapper.record_key(records.settings)
+        for chunk in records:
+            first = self._rows_seen
+            self._rows_seen += len(chunk)
+            digests = [record_digest(key, text) for _, _, text in chunk]
+            fresh = [(n, record, digest) for n, (record, digest) in enumerate(zip(chunk, digests, strict=True))
+                     if not sources.sight(digest, first + n)]  # (a header record is never acknowledged)
+            if fresh:
+                self._store(records, fresh, first, rejected, plan)
 
-    def _contacts(self, chunk: list, rejected_file, plan: Plan, unchanged: Digests) -> list[tuple]:
-        """The chunk's valid contacts in row order: (key, fingerprint, source digest, JSON document), both None
-        for a row unchanged since its member was acknowledged; rejected rows are written to `rejected_file`."""
-        contacts = []
-        for row in chunk:
-            key, source = self.mapper.source(row) if isinstance(row, Row) else ("", None)
-            if source in unchanged:
-                contacts.append((key, None, None, None))
+    def _store(self, records: Records, fresh: list, first: int, rejected, plan: Plan) -> None:
+        rows = records.parse([record for _, record, _ in fresh], self.columns)
+        by_number = {record[0]: (first + n, f"{digest:016x}") for n, record, digest in fresh}
+        docs, seg = [], []
+        for row in rows:
+            result = self.mapper.map(row) if isinstance(row, Row) else Rejection(row.partition, row.number,
+                                                                                 row.reason, "")
+            if isinstance(result, Rejection):
+                self._reject(result, rejected, plan)
                 continue
-            result = self.mapper.map(row) if source is not None else Rejection(row.partition, row.number,
-                                                                                row.reason, "")
-            if isinstance(result, Contact):
-                text, fp = encoded(result.document)
-                contacts.append((key, fp, f"{source:016x}", text))
-                continue
-            self._rejected += 1
-            record = {"partition": result.partition, "row": result.row, "reason": result.reason, "email": result.email}
-            rejected_file.write(json.dumps(record) + "\n")
-            if len(plan.rejected_sample) < REJECTED_SAMPLE:
-                plan.rejected_sample.append(record)
-        return contacts
+            text, fp = encoded(result.document)
+            order, source = by_number[row.number]
+            docs.append((self._docs, text))
+            seg.append((result.key, fp, self._docs, source, order))
+            self._docs += 1
+        self.db.executemany("INSERT INTO docs VALUES (?,?)", docs)
+        # The first valid row of a key wins (rows are stored in order): later ones are duplicates.
+        self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?,?,?)", seg)
+        self._valid += len(seg)
 
-    # The diff in two passes over the tables (segment against state, state against segment) into a small table of
-    # what must be sent; counts, samples and batches come from that table (batches streamed, never all in memory).
-    def _classify(self, force: bool) -> None:
-        kind = "'joiners'" if force else "CASE WHEN a.key IS NULL OR a.member = 0 THEN 'joiners' ELSE 'changed' END"
-        send = "1" if force else "a.key IS NULL OR a.member = 0 OR a.fp != s.fp"  # an unchanged row's fp is NULL
-        self.db.executescript(f"""
-            INSERT INTO diff SELECT {kind}, s.key, s.fp, s.doc, s.source FROM seg s
-                LEFT JOIN acked a ON a.key = s.key WHERE {send};
-            INSERT INTO diff SELECT 'leavers', a.key, a.fp, NULL, '' FROM acked a
-                WHERE a.member = 1 AND NOT EXISTS (SELECT 1 FROM seg s WHERE s.key = a.key);
-            INSERT INTO diff SELECT 'resourced', s.key, s.fp, NULL, s.source FROM seg s JOIN acked a ON a.key = s.key
-                WHERE {"0" if force else "a.member = 1 AND s.fp = a.fp AND s.source != a.source"};
-            CREATE INDEX diff_kind ON diff(kind, key);
-            """)
+    def _reject(self, result: Rejection, rejected, plan: Plan) -> None:
+        self._rejected += 1
+        record = {"partition": result.partition, "row": result.row, "reason": result.reason, "email": result.email}
+        rejected.write(json.dumps(record) + "\n")
+        if len(plan.rejected_sample) < REJECTED_SAMPLE:
+            plan.rejected_sample.append(record)
+
+    # --- pass 3: the state merged with the parsed rows --------------------------------------------
+    def _merge(self, acked: Iterable[Acked], sighted: array, force: bool) -> int:
+        """Classify every key of the state and of `seg` into `diff`; returns the segment's distinct profiles.
+        A member whose record was taken as unchanged (sighted at row r) is unchanged, unless an earlier row
+        with its key was parsed (that row wins: the sighted record is its duplicate)."""
+        profiles, diff = 0, []
+        parsed = self.db.execute("SELECT key, fp, doc, source, row FROM seg ORDER BY key")
+        row = next(parsed, None)
+        for position, entry in enumerate(acked):
+            while row is not None and row[0] < entry.key:  # parsed rows of keys the state never had
+                diff.append(("joiners", *row[:4]))
+                profiles += 1
+                row = next(parsed, None)
+            mine = row if row is not None and row[0] == entry.key else None
+            if mine is not None:
+                row = next(parsed, None)
+            seen_at = sighted[position] if position < len(sighted) else -1
+            if seen_at >= 0 and (mine is None or seen_at < mine[4]):
+                profiles += 1  # unchanged as acknowledged
+            elif mine is not None:
+                profiles += 1
+                kind = _kind(entry, mine, force)
+                if kind:
+                    diff.append((kind, *mine[:4]))
+            elif entry.member:
+                diff.append(("leavers", entry.key, entry.fingerprint, None, ""))
+            if len(diff) >= CHUNK:
+                self._add_diff(diff)
+        while row is not None:
+            diff.append(("joiners", *row[:4]))
+            profiles += 1
+            row = next(parsed, None)
+        self._add_diff(diff)
+        self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
+        return profiles
+
+    def _add_diff(self, diff: list) -> None:
+        self.db.executemany("INSERT INTO diff VALUES (?,?,?,?,?)", diff)
+        diff.clear()
 
     def _diff(self, plan: Plan, force: bool) -> None:
-        self._classify(force)
         found = dict(self.db.execute("SELECT kind, count(*) FROM diff GROUP BY kind").fetchall())
         for name in ("joiners", "changed", "leavers"):
             plan.counts[name] = found.get(name, 0)
             rows = self.db.execute("SELECT key FROM diff WHERE kind = ? ORDER BY key LIMIT ?", (name, SAMPLE_SIZE))
             plan.samples[name] = [mask_email(r[0]) for r in rows]
         plan.counts["unchanged"] = plan.counts["profiles"] - plan.counts["joiners"] - plan.counts["changed"]
-        plan.counts["members_before"] = self.db.execute("SELECT count(*) FROM acked WHERE member = 1").fetchone()[0]
         keep = self.export.on_leave == "keep"
         plan.counts["kept_leavers"] = plan.counts["leavers"] if keep else 0
         plan.requests = expected_requests(
@@ -257,31 +290,72 @@ class Planner:
         return Item(key, fp, False, document)
 
 
-class Digests:
-    """A set of 64-bit digests at 8 bytes each (a Python set of ints takes about 50): sorted arrays by top bits.
-    `collect` passes acknowledgements through, keeping the source digests of members; `sealed` sorts them."""
+def record_digest(key: bytes, text: str) -> int:
+    """A record's 64-bit source digest under a mapper's record key (ContactMapper.record_key)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8, key=key).digest())
+
+
+def _kind(entry: Acked, row: tuple, force: bool) -> str | None:
+    """How a parsed row differs from what its key's member was acknowledged as (None: not at all)."""
+    if force or not entry.member:
+        return "joiners"
+    if entry.fingerprint != row[1]:
+        return "changed"
+    return "resourced" if entry.source != row[3] else None
+
+
+class Sources:
+    """The source digests the state's members were acknowledged from, at 8 bytes each (a Python set of ints
+    takes about 50) in sorted arrays by their top bits, each with its state position; and where in the
+    segment each was sighted."""
 
     def __init__(self):
-        self._buckets: dict[int, array] = defaultdict(lambda: array("Q"))
+        self._digests: dict[int, array] = defaultdict(lambda: array("Q"))
+        self._positions: dict[int, array] = defaultdict(lambda: array("L"))
+        self._sighted: dict[int, array] = {}
+        self.entries = self.seen = 0
 
-    def collect(self, acked: Iterable[Acked]) -> Iterator[Acked]:
-        buckets = self._buckets
-        for entry in acked:
-            if entry.member and entry.source:
-                digest = int(entry.source, 16)
-                buckets[digest >> 52].append(digest)
-            yield entry
+    def collect(self, acked: Iterable[Acked], skip: bool) -> int:
+        """Read the state once; returns how many members it has. `skip` False: no record is taken as unchanged."""
+        members = 0
+        for position, entry in enumerate(acked):
+            if entry.member:
+                members += 1
+                if skip and entry.source:
+                    digest = int(entry.source, 16)
+                    self._digests[digest >> 52].append(digest)
+                    self._positions[digest >> 52].append(position)
+            self.entries = position + 1
+        for top, digests in self._digests.items():  # sorted, positions alongside
+            order = sorted(range(len(digests)), key=digests.__getitem__)
+            self._digests[top] = array("Q", (digests[i] for i in order))
+            self._positions[top] = array("L", (self._positions[top][i] for i in order))
+            self._sighted[top] = array("l", [-1]) * len(order)
+        self._digests = dict(self._digests)
+        return members
 
-    def sealed(self) -> Digests:
-        self._buckets = {top: array("Q", sorted(bucket)) for top, bucket in self._buckets.items()}
-        return self
-
-    def __contains__(self, digest: int | None) -> bool:
-        bucket = self._buckets.get(digest >> 52) if digest is not None else None
-        if not bucket:
+    def sight(self, digest: int, row: int) -> bool:
+        """True if `digest` is an acknowledged member's (its first sighting is kept; a later one is a duplicate
+        of the same record, counted as seen)."""
+        digests = self._digests.get(digest >> 52)
+        if not digests:
             return False
-        at = bisect_left(bucket, digest)
-        return at < len(bucket) and bucket[at] == digest
+        at = bisect_left(digests, digest)
+        if at == len(digests) or digests[at] != digest:
+            return False
+        sighted = self._sighted[digest >> 52]
+        if sighted[at] < 0:
+            sighted[at] = row
+        self.seen += 1
+        return True
+
+    def sightings(self) -> array:
+        """State position → the segment row its member was sighted at, or -1."""
+        by_position = array("l", [-1]) * self.entries
+        for top, positions in self._positions.items():
+            for position, row in zip(positions, self._sighted[top], strict=True):
+                by_position[position] = row
+        return by_position
 
 
 def expected_requests(membership: str, joiners: int, changed: int, leavers: int) -> int:

@@ -14,7 +14,7 @@ from itertools import islice
 
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
-from shared.cdm_reader import ExportDataError, find_snapshot, read_rows
+from shared.cdm_reader import ExportDataError, find_snapshot, read_records
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
@@ -77,9 +77,10 @@ def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = 
     return svc.records.get(run_id)
 
 
-def handle_plan_message(svc: Services, body: bytes) -> None:
+def handle_plan_message(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
     """The planning queue's trigger: plan a queued run ({"run"}), or queue the next window of its batches
-    ({"run", "page"}). Redelivered messages finish the same run: planning again gives the same plan."""
+    ({"run", "page"}). Redelivered messages finish the same run: planning again gives the same plan, and the
+    batches a redelivered job queues are marked as maybe queued (and settled) before."""
     job = _plan_job(body)
     if job is None:
         return
@@ -88,9 +89,9 @@ def handle_plan_message(svc: Services, body: bytes) -> None:
         log.info("planning job for run %s skipped: %s", job["run"], (run and run.get("status")) or "no such run")
         return
     if "page" in job:
-        queue_window(svc, run, job["page"])
+        queue_window(svc, run, job["page"], again=dequeue_count > 1)
     elif run["status"] == "running":  # planned before a crash: make sure its first window is queued
-        queue_window(svc, run, 0)
+        queue_window(svc, run, 0, again=True)
     else:
         plan_run(svc, run)
 
@@ -144,8 +145,9 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
-        acked = iter(()) if rebuild else state.load(destination)
-        plan = planner.plan(read_rows(container, snapshot), acked, force=force)
+        with state.reading(destination) as acked:
+            plan = planner.plan(read_records(container, snapshot), (lambda: iter(())) if rebuild else acked,
+                                force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
         seconds = plan.requests * svc.budget.interval
         guard = removal_guard(export, plan.counts)
@@ -254,23 +256,23 @@ def _page_name(run_id: str, page: int) -> str:
     return f"{run_id}/pages/{page:06d}.jsonl.gz"
 
 
-def queue_window(svc: Services, run: dict, page: int) -> None:
+def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> None:
     """Queue one page of the run's batches, each shown shortly before its estimated turn on the budget, then the
     job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
-    queued again."""
+    queued again; `again`: it may have been queued in part by a job that died."""
     run_id = run["RowKey"]
     if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page or page >= int(run.get("pages", 0)):
         return
     data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
     batches = [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
-    ends = _enqueue(svc, run, batches, first=page * PAGE + 1)
+    ends = _enqueue(svc, run, batches, first=page * PAGE + 1, again=again)
     if page + 1 < int(run["pages"]):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
         svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
     svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())
 
 
-def _enqueue(svc: Services, run: dict, batches: list[dict], first: int) -> float:
+def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: bool) -> float:
     """Queue the batches, each visible shortly before its turn if the budget were the run's alone (slots are
     taken when the requests go, so a turn that comes later only keeps the message waiting in the queue).
     Returns the estimated end of the page."""
@@ -279,7 +281,8 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int) -> float
     with ThreadPoolExecutor(8) as pool:
         futures = []
         for batch in batches:
-            message = BatchMessage(run["RowKey"], run["export"], number, batch["kind"], batch["items"], list_id)
+            message = BatchMessage(run["RowKey"], run["export"], number, batch["kind"], batch["items"], list_id,
+                                   maybe_settled=again)
             futures.append(pool.submit(queue_message, svc, message, turn))
             turn += batch["requests"] * interval
             number += 1

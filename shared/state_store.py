@@ -26,6 +26,7 @@ import sqlite3
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -162,10 +163,14 @@ class ExportState:
 
     def load(self, destination: Destination) -> Iterator[Acked]:
         """Stream the destination's snapshot (nothing if it has none); raises StateUnreadable when it is broken."""
+        with self.reading(destination) as entries:
+            yield from entries()
+
+    @contextmanager
+    def reading(self, destination: Destination) -> Iterator[Callable[[], Iterator[Acked]]]:
+        """The destination's snapshot, downloaded once for the block, streamed by each call of what it gives."""
         with self._download(self.blob_name(destination)) as (path, _etag):
-            if path is None:
-                return
-            yield from self._entries(path, destination)
+            yield (lambda: self._entries(path, destination)) if path else (lambda: iter(()))
 
     def has_snapshot(self, destination: Destination) -> bool:
         return self.container.get_blob_client(self.blob_name(destination)).exists()

@@ -33,9 +33,12 @@ DEV_STORAGE = (
 POOL_SIZE = 64  # a Function instance runs up to batchSize + newBatchThreshold invocations at once
 
 
-def _transport() -> RequestsTransport:
+def pooled_transport() -> RequestsTransport:
     """A pooled HTTP transport large enough for every concurrent invocation (the SDK default keeps 10)."""
     session = requests.Session()
+    # No proxy or .netrc look-up in the environment on every request (a quarter of a sender's CPU, measured):
+    # a Function app reaches its storage directly.
+    session.trust_env = False
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -75,21 +78,21 @@ class StorageConnection:
     @cached_property
     def blob(self) -> BlobServiceClient:
         if self._connection_string:
-            return BlobServiceClient.from_connection_string(self._connection_string, transport=_transport())
-        return BlobServiceClient(self._endpoint("blob"), credential=self._credential, transport=_transport())
+            return BlobServiceClient.from_connection_string(self._connection_string, transport=pooled_transport())
+        return BlobServiceClient(self._endpoint("blob"), credential=self._credential, transport=pooled_transport())
 
     @cached_property
     def tables(self) -> TableServiceClient:
         if self._connection_string:
-            return TableServiceClient.from_connection_string(self._connection_string, transport=_transport())
-        return TableServiceClient(self._endpoint("table"), credential=self._credential, transport=_transport())
+            return TableServiceClient.from_connection_string(self._connection_string, transport=pooled_transport())
+        return TableServiceClient(self._endpoint("table"), credential=self._credential, transport=pooled_transport())
 
     def queue(self, name: str) -> QueueClient:
         """A queue client speaking base64, as the Functions queue trigger expects."""
         policies = {
             "message_encode_policy": BinaryBase64EncodePolicy(),
             "message_decode_policy": BinaryBase64DecodePolicy(),
-            "transport": _transport(),
+            "transport": pooled_transport(),
         }
         if self._connection_string:
             return QueueClient.from_connection_string(self._connection_string, name, **policies)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 
-from shared.cdm_reader import BadRow, Row
+from shared.cdm_reader import CsvSettings, Records
 from shared.contacts import ContactMapper
 from shared.export_config import parse_exports
 from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
@@ -22,8 +25,17 @@ def export(membership: str = "field", **extra):
     return parse_exports({"exports": [document]})[0]
 
 
-def rows(*people: tuple[str, str]) -> list[Row]:
-    return [Row("p1", n, [str(n), email, first]) for n, (email, first) in enumerate(people, start=1)]
+def rows(*people: tuple[str, str]) -> list[list[str]]:
+    return [[str(n), email, first] for n, (email, first) in enumerate(people, start=1)]
+
+
+def partition(segment: list) -> Records:
+    """The segment as one CSV partition: a list of values is a row, a string a raw line."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    for line in segment:
+        writer.writerow(line) if isinstance(line, list) else text.write(line + "\n")
+    return Records("p1", [text.getvalue().encode()], CsvSettings())
 
 
 def acked(email: str, first: str, member: bool = True) -> Acked:
@@ -33,7 +45,7 @@ def acked(email: str, first: str, member: bool = True) -> Acked:
 def plan(definition, segment, state=(), force=False):
     planner = Planner(definition, COLUMNS, list_ops_per_message=3)
     try:
-        result = planner.plan(segment, state, force=force)
+        result = planner.plan([partition(segment)], lambda: iter(sorted(state)), force=force)
         settled = list(result.settled())  # read before the planner's working set is removed
         result.kept = [a for a in settled if not a.member]
         result.resourced = [a for a in settled if a.member]
@@ -61,10 +73,11 @@ def test_first_row_wins_when_an_email_repeats_in_any_case():
 
 
 def test_bad_rows_are_rejected_and_counted_without_stopping_the_plan():
-    segment = [*rows(("a@x.com", "Ann"), ("nope", "No")), BadRow("p1", 9, "expected 3 columns, got 2")]
+    segment = [*rows(("a@x.com", "Ann"), ("nope", "No")), "9,too few"]
     result, _ = plan(export(), segment)
     assert (result.counts["read"], result.counts["valid"], result.counts["rejected"]) == (3, 1, 2)
-    assert [r["row"] for r in result.rejected_sample] == [2, 9]
+    assert [(r["row"], r["reason"][:19]) for r in result.rejected_sample] == [(2, "invalid email in co"),
+                                                                              (3, "expected 3 columns,")]
 
 
 def test_list_mode_sends_joins_and_leaves_one_by_one_and_changes_in_bulk():
@@ -126,14 +139,31 @@ def test_rows_acknowledged_from_the_same_source_are_neither_mapped_nor_sent_agai
 
 def test_the_skip_never_hides_a_change_or_a_duplicate_or_a_rejection(mapped):
     state = acknowledged(export(), rows(("a@x.com", "Ann"), ("b@x.com", "Bob")))
-    segment = [Row("p1", 1, ["1", "not an email", "X"]), Row("p1", 2, ["2", "a@x.com", "Ann"]),
-               Row("p1", 3, ["3", "A@x.com", "Other"]), Row("p1", 4, ["4", " b@x.com", "Bob"])]
+    segment = [["9", "not an email", "X"], ["1", "a@x.com", "Ann"], ["3", "A@x.com", "Other"], ["2", " b@x.com", "Bob"]]
     result, batches = plan(export(), segment, state)
     counts = result.counts
     assert (counts["rejected"], counts["duplicates"], counts["unchanged"], counts["changed"]) == (1, 1, 2, 0)
     assert batches == []  # the first a@ row wins; b@'s stray space maps to the same document
     assert [(a.key, a.source != dict((s.key, s.source) for s in state)["b@x.com"]) for a in result.resourced] == \
         [("b@x.com", True)]  # b@ is acknowledged again with the digest of its new row: nothing sent
+
+
+@pytest.mark.parametrize("changed_first", [True, False])
+def test_the_first_row_of_a_key_wins_whether_it_was_taken_as_unchanged_or_parsed(mapped, changed_first):
+    state = acknowledged(export(), [["1", "a@x.com", "Ann"]])
+    same, other = ["1", "a@x.com", "Ann"], ["7", "A@x.com", "Changed"]
+    result, batches = plan(export(), [other, same] if changed_first else [same, other], state)
+    assert result.counts["duplicates"] == 1 and result.counts["profiles"] == 1
+    assert result.counts["changed"] == (1 if changed_first else 0)
+    assert [i.document["FirstName"] for b in batches for i in b.items] == (["Changed"] if changed_first else [])
+
+
+def test_a_record_with_line_breaks_in_a_quoted_value_is_taken_as_unchanged_whole(mapped):
+    segment = [["1", "a@x.com", "Ann\nof Cleves"], ["2", "b@x.com", "Bob"]]
+    state = acknowledged(export(), segment)
+    mapped.clear()
+    result, _ = plan(export(), [segment[0], ["2", "b@x.com", "Bob\nthe Builder"]], state)
+    assert mapped == ["b@x.com"] and result.counts["changed"] == 1 and result.counts["unchanged"] == 1
 
 
 def test_a_state_without_source_digests_maps_every_row_once_and_learns_their_digests(mapped):

@@ -311,17 +311,21 @@ def test_a_planning_invocation_that_dies_half_way_is_redelivered_and_the_run_com
     world.snapshot(rows)
     real, calls = runs._enqueue, []
 
-    def dying(svc, run, batches, first):  # the first window is queued in part, then the instance dies
-        calls.append(first)
+    def dying(svc, run, batches, first, again):  # the first window is queued in part, then the instance dies
+        calls.append(again)
         if len(calls) == 1:
-            real(svc, run, batches[:2], first)
+            real(svc, run, batches[:2], first, again)
+            time.sleep(2)  # those two are sent and settled before the job is delivered again
             raise SystemError("killed while queueing the first window")
-        return real(svc, run, batches, first)
+        return real(svc, run, batches, first, again)
 
     monkeypatch.setattr(runs, "_enqueue", dying)
+    mark = len(world.contact_requests())
     started = world.start("seg").json()
     report = world.wait(started["runId"])
-    assert len(calls) == 2 and report["status"] == "succeeded", report
+    assert calls == [False, True] and report["status"] == "succeeded", report
+    # The redelivered job queued the two settled batches again, marked: their first delivery found them settled.
+    assert sum(r["n"] for r in world.contact_requests()[mark:] if r["status"] == 200) == 450
     assert report["batches"] == {"planned": 5, "settled": 5, "dead": 0}
     assert report["counts"]["accepted"] == 450
     assert len(RunRecords_for(world).for_export("seg", limit=5)) == 1  # no second run
@@ -343,9 +347,9 @@ def test_batches_are_queued_a_page_at_a_time_as_sending_advances(monkeypatch):
         world.snapshot(rows)
         real, windows = runs.queue_window, []
 
-        def watched(svc, run, page):  # when each window is queued
+        def watched(svc, run, page, again=False):  # when each window is queued
             windows.append((page, time.monotonic()))
-            return real(svc, run, page)
+            return real(svc, run, page, again)
 
         monkeypatch.setattr(runs, "queue_window", watched)
         run_id = world.start("seg").json()["runId"]

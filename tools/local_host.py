@@ -33,6 +33,8 @@ from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 
+from shared.storage import pooled_transport
+
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("local_host")
 LEASE_SECONDS = 600  # how long a message stays invisible while a function works on it (the real host renews)
@@ -191,8 +193,11 @@ class QueuePoller:
     def __init__(self, host: LocalHost, name: str, binding: dict):
         self.host, self.name, self.opts = host, name, host.options
         connection = host.connection_string(binding.get("connection") or "AzureWebJobsStorage")
-        self.queue = QueueClient.from_connection_string(connection, binding["queueName"])
-        self.poison = QueueClient.from_connection_string(connection, binding["queueName"] + "-poison")
+        # The Functions host polls in .NET, costing the Python worker nothing: the pollers' own client cost is kept
+        # as low as the app's (the same pooled transport, no proxy look-up per request).
+        self.queue = QueueClient.from_connection_string(connection, binding["queueName"], transport=pooled_transport())
+        self.poison = QueueClient.from_connection_string(connection, binding["queueName"] + "-poison",
+                                                         transport=pooled_transport())
         self.arg = binding["name"]
         self._busy = 0
         self._lock = threading.Lock()
