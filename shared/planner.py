@@ -209,6 +209,10 @@ class Planner:
         """Classify every key of the state and of `seg` into `diff`; returns the segment's distinct profiles.
         A member whose record was taken as unchanged (sighted at row r) is unchanged, unless an earlier row
         with its key was parsed (that row wins: the sighted record is its duplicate)."""
+        if not len(sighted):  # no state (a first sync): every profile joins
+            self.db.execute("INSERT INTO diff SELECT 'joiners', key, fp, doc, source FROM seg")
+            self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
+            return self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
         profiles, diff = 0, []
         parsed = self.db.execute("SELECT key, fp, doc, source, row FROM seg ORDER BY key")
         row = next(parsed, None)
@@ -311,7 +315,7 @@ class Sources:
 
     def __init__(self):
         self._digests: dict[int, array] = defaultdict(lambda: array("Q"))
-        self._positions: dict[int, array] = defaultdict(lambda: array("L"))
+        self._positions: dict[int, array] = defaultdict(lambda: array("I"))  # 4 bytes ("L" is 8 on Linux)
         self._sighted: dict[int, array] = {}
         self.entries = self.seen = 0
 
@@ -329,8 +333,8 @@ class Sources:
         for top, digests in self._digests.items():  # sorted, positions alongside
             order = sorted(range(len(digests)), key=digests.__getitem__)
             self._digests[top] = array("Q", (digests[i] for i in order))
-            self._positions[top] = array("L", (self._positions[top][i] for i in order))
-            self._sighted[top] = array("l", [-1]) * len(order)
+            self._positions[top] = array("I", (self._positions[top][i] for i in order))
+            self._sighted[top] = array("i", [-1]) * len(order)
         self._digests = dict(self._digests)
         return members
 
@@ -351,7 +355,7 @@ class Sources:
 
     def sightings(self) -> array:
         """State position → the segment row its member was sighted at, or -1."""
-        by_position = array("l", [-1]) * self.entries
+        by_position = array("i", [-1]) * self.entries
         for top, positions in self._positions.items():
             for position, row in zip(positions, self._sighted[top], strict=True):
                 by_position[position] = row

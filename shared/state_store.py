@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import operator
 import os
 import sqlite3
 import tempfile
@@ -28,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice, pairwise
 from typing import NamedTuple
 
 from azure.core import MatchConditions
@@ -45,7 +47,8 @@ VERSION = 2
 READABLE = (1, 2)  # version 1 has no source digests: its rows are all mapped again
 HEAD = "~head"  # no export name starts with '~'
 FOLDED_KEPT = 50  # run entries a snapshot header remembers as folded
-_END = "#end"
+_END = b"#end\t"  # the end mark's start: "#end<TAB><count>"
+READ_BLOCK = 1 << 20  # bytes of a snapshot decompressed and parsed at once
 
 
 class Acked(NamedTuple):
@@ -181,33 +184,42 @@ class ExportState:
             pass
 
     def _entries(self, path: str, destination: Destination) -> Iterator[Acked]:
+        """The snapshot's entries, checked as they are read (a block of lines at a time: planning reads the state
+        twice per run, so this is on its path)."""
         name = self.blob_name(destination)
         try:
-            with gzip.open(path, "rt", encoding="utf-8", newline="\n") as lines:
-                header = json.loads(next(lines, "") or "null")
-                if not isinstance(header, dict) or header.get("version") not in READABLE:
-                    raise StateUnreadable(name, f"unknown version {_version(header)}; this app reads "
-                                                f"{' and '.join(map(str, READABLE))}")
-                if header.get("export") != self.export or header.get("destination") != destination.id:
-                    raise StateUnreadable(name, "its header names another export or destination")
-                count, previous = 0, ""
-                for line in lines:
-                    line = line.rstrip("\n")
-                    if line.startswith(_END):
-                        if line != f"{_END}\t{count}" or next(lines, None) is not None:
-                            raise StateUnreadable(name, f"its end mark does not match its {count} entries")
-                        return
-                    entry = _line(line)
-                    if entry.key <= previous:
-                        raise StateUnreadable(name, f"entry {count + 1} is out of order")
-                    previous = entry.key
-                    count += 1
-                    yield entry
-                raise StateUnreadable(name, f"truncated after {count} entries (no end mark)")
+            with gzip.open(path, "rb") as data:
+                self._check_header(name, json.loads(data.readline() or b"null"), destination)
+                count, previous, tail, end = 0, "", b"", None
+                while block := data.read(READ_BLOCK):
+                    if end is not None:
+                        raise StateUnreadable(name, f"its end mark does not match its {count} entries")
+                    *lines, tail = (tail + block).split(b"\n")
+                    if lines and lines[-1].startswith(_END):
+                        end = lines.pop()
+                    entries = _block(lines)
+                    if entries:
+                        if entries[0].key <= previous or not all(map(operator.lt, keys := [e.key for e in entries],
+                                                                     islice(keys, 1, None))):
+                            raise StateUnreadable(name, f"entry {count + _disorder(previous, keys) + 1} is out "
+                                                        "of order")
+                        count, previous = count + len(entries), entries[-1].key
+                        yield from entries
+                if end is None or tail:
+                    raise StateUnreadable(name, f"truncated after {count} entries (no end mark)")
+                if end != _END + str(count).encode():
+                    raise StateUnreadable(name, f"its end mark does not match its {count} entries")
         except StateUnreadable:
             raise
         except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
             raise StateUnreadable(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+    def _check_header(self, name: str, header, destination: Destination) -> None:
+        if not isinstance(header, dict) or header.get("version") not in READABLE:
+            raise StateUnreadable(name, f"unknown version {_version(header)}; this app reads "
+                                        f"{' and '.join(map(str, READABLE))}")
+        if header.get("export") != self.export or header.get("destination") != destination.id:
+            raise StateUnreadable(name, "its header names another export or destination")
 
     @staticmethod
     def _header(path: str) -> dict:
@@ -235,7 +247,7 @@ class ExportState:
                 for entry in entries:
                     out.write(_text(entry) + "\n")
                     count += 1
-                out.write(f"{_END}\t{count}\n")
+                out.write(f"{_END.decode()}{count}\n")
             blob = self.container.get_blob_client(self.blob_name(destination))
             condition = ({"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag
                          else {"if_none_match": "*"})
@@ -337,6 +349,23 @@ class ExportState:
 
     def _planned_blob(self, run_id: str):
         return self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks")
+
+
+def _block(lines: list[bytes]) -> list[Acked]:
+    """Entry lines, parsed and checked in bulk (ValueError names the first bad one)."""
+    if not lines:
+        return []
+    parts = [line.split("\t") for line in b"\n".join(lines).decode().split("\n")]
+    if {len(p) for p in parts} - {3, 4} or {p[2] for p in parts} - {"0", "1"} or not parts[0][0]:
+        bad = next(p for p in parts if len(p) not in (3, 4) or p[2] not in ("0", "1") or not p[0])
+        raise ValueError(f"bad entry {chr(9).join(bad)[:12]!r}...")
+    make = Acked._make  # half the cost of calling the class
+    return [make((p[0], p[1], p[2] == "1", p[3] if len(p) == 4 else "")) for p in parts]
+
+
+def _disorder(previous: str, keys: list[str]) -> int:
+    """Where in `keys` (after `previous`) the order first breaks."""
+    return next(n for n, (a, b) in enumerate(pairwise([previous, *keys])) if a >= b)
 
 
 def _version(header) -> str:
