@@ -369,7 +369,9 @@ class Records:
                 number = records[at][0]
                 if number == 1 and (settings.headers or values == header):
                     continue
-                if _ESCAPED.search(records[at][2]) and (reason := _undecodable(values, columns, settings.encoding)):
+                text = records[at][2]  # (ASCII text holds no escaped byte: isascii is a flag check)
+                if not text.isascii() and _ESCAPED.search(text) and (reason := _undecodable(values, columns,
+                                                                                            settings.encoding)):
                     yield BadRow(self.name, number, reason)
                 elif len(values) != width:
                     yield BadRow(self.name, number, f"expected {width} columns, got {len(values)}")

@@ -310,54 +310,53 @@ def _kind(entry: Acked, row: tuple, force: bool) -> str | None:
 
 class Sources:
     """The source digests the state's members were acknowledged from, at 8 bytes each (a Python set of ints
-    takes about 50) in sorted arrays by their top bits, each with its state position; and where in the
+    takes about 50) in sorted arrays by their top 16 bits, each with its state position; and where in the
     segment each was sighted."""
 
+    SHIFT = 48  # 65,536 buckets: a few to a few hundred digests each, searched by bisection
+
     def __init__(self):
-        self._digests: dict[int, array] = defaultdict(lambda: array("Q"))
-        self._positions: dict[int, array] = defaultdict(lambda: array("I"))  # 4 bytes ("L" is 8 on Linux)
-        self._sighted: dict[int, array] = {}
+        self._buckets: dict[int, tuple[array, array, array]] = {}  # top bits: digests, positions, sightings
         self.entries = self.seen = 0
 
     def collect(self, acked: Iterable[Acked], skip: bool) -> int:
         """Read the state once; returns how many members it has. `skip` False: no record is taken as unchanged."""
-        members = 0
+        shift, members, position = self.SHIFT, 0, -1
+        digests, positions = defaultdict(lambda: array("Q")), defaultdict(lambda: array("I"))  # "L" is 8 bytes
         for position, entry in enumerate(acked):
             if entry.member:
                 members += 1
                 if skip and entry.source:
                     digest = int(entry.source, 16)
-                    self._digests[digest >> 52].append(digest)
-                    self._positions[digest >> 52].append(position)
-            self.entries = position + 1
-        for top, digests in self._digests.items():  # sorted, positions alongside
-            order = sorted(range(len(digests)), key=digests.__getitem__)
-            self._digests[top] = array("Q", (digests[i] for i in order))
-            self._positions[top] = array("I", (self._positions[top][i] for i in order))
-            self._sighted[top] = array("i", [-1]) * len(order)
-        self._digests = dict(self._digests)
+                    digests[digest >> shift].append(digest)
+                    positions[digest >> shift].append(position)
+        self.entries = position + 1
+        for top, bucket in digests.items():  # sorted, positions alongside
+            order = sorted(range(len(bucket)), key=bucket.__getitem__)
+            self._buckets[top] = (array("Q", (bucket[i] for i in order)),
+                                  array("I", (positions[top][i] for i in order)), array("i", [-1]) * len(order))
         return members
 
     def sight(self, digest: int, row: int) -> bool:
         """True if `digest` is an acknowledged member's (its first sighting is kept; a later one is a duplicate
         of the same record, counted as seen)."""
-        digests = self._digests.get(digest >> 52)
-        if not digests:
+        bucket = self._buckets.get(digest >> self.SHIFT)
+        if bucket is None:
             return False
+        digests = bucket[0]
         at = bisect_left(digests, digest)
         if at == len(digests) or digests[at] != digest:
             return False
-        sighted = self._sighted[digest >> 52]
-        if sighted[at] < 0:
-            sighted[at] = row
+        if bucket[2][at] < 0:
+            bucket[2][at] = row
         self.seen += 1
         return True
 
     def sightings(self) -> array:
         """State position → the segment row its member was sighted at, or -1."""
         by_position = array("i", [-1]) * self.entries
-        for top, positions in self._positions.items():
-            for position, row in zip(positions, self._sighted[top], strict=True):
+        for _, positions, sighted in self._buckets.values():
+            for position, row in zip(positions, sighted, strict=True):
                 by_position[position] = row
         return by_position
 
