@@ -16,7 +16,7 @@ FIRST_NAME = 2  # position of FirstName in the generator's STANDARD_COLUMNS
 def export_doc(name: str, segment: str, membership: str, max_profiles: int = 100_000) -> dict:
     """An export definition mapping the generator's columns (the shape tests/support.py uses)."""
     destination = {"membership": membership, "onLeave": "remove"}
-    destination.update({"field": "In Bench Segment"} if membership == "field" else {"list": f"Bench {name}"})
+    destination.update({"field": f"In Bench {name}"} if membership == "field" else {"list": f"Bench {name}"})
     return {
         "name": name, "enabled": True, "dataTransferAcknowledged": True,
         "source": {"connection": "EXPORT_STORAGE", "container": CONTAINER, "prefix": "", "segment": segment},

@@ -75,10 +75,16 @@ class AutopilotClient:
                 raise
 
     def find_list(self, name_or_id: str, pace: Callable[[], None] = _no_pace) -> str | None:
-        for entry in self.call("GET", "/lists", None, pace).get("lists", []):
-            if name_or_id in (entry.get("list_id"), entry.get("title")):
-                return entry["list_id"]
-        return None
+        """The id of the list with that id, or with that title compared without case; None if there is none.
+        Two lists with that title are an error naming both ids (which one is meant cannot be guessed)."""
+        lists = self.call("GET", "/lists", None, pace).get("lists", [])
+        if any(entry.get("list_id") == name_or_id for entry in lists):
+            return name_or_id
+        found = [entry["list_id"] for entry in lists if str(entry.get("title", "")).casefold() == name_or_id.casefold()]
+        if len(found) > 1:
+            raise AutopilotError(409, f"Autopilot has {len(found)} lists titled {name_or_id!r} ({', '.join(found)}): "
+                                      "name the list by its id in the export's destination.list")
+        return found[0] if found else None
 
     def resolve_list(self, name_or_id: str, pace: Callable[[], None] = _no_pace) -> str:
         """The id of the list with that id or title, created if absent (a concurrent creator's 409 is fine)."""
@@ -92,7 +98,11 @@ class AutopilotClient:
         except AutopilotError as exc:
             if exc.status != 409:
                 raise
-        return self.find_list(name_or_id, pace) or ""
+        found = self.find_list(name_or_id, pace)
+        if not found:  # never go on with an empty id: joins would become plain upserts
+            raise AutopilotError(409, f"Autopilot refused to create the list {name_or_id!r} as it exists, yet no "
+                                      "list has that title or id; name the list by its id in destination.list")
+        return found
 
     # --- transport --------------------------------------------------------------------------------
     def call(self, method: str, path: str, body: dict | None, pace: Callable[[], None] = _no_pace) -> dict:

@@ -283,7 +283,29 @@ class _Checker:
             return ()
         result = [self.export(i, item) for i, item in enumerate(exports)]
         self._duplicates(exports)
+        self._shared_destinations(result)
         return tuple(e for e in result if e is not None)
+
+    def _shared_destinations(self, exports: list[ExportDefinition | None]) -> None:
+        """Two exports keeping membership in one list or field would remove each other's members. Lists are
+        compared by title or id without case (Autopilot's titles are matched that way); all exports use the
+        app's one Autopilot account."""
+        seen: dict[tuple[str, str], int] = {}
+        for index, export in enumerate(exports):
+            if export is None or not export.membership:
+                continue
+            target = export.list if export.membership == "list" else export.membership_key
+            if not target:
+                continue
+            where = (export.membership, target.casefold())
+            other = exports[seen[where]] if where in seen else None
+            if other is not None and other.name != export.name:  # a repeated name is reported once, as such
+                self.where = f"exports[{index}] {_show(export.name)}"
+                self.problem(f"is also the {export.membership} of exports[{seen[where]}] {_show(other.name)}: two "
+                             "exports on one list or field remove each other's members; give each its own",
+                             f"destination.{export.membership}")
+            seen.setdefault(where, index)
+        self.where = ""
 
     def _duplicates(self, exports: list) -> None:
         seen: dict[str, int] = {}

@@ -42,7 +42,8 @@ FAST_QUEUES = QueueOptions(batch_size=16, new_batch_threshold=24, max_dequeue_co
 def definition(name: str, membership: str = "field", **extra) -> dict:
     """An export definition in the document's own shape, mapping the generator's standard columns."""
     destination = {"membership": membership, "onLeave": extra.pop("on_leave", "remove")}
-    destination.update({"field": "In High Value Segment"} if membership == "field" else {"list": "High value"})
+    target = extra.pop("target", "In High Value Segment" if membership == "field" else "High value")
+    destination[membership] = target  # two exports on one list or field are refused: give others a `target`
     return {
         "name": name, "enabled": True, "dataTransferAcknowledged": True,
         "source": {"connection": "EXPORT_STORAGE", "container": CONTAINER, "prefix": "",

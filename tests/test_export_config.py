@@ -145,6 +145,31 @@ def test_duplicate_export_names_are_refused():
         'exports[2] "high-value": name is already the name of exports[0]; export names must be unique']
 
 
+def test_duplicate_export_names_are_refused_once_without_a_list_clash_on_top():
+    assert len(problems_of(document(EXPORT, EXPORT))) == 1
+
+
+@pytest.mark.parametrize("first, second, path", [
+    ({"membership": "list", "list": "High value customers"}, {"membership": "list", "list": "HIGH VALUE customers"},
+     "destination.list"),
+    ({"membership": "field", "field": "In Lapsed Buyers"}, {"membership": "field", "field": "in lapsed buyers"},
+     "destination.field"),
+])
+def test_two_exports_on_one_list_or_field_are_refused_naming_both(first, second, path):
+    one = {**EXPORT, "name": "one", "destination": first}
+    two = {**MINIMAL, "name": "two", "destination": second}
+    assert problems_of(document(one, MINIMAL | {"name": "other", "destination": {"membership": "list", "list": "x"}},
+                                two)) == [
+        f'exports[2] "two": {path} is also the {first["membership"]} of exports[0] "one": two exports on one list or '
+        "field remove each other's members; give each its own"]
+
+
+def test_exports_on_different_lists_and_fields_are_accepted():
+    lists = [{**EXPORT, "name": f"e{n}", "destination": {"membership": m, m: f"Segment {n}"}}
+             for n, m in enumerate(["list", "list", "field", "field"])]
+    assert len(parse_exports(document(*lists))) == 4
+
+
 def test_all_problems_are_reported_at_once_in_one_message():
     broken = copy.deepcopy(EXPORT)
     broken["destination"]["membership"] = "lists"

@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime, time
 
 import pytest
+import requests
 
 from shared.rate_budget import MARGIN
 from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until
@@ -60,6 +61,31 @@ def test_list_mode_first_sync_puts_every_joiner_on_the_list_one_request_each(wor
     assert report["status"] == "succeeded"
     assert world.list_members() == {r[COLUMN["PrimaryEmail"]].lower() for r in rows}
     assert len([r for r in world.contact_requests() if r["status"] == 200]) == 25
+
+
+def _create_list(world, title: str) -> str:
+    answer = requests.post(f"{world.stack.autopilot_url}/list", json={"name": title}, timeout=10,
+                           headers={"autopilotapikey": world.stack.api_key})
+    return answer.json()["list_id"]
+
+
+def test_a_list_titled_in_another_case_is_the_export_s_list(world):
+    existing = _create_list(world, "HIGH VALUE")
+    rows = list(sample_profiles(5, seed=6))
+    world.define(definition("lv", membership="list"))
+    world.snapshot(rows)
+    assert world.run("lv")["status"] == "succeeded"
+    assert list(world.sim.lists()) == [existing]  # no second list made for "High value"
+    assert world.sim.members(existing) == {r[COLUMN["PrimaryEmail"]].lower() for r in rows}
+
+
+def test_two_lists_with_the_export_s_title_fail_the_run_naming_both_before_sending(world):
+    ids = [_create_list(world, "High value"), _create_list(world, "high VALUE")]
+    world.define(definition("lv", membership="list"))
+    world.snapshot(list(sample_profiles(5, seed=7)))
+    report = world.run("lv")
+    assert report["status"] == "failed" and all(i in report["error"] for i in ids), report
+    assert "by its id" in report["error"] and world.contact_requests() == []
 
 
 def test_faults_together_leave_exact_state_and_honest_counts():
@@ -233,7 +259,7 @@ def test_second_run_of_a_busy_export_is_409_unless_forced():
 
 
 def test_exports_are_listed_with_their_last_run(world):
-    world.define(definition("hv"), definition("off", enabled=False))
+    world.define(definition("hv"), definition("off", enabled=False, target="In Off Segment"))
     world.snapshot(sample_profiles(5))
     run = world.run("hv")
     listed = world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]
@@ -244,7 +270,7 @@ def test_exports_are_listed_with_their_last_run(world):
 
 
 def test_timer_starts_runs_only_for_enabled_exports_with_an_unsynced_snapshot(world):
-    world.define(definition("hv"), definition("off", enabled=False))
+    world.define(definition("hv"), definition("off", enabled=False, target="In Off Segment"))
     world.snapshot(sample_profiles(30))
     world.host.fire_timer()
     listed = {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}

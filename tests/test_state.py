@@ -279,7 +279,7 @@ def test_start_answers_202_before_planning_and_a_dry_run_reports_on_the_run_view
 
 def test_the_timer_plans_each_export_in_its_own_invocation(world):
     names = ("one", "two", "three")
-    world.define(*(definition(n, segment=f"Segment{n.title()}") for n in names))
+    world.define(*(definition(n, segment=f"Segment{n.title()}", target=f"In {n}") for n in names))
     for n in names:
         world.snapshot(list(sample_profiles(30, seed=len(n), start=1000 * len(n))), segment=f"Segment{n.title()}")
     invocations: list[str] = []
