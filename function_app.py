@@ -38,6 +38,11 @@ def start_run(req: func.HttpRequest) -> func.HttpResponse:
     return _json(http_api.guarded(http_api.start_run, req.route_params.get("name", ""), req.get_body()))
 
 
+@app.route(route="exports/{name}/runs", methods=["GET"])
+def list_runs(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.list_runs, req.route_params.get("name", ""), dict(req.params)))
+
+
 @app.route(route="runs/{run_id}", methods=["GET"])
 def get_run(req: func.HttpRequest) -> func.HttpResponse:
     return _json(http_api.guarded(http_api.get_run, req.route_params.get("run_id", "")))

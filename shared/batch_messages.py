@@ -153,8 +153,8 @@ def _item_problem(item) -> str:
         return "needs a key 'k' and a document 'd' with an Email"
     if item["d"]["Email"].lower() != item["k"]:
         return "has a document whose Email is not its key"
-    if unknown := sorted(k for k in item["d"] if k not in DOCUMENT_KEYS):
-        return f"has a document with {', '.join(map(repr, unknown))}"[:200] + ", which this app never sends"
+    if unknown := item["d"].keys() - DOCUMENT_KEYS:  # a set difference: this runs for every contact sent
+        return f"has a document with {', '.join(map(repr, sorted(unknown)))}"[:200] + ", which this app never sends"
     if not isinstance(item["d"].get("custom", {}), dict):
         return "has a document whose 'custom' is not an object"
     return ""

@@ -13,8 +13,8 @@ from shared import batch_messages
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer
-from shared.reports import after_batch, conclude, delivery_totals
-from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
+from shared.reports import after_batch, conclude, delivery_totals, is_synced
+from shared.run_records import ACTIVE, REPLAYING, REQUEUED, UNSETTLED, BatchOutcome, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
@@ -193,18 +193,33 @@ def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
     return str(data["poison_reason"]), str(data.get("body", "")).encode()
 
 
+class ReplayRefused(Exception):
+    """A replay that would send older data over what a newer run of the export synced."""
+
+
 def replay(svc: Services, run_id: str) -> int:
-    """Put a run's dead batches back on the queue; returns how many. The run is running again before any of
-    them is queued, so a fast sender cannot settle one as belonging to an ended run."""
+    """Put a run's dead batches back on the queue; returns how many. Each is marked as being replayed first (its
+    run cannot finish without it), then the run is running again, then each is queued and marked as queued: a
+    fast sender cannot settle one as belonging to an ended run, and a crash between the steps loses none (replay
+    again: what was marked but not queued is queued). Raises ReplayRefused when a newer run of the export has
+    synced since (its data would be overwritten with older data)."""
     outcomes = svc.records.batch_outcomes(run_id)
-    dead = [o for o in outcomes if o.get("status") == "dead"]
+    dead = [o for o in outcomes if o.get("status") in ("dead", REPLAYING)]
     if not dead:
         return 0
     run = svc.records.get(run_id)
+    newer = [r["RowKey"] for r in svc.records.for_export(run["export"], limit=20)
+             if r.get("created", "") > run.get("created", "") and is_synced(r)]  # (ids order by the second only)
+    if newer:
+        raise ReplayRefused(f"run {newer[-1]} of export {run['export']!r} synced a newer snapshot since; replaying "
+                            f"the {len(dead)} dead batches of {run_id} would send older data over it: start a new run "
+                            "instead")
+    for outcome in dead:
+        svc.records.mark_replay(run_id, int(outcome["RowKey"]), REPLAYING)
     if run.get("destination"):  # what the replay acknowledges is folded when the run ends again
         svc.state(run["export"]).register(run_id, Destination.from_public(run["destination"]),
                                           entry=f"{run_id}/replay {utcnow()}")
-    kept = delivery_totals([o for o in outcomes if o.get("status") != "dead"])
+    kept = delivery_totals([o for o in outcomes if o.get("status") not in UNSETTLED])
     svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead), delivery="",
                        c_sent=kept["sent"], c_accepted=kept["accepted"], c_refused=kept["refused"],
                        c_failed=kept["failed"], c_dead=0)
@@ -212,7 +227,7 @@ def replay(svc: Services, run_id: str) -> int:
         batch = int(outcome["RowKey"])
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
         data.pop("at", None), data.pop("slots", None)  # dead batches kept by versions that booked slots
-        message = BatchMessage(**dict(data, attempt=0))
-        svc.records.forget_batch(run_id, batch)
-        queue_message(svc, message, None)
+        # maybe_settled: a replay repeated after a crash may queue it twice; a copy that finds it settled stops
+        queue_message(svc, BatchMessage(**dict(data, attempt=0, maybe_settled=True)), None)
+        svc.records.mark_replay(run_id, batch, REQUEUED)
     return len(dead)

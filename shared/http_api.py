@@ -81,22 +81,57 @@ def get_run(svc: Services, run_id: str) -> Answer:
 
 
 def list_exports(svc: Services) -> Answer:
-    """GET /api/exports: each definition (no secrets live in it) and its latest run."""
+    """GET /api/exports: each definition (no secrets live in it), its latest run and, while the timer backs off
+    after failed runs on that run's snapshot, when it tries again (`nextAttempt`)."""
     exports = []
     for export in svc.exports():
-        last = svc.records.for_export(export.name, limit=1)
-        summary = {k: last[0].get(k) for k in ("RowKey", "status", "snapshot", "finished")} if last else None
-        if summary:
-            summary["runId"] = summary.pop("RowKey")
+        recent = svc.records.for_export(export.name, limit=20)
+        summary = None
+        if recent:
+            last = recent[0]
+            summary = {"runId": last["RowKey"], **{k: last.get(k) for k in ("status", "snapshot", "finished")},
+                       "error": last.get("error") or None}
+            retry_at = runs.retry_time([r for r in recent if r.get("snapshot") == last.get("snapshot")])
+            summary["nextAttempt"] = runs.iso(retry_at) if retry_at else None
         exports.append({**export.public(), "lastRun": summary})
     return 200, {"exports": exports}
 
 
+HISTORY_LIMIT = 100
+
+
+def list_runs(svc: Services, name: str, params: dict) -> Answer:
+    """GET /api/exports/{name}/runs?limit=20&before=<run id>: the export's runs, newest first (status, snapshot,
+    counts, timings), and the URL of the next older page while there may be one."""
+    if not EXPORT_NAME.fullmatch(name or "") or not any(e.name == name for e in svc.exports()):
+        return _error(404, f"no export named {name[:80]!r}")
+    limit, before = params.get("limit", "20"), params.get("before") or None
+    if not limit.isdigit() or not 1 <= int(limit) <= HISTORY_LIMIT:
+        return _error(400, f"limit must be a whole number from 1 to {HISTORY_LIMIT}, not {limit[:20]!r}")
+    if before is not None and not RUN_ID.fullmatch(before):
+        return _error(400, f"before must be a run id, not {before[:40]!r}")
+    found = svc.records.for_export(name, limit=int(limit), before=before)
+    views = [reports.run_view(svc, run["RowKey"], run) for run in found]
+    history = [{k: view[k] for k in HISTORY_FIELDS} for view in views]
+    more = f"/api/exports/{name}/runs?limit={limit}&before={history[-1]['runId']}" if len(history) == int(limit) \
+        else None
+    return 200, {"export": name, "runs": history, "next": more}
+
+
+HISTORY_FIELDS = ("runId", "status", "trigger", "dryRun", "force", "snapshot", "destination", "error", "counts",
+                  "batches", "plannedRequests", "timings")
+
+
 def replay_run(svc: Services, run_id: str) -> Answer:
-    """POST /api/runs/{id}/replay: put the run's dead batches back on the queue."""
+    """POST /api/runs/{id}/replay: put the run's dead batches back on the queue; 409 when a newer run of the
+    export synced since."""
     if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
-    return 200, {"runId": run_id, "replayedBatches": delivery.replay(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}
+    try:
+        replayed = delivery.replay(svc, run_id)
+    except delivery.ReplayRefused as exc:
+        return _error(409, str(exc))
+    return 200, {"runId": run_id, "replayedBatches": replayed, "statusUrl": f"/api/runs/{run_id}"}
 
 
 def guarded(call, *args) -> Answer:

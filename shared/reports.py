@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from itertools import chain
 
-from shared.run_records import ACTIVE, BatchOutcome, run_log, utcnow
+from shared.run_records import ACTIVE, REPLAYS, BatchOutcome, run_log, utcnow
 from shared.services import Services
 from shared.state_store import Destination, ExportState
 
@@ -27,8 +27,8 @@ def finish_if_complete(svc: Services, run_id: str) -> bool:
     if not run or run.get("status") not in ("running",):
         return False
     outcomes = svc.records.batch_outcomes(run_id)
-    if len(outcomes) < int(run.get("planned_batches", 0)):
-        return False
+    if sum(o.get("status") not in REPLAYS for o in outcomes) < int(run.get("planned_batches", 0)):
+        return False  # batches still to settle (or being replayed)
     totals = delivery_totals(outcomes)
     status = "succeeded" if not totals["failed"] and not totals["refused"] else (
         "partially succeeded" if totals["accepted"] else "failed")

@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -24,6 +25,11 @@ from shared.state_store import Acked, decode_acks, encode_acks
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
 ACTIVE = ("queued", "planning", "running")
 FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
+# A replayed dead batch is marked `replaying`, then `requeued` once its message is on the queue: neither is settled
+# (its run waits for it) until its replay's outcome replaces the mark.
+REPLAYING, REQUEUED = "replaying", "requeued"
+REPLAYS = (REPLAYING, REQUEUED)
+UNSETTLED = ("dead", *REPLAYS)  # batch outcomes a delivery may replace
 JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems")
 OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
 STATUS_MAX_AGE = 2.0  # seconds a sender trusts the run status it last read (a cancelled run stops within that)
@@ -78,6 +84,7 @@ class RunRecords:
         self.batches = tables.get_table_client(BATCHES_TABLE)
         self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
         self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
+        self._indexed: set[str] = set()  # exports whose runs from before the run index are known to be in it
 
     def status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
         """The run's status as this instance last read it, read again when older than `max_age` seconds (every
@@ -97,6 +104,7 @@ class RunRecords:
     def create(self, run_id: str, export: str, **fields) -> dict:
         entity = {"PartitionKey": "run", "RowKey": run_id, "export": export, "created": utcnow(), **fields}
         self.runs.create_entity(_encode(entity))
+        self.runs.upsert_entity(_index_entry(export, run_id))
         return entity
 
     def get(self, run_id: str) -> dict | None:
@@ -169,10 +177,26 @@ class RunRecords:
         except ResourceModifiedError:
             return False
 
-    def for_export(self, export: str, limit: int = 1) -> list[dict]:
-        """The newest runs of one export (run ids sort by time)."""
-        found = self.runs.query_entities("PartitionKey eq 'run' and export eq @e", parameters={"e": export})
-        return [_decode(e) for e in sorted(found, key=lambda e: e["RowKey"], reverse=True)[:limit]]
+    def for_export(self, export: str, limit: int = 1, before: str | None = None) -> list[dict]:
+        """The newest runs of one export (older than run `before`, if given), from the export's index: reads
+        `limit` runs, whatever the number of runs of this export and the others."""
+        if export not in self._indexed:
+            try:
+                self.runs.get_entity(_index_partition(export), INDEXED)
+            except ResourceNotFoundError:  # runs made before the index: indexed once, by one scan
+                self._index_older_runs(export)
+            self._indexed.add(export)
+        after = " and RowKey gt @b" if before else ""
+        found = self.runs.query_entities(f"PartitionKey eq @p{after}", results_per_page=limit, select=["run"],
+                                         parameters={"p": _index_partition(export), "b": _newest_first(before or "")})
+        ids = [e["run"] for e in islice(found, limit + 1) if e.get("run")][:limit]  # (the mark has no run)
+        return [run for run in map(self.get, ids) if run is not None]
+
+    def _index_older_runs(self, export: str) -> None:
+        for run in self.runs.query_entities("PartitionKey eq 'run' and export eq @e", parameters={"e": export},
+                                            select=["RowKey"]):
+            self.runs.upsert_entity(_index_entry(export, run["RowKey"]))
+        self.runs.upsert_entity({"PartitionKey": _index_partition(export), "RowKey": INDEXED})
 
     def active(self) -> list[dict]:
         filters = " or ".join(f"status eq '{s}'" for s in ACTIVE)
@@ -207,30 +231,48 @@ class RunRecords:
         return held["run"], f"cancelled: superseded by forced run {run_id}"
 
     def delete(self, run_id: str) -> None:
+        run = self.get(run_id)
         self.runs.delete_entity("run", run_id)
+        if run:
+            self.runs.delete_entity(_index_partition(run["export"]), _newest_first(run_id))
 
     # --- batch outcomes ---------------------------------------------------------------------------
     def record_batch(self, run_id: str, outcome: BatchOutcome, acks: list[Acked] = ()) -> bool:
         """Store a batch's outcome once, with what Autopilot acknowledged (the state folds it in at the run's
-        end): one write. False if it was already recorded (redelivered message)."""
-        entity = {
+        end): one write. A dead batch's record is replaced by the outcome of its replay. False if the batch was
+        already settled (a redelivered message)."""
+        entity = _encode({
             "PartitionKey": run_id, "RowKey": f"{outcome.batch:06d}", "kind": outcome.kind, "status": outcome.status,
             "contacts": outcome.contacts, "accepted": outcome.accepted, "rejected": outcome.rejected,
             "failed": outcome.failed, "outcome": outcome.detail[:200], "error": outcome.error[:2000],
             "acks": encode_acks(acks),
-        }
+        })
         try:
-            self.batches.create_entity(_encode(entity))
+            self.batches.create_entity(entity)
             return True
         except ResourceExistsError:
+            pass
+        held = self.batches.get_entity(run_id, entity["RowKey"], select=["status"])
+        if held.get("status") not in UNSETTLED:
             return False
+        try:
+            self.batches.update_entity(entity, mode=UpdateMode.REPLACE, etag=held.metadata["etag"],
+                                       match_condition=MatchConditions.IfNotModified)
+            return True
+        except ResourceModifiedError:
+            return False  # another delivery of the replayed batch settled it first
 
     def has_batch(self, run_id: str, batch: int) -> bool:
+        """Whether the batch is settled (a dead batch is not: a replay sends it again)."""
         try:
-            self.batches.get_entity(run_id, f"{batch:06d}", select=["RowKey"])
-            return True
+            return self.batches.get_entity(run_id, f"{batch:06d}", select=["status"]).get("status") not in UNSETTLED
         except ResourceNotFoundError:
             return False
+
+    def mark_replay(self, run_id: str, batch: int, status: str) -> None:
+        """Mark a dead batch as being replayed (REPLAYING, then REQUEUED): its run waits for the replay."""
+        self.batches.update_entity({"PartitionKey": run_id, "RowKey": f"{batch:06d}", "status": status},
+                                   mode=UpdateMode.MERGE)
 
     def batch_outcomes(self, run_id: str) -> list[dict]:
         found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=OUTCOME_FIELDS)
@@ -242,8 +284,23 @@ class RunRecords:
                                                   select=["RowKey", "acks"]):
             yield from decode_acks(entity.get("acks"))
 
-    def forget_batch(self, run_id: str, batch: int) -> None:
-        self.batches.delete_entity(run_id, f"{batch:06d}")
+
+# Each export's runs are also listed in a partition of their own, newest first (Table storage returns a partition
+# in RowKey order): a run's id with every digit inverted.
+INDEXED = "~indexed"  # the mark that the export's runs before the index were added to it (sorts after every run)
+_INVERT = str.maketrans("0123456789abcdef", "9876543210fedcba")
+
+
+def _newest_first(run_id: str) -> str:
+    return run_id.translate(_INVERT)
+
+
+def _index_partition(export: str) -> str:
+    return f"export~{export}"  # export names are [a-z0-9-]: never "run"
+
+
+def _index_entry(export: str, run_id: str) -> dict:
+    return {"PartitionKey": _index_partition(export), "RowKey": _newest_first(run_id), "run": run_id}
 
 
 def _planning_stopped(run: dict) -> bool:

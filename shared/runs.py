@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
 PAGE = 200  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
 WINDOW_LEAD = 20.0
+RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
 PLAN_CONTAINER = "batches"
 
 
@@ -317,10 +319,36 @@ def scheduled_tick(svc: Services) -> list[str]:
 
 
 def _has_new_snapshot(svc: Services, export: ExportDefinition) -> bool:
-    """True unless the newest snapshot was synced to the export's present destination."""
+    """True unless the newest snapshot was synced to the export's present destination, or runs on it failed
+    lately (the timer backs off: retry_time)."""
     snapshot = find_snapshot(svc.export_container(export), export.prefix, export.segment)
     destination = svc.destination(export).id
-    for run in svc.records.for_export(export.name, limit=20):
-        if run.get("snapshot") == snapshot.id and run.get("state") in (None, "", destination) and is_synced(run):
-            return False
+    tried = [run for run in svc.records.for_export(export.name, limit=20)
+             if run.get("snapshot") == snapshot.id and run.get("state") in (None, "", destination)]
+    if any(is_synced(run) for run in tried):
+        return False
+    retry_at = retry_time(tried)
+    if retry_at is not None and time.time() < retry_at:
+        log.info("export %s: its last run failed on this snapshot; the timer tries again at %s", export.name,
+                 iso(retry_at))
+        return False
     return True
+
+
+def retry_time(runs: list[dict]) -> float | None:
+    """When the timer may try a snapshot again after runs on it failed (`runs`: newest first): RETRY_FIRST after
+    the last failure, doubled for each failure before it for the same reason, at most RETRY_MAX. None when no
+    failure stands in the way. A new snapshot, or a run started on demand, is not held back."""
+    failed: list[dict] = []
+    for run in runs:
+        if run.get("status") != "failed" or (failed and run.get("error") != failed[0].get("error")):
+            break
+        failed.append(run)
+    if not failed or not failed[0].get("finished"):
+        return None
+    pause = min(RETRY_FIRST * 2 ** (len(failed) - 1), RETRY_MAX)
+    return datetime.fromisoformat(failed[0]["finished"].replace("Z", "+00:00")).timestamp() + pause
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

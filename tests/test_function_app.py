@@ -20,6 +20,7 @@ def test_every_function_is_indexed_with_its_trigger():
     assert {name: t["type"] for name, t in triggers.items()} == {
         "scheduled_sync": "timerTrigger",
         "start_run": "httpTrigger",
+        "list_runs": "httpTrigger",
         "get_run": "httpTrigger",
         "list_exports": "httpTrigger",
         "replay_run": "httpTrigger",
@@ -50,6 +51,7 @@ def test_http_routes_need_a_function_key():
     routes = {name: t for name, t in _triggers().items() if t["type"] == "httpTrigger"}
     assert {n: (t["route"], [str(m.value) for m in t["methods"]]) for n, t in routes.items()} == {
         "start_run": ("exports/{name}/runs", ["POST"]),
+        "list_runs": ("exports/{name}/runs", ["GET"]),
         "get_run": ("runs/{run_id}", ["GET"]),
         "list_exports": ("exports", ["GET"]),
         "replay_run": ("runs/{run_id}/replay", ["POST"]),

@@ -197,6 +197,59 @@ def test_batch_that_fails_every_try_is_dead_recorded_and_replayable():
         close_world(world)
 
 
+def _failed_run_with_dead_batches(world, rows, batches: int) -> dict:
+    world.sim.faults = Faults(fail_rate=1.0)
+    world.define(definition("hv"))
+    world.snapshot(rows)
+    report = world.run("hv")
+    assert report["status"] == "failed" and report["batches"]["dead"] == batches, report
+    world.sim.faults = Faults()
+    return report
+
+
+def test_a_replay_that_dies_half_way_is_repeated_and_settles_every_batch_once(monkeypatch):
+    from shared import delivery, services
+
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        rows = list(sample_profiles(250, seed=12))
+        report = _failed_run_with_dead_batches(world, rows, 3)
+        real, queued = delivery.queue_message, []
+
+        def dying(svc, message, at):  # the instance dies after queueing the first dead batch
+            queued.append(message.batch)
+            if len(queued) == 2:
+                raise SystemError("killed while replaying")
+            return real(svc, message, at)
+
+        monkeypatch.setattr(delivery, "queue_message", dying)
+        with pytest.raises(SystemError):
+            delivery.replay(services.current(), report["runId"])
+        monkeypatch.undo()
+        # The dead records are all kept until their replays settle them: a second replay finds what is left.
+        assert delivery.replay(services.current(), report["runId"]) >= 2
+        again = world.wait(report["runId"])
+        assert again["status"] == "succeeded" and again["batches"] == {"planned": 3, "settled": 3, "dead": 0}
+        assert again["counts"]["accepted"] == 250
+        assert sum(r["n"] for r in world.contact_requests() if r["status"] == 200) == 250  # none sent twice
+        assert len(world.field_members()) == 250
+    finally:
+        close_world(world)
+
+
+def test_replay_is_refused_once_a_newer_run_of_the_export_has_synced():
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        rows = list(sample_profiles(30, seed=13))
+        old = _failed_run_with_dead_batches(world, rows, 1)
+        assert world.run("hv")["status"] == "succeeded"  # the same snapshot, synced by a newer run
+        answer = world.api.post(f"{world.host.base_url}/api/runs/{old['runId']}/replay", timeout=30)
+        assert answer.status_code == 409 and "synced a newer snapshot" in answer.json()["error"]
+        assert world.view(old["runId"])["status"] == "failed"  # not reopened
+    finally:
+        close_world(world)
+
+
 def test_two_hosts_on_one_run_stay_inside_the_rate_budget():
     from function_app import app
     from tools.local_host import LocalHost
@@ -280,6 +333,80 @@ def test_timer_starts_runs_only_for_enabled_exports_with_an_unsynced_snapshot(wo
     world.host.fire_timer()  # same snapshot, already synced: nothing new
     again = {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}
     assert again["hv"]["lastRun"]["runId"] == first["runId"]
+
+
+def _exports(world) -> dict:
+    return {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}
+
+
+def test_a_failing_export_backs_off_on_the_timer_and_a_new_snapshot_or_a_start_on_demand_goes_at_once(world):
+    broken = definition("hv")
+    broken["fields"] = {**broken["fields"], "FirstName": "NoSuchColumn"}
+    world.define(broken)
+    world.snapshot(sample_profiles(10, seed=14))
+    world.host.fire_timer()
+    failed = world.wait(_exports(world)["hv"]["lastRun"]["runId"])
+    assert failed["status"] == "failed" and "NoSuchColumn" in failed["error"]
+    world.host.fire_timer()  # the same snapshot would fail the same way: not on every tick
+    listed = _exports(world)["hv"]["lastRun"]
+    assert listed["runId"] == failed["runId"] and "NoSuchColumn" in listed["error"]
+    pause = datetime.fromisoformat(listed["nextAttempt"]) - datetime.fromisoformat(listed["finished"])
+    assert 14 * 60 < pause.total_seconds() <= 15 * 60
+    assert world.run("hv")["status"] == "failed"  # on demand: at once
+    world.define(definition("hv"))
+    world.snapshot(sample_profiles(10, seed=15))
+    world.host.fire_timer()  # a new snapshot: at once
+    fixed = world.wait(_exports(world)["hv"]["lastRun"]["runId"])
+    assert fixed["status"] == "succeeded" and fixed["trigger"] == "timer"
+
+
+def test_an_export_s_run_history_pages_newest_first(world):
+    import time as clock
+
+    world.define(definition("hv"), definition("other", target="In Other Segment"))
+    world.snapshot(sample_profiles(5, seed=16))
+    ids = []
+    for _ in range(3):
+        ids.append(world.run("hv", dryRun=True)["runId"])
+        clock.sleep(1.05)  # run ids order by the second they start in
+    world.run("other", dryRun=True)
+    base = f"{world.host.base_url}/api/exports/hv/runs"
+    first = world.api.get(base + "?limit=2", timeout=10).json()
+    assert [r["runId"] for r in first["runs"]] == [ids[2], ids[1]]
+    assert first["runs"][0]["status"] == "dry run" and first["runs"][0]["counts"]["read"] == 5
+    second = world.api.get(world.host.base_url + first["next"], timeout=10).json()
+    assert [r["runId"] for r in second["runs"]] == [ids[0]] and second["next"] is None
+    for query, status in (("?limit=0", 400), ("?limit=x", 400), ("?before=../x", 400)):
+        assert world.api.get(base + query, timeout=10).status_code == status
+    assert world.api.get(f"{world.host.base_url}/api/exports/nope/runs", timeout=10).status_code == 404
+
+
+def test_runs_recorded_before_the_run_index_are_listed_too(world):
+    from azure.data.tables import TableServiceClient
+
+    from shared.run_records import RunRecords
+
+    records = RunRecords(TableServiceClient.from_connection_string(world.stack.storage))
+    older = {"PartitionKey": "run", "RowKey": "20260101T000000Z-0000abcd", "export": "legacy", "status": "succeeded"}
+    records.runs.create_entity(older)  # as the version before the index wrote it: no index entry
+    records.create("20260102T000000Z-0000abcd", "legacy", status="succeeded")
+    assert [r["RowKey"] for r in records.for_export("legacy", limit=5)] == [
+        "20260102T000000Z-0000abcd", "20260101T000000Z-0000abcd"]
+
+
+def test_the_timer_s_pause_doubles_for_each_failure_for_the_same_reason_up_to_a_day():
+    from shared.runs import RETRY_FIRST, RETRY_MAX, retry_time
+
+    def failed(error: str) -> dict:
+        return {"status": "failed", "error": error, "finished": "2026-11-30T00:00:00.000Z"}
+
+    start = datetime(2026, 11, 30, tzinfo=UTC).timestamp()
+    assert retry_time([failed("a")]) == start + RETRY_FIRST
+    assert retry_time([failed("a"), failed("a"), failed("a")]) == start + 4 * RETRY_FIRST
+    assert retry_time([failed("a"), failed("b"), failed("b")]) == start + RETRY_FIRST  # another reason: anew
+    assert retry_time([failed("a")] * 12) == start + RETRY_MAX
+    assert retry_time([{"status": "succeeded"}, failed("a")]) is None
+    assert retry_time([]) is None
 
 
 @pytest.mark.parametrize("membership", ["field", "list"])

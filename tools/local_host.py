@@ -318,12 +318,10 @@ def _handler_for(host: LocalHost):
             params = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if url.path.startswith("/admin/functions/"):
                 return self._admin(url.path.rsplit("/", 1)[-1], params)
-            for pattern, methods, name, arg, auth in routes:
-                match = pattern.fullmatch(url.path)
-                if not match:
-                    continue
+            matched = [(route, match) for route in routes if (match := route[0].fullmatch(url.path))]
+            for (_, methods, name, arg, auth), match in matched:  # one route may be served per method by several
                 if self.command not in methods:
-                    return self._send(405, {"error": f"{self.command} is not allowed here"})
+                    continue
                 if auth != "anonymous" and not self._authorised(params):
                     return self._send(401, {"error": "a function key is required (?code=... or x-functions-key)"})
                 request = func.HttpRequest(self.command, f"{host.base_url}{self.path}", headers=dict(self.headers),
@@ -334,6 +332,8 @@ def _handler_for(host: LocalHost):
                     log.exception("function %s failed", name)
                     return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
                 return self._raw(response.status_code, response.get_body(), response.mimetype)
+            if matched:
+                return self._send(405, {"error": f"{self.command} is not allowed here"})
             self._send(404, {"error": "no function serves this route"})
 
         def _authorised(self, params: dict) -> bool:
