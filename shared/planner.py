@@ -310,10 +310,10 @@ def _kind(entry: Acked, row: tuple, force: bool) -> str | None:
 
 class Sources:
     """The source digests the state's members were acknowledged from, at 8 bytes each (a Python set of ints
-    takes about 50) in sorted arrays by their top 16 bits, each with its state position; and where in the
+    takes about 50) in sorted arrays by their top 12 bits, each with its state position; and where in the
     segment each was sighted."""
 
-    SHIFT = 48  # 65,536 buckets: a few to a few hundred digests each, searched by bisection
+    SHIFT = 52  # 4,096 buckets: a few dozen to a few thousand digests each, searched by bisection
 
     def __init__(self):
         self._buckets: dict[int, tuple[array, array, array]] = {}  # top bits: digests, positions, sightings
@@ -331,10 +331,11 @@ class Sources:
                     digests[digest >> shift].append(digest)
                     positions[digest >> shift].append(position)
         self.entries = position + 1
-        for top, bucket in digests.items():  # sorted, positions alongside
+        for top in list(digests):  # sorted, positions alongside (each bucket's unsorted form freed as it goes)
+            bucket, places = digests.pop(top), positions.pop(top)
             order = sorted(range(len(bucket)), key=bucket.__getitem__)
-            self._buckets[top] = (array("Q", (bucket[i] for i in order)),
-                                  array("I", (positions[top][i] for i in order)), array("i", [-1]) * len(order))
+            self._buckets[top] = (array("Q", (bucket[i] for i in order)), array("I", (places[i] for i in order)),
+                                  array("i", [-1]) * len(order))
         return members
 
     def sight(self, digest: int, row: int) -> bool:
