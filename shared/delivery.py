@@ -137,6 +137,8 @@ def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> N
         rlog.info("batch %d settled: %d accepted, %d refused, %d failed", message.batch, outcome.accepted,
                   outcome.rejected, outcome.failed)
         after_batch(svc, message.run, outcome)
+    else:  # another copy settled it first: count it again as a hint, as for a redelivered message
+        after_batch(svc, message.run)
 
 
 def _carry_size(message: BatchMessage) -> int:

@@ -213,7 +213,7 @@ def test_export_container_that_does_not_exist_fails_the_run_naming_it(case):
 
 
 def test_timer_skips_an_export_it_cannot_read_and_still_starts_the_others(case):
-    gone = case.export("gone", None)
+    gone = case.export("gone", None, target="In Gone Segment")
     gone["source"]["container"] = "no-such-container"
     fine = case.export("fine", list(sample_profiles(8, seed=43, start=500_000)))
     case.world.define(gone, fine)
@@ -473,7 +473,7 @@ HTTP = {
     "replay of a run that does not exist": ("POST", "/api/runs/20990101T000000Z-00000000/replay", b"", {}, 404,
                                             "no run with id"),
     "replay with a malformed run id": ("POST", "/api/runs/;drop/replay", b"", {}, 404, "no run with id"),
-    "wrong method": ("GET", "/api/exports/hv/runs", b"", {}, 405, "GET is not allowed here"),
+    "wrong method": ("DELETE", "/api/exports/hv/runs", b"", {}, 405, "DELETE is not allowed here"),
     "DELETE a run": ("DELETE", "/api/runs/20990101T000000Z-00000000", b"", {}, 405, "DELETE is not allowed here"),
     "unknown route": ("GET", "/api/secrets", b"", {}, 404, "no function serves this route"),
     "admin API without its key": ("POST", "/admin/functions/scheduled_sync", b"", {"x-functions-key": None}, 401,

@@ -245,6 +245,7 @@ def test_a_corrupt_snapshot_fails_the_run_before_sending_naming_it_and_force_reb
     world.define(definition("seg"))
     world.snapshot(rows)
     assert world.run("seg")["status"] == "succeeded"
+    assert acknowledged_state(world.stack.storage, "seg")  # the fold after the run's end wrote the snapshot
     (blob,) = [b for b in world.blobs.get_container_client(STATE_CONTAINER).list_blobs(name_starts_with="seg/")
                if b.name.endswith(".gz")]
     client = world.blobs.get_blob_client(STATE_CONTAINER, blob.name)
