@@ -211,7 +211,7 @@ def replay(svc: Services, run_id: str) -> int:
         return 0
     run = svc.records.get(run_id)
     newer = [r["RowKey"] for r in svc.records.for_export(run["export"], limit=20)
-             if r.get("created", "") > run.get("created", "") and is_synced(r)]  # (ids order by the second only)
+             if r["RowKey"] > run_id and is_synced(r)]
     if newer:
         raise ReplayRefused(f"run {newer[-1]} of export {run['export']!r} synced a newer snapshot since; replaying "
                             f"the {len(dead)} dead batches of {run_id} would send older data over it: start a new run "
