@@ -5,8 +5,9 @@ The working set lives in a temporary SQLite file, not in memory, so a million-ro
 bounded footprint. Duplicate emails collapse to the FIRST valid row that carries them (partition order, then
 row order); later ones are counted as duplicates.
 
-A row whose source digest (ContactMapper.source) equals the one its member was acknowledged with maps to the
-document Autopilot already holds: it is neither validated nor encoded again, which is most rows of a refresh.
+A record whose source digest (record_digest under ContactMapper.record_key) equals the one its member was
+acknowledged from maps to the document Autopilot already holds: it is neither parsed, validated nor stored,
+which is most records of a refresh.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from shared.export_config import ExportDefinition
 from shared.state_store import Acked
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts
-CHUNK = 5000  # rows looked up and stored together
+CHUNK = 5000  # differences written to SQLite together
 SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20
 
@@ -224,7 +225,7 @@ class Planner:
             mine = row if row is not None and row[0] == entry.key else None
             if mine is not None:
                 row = next(parsed, None)
-            seen_at = sighted[position] if position < len(sighted) else -1
+            seen_at = sighted[position]  # (one per state entry)
             if seen_at >= 0 and (mine is None or seen_at < mine[4]):
                 profiles += 1  # unchanged as acknowledged
             elif mine is not None:

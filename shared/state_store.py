@@ -103,15 +103,8 @@ def _text(a: Acked) -> str:
 def decode_acks(data: bytes | None) -> list[Acked]:
     if not data:
         return []
-    text = zlib.decompress(data).decode()
-    return [_line(line) for line in text.split("\n")] if text else []
-
-
-def _line(line: str) -> Acked:
-    key, fp, member, *source = line.split("\t")
-    if member not in ("0", "1") or not key or len(source) > 1:
-        raise ValueError(f"bad entry {line[:12]!r}...")
-    return Acked(key, fp, member == "1", *source)
+    text = zlib.decompress(data)
+    return _block(text.split(b"\n")) if text else []
 
 
 class ExportState:
@@ -342,21 +335,22 @@ class ExportState:
                 unpacker, tail = zlib.decompressobj(), b""
                 while chunk := data.read(1 << 20):
                     *lines, tail = (tail + unpacker.decompress(chunk)).split(b"\n")
-                    yield from (_line(line.decode()) for line in lines)
+                    yield from _block(lines)
                 tail += unpacker.flush()
                 if tail:
-                    yield _line(tail.decode())
+                    yield from _block([tail])
 
     def _planned_blob(self, run_id: str):
         return self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks")
 
 
 def _block(lines: list[bytes]) -> list[Acked]:
-    """Entry lines, parsed and checked in bulk (ValueError names the first bad one)."""
+    """Entry lines (of a snapshot or an encode_acks text), parsed and checked in bulk (ValueError names the first
+    bad one)."""
     if not lines:
         return []
     parts = [line.split("\t") for line in b"\n".join(lines).decode().split("\n")]
-    if {len(p) for p in parts} - {3, 4} or {p[2] for p in parts} - {"0", "1"} or not parts[0][0]:
+    if {len(p) for p in parts} - {3, 4} or {p[2] for p in parts} - {"0", "1"} or not all(p[0] for p in parts):
         bad = next(p for p in parts if len(p) not in (3, 4) or p[2] not in ("0", "1") or not p[0])
         raise ValueError(f"bad entry {chr(9).join(bad)[:12]!r}...")
     make = Acked._make  # half the cost of calling the class
