@@ -83,7 +83,7 @@ class StateLines:
 
         self.mapper = ContactMapper(parse_exports({"exports": [definition]})[0], STANDARD_COLUMNS)
         fmt = CsvFormat()
-        self.key = self.mapper.record_key(csv_settings(fmt.file_format_settings()))
+        self.seed = self.mapper.record_seed(csv_settings(fmt.file_format_settings()))
         self._text = io.StringIO()
         self._writer = fmt.writer(self._text)
 
@@ -99,5 +99,5 @@ class StateLines:
         self._text.seek(0)
         self._text.truncate()
         self._writer.writerow(row)
-        digest = record_digest(self.key, self._text.getvalue().removesuffix("\n"))
+        digest = record_digest(self.seed, self._text.getvalue().removesuffix("\n"))
         return f"{contact.key}\t{fingerprint(contact.document)}\t1\t{digest:016x}\n"

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from bench.data import Churn, StateLines, base_rows, export_doc, partitions_for
@@ -73,14 +74,19 @@ def _size(result: Result, stack: BenchStack, rows: int, largest: bool) -> None:
 
 
 def _write_acked(definition: dict, rows: int, path: Path) -> None:
-    """The state Autopilot acknowledged for the segment before churn (bench.data.StateLines)."""
-    state, unsorted = StateLines(definition), path.with_suffix(".unsorted")
+    """The state Autopilot acknowledged for the segment before churn (bench.data.StateLines): a snapshot's entry
+    lines and end mark, without its header and compression."""
+    state, unsorted, count = StateLines(definition), path.with_suffix(".unsorted"), 0
     with open(unsorted, "w", encoding="utf-8") as out:
         for number, values in enumerate(base_rows(rows), start=1):
-            out.write(state.line(number, values))
+            line = state.line(number, values)
+            out.write(line)
+            count += bool(line)
     # A state is sorted by key (Python's str order; keys are lower-case ASCII here, so C collation agrees).
     subprocess.run(["sort", "-t", "\t", "-k1,1", "-o", str(path), str(unsorted)], env={**os.environ, "LC_ALL": "C"},
                    check=True, timeout=600)
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(f"#end\t{count}\n")
     unsorted.unlink()
 
 
@@ -106,7 +112,7 @@ def child_main(spec_path: str) -> None:
     from shared.cdm_reader import find_snapshot, read_records
     from shared.export_config import parse_exports
     from shared.planner import Planner
-    from shared.state_store import Acked
+    from shared.state_store import Destination, ExportState, Snapshot
 
     spec = json.loads(Path(spec_path).read_text())
     export = parse_exports({"exports": [spec["definition"]]})[0]
@@ -115,17 +121,11 @@ def child_main(spec_path: str) -> None:
     passes: list[float] = []  # when each pass over the state ended (the planner reads it twice)
 
     def acked():
-        if spec.get("state"):  # the destination's snapshot blob, streamed as a run streams it
-            from shared.state_store import Destination, ExportState
-
+        """The destination's snapshot blob as a run reads it, or the prepared lines (a snapshot without header)."""
+        if spec.get("state"):
             state = ExportState(blobs, None, export.name)
-            yield from state.load(Destination.from_public(spec["state"]))
-        else:
-            with open(spec["acked"], encoding="utf-8") as lines:
-                for line in lines:
-                    key, fp, member, source = line.rstrip("\n").split("\t")
-                    yield Acked(key, fp, member == "1", source)
-        passes.append(time.perf_counter())
+            return state.reading(Destination.from_public(spec["state"]))
+        return nullcontext(Snapshot(spec["acked"], lambda: open(spec["acked"], "rb")))
 
     profiler = cProfile.Profile() if spec.get("profile") else None
     baseline = _peak_rss_mb()
@@ -134,7 +134,8 @@ def child_main(spec_path: str) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     snapshot = find_snapshot(container, export.prefix, export.segment)
     planner = Planner(export, list(snapshot.columns))
-    plan = planner.plan(read_records(container, snapshot), acked)
+    with acked() as state:
+        plan = planner.plan(read_records(container, snapshot), Timed(state, passes))
     planned = time.perf_counter()
     items = sum(len(batch.items) for batch in plan.batches())
     ended = time.perf_counter()
@@ -150,6 +151,17 @@ def child_main(spec_path: str) -> None:
                      "batches": round(ended - planned, 2)},
         "baseline_mb": round(baseline, 1), "peak_mb": round(_peak_rss_mb() - baseline, 1),
     }))
+
+
+class Timed:
+    """A snapshot that notes when each read of it ends."""
+
+    def __init__(self, snapshot, passes: list[float]):
+        self.snapshot, self.passes = snapshot, passes
+
+    def blocks(self):
+        yield from self.snapshot.blocks()
+        self.passes.append(time.perf_counter())
 
 
 if __name__ == "__main__":

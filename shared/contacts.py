@@ -180,12 +180,12 @@ class ContactMapper:
             available = ", ".join(columns)
             raise MappingError("\n".join(problems) + f"\ncolumns in the snapshot: {available}", problems)
 
-    def record_key(self, settings) -> bytes:
-        """The key of the digests of records read with these CSV settings (cdm_reader.CsvSettings) and mapped
-        by this mapper: records with equal digests under one key map to equal documents, so a record whose digest
+    def record_seed(self, settings) -> int:
+        """The seed of the digests of records read with these CSV settings (cdm_reader.CsvSettings) and mapped
+        by this mapper: records with equal digests under one seed map to equal documents, so a record whose digest
         was acknowledged needs no parsing or mapping. Everything a record's document depends on is in it."""
-        return hashlib.blake2b(json.dumps([self._mapping, self._columns, repr(settings)]).encode(),
-                               digest_size=32).digest()
+        text = json.dumps([self._mapping, self._columns, repr(settings)]).encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest())
 
     def map(self, row: Row) -> Contact | Rejection:
         values = row.values

@@ -5,9 +5,10 @@ The working set lives in a temporary SQLite file, not in memory, so a million-ro
 bounded footprint. Duplicate emails collapse to the FIRST valid row that carries them (partition order, then
 row order); later ones are counted as duplicates.
 
-A record whose source digest (record_digest under ContactMapper.record_key) equals the one its member was
+A record whose source digest (record_digest under ContactMapper.record_seed) equals the one its member was
 acknowledged from maps to the document Autopilot already holds: it is neither parsed, validated nor stored,
-which is most records of a refresh.
+which is most records of a refresh. The state is read a block of lines at a time (state_lines.Block) and only
+the lines of members who left or changed become entries.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import json
 import math
 import sqlite3
 import tempfile
-from array import array
-from bisect import bisect_left
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
 
+import numpy as np
+import xxhash
+
 from shared.cdm_reader import Records, Row
 from shared.contacts import ContactMapper, Rejection, mask_email
 from shared.export_config import ExportDefinition
-from shared.state_store import Acked
+from shared.state_lines import Acked, Block, entry
+from shared.state_store import Snapshot
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts
 CHUNK = 5000  # differences written to SQLite together
@@ -124,7 +126,8 @@ class Planner:
     1. the state's members: the source digest each was acknowledged from (Sources);
     2. the segment's records: one whose digest is an acknowledged member's is that member, unchanged, and is
        neither parsed nor kept; every other record is parsed, mapped, validated and kept (table `seg`);
-    3. the state again, merged in key order with `seg`: joiners, changed members, leavers (table `diff`).
+    3. the state again, block by block: the parsed rows looked up in it by key, its unsighted members taken as
+       leavers; joiners, changed members and leavers go to table `diff`.
     """
 
     def __init__(self, export: ExportDefinition, columns: list[str], list_ops_per_message: int = 10):
@@ -144,44 +147,74 @@ class Planner:
         )
         self.rejections_path = f"{self._dir.name}/rejected.jsonl"
         self._docs = self._rows_seen = self._rejected = self._valid = 0
+        self._stream: list[Item] | None = None  # a streamed first sync's joiners, as each chunk is stored
 
     def close(self) -> None:
         self.db.close()
         self._dir.cleanup()
 
-    def plan(self, partitions: Iterable[Records], acked: Callable[[], Iterable[Acked]], force: bool = False) -> Plan:
-        """`acked()` streams the acknowledged state sorted by key (it is read twice)."""
+    def plan(self, partitions: Iterable[Records], state: Snapshot, force: bool = False) -> Plan:
+        """`state`: the acknowledged state (it is read twice)."""
         plan = Plan(rejections_file=self.rejections_path)
         sources = Sources()
-        members = sources.collect(acked(), skip=not force)
+        members = sources.collect(state.blocks(), skip=not force)
         with open(self.rejections_path, "w", encoding="utf-8") as rejected:
             for records in partitions:
-                self._load(records, sources, rejected, plan)
-        profiles = self._merge(acked(), sources.sightings(), force)
+                for _ in self._load(records, sources, rejected, plan):
+                    pass
+        profiles = self._merge(state, sources, force)
         if profiles > self.export.max_profiles:
             raise TooManyProfiles(self.export.name, profiles, self.export.max_profiles)
-        valid = self._valid + sources.seen
-        plan.counts = {"read": valid + self._rejected, "valid": valid, "rejected": self._rejected,
-                       "duplicates": valid - profiles, "profiles": profiles, "members_before": members}
-        self._diff(plan, force)
+        self._count(plan, profiles, members, sources.seen)
+        keep = self.export.on_leave == "keep"
+        plan.batches = lambda: self._batches(keep)
+        kept = (lambda: (Acked(k, fp, False) for k, fp, *_ in self._rows("leavers"))) if keep else (lambda: iter(()))
+        plan.settled = lambda: chain(kept(), (Acked(k, fp, True, source) for k, fp, _, source in
+                                              self._rows("resourced")))
         return plan
 
+    def first_sync(self, partitions: Iterable[Records]) -> Plan:
+        """A first sync (no acknowledged state) planned as it is read: every profile joins and the first row of a
+        key wins, so a row is final once stored and its batch can go at once. `plan.batches()` reads the segment
+        (once); plan.counts and plan.requests are complete when it ends. maxProfiles is the caller's to check
+        first (cdm_reader.count_lines): a streamed run cannot take back what it sent."""
+        plan = Plan(rejections_file=self.rejections_path)
+        plan.batches = lambda: self._batches_of(self._streamed(partitions, plan), (), ())
+        return plan
+
+    def _streamed(self, partitions: Iterable[Records], plan: Plan) -> Iterator[Item]:
+        self._stream = []
+        with open(self.rejections_path, "w", encoding="utf-8") as rejected:
+            for records in partitions:
+                for _ in self._load(records, Sources(), rejected, plan):
+                    yield from self._stream
+                    self._stream.clear()
+        self._count(plan, self._merge(Snapshot.of(()), Sources(), False), 0, 0)
+
+    def _count(self, plan: Plan, profiles: int, members: int, seen: int) -> None:
+        valid = self._valid + seen
+        plan.counts = {"read": valid + self._rejected, "valid": valid, "rejected": self._rejected,
+                       "duplicates": valid - profiles, "profiles": profiles, "members_before": members}
+        self._diff(plan)
+
     # --- pass 2: the segment's records ------------------------------------------------------------
-    def _load(self, records: Records, sources: Sources, rejected, plan: Plan) -> None:
-        key = self.mapper.record_key(records.settings)
+    def _load(self, records: Records, sources: Sources, rejected, plan: Plan) -> Iterator[None]:
+        """Read a partition, a chunk at a time (yielding after each, so a streamed first sync sends as it reads)."""
+        seed = self.mapper.record_seed(records.settings)
         for chunk in records:
             first = self._rows_seen
             self._rows_seen += len(chunk)
-            digests = [record_digest(key, text) for _, _, text in chunk]
-            fresh = [(n, record, digest) for n, (record, digest) in enumerate(zip(chunk, digests, strict=True))
-                     if not sources.sight(digest, first + n)]  # (a header record is never acknowledged)
+            digests = [record_digest(seed, text) for _, _, text in chunk]
+            unseen = np.flatnonzero(~sources.sight(digests, first)).tolist()  # (a header is never acknowledged)
+            fresh = [(n, chunk[n], digests[n]) for n in unseen]
             if fresh:
                 self._store(records, fresh, first, rejected, plan)
+            yield
 
     def _store(self, records: Records, fresh: list, first: int, rejected, plan: Plan) -> None:
         rows = records.parse([record for _, record, _ in fresh], self.columns)
         by_number = {record[0]: (first + n, f"{digest:016x}") for n, record, digest in fresh}
-        docs, seg = [], []
+        docs, seg, documents = [], [], []
         for row in rows:
             result = self.mapper.map(row) if isinstance(row, Row) else Rejection(row.partition, row.number,
                                                                                  row.reason, "")
@@ -191,12 +224,23 @@ class Planner:
             text, fp = encoded(result.document)
             order, source = by_number[row.number]
             docs.append((self._docs, text))
+            documents.append(result.document)
             seg.append((result.key, fp, self._docs, source, order))
             self._docs += 1
-        self.db.executemany("INSERT INTO docs VALUES (?,?)", docs)
+        if self._stream is None:  # (a streamed first sync sends the documents it has: none is read back)
+            self.db.executemany("INSERT INTO docs VALUES (?,?)", docs)
         # The first valid row of a key wins (rows are stored in order): later ones are duplicates.
+        stored = self.db.total_changes
         self.db.executemany("INSERT OR IGNORE INTO seg VALUES (?,?,?,?,?)", seg)
         self._valid += len(seg)
+        if self._stream is not None:
+            everyone = self.db.total_changes - stored == len(seg)
+            self._stream.extend(self._joiner(key, fp, document, source)
+                                for (key, fp, doc, source, _), document in zip(seg, documents, strict=True)
+                                if everyone or self._won(key, doc))
+
+    def _won(self, key: str, doc: int) -> bool:
+        return self.db.execute("SELECT doc FROM seg WHERE key = ?", (key,)).fetchone()[0] == doc
 
     def _reject(self, result: Rejection, rejected, plan: Plan) -> None:
         self._rejected += 1
@@ -205,39 +249,34 @@ class Planner:
         if len(plan.rejected_sample) < REJECTED_SAMPLE:
             plan.rejected_sample.append(record)
 
-    # --- pass 3: the state merged with the parsed rows --------------------------------------------
-    def _merge(self, acked: Iterable[Acked], sighted: array, force: bool) -> int:
-        """Classify every key of the state and of `seg` into `diff`; returns the segment's distinct profiles.
-        A member whose record was taken as unchanged (sighted at row r) is unchanged, unless an earlier row
-        with its key was parsed (that row wins: the sighted record is its duplicate)."""
-        if not len(sighted):  # no state (a first sync): every profile joins
+    # --- pass 3: the state, block by block, with the parsed rows ----------------------------------
+    def _merge(self, state: Snapshot, sources: Sources, force: bool) -> int:
+        """Classify every parsed row and every unsighted member into `diff`; returns the segment's distinct
+        profiles. A member whose record was taken as unchanged (sighted at row r) is unchanged, unless an earlier
+        row with its key was parsed (that row wins: the sighted record is its duplicate)."""
+        if not sources.entries:  # no state (a first sync): every profile joins
             self.db.execute("INSERT INTO diff SELECT 'joiners', key, fp, doc, source FROM seg")
             self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
             return self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
         profiles, diff = 0, []
         parsed = self.db.execute("SELECT key, fp, doc, source, row FROM seg ORDER BY key")
         row = next(parsed, None)
-        for position, entry in enumerate(acked):
-            while row is not None and row[0] < entry.key:  # parsed rows of keys the state never had
-                diff.append(("joiners", *row[:4]))
-                profiles += 1
+        for block in state.blocks():
+            seen = sources.seen_at(block)
+            profiles += int(np.count_nonzero(seen >= 0))
+            taken, last = set(), block.key(-1)
+            while row is not None and row[0] <= last:  # the parsed rows of this block's keys
+                at = block.find(row[0])
+                taken.add(at)
+                profiles += _classify(row, entry(block.lines[at]) if at >= 0 else None, int(seen[at]), force, diff)
                 row = next(parsed, None)
-            mine = row if row is not None and row[0] == entry.key else None
-            if mine is not None:
-                row = next(parsed, None)
-            seen_at = sighted[position]  # (one per state entry)
-            if seen_at >= 0 and (mine is None or seen_at < mine[4]):
-                profiles += 1  # unchanged as acknowledged
-            elif mine is not None:
-                profiles += 1
-                kind = _kind(entry, mine, force)
-                if kind:
-                    diff.append((kind, *mine[:4]))
-            elif entry.member:
-                diff.append(("leavers", entry.key, entry.fingerprint, None, ""))
+            for at in np.flatnonzero((seen < 0) & block.member).tolist():
+                if at not in taken:
+                    left = entry(block.lines[at])
+                    diff.append(("leavers", left.key, left.fingerprint, None, ""))
             if len(diff) >= CHUNK:
                 self._add_diff(diff)
-        while row is not None:
+        while row is not None:  # parsed rows of keys after the state's last
             diff.append(("joiners", *row[:4]))
             profiles += 1
             row = next(parsed, None)
@@ -249,7 +288,7 @@ class Planner:
         self.db.executemany("INSERT INTO diff VALUES (?,?,?,?,?)", diff)
         diff.clear()
 
-    def _diff(self, plan: Plan, force: bool) -> None:
+    def _diff(self, plan: Plan) -> None:
         found = dict(self.db.execute("SELECT kind, count(*) FROM diff GROUP BY kind").fetchall())
         for name in ("joiners", "changed", "leavers"):
             plan.counts[name] = found.get(name, 0)
@@ -261,10 +300,6 @@ class Planner:
         plan.requests = expected_requests(
             self.export.membership, plan.counts["joiners"], plan.counts["changed"],
             0 if keep else plan.counts["leavers"])
-        plan.batches = lambda: self._batches(keep)
-        kept = (lambda: (Acked(k, fp, False) for k, fp, *_ in self._rows("leavers"))) if keep else (lambda: iter(()))
-        plan.settled = lambda: chain(kept(), (Acked(k, fp, True, source) for k, fp, _, source in
-                                              self._rows("resourced")))
 
     def _rows(self, kind: str) -> Iterator[tuple]:
         return self.db.execute("SELECT d.key, d.fp, docs.doc, d.source FROM diff d LEFT JOIN docs ON docs.id = d.doc "
@@ -274,6 +309,9 @@ class Planner:
         joins = (self._member(r) for r in self._rows("joiners"))
         changes = (self._member(r) for r in self._rows("changed"))
         leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, *_ in self._rows("leavers"))
+        return self._batches_of(joins, changes, leaves)
+
+    def _batches_of(self, joins: Iterable[Item], changes: Iterable[Item], leaves: Iterable[Item]) -> Iterator[Batch]:
         if self.export.membership == "field":
             yield from _chunks("upsert", chain(joins, changes, leaves), BULK_LIMIT)
         else:
@@ -283,7 +321,9 @@ class Planner:
 
     def _member(self, row) -> Item:
         key, fp, doc, source = row
-        document = json.loads(doc)
+        return self._joiner(key, fp, json.loads(doc), source)
+
+    def _joiner(self, key: str, fp: str, document: dict, source: str) -> Item:
         if self.export.membership == "field":
             document["custom"] = {**document.get("custom", {}), self.export.membership_key: True}
         return Item(key, fp, True, document, source)
@@ -295,9 +335,24 @@ class Planner:
         return Item(key, fp, False, document)
 
 
-def record_digest(key: bytes, text: str) -> int:
-    """A record's 64-bit source digest under a mapper's record key (ContactMapper.record_key)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8, key=key).digest())
+def record_digest(seed: int, text: str) -> int:
+    """A record's 64-bit source digest under a mapper's record seed (ContactMapper.record_seed): XXH3, cheap
+    enough for every record of every refresh (a collision is one chance in 2**64 per pair)."""
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogateescape"), seed)
+
+
+def _classify(row: tuple, member: Acked | None, seen_at: int, force: bool, diff: list) -> int:
+    """Put a parsed row in `diff` by the entry of its key (None: the state has none) and where that member's
+    unchanged record was sighted (-1: nowhere); returns 1 if it is a profile not counted among the sighted."""
+    if member is None:
+        diff.append(("joiners", *row[:4]))
+        return 1
+    if 0 <= seen_at < row[4]:
+        return 0  # the member's unchanged record came first: this row is its duplicate
+    kind = _kind(member, row, force)
+    if kind:
+        diff.append((kind, *row[:4]))
+    return 0 if seen_at >= 0 else 1
 
 
 def _kind(entry: Acked, row: tuple, force: bool) -> str | None:
@@ -310,57 +365,51 @@ def _kind(entry: Acked, row: tuple, force: bool) -> str | None:
 
 
 class Sources:
-    """The source digests the state's members were acknowledged from, at 8 bytes each (a Python set of ints
-    takes about 50) in sorted arrays by their top 12 bits, each with its state position; and where in the
-    segment each was sighted."""
+    """The source digests the state's members were acknowledged from, sorted (8 bytes each; a Python set of ints
+    takes about 50), and the first segment row each was sighted at."""
 
-    SHIFT = 52  # 4,096 buckets: a few dozen to a few thousand digests each, searched by bisection
+    UNSEEN = np.iinfo(np.int32).max
 
     def __init__(self):
-        self._buckets: dict[int, tuple[array, array, array]] = {}  # top bits: digests, positions, sightings
+        self.digests = np.zeros(0, np.uint64)
+        self.first = np.zeros(0, np.int32)
         self.entries = self.seen = 0
 
-    def collect(self, acked: Iterable[Acked], skip: bool) -> int:
+    def collect(self, blocks: Iterable[Block], skip: bool) -> int:
         """Read the state once; returns how many members it has. `skip` False: no record is taken as unchanged."""
-        shift, members, position = self.SHIFT, 0, -1
-        digests, positions = defaultdict(lambda: array("Q")), defaultdict(lambda: array("I"))  # "L" is 8 bytes
-        for position, entry in enumerate(acked):
-            if entry.member:
-                members += 1
-                if skip and entry.source:
-                    digest = int(entry.source, 16)
-                    digests[digest >> shift].append(digest)
-                    positions[digest >> shift].append(position)
-        self.entries = position + 1
-        for top in list(digests):  # sorted, positions alongside (each bucket's unsorted form freed as it goes)
-            bucket, places = digests.pop(top), positions.pop(top)
-            order = sorted(range(len(bucket)), key=bucket.__getitem__)
-            self._buckets[top] = (array("Q", (bucket[i] for i in order)), array("I", (places[i] for i in order)),
-                                  array("i", [-1]) * len(order))
+        members, parts = 0, []
+        for block in blocks:
+            self.entries += len(block.lines)
+            members += int(np.count_nonzero(block.member))
+            if skip:
+                parts.append(block.digest[block.digest != 0])
+        if parts:
+            self.digests = np.concatenate(parts)
+            parts.clear()
+            self.digests.sort()
+        self.first = np.full(len(self.digests), self.UNSEEN, np.int32)
         return members
 
-    def sight(self, digest: int, row: int) -> bool:
-        """True if `digest` is an acknowledged member's (its first sighting is kept; a later one is a duplicate
-        of the same record, counted as seen)."""
-        bucket = self._buckets.get(digest >> self.SHIFT)
-        if bucket is None:
-            return False
-        digests = bucket[0]
-        at = bisect_left(digests, digest)
-        if at == len(digests) or digests[at] != digest:
-            return False
-        if bucket[2][at] < 0:
-            bucket[2][at] = row
-        self.seen += 1
-        return True
+    def sight(self, digests: list[int], first_row: int) -> np.ndarray:
+        """Which of these records (rows first_row, first_row + 1, ...) an acknowledged member was sent from; the
+        first sighting of each is kept (a later one is a duplicate of the same record, counted as seen)."""
+        if not len(self.digests):
+            return np.zeros(len(digests), bool)
+        wanted = np.array(digests, np.uint64)
+        at = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
+        found = self.digests[at] == wanted
+        rows = np.flatnonzero(found)
+        np.minimum.at(self.first, at[rows], (rows + first_row).astype(np.int32))
+        self.seen += len(rows)
+        return found
 
-    def sightings(self) -> array:
-        """State position → the segment row its member was sighted at, or -1."""
-        by_position = array("i", [-1]) * self.entries
-        for _, positions, sighted in self._buckets.values():
-            for position, row in zip(positions, sighted, strict=True):
-                by_position[position] = row
-        return by_position
+    def seen_at(self, block: Block) -> np.ndarray:
+        """For each line of a state block, the segment row its member's record was sighted at, or -1."""
+        if not len(self.digests):
+            return np.full(len(block.lines), -1)
+        at = np.minimum(np.searchsorted(self.digests, block.digest), len(self.digests) - 1)
+        first = self.first[at]
+        return np.where((block.digest != 0) & (self.digests[at] == block.digest) & (first != self.UNSEEN), first, -1)
 
 
 def expected_requests(membership: str, joiners: int, changed: int, leavers: int) -> int:

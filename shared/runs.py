@@ -26,7 +26,7 @@ from shared.run_records import ACTIVE, RUN_ID_RE, RunInProgress, new_run_id, run
 from shared.secrets import SecretUnavailable
 from shared.services import Services
 from shared.settings import SettingsError
-from shared.state_store import StateUnreadable
+from shared.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
@@ -148,7 +148,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
         with state.reading(destination) as acked:
-            plan = planner.plan(read_records(container, snapshot), (lambda: iter(())) if rebuild else acked,
+            plan = planner.plan(read_records(container, snapshot), Snapshot.of(()) if rebuild else acked,
                                 force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
         seconds = plan.requests * svc.budget.interval

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
-import operator
 import os
 import sqlite3
 import tempfile
@@ -29,8 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice, pairwise
-from typing import NamedTuple
+from typing import BinaryIO
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -41,6 +40,8 @@ from azure.core.exceptions import (
 from azure.data.tables import TableClient, UpdateMode
 from azure.storage.blob import BlobServiceClient
 
+from shared.state_lines import Acked, BadLine, Block, parse_block, text
+
 STATE_TABLE = "contactstate"  # also holds the acknowledged state of versions before snapshots (partition = export)
 STATE_CONTAINER = "state"
 VERSION = 2
@@ -49,13 +50,6 @@ HEAD = "~head"  # no export name starts with '~'
 FOLDED_KEPT = 50  # run entries a snapshot header remembers as folded
 _END = b"#end\t"  # the end mark's start: "#end<TAB><count>"
 READ_BLOCK = 1 << 20  # bytes of a snapshot decompressed and parsed at once
-
-
-class Acked(NamedTuple):
-    key: str  # normalised (lower-case) email
-    fingerprint: str
-    member: bool
-    source: str = ""  # digest of the segment row it came from (planner.Planner.source), "" when unknown
 
 
 class StateUnreadable(Exception):
@@ -93,18 +87,67 @@ class Destination:
 
 def encode_acks(acks: Iterable[Acked]) -> bytes:
     """Acknowledgements as they travel in a batch outcome (a Table binary property of at most 64 KiB)."""
-    return zlib.compress("\n".join(map(_text, acks)).encode(), 6)
-
-
-def _text(a: Acked) -> str:
-    return f"{a.key}\t{a.fingerprint}\t{int(a.member)}\t{a.source}"
+    return zlib.compress("\n".join(map(text, acks)).encode(), 6)
 
 
 def decode_acks(data: bytes | None) -> list[Acked]:
     if not data:
         return []
-    text = zlib.decompress(data)
-    return _block(text.split(b"\n")) if text else []
+    return _acks(zlib.decompress(data))
+
+
+class Snapshot:
+    """A snapshot's entries, checked as they are read, as often as the reader needs: Blocks of lines for planning,
+    Acked entries for the rest. `open_entries` opens a binary stream of its entry lines then its end mark (None:
+    there is no snapshot)."""
+
+    def __init__(self, name: str, open_entries: Callable[[], BinaryIO] | None):
+        self.name, self._open = name, open_entries
+
+    @classmethod
+    def of(cls, acks: Iterable[Acked], name: str = "(in memory)") -> Snapshot:
+        """Entries held in memory (sorted by key), read as a snapshot blob is."""
+        lines = [text(a).encode() + b"\n" for a in acks]
+        data = b"".join(lines) + _END + str(len(lines)).encode() + b"\n"
+        return cls(name, lambda: io.BytesIO(data))
+
+    def entries(self) -> Iterator[Acked]:
+        for block in self.blocks():
+            yield from block.entries()
+
+    def blocks(self) -> Iterator[Block]:
+        if self._open is None:
+            return
+        try:
+            with self._open() as data:
+                yield from self._checked(data)
+        except StateUnreadable:
+            raise
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+            raise StateUnreadable(self.name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+    def _checked(self, data: BinaryIO) -> Iterator[Block]:
+        count, previous, tail, end = 0, b"", b"", None
+        while chunk := data.read(READ_BLOCK):
+            if end is not None:
+                raise StateUnreadable(self.name, f"its end mark does not match its {count} entries")
+            whole = tail + chunk
+            cut = whole.rfind(b"\n") + 1
+            whole, tail = whole[:cut], whole[cut:]
+            last = whole.rfind(b"\n", 0, len(whole) - 1) + 1  # where the block's last line starts
+            if whole.startswith(_END, last):
+                end, whole = whole[last:-1], whole[:last]
+            try:
+                block = parse_block(whole, previous)
+            except BadLine as bad:
+                raise StateUnreadable(self.name, f"entry {count + bad.index + 1} {bad.why}") from None
+            if block.lines:
+                count, previous = count + len(block.lines), block.lines[-1]
+                yield block
+        if end is None or tail:
+            raise StateUnreadable(self.name, f"truncated after {count} entries (no end mark)")
+        if end != _END + str(count).encode():
+            raise StateUnreadable(self.name, f"its end mark does not match its {count} entries")
 
 
 class ExportState:
@@ -159,53 +202,34 @@ class ExportState:
 
     def load(self, destination: Destination) -> Iterator[Acked]:
         """Stream the destination's snapshot (nothing if it has none); raises StateUnreadable when it is broken."""
-        with self.reading(destination) as entries:
-            yield from entries()
+        with self.reading(destination) as snapshot:
+            yield from snapshot.entries()
 
     @contextmanager
-    def reading(self, destination: Destination) -> Iterator[Callable[[], Iterator[Acked]]]:
-        """The destination's snapshot, downloaded once for the block, streamed by each call of what it gives."""
-        with self._download(self.blob_name(destination)) as (path, _etag):
-            yield (lambda: self._entries(path, destination)) if path else (lambda: iter(()))
+    def reading(self, destination: Destination) -> Iterator[Snapshot]:
+        """The destination's snapshot, downloaded once for the block, read as often as the reader needs."""
+        name = self.blob_name(destination)
+        with self._download(name) as (path, _etag):
+            yield Snapshot(name, path and (lambda: self._open(path, name, destination)))
 
     def has_snapshot(self, destination: Destination) -> bool:
         return self.container.get_blob_client(self.blob_name(destination)).exists()
 
     def check(self, destination: Destination) -> None:
         """Read the whole snapshot once; raises StateUnreadable if it is broken."""
-        for _ in self.load(destination):
-            pass
+        with self.reading(destination) as snapshot:
+            for _ in snapshot.blocks():
+                pass
 
-    def _entries(self, path: str, destination: Destination) -> Iterator[Acked]:
-        """The snapshot's entries, checked as they are read (a block of lines at a time: planning reads the state
-        twice per run, so this is on its path)."""
-        name = self.blob_name(destination)
+    def _open(self, path: str, name: str, destination: Destination):
+        """The snapshot's gzip stream, its header read and checked."""
+        data = gzip.open(path, "rb")
         try:
-            with gzip.open(path, "rb") as data:
-                self._check_header(name, json.loads(data.readline() or b"null"), destination)
-                count, previous, tail, end = 0, "", b"", None
-                while block := data.read(READ_BLOCK):
-                    if end is not None:
-                        raise StateUnreadable(name, f"its end mark does not match its {count} entries")
-                    *lines, tail = (tail + block).split(b"\n")
-                    if lines and lines[-1].startswith(_END):
-                        end = lines.pop()
-                    entries = _block(lines)
-                    if entries:
-                        if entries[0].key <= previous or not all(map(operator.lt, keys := [e.key for e in entries],
-                                                                     islice(keys, 1, None))):
-                            raise StateUnreadable(name, f"entry {count + _disorder(previous, keys) + 1} is out "
-                                                        "of order")
-                        count, previous = count + len(entries), entries[-1].key
-                        yield from entries
-                if end is None or tail:
-                    raise StateUnreadable(name, f"truncated after {count} entries (no end mark)")
-                if end != _END + str(count).encode():
-                    raise StateUnreadable(name, f"its end mark does not match its {count} entries")
-        except StateUnreadable:
+            self._check_header(name, json.loads(data.readline() or b"null"), destination)
+        except BaseException:
+            data.close()
             raise
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
-            raise StateUnreadable(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        return data
 
     def _check_header(self, name: str, header, destination: Destination) -> None:
         if not isinstance(header, dict) or header.get("version") not in READABLE:
@@ -238,7 +262,7 @@ class ExportState:
                 out.write(json.dumps({"version": VERSION, "export": self.export, "destination": destination.id,
                                       "name": destination.name, "folded": folded[-FOLDED_KEPT:], **header}) + "\n")
                 for entry in entries:
-                    out.write(_text(entry) + "\n")
+                    out.write(text(entry) + "\n")
                     count += 1
                 out.write(f"{_END.decode()}{count}\n")
             blob = self.container.get_blob_client(self.blob_name(destination))
@@ -271,7 +295,8 @@ class ExportState:
         self._change_head(lambda h: {**h, "pending": [p for p in h["pending"] if p["entry"] not in entries]})
 
     def _fold_entries(self, destination, entries, acks_of, rebuild) -> set[str]:
-        with self._download(self.blob_name(destination)) as (path, etag), _AckTable() as table:
+        name = self.blob_name(destination)
+        with self._download(name) as (path, etag), _AckTable() as table:
             header = self._header(path) if path else {}
             folded = list(header.get("folded", []))
             done, base_ok = set(), True
@@ -290,7 +315,8 @@ class ExportState:
                 done.add(entry["entry"])
             if done <= set(header.get("folded", [])):
                 return done
-            old = self._entries(path, destination) if path and base_ok else iter(())
+            old = Snapshot(name, lambda: self._open(path, name, destination)).entries() if path and base_ok \
+                else iter(())
             self.write(destination, _merge(old, table.sorted()), folded, etag)
             return done
 
@@ -320,7 +346,7 @@ class ExportState:
         with tempfile.TemporaryFile() as out:
             packer, count = zlib.compressobj(6), 0
             for ack in acks:
-                out.write(packer.compress((("\n" if count else "") + _text(ack)).encode()))
+                out.write(packer.compress((("\n" if count else "") + text(ack)).encode()))
                 count += 1
             if count:
                 out.write(packer.flush())
@@ -334,32 +360,24 @@ class ExportState:
             with open(path, "rb") as data:
                 unpacker, tail = zlib.decompressobj(), b""
                 while chunk := data.read(1 << 20):
-                    *lines, tail = (tail + unpacker.decompress(chunk)).split(b"\n")
-                    yield from _block(lines)
-                tail += unpacker.flush()
-                if tail:
-                    yield from _block([tail])
+                    unpacked = tail + unpacker.decompress(chunk)
+                    cut = unpacked.rfind(b"\n") + 1
+                    yield from _acks(unpacked[:cut - 1] if cut else b"")
+                    tail = unpacked[cut:]
+                yield from _acks(tail + unpacker.flush())
 
     def _planned_blob(self, run_id: str):
         return self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks")
 
 
-def _block(lines: list[bytes]) -> list[Acked]:
-    """Entry lines (of a snapshot or an encode_acks text), parsed and checked in bulk (ValueError names the first
-    bad one)."""
-    if not lines:
+def _acks(data: bytes) -> list[Acked]:
+    """Acknowledgement lines joined by line breaks (an encode_acks text, in settling order), checked."""
+    if not data:
         return []
-    parts = [line.split("\t") for line in b"\n".join(lines).decode().split("\n")]
-    if {len(p) for p in parts} - {3, 4} or {p[2] for p in parts} - {"0", "1"} or not all(p[0] for p in parts):
-        bad = next(p for p in parts if len(p) not in (3, 4) or p[2] not in ("0", "1") or not p[0])
-        raise ValueError(f"bad entry {chr(9).join(bad)[:12]!r}...")
-    make = Acked._make  # half the cost of calling the class
-    return [make((p[0], p[1], p[2] == "1", p[3] if len(p) == 4 else "")) for p in parts]
-
-
-def _disorder(previous: str, keys: list[str]) -> int:
-    """Where in `keys` (after `previous`) the order first breaks."""
-    return next(n for n, (a, b) in enumerate(pairwise([previous, *keys])) if a >= b)
+    try:
+        return parse_block(data + b"\n").entries()
+    except BadLine as bad:
+        raise ValueError(f"bad acknowledgement: {bad}") from None
 
 
 def _version(header) -> str:

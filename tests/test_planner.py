@@ -11,7 +11,7 @@ from shared.cdm_reader import CsvSettings, Records
 from shared.contacts import ContactMapper
 from shared.export_config import parse_exports
 from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
-from shared.state_store import Acked
+from shared.state_store import Acked, Snapshot
 
 COLUMNS = ["CustomerId", "Email", "First"]
 
@@ -45,7 +45,7 @@ def acked(email: str, first: str, member: bool = True) -> Acked:
 def plan(definition, segment, state=(), force=False):
     planner = Planner(definition, COLUMNS, list_ops_per_message=3)
     try:
-        result = planner.plan([partition(segment)], lambda: iter(sorted(state)), force=force)
+        result = planner.plan([partition(segment)], Snapshot.of(sorted(state)), force=force)
         settled = list(result.settled())  # read before the planner's working set is removed
         result.kept = [a for a in settled if not a.member]
         result.resourced = [a for a in settled if a.member]
@@ -219,3 +219,42 @@ def test_the_one_pass_fingerprint_equals_the_digest_the_state_was_written_with(d
     reference = hashlib.blake2b(json.dumps(canonical, sort_keys=True).encode(), digest_size=10).hexdigest()
     text, fp = encoded(document)
     assert fp == reference and json.loads(text) == document
+
+
+def chunked(segment: list, rows_per_chunk: int, read: list) -> Records:
+    """The segment as one partition read in chunks of whole rows; `read` counts the chunks taken so far."""
+    lines = partition(segment).chunks[0].splitlines(keepends=True)
+
+    def chunks():
+        for at in range(0, len(lines), rows_per_chunk):
+            read.append(at)
+            yield b"".join(lines[at:at + rows_per_chunk])
+    return Records("p1", chunks(), CsvSettings())
+
+
+@pytest.mark.parametrize("membership", ["field", "list"])
+def test_a_streamed_first_sync_sends_what_a_planned_one_sends_and_starts_before_the_end(membership):
+    people = [(f"p{i}@x.com", f"P{i}") for i in range(2500)]
+    people[1800] = ("P7@X.COM", "Later")  # a duplicate of a row in an earlier chunk: the first one wins
+    people[1801] = ("p1802@x.com", "Same chunk")  # and of a row later in its own chunk
+    people[1802] = ("p1802@x.com", "Later still")
+    segment = [*rows(*people), "9,too few"]
+    definition = export(membership)
+    planned, expected = plan(definition, segment)
+    planner, read = Planner(definition, COLUMNS, list_ops_per_message=3), []
+    try:
+        streamed = planner.first_sync([chunked(segment, 500, read)])
+        batches, chunks_at_first = [], None
+        for batch in streamed.batches():
+            chunks_at_first = chunks_at_first or len(read)
+            batches.append(batch)
+        assert chunks_at_first == 1 and len(read) == 6  # the first batch went before the second chunk was read
+        assert streamed.counts == planned.counts and streamed.requests == planned.requests
+        assert streamed.samples == planned.samples and streamed.rejected_sample == planned.rejected_sample
+        assert planned.counts["duplicates"] == 2 and planned.counts["rejected"] == 1
+        assert sorted((b.kind, len(b.items)) for b in batches) == sorted((b.kind, len(b.items)) for b in expected)
+        def items(found):
+            return sorted((i.key, i.fingerprint, i.member, i.source, repr(i.document)) for b in found for i in b.items)
+        assert items(batches) == items(expected)
+    finally:
+        planner.close()
