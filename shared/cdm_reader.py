@@ -31,6 +31,7 @@ from azure.storage.blob import BlobProperties, ContainerClient
 log = logging.getLogger("autopilot.cdm")
 
 READ_CHUNK = 4 * 1024 * 1024  # bytes per ranged read: bounds memory whatever the partition's size
+RECORDS_AT_ONCE = 5000  # records handed to planning together
 FIELD_LIMIT = 16 * 1024 * 1024  # characters in one CSV value (csv's default, 128 KiB, is too small for JSON columns)
 _ESCAPED = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by the surrogateescape error handler
 
@@ -325,8 +326,9 @@ class Records:
     settings: CsvSettings
 
     def __iter__(self) -> Iterator[list[tuple[int, int, str]]]:
-        """Lists of (number, first physical line, text), a blob chunk's worth at a time. Blank lines are left out
-        (their numbers too); a quote still open at the end is handed over as it is, for the parser to name."""
+        """Lists of (number, first physical line, text), at most RECORDS_AT_ONCE at a time (a streamed first sync
+        sends its first batch after the first list, not a whole blob chunk). Blank lines are left out (their
+        numbers too); a quote still open at the end is handed over as it is, for the parser to name."""
         decoded = _Decoded(self.chunks, self.settings.encoding, self.name)
         quoted = self.settings.quoting != csv.QUOTE_NONE
         number = line = 0
@@ -348,6 +350,9 @@ class Records:
                     records.append((number, line, text))
                 else:
                     number += 1  # a blank line is a record of no values (a trailing one, typically)
+                if len(records) == RECORDS_AT_ONCE:
+                    yield records
+                    records = []
             if records:
                 yield records
         if open_lines:
@@ -389,6 +394,19 @@ def read_records(container: ContainerClient, snapshot: Snapshot) -> Iterator[Rec
     """Every partition's records, in partition order, streamed READ_CHUNK bytes at a time."""
     for partition in snapshot.partitions:
         yield Records(partition.name, _blob_chunks(container, partition), partition.settings)
+
+
+def count_lines(container: ContainerClient, snapshot: Snapshot) -> int:
+    """The snapshot's lines, read without parsing: at least as many as its records, so at least as many as its
+    valid profiles (a streamed first sync checks maxProfiles with it before anything is sent)."""
+    lines = 0
+    for partition in snapshot.partitions:
+        last = b"\n"
+        for data in _blob_chunks(container, partition):
+            lines += data.count(b"\n")
+            last = data[-1:] or last
+        lines += last != b"\n"
+    return lines
 
 
 def read_rows(container: ContainerClient, snapshot: Snapshot) -> Iterator[Row | BadRow]:

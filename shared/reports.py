@@ -24,8 +24,8 @@ def after_batch(svc: Services, run_id: str, outcome: BatchOutcome | None = None)
 def finish_if_complete(svc: Services, run_id: str) -> bool:
     """Finish the run once every planned batch has an outcome (exact, from the outcomes themselves)."""
     run = svc.records.get(run_id)
-    if not run or run.get("status") not in ("running",):
-        return False
+    if not run or run.get("status") not in ("running",) or run.get("streaming"):
+        return False  # (a streamed first sync is complete once its planning has counted its batches)
     outcomes = svc.records.batch_outcomes(run_id)
     if sum(o.get("status") not in REPLAYS for o in outcomes) < int(run.get("planned_batches", 0)):
         return False  # batches still to settle (or being replayed)

@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from itertools import islice
 
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
-from shared.cdm_reader import ExportDataError, find_snapshot, read_records
+from shared.cdm_reader import ExportDataError, count_lines, find_snapshot, read_records
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
@@ -30,10 +31,17 @@ from shared.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
-PAGE = 200  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
+PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
+# (a streamed first sync's first page is queued once its first PAGE batches are planned)
 WINDOW_LEAD = 20.0
 RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
 PLAN_CONTAINER = "batches"
+STREAM_CUT_SHORT = ("the export was refreshed while this run's first sync was sent and its planning was cut short: "
+                    "what was acknowledged is kept and the next run sends the rest")
+
+
+class RunEnded(Exception):
+    """The run ended (superseded, failed) while it was planned: planning stops."""
 
 
 class BudgetBooked(RuntimeError):
@@ -92,9 +100,9 @@ def handle_plan_message(svc: Services, body: bytes, dequeue_count: int = 1) -> N
         return
     if "page" in job:
         queue_window(svc, run, job["page"], again=dequeue_count > 1)
-    elif run["status"] == "running":  # planned before a crash: make sure its first window is queued
+    elif run["status"] == "running" and not run.get("streaming"):  # planned before a crash: its first window
         queue_window(svc, run, 0, again=True)
-    else:
+    else:  # (a streamed first sync cut short is planned again, the same way: its pages are the same)
         plan_run(svc, run)
 
 
@@ -121,11 +129,13 @@ def _plan_job(body: bytes) -> dict | None:
 
 def plan_run(svc: Services, run: dict) -> None:
     run_id, rlog = run["RowKey"], run_log(run["RowKey"], run["export"])
-    if not svc.records.advance(run_id, ("queued", "planning"), status="planning", planning_started=utcnow()):
+    if run.get("streaming"):
+        pass  # a streamed first sync whose planning died: it stays running while it is planned again
+    elif not svc.records.advance(run_id, ("queued", "planning"), status="planning", planning_started=utcnow()):
         return  # superseded by a forced run meanwhile
     try:
         export = find_export(svc, run["export"])
-        _plan_and_queue(svc, export, run_id, bool(run.get("force")), bool(run.get("dry_run")), rlog)
+        _plan_and_queue(svc, export, run, rlog)
     except (*USER_ERRORS, UnknownExport) as exc:
         rlog.error("run failed while planning: %s", exc)
         conclude(svc, run_id, "failed", error=str(exc))
@@ -133,10 +143,13 @@ def plan_run(svc: Services, run: dict) -> None:
     # run the same way; after maxDequeueCount deliveries fail_planning fails the run.
 
 
-def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force: bool, dry_run: bool, rlog) -> None:
+def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) -> None:
+    run_id, force, dry_run = run["RowKey"], bool(run.get("force")), bool(run.get("dry_run"))
     export.check_runnable()
     container = svc.export_container(export)
     snapshot = find_snapshot(container, export.prefix, export.segment)
+    if run.get("streaming") and snapshot.id != run.get("snapshot"):
+        raise ExportDataError(STREAM_CUT_SHORT)
     destination, state = svc.destination(export), svc.state(export.name)
     target = _destination_summary(state, destination)
     rebuild = _prepare_state(svc, state, destination, force, rlog)
@@ -147,17 +160,19 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
+        if target["firstSync"] and not dry_run and count_lines(container, snapshot) <= export.max_profiles:
+            stream = Stream(svc, export, run, planner, destination, rebuild, rlog)
+            stream.send(read_records(container, snapshot), target)
+            return
+        if run.get("streaming"):  # (it can no longer be planned as it was: not the same snapshot)
+            raise ExportDataError(STREAM_CUT_SHORT)
         with state.reading(destination) as acked:
             plan = planner.plan(read_records(container, snapshot), Snapshot.of(()) if rebuild else acked,
                                 force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
-        seconds = plan.requests * svc.budget.interval
         guard = removal_guard(export, plan.counts)
-        summary = {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
-                   "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
-                            "estimated_duration": _duration(seconds), "destination": target,
-                            "removalGuard": guard and (f"a run without force would stop: {guard}" if not force
-                                                       else f"forced past: {guard}")}}
+        summary = _summary(svc, plan, target, removalGuard=guard and (
+            f"a run without force would stop: {guard}" if not force else f"forced past: {guard}"))
         if guard and not force and not dry_run:
             svc.records.update(run_id, **summary)
             raise MassRemoval(guard)
@@ -180,6 +195,51 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run_id: str, force:
     queue_window(svc, svc.records.get(run_id), 0)
     if pages.batches == 0:
         finish_if_complete(svc, run_id)
+
+
+class Stream:
+    """A first sync sent while it is planned (Planner.first_sync): its run is running from its first page of
+    batches; every page is kept and counted as it is written, queued by the window jobs as sending advances, and
+    the counts come when the segment is read. Planning cut short is planned again the same way (same snapshot,
+    no state yet: the same pages); the windows already queued are not queued again."""
+
+    def __init__(self, svc: Services, export: ExportDefinition, run: dict, planner: Planner, destination, rebuild,
+                 rlog):
+        self.svc, self.export, self.run, self.planner, self.rlog = svc, export, run, planner, rlog
+        self.destination, self.rebuild = destination, rebuild
+        self.resumed = bool(run.get("streaming"))
+
+    def send(self, partitions, target: dict) -> None:
+        svc, run_id = self.svc, self.run["RowKey"]
+        list_id = self.run.get("list_id") or (_resolve_list(svc, self.export) if self.export.membership == "list"
+                                              else "")
+        svc.state(self.export.name).register(run_id, self.destination)  # before its first batch is queued
+        plan = self.planner.first_sync(partitions)
+        try:
+            pages = write_pages(svc, run_id, plan.batches(), lambda count: self._page_written(count, list_id))
+        except RunEnded:
+            self.rlog.info("run ended before its first batch was queued (superseded by a forced run?)")
+            return
+        _save_rejections(svc, run_id, plan.rejections_file)
+        summary = _summary(svc, plan, target, streamed=True)
+        if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=False,
+                                   list_id=list_id, rebuild_state=self.rebuild, planned_batches=pages.batches,
+                                   pages=pages.count, planned_at=utcnow(), **summary):
+            self.rlog.info("run ended while it was planned: the rest of its batches is not queued")
+            return
+        self.rlog.info("planned %d batches, %d requests, to %s (sent as planned)", pages.batches, plan.requests,
+                       self.destination.name)
+        finish_if_complete(svc, run_id)  # its batches may all have settled already
+
+    def _page_written(self, count: int, list_id: str) -> None:
+        svc, run_id = self.svc, self.run["RowKey"]
+        if count > 1:
+            svc.records.update(run_id, pages=count)
+            return
+        if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=True,
+                                   list_id=list_id, rebuild_state=self.rebuild, pages=1, planned_at=utcnow()):
+            raise RunEnded(run_id)
+        queue_window(svc, svc.records.get(run_id), 0, again=self.resumed)
 
 
 def _destination_summary(state, destination) -> dict:
@@ -207,6 +267,14 @@ def _prepare_state(svc: Services, state, destination, force: bool, rlog) -> bool
             raise
         rlog.warning("forced run rebuilds the state: %s", exc)
         return True
+
+
+def _summary(svc: Services, plan, target: dict, **more) -> dict:
+    """What the run view and report show of a plan."""
+    seconds = plan.requests * svc.budget.interval
+    return {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
+            "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
+                     "estimated_duration": _duration(seconds), "destination": target, **more}}
 
 
 def _duration(seconds: float) -> str:
@@ -239,8 +307,9 @@ class Pages:
     batches: int
 
 
-def write_pages(svc: Services, run_id: str, batches) -> Pages:
-    """Keep the plan's batches in blobs of PAGE batches each, numbered from 1 in plan order."""
+def write_pages(svc: Services, run_id: str, batches, written: Callable[[int], None] = lambda pages: None) -> Pages:
+    """Keep the plan's batches in blobs of PAGE batches each, numbered from 1 in plan order; `written(pages)`
+    after each."""
     pages = count = 0
     batches = iter(batches)
     while chunk := list(islice(batches, PAGE)):
@@ -251,6 +320,7 @@ def write_pages(svc: Services, run_id: str, batches) -> Pages:
         svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, pages)).upload_blob(data, overwrite=True)
         pages += 1
         count += len(chunk)
+        written(pages)
     return Pages(pages, count)
 
 
@@ -263,12 +333,16 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
     job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
     queued again; `again`: it may have been queued in part by a job that died."""
     run_id = run["RowKey"]
-    if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page or page >= int(run.get("pages", 0)):
+    if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page:
+        return
+    if page >= int(run.get("pages", 0)):
+        if run.get("streaming"):  # a streamed first sync has not written this page yet: look again shortly
+            svc.plan_queue.send_message(json.dumps({"run": run_id, "page": page}).encode(), visibility_timeout=1)
         return
     data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
     batches = [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
     ends = _enqueue(svc, run, batches, first=page * PAGE + 1, again=again)
-    if page + 1 < int(run["pages"]):
+    if page + 1 < int(run["pages"]) or run.get("streaming"):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
         svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
     svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())

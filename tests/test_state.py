@@ -336,6 +336,63 @@ def test_a_planning_invocation_that_dies_half_way_is_redelivered_and_the_run_com
     _unchanged_rerun_sends_nothing(world, rows)
 
 
+def test_a_first_sync_sends_its_first_pages_while_the_rest_is_planned(world, monkeypatch):
+    monkeypatch.setattr(runs, "PAGE", 2)  # 10 batches of 100 contacts in 5 pages
+    rows = list(sample_profiles(1000, seed=68))
+    world.define(definition("seg"))
+    world.snapshot(rows)
+    real, seen = runs.write_pages, {}
+
+    def held(svc, run_id, batches, written=lambda pages: None):
+        def batches_held_after_two_pages():
+            for n, batch in enumerate(batches):
+                if n == 4:  # pages 1 and 2 are written: planning waits here until the first contacts were sent
+                    wait_until(lambda: world.contact_requests(), timeout=30)
+                    seen["while planning"] = svc.records.get(run_id)
+                yield batch
+        return real(svc, run_id, batches_held_after_two_pages(), written)
+
+    monkeypatch.setattr(runs, "write_pages", held)
+    report = world.wait(world.start("seg").json()["runId"])
+    assert seen["while planning"]["status"] == "running" and seen["while planning"]["streaming"]
+    assert "planned_batches" not in seen["while planning"]  # (so no batch settling then could finish the run)
+    assert report["status"] == "succeeded" and report["batches"] == {"planned": 10, "settled": 10, "dead": 0}
+    assert report["plan"]["streamed"] and report["counts"]["accepted"] == report["counts"]["joiners"] == 1000
+    assert world.field_members() == segment_emails(rows)
+    _unchanged_rerun_sends_nothing(world, rows)
+
+
+def test_a_streamed_first_sync_whose_planning_dies_is_planned_again_and_completes_once(world, monkeypatch):
+    monkeypatch.setattr(runs, "PAGE", 2)
+    rows = list(sample_profiles(1000, seed=69))
+    world.define(definition("seg"))
+    world.snapshot(rows)
+    real, attempts = runs.write_pages, []
+
+    def dying(svc, run_id, batches, written=lambda pages: None):
+        attempts.append(run_id)
+        if len(attempts) > 1:
+            return real(svc, run_id, batches, written)
+
+        def written_then_killed(count):
+            written(count)
+            if count == 2:  # two pages written, the first queued and sent: then the instance dies
+                wait_until(lambda: sum(r["status"] == 200 for r in world.contact_requests()) >= 2, timeout=30)
+                raise SystemError("killed while a streamed first sync was planned")
+        return real(svc, run_id, batches, written_then_killed)
+
+    monkeypatch.setattr(runs, "write_pages", dying)
+    mark = len(world.contact_requests())
+    report = world.wait(world.start("seg").json()["runId"])
+    assert len(attempts) == 2 and report["status"] == "succeeded", report
+    assert report["batches"] == {"planned": 10, "settled": 10, "dead": 0}
+    # Nothing acknowledged was sent again: the first window was not queued twice.
+    assert sum(r["n"] for r in world.contact_requests()[mark:] if r["status"] == 200) == 1000
+    assert len(RunRecords_for(world).for_export("seg", limit=5)) == 1  # no second run
+    assert world.field_members() == segment_emails(rows)
+    _unchanged_rerun_sends_nothing(world, rows)
+
+
 def RunRecords_for(world) -> RunRecords:
     return RunRecords(TableServiceClient.from_connection_string(world.stack.storage))
 
