@@ -16,7 +16,7 @@ from itertools import islice
 
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
-from shared.cdm_reader import ExportDataError, count_lines, find_snapshot, read_records
+from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
@@ -160,7 +160,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
-        if target["firstSync"] and not dry_run and count_lines(container, snapshot) <= export.max_profiles:
+        if target["firstSync"] and not dry_run and count_records(container, snapshot) <= export.max_profiles:
             stream = Stream(svc, export, run, planner, destination, rebuild, rlog)
             stream.send(read_records(container, snapshot), target)
             return

@@ -18,6 +18,7 @@ from shared.cdm_reader import (
     Partition,
     Row,
     blob_name,
+    count_records,
     csv_settings,
     find_snapshot,
     parse_partition,
@@ -108,6 +109,21 @@ FORMATS = {
 def test_every_format_reads_back_identically(container, fmt):
     write_export(container, TRICKY, columns=COLUMNS, partitions=2, time="2026-03-02T04:15:00Z", fmt=fmt)
     assert values(container, find_snapshot(container, "", SEGMENT)) == TRICKY
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_the_record_count_bounds_the_rows_from_above_whatever_the_format(container, fmt):
+    """A streamed first sync trusts it to say maxProfiles cannot be exceeded (an unannounced header counts)."""
+    write_export(container, TRICKY, columns=COLUMNS, partitions=2, time="2026-03-02T04:15:00Z", fmt=fmt)
+    counted = count_records(container, find_snapshot(container, "", SEGMENT))
+    assert counted == len(TRICKY) + 2 * (fmt.header and not fmt.file_format_settings().get("columnHeaders"))
+
+
+def test_the_record_count_is_the_row_count_with_line_breaks_inside_values(container):
+    profiles = list(sample_profiles(250, seed=4))
+    write_export(container, profiles, partitions=3, time="2026-03-02T04:15:00Z", fmt=CsvFormat(header=True))
+    assert any("\n" in value for row in profiles for value in row)
+    assert count_records(container, find_snapshot(container, "", SEGMENT)) == 250
 
 
 def test_quote_style_none_ends_a_row_at_every_line_break_and_keeps_quotes(container):
