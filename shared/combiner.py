@@ -1,11 +1,13 @@
-"""Many threads, one storage write: callers that arrive while a write is in flight are served together by the
-next one. The senders of an instance use it for the rate budget's slots and for their run's settled count, so
-that a busy instance makes one conditional update where it would make one per thread (and lose most of them
-to each other's ETags)."""
+"""Many threads, one storage write. Combiner: callers that arrive while a write is in flight are served together
+by the next one (the senders of an instance take their rate budget's slots this way). Gatherer: callers within a
+short window are written together by the first, and only it waits (the settled count of a run). Either way a
+busy instance makes one conditional update where it would make one per thread (and lose most of them to each
+other's ETags)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -60,3 +62,25 @@ class Combiner(Generic[Item, Result]):
             for call in calls:
                 call.done = True
             self._cond.notify_all()
+
+
+class Gatherer(Generic[Item, Result]):
+    """`gatherer(item)`: the first caller waits `window` seconds, then returns `apply(items)` for every item that
+    came in meanwhile (its own first); the others return None at once, their item in that call. Nothing is
+    done outside a caller's own time, so a caller that dies in its window loses the items it gathered."""
+
+    def __init__(self, apply: Callable[[list[Item]], Result], window: float):
+        self._apply, self.window = apply, window
+        self._lock = threading.Lock()
+        self._gathering: list[Item] | None = None
+
+    def __call__(self, item: Item) -> Result | None:
+        with self._lock:
+            if self._gathering is not None:
+                self._gathering.append(item)
+                return None
+            self._gathering = items = [item]
+        time.sleep(self.window)
+        with self._lock:
+            self._gathering = None
+        return self._apply(items)

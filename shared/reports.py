@@ -16,8 +16,8 @@ REPORTS = "reports"
 def after_batch(svc: Services, run_id: str, outcome: BatchOutcome | None = None) -> None:
     """Count a settled batch on its run (what the run view shows while it runs) and finish the run once every
     planned batch may be in. `outcome` None: a redelivered batch counted again, as a hint only."""
-    done, planned = svc.records.count_done(run_id, outcome)
-    if done >= planned:
+    counted = svc.records.count_done(run_id, outcome)
+    if counted and counted[0] >= counted[1]:
         finish_if_complete(svc, run_id)
 
 

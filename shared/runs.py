@@ -34,6 +34,7 @@ LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's reque
 PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
 # (a streamed first sync's first page is queued once its first PAGE batches are planned)
 WINDOW_LEAD = 20.0
+PAGE_WAIT = 10.0  # seconds a window job waits in its invocation for a page a streamed first sync is writing
 RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
 PLAN_CONTAINER = "batches"
 STREAM_CUT_SHORT = ("the export was refreshed while this run's first sync was sent and its planning was cut short: "
@@ -229,7 +230,8 @@ class Stream:
             return
         self.rlog.info("planned %d batches, %d requests, to %s (sent as planned)", pages.batches, plan.requests,
                        self.destination.name)
-        finish_if_complete(svc, run_id)  # its batches may all have settled already
+        if int((svc.records.get(run_id) or {}).get("done", 0)) >= pages.batches:
+            finish_if_complete(svc, run_id)  # its batches all settled while it was planned
 
     def _page_written(self, count: int, list_id: str) -> None:
         svc, run_id = self.svc, self.run["RowKey"]
@@ -333,10 +335,14 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
     job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
     queued again; `again`: it may have been queued in part by a job that died."""
     run_id = run["RowKey"]
+    deadline = time.monotonic() + PAGE_WAIT
+    while run.get("streaming") and page >= int(run.get("pages", 0)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a streamed first sync is writing this page: it comes in a moment
+        run = svc.records.get(run_id) or {}
     if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page:
         return
     if page >= int(run.get("pages", 0)):
-        if run.get("streaming"):  # a streamed first sync has not written this page yet: look again shortly
+        if run.get("streaming"):  # (planning is slow or was cut short: look again later)
             svc.plan_queue.send_message(json.dumps({"run": run_id, "page": page}).encode(), visibility_timeout=1)
         return
     data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()

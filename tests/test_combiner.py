@@ -1,4 +1,5 @@
-"""The combiner: callers arriving during a write share the next one; each gets its own result or the error."""
+"""The combiner: callers arriving during a write share the next one; each gets its own result or the error. The
+gatherer: callers within a window share one write, made by the first."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from shared.combiner import Combiner
+from shared.combiner import Combiner, Gatherer
 
 
 def _call_together(combiner: Combiner, items: list) -> dict:
@@ -62,3 +63,25 @@ def test_an_error_reaches_every_caller_of_that_write_and_the_next_write_still_ha
 def test_a_lone_caller_gets_the_error_of_its_own_write():
     with pytest.raises(ValueError):
         Combiner(lambda items: [int(i) for i in items])("not a number")
+
+
+def test_callers_within_the_window_are_written_together_by_the_first_and_the_others_do_not_wait():
+    applied: list[list[int]] = []
+    gatherer = Gatherer(lambda items: applied.append(list(items)) or len(items), window=0.3)
+    returned: dict[int, tuple] = {}
+
+    def call(item):
+        started = time.monotonic()
+        returned[item] = (gatherer(item), time.monotonic() - started)
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    time.sleep(0.05)
+    others = [threading.Thread(target=call, args=(i,)) for i in range(1, 6)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert applied == [[0, 1, 2, 3, 4, 5]] and returned[0][0] == 6 and returned[0][1] >= 0.3
+    assert all(returned[i][0] is None and returned[i][1] < 0.2 for i in range(1, 6))
+    assert gatherer(7) == 1 and applied[-1] == [7]  # after the window: a gathering of its own
