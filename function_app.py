@@ -58,6 +58,11 @@ def replay_run(req: func.HttpRequest) -> func.HttpResponse:
     return _json(http_api.guarded(http_api.replay_run, req.route_params.get("run_id", "")))
 
 
+@app.route(route="runs/{run_id}/cancel", methods=["POST"])
+def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _json(http_api.guarded(http_api.cancel_run, req.route_params.get("run_id", "")))
+
+
 @app.queue_trigger(arg_name="msg", queue_name=PLAN_QUEUE, connection=HOST_CONNECTION)
 def plan_run(msg: func.QueueMessage) -> None:
     """Plan a queued run, or queue the next window of a running run's batches."""

@@ -1,8 +1,8 @@
-"""Many threads, one storage write. Combiner: callers that arrive while a write is in flight are served together
-by the next one (the senders of an instance take their rate budget's slots this way). Gatherer: callers within a
-short window are written together by the first, and only it waits (the settled count of a run). Either way a
-busy instance makes one conditional update where it would make one per thread (and lose most of them to each
-other's ETags)."""
+"""Many threads, one storage write: callers that arrive while a write is in flight are served together by the
+next one. The senders of an instance use it for the rate budget's slots and, lingering a moment before each write
+to gather more, for their run's settled count: a busy instance makes one conditional update where it would make
+one per thread (and lose most of them to each other's ETags). Every caller waits for the write that serves it, so
+a crash before that write loses no item whose caller has returned."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ class _Call(Generic[Item, Result]):
 
 class Combiner(Generic[Item, Result]):
     """`combiner(item)` returns `apply(items)[i]` for its item, `apply` called by one caller at a time for every
-    item waiting when it starts. An exception from `apply` is raised to every caller it served."""
+    item waiting when it starts (`linger` s after the caller that serves them arrived). An exception from `apply`
+    is raised to every caller it served."""
 
-    def __init__(self, apply: Callable[[list[Item]], list[Result]]):
-        self._apply = apply
+    def __init__(self, apply: Callable[[list[Item]], list[Result]], linger: float = 0.0):
+        self._apply, self.linger = apply, linger
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
         self._busy = False
@@ -47,7 +48,12 @@ class Combiner(Generic[Item, Result]):
 
     def _serve(self) -> None:
         """Called holding the condition: apply every waiting item, with the condition released meanwhile."""
-        calls, self._waiting, self._busy = self._waiting, [], True
+        self._busy = True
+        if self.linger:
+            self._cond.release()
+            time.sleep(self.linger)  # others arriving meanwhile join this write
+            self._cond.acquire()
+        calls, self._waiting = self._waiting, []
         self._cond.release()
         try:
             results = self._apply([c.item for c in calls])
@@ -63,24 +69,3 @@ class Combiner(Generic[Item, Result]):
                 call.done = True
             self._cond.notify_all()
 
-
-class Gatherer(Generic[Item, Result]):
-    """`gatherer(item)`: the first caller waits `window` seconds, then returns `apply(items)` for every item that
-    came in meanwhile (its own first); the others return None at once, their item in that call. Nothing is
-    done outside a caller's own time, so a caller that dies in its window loses the items it gathered."""
-
-    def __init__(self, apply: Callable[[list[Item]], Result], window: float):
-        self._apply, self.window = apply, window
-        self._lock = threading.Lock()
-        self._gathering: list[Item] | None = None
-
-    def __call__(self, item: Item) -> Result | None:
-        with self._lock:
-            if self._gathering is not None:
-                self._gathering.append(item)
-                return None
-            self._gathering = items = [item]
-        time.sleep(self.window)
-        with self._lock:
-            self._gathering = None
-        return self._apply(items)

@@ -12,9 +12,9 @@ import uuid
 from shared import batch_messages
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
-from shared.rate_budget import LEAD, Pacer
+from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, conclude, delivery_totals, is_synced
-from shared.run_records import ACTIVE, REPLAYING, REQUEUED, UNSETTLED, BatchOutcome, run_log, utcnow
+from shared.run_records import ACTIVE, CANCELLING, REPLAYING, REQUEUED, UNSETTLED, BatchOutcome, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
@@ -58,22 +58,26 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
         return
     rlog = run_log(message.run, message.export)
     progress = _carried(message)
-    if status not in ACTIVE:
+    if status in (CANCELLING, "cancelled"):
+        pass  # nothing is sent: its contacts are counted as cancelled
+    elif status not in ACTIVE:
         run = svc.records.get(message.run) or {}
         fail_rest(message, progress, f"run already ended ({status}: {run.get('error', '')})")
-    else:
-        if not _send(svc, message, progress, rlog):
-            return
+    elif not _send(svc, message, progress, rlog):
+        return
     _settle(svc, message, progress, rlog)
 
 
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
-    pacer = Pacer(svc.budget, MAX_WAIT)
+    pacer = Pacer(svc.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
     settled_before = len(progress.done)
     try:
         BatchSender(svc.autopilot, pacer, message, progress).run()
         return True
+    except Stopped:
+        rlog.info("batch %d stopped: its run was cancelled", message.batch)
+        return True  # settled with what was sent; the rest counts as cancelled
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
     except (ApiKeyRejected, SecretUnavailable) as exc:
@@ -129,8 +133,11 @@ def _carried(message: BatchMessage) -> Progress:
 
 
 def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> None:
+    """Record the batch's outcome; items never sent (its run was cancelled) are not counted as sent."""
+    unsent = sum(1 for item in message.items if item["k"] not in progress.done)
     outcome = BatchOutcome(
-        batch=message.batch, kind=message.kind, status="done", contacts=len(message.items) + _carry_size(message),
+        batch=message.batch, kind=message.kind, status="cancelled" if unsent else "done",
+        contacts=len(message.items) - unsent + _carry_size(message),
         accepted=len(progress.acked) + progress.carried_accepted, rejected=len(progress.refused),
         failed=len(progress.failed), detail=progress.refused + progress.failed)
     if svc.records.record_batch(message.run, outcome, progress.all_acked()):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 
-from shared import delivery, reports, runs, services
+from shared import cancels, delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
 from shared.services import Services
@@ -125,13 +126,25 @@ HISTORY_FIELDS = ("runId", "status", "trigger", "dryRun", "force", "snapshot", "
 def replay_run(svc: Services, run_id: str) -> Answer:
     """POST /api/runs/{id}/replay: put the run's dead batches back on the queue; 409 when a newer run of the
     export synced since."""
+    return _on_run(svc, run_id, delivery.ReplayRefused, lambda: (200, {
+        "runId": run_id, "replayedBatches": delivery.replay(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}))
+
+
+def cancel_run(svc: Services, run_id: str) -> Answer:
+    """POST /api/runs/{id}/cancel: stop the run; the answer comes once no request of it will start (a few
+    seconds); it ends `cancelled` when its requests in flight have settled. 409 when it has ended already."""
+    return _on_run(svc, run_id, cancels.NotCancellable, lambda: (202, {
+        **cancels.cancel_run(svc, run_id), "statusUrl": f"/api/runs/{run_id}"}))
+
+
+def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[[], Answer]) -> Answer:
+    """A POST on one run: 404 when there is no such run, 409 with the reason when `act` raises `refused`."""
     if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
     try:
-        replayed = delivery.replay(svc, run_id)
-    except delivery.ReplayRefused as exc:
+        return act()
+    except refused as exc:
         return _error(409, str(exc))
-    return 200, {"runId": run_id, "replayedBatches": replayed, "statusUrl": f"/api/runs/{run_id}"}
 
 
 def guarded(call, *args) -> Answer:

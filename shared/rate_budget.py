@@ -14,6 +14,7 @@ read and a write); when another instance wrote since, the update fails on its ET
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from azure.core import MatchConditions
@@ -118,16 +119,24 @@ class RateBudget:
         return True
 
 
-class Pacer:
-    """Takes a slot for each request of one batch, right before it is sent."""
+class Stopped(Exception):
+    """The batch's run is no longer active (cancelled, ended): its request is not sent."""
 
-    def __init__(self, budget: RateBudget, max_wait: float):
+
+class Pacer:
+    """Takes a slot for each request of one batch, right before it is sent. `go_on()` is asked first: False
+    (the run was cancelled) raises Stopped, so no request of a stopped run waits for a slot."""
+
+    def __init__(self, budget: RateBudget, max_wait: float, go_on: Callable[[], bool] = lambda: True):
         self.budget = budget
         self.max_wait = max_wait
+        self.go_on = go_on
         self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
+        if not self.go_on():
+            raise Stopped
         while True:
             slot = self.budget.take(self._lead, self.max_wait)
             wait = slot - self.budget.clock()

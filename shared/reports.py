@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from itertools import chain
 
-from shared.run_records import ACTIVE, REPLAYS, BatchOutcome, run_log, utcnow
+from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, run_log, utcnow
 from shared.services import Services
 from shared.state_store import Destination, ExportState
 
@@ -16,8 +16,8 @@ REPORTS = "reports"
 def after_batch(svc: Services, run_id: str, outcome: BatchOutcome | None = None) -> None:
     """Count a settled batch on its run (what the run view shows while it runs) and finish the run once every
     planned batch may be in. `outcome` None: a redelivered batch counted again, as a hint only."""
-    counted = svc.records.count_done(run_id, outcome)
-    if counted and counted[0] >= counted[1]:
+    done, planned = svc.records.count_done(run_id, outcome)
+    if done >= planned:
         finish_if_complete(svc, run_id)
 
 
@@ -90,11 +90,15 @@ def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes:
     run = svc.records.get(run_id)
     outcomes = svc.records.batch_outcomes(run_id) if outcomes is None else outcomes
     problems = _problems(outcomes)
-    final = {"delivery": json.dumps(delivery_totals(outcomes)), "settled": len(outcomes), "problems": problems[:20],
-             "error": error}
+    totals = delivery_totals(outcomes)
+    if status == "cancelled":  # the contacts planned and never sent (a run cancelled while planned: unknown)
+        counts = run.get("counts") or {}
+        planned = sum(counts.get(k, 0) for k in ("joiners", "changed", "leavers")) - counts.get("kept_leavers", 0)
+        totals["cancelled"] = max(0, planned - totals["sent"])
+    final = {"delivery": json.dumps(totals), "settled": len(outcomes), "problems": problems[:20], "error": error}
     write_report(svc, run_id, {**run, **final, "status": status, "error": error or run.get("error")}, problems)
     finished = svc.records.finish(run_id, status, **final)
-    if finished and run.get("status") == "running":
+    if finished and run.get("status") in ("running", CANCELLING) and run.get("destination"):
         try:
             fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]))
         except Exception:

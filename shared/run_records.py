@@ -19,12 +19,13 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableServiceClient, UpdateMode
 
-from shared.combiner import Gatherer
+from shared.combiner import Combiner
 from shared.state_store import Acked, decode_acks, encode_acks
 
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
 ACTIVE = ("queued", "planning", "running")
-FINISHED = ("succeeded", "partially succeeded", "failed", "dry run")
+CANCELLING = "cancelling"  # cancelled on request: nothing more is sent; it ends `cancelled` once its requests have
+FINISHED = ("succeeded", "partially succeeded", "failed", "dry run", "cancelled")
 # A replayed dead batch is marked `replaying`, then `requeued` once its message is on the queue: neither is settled
 # (its run waits for it) until its replay's outcome replaces the mark.
 REPLAYING, REQUEUED = "replaying", "requeued"
@@ -33,7 +34,7 @@ UNSETTLED = ("dead", *REPLAYS)  # batch outcomes a delivery may replace
 JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems")
 OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
 STATUS_MAX_AGE = 2.0  # seconds a sender trusts the run status it last read (a cancelled run stops within that)
-COUNT_WINDOW = 0.25  # seconds an instance gathers its settled batches of a run into one count update
+COUNT_WINDOW = 0.1  # seconds a count update of a run waits for more of an instance's settled batches
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
 
 
@@ -87,7 +88,7 @@ class RunRecords:
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
         self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
-        self._counters: dict[str, Gatherer] = {}  # run id -> this instance's count_done calls, gathered
+        self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
         self._indexed: set[str] = set()  # exports whose runs from before the run index are known to be in it
 
     def status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
@@ -142,21 +143,20 @@ class RunRecords:
             if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, **fields}, entity.metadata["etag"]):
                 return True
 
-    def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int] | None:
+    def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int]:
         """Bump the run's count of settled batches (a hint of when to finish: a redelivered batch may count
-        twice) and, given the batch's outcome, the running totals the run view shows. Batches settling on this
-        instance within COUNT_WINDOW s are counted by one update, made by the first of them after the window:
-        it gets the count with all of them and the run's planned batches (none yet: a huge number); the others
-        get None at once."""
+        twice) and, given the batch's outcome, the running totals the run view shows. Returns the count with this
+        batch and the run's planned batches (none yet: a huge number). Batches settling on this instance within
+        COUNT_WINDOW s of each other are counted by one update."""
         counter = self._counters.get(run_id)
         if counter is None:
             if len(self._counters) > 100:
                 self._counters.clear()
-            counter = self._counters.setdefault(run_id, Gatherer(lambda outcomes: self._count(run_id, outcomes),
-                                                                 COUNT_WINDOW))
+            counter = self._counters.setdefault(run_id, Combiner(lambda outcomes: self._count(run_id, outcomes),
+                                                                 linger=COUNT_WINDOW))
         return counter(outcome)
 
-    def _count(self, run_id: str, outcomes: list[BatchOutcome | None]) -> tuple[int, int]:
+    def _count(self, run_id: str, outcomes: list[BatchOutcome | None]) -> list[tuple[int, int]]:
         added = {"sent": 0, "accepted": 0, "refused": 0, "failed": 0, "dead": 0}
         for outcome in filter(None, outcomes):
             for name, value in (("sent", outcome.contacts), ("accepted", outcome.accepted),
@@ -171,7 +171,8 @@ class RunRecords:
             patch.update({f"c_{name}": int(entity.get(f"c_{name}", 0)) + value for name, value in added.items()
                           if value})
             if self._merge_if_unchanged(patch, entity.metadata["etag"]):
-                return before + len(outcomes), int(entity.get("planned_batches", 1 << 30))
+                planned = int(entity.get("planned_batches", 1 << 30))
+                return [(before + n, planned) for n in range(1, len(outcomes) + 1)]
 
     def _merge_if_unchanged(self, patch: dict, etag: str) -> bool:
         try:
@@ -203,9 +204,11 @@ class RunRecords:
             self.runs.upsert_entity(_index_entry(export, run["RowKey"]))
         self.runs.upsert_entity({"PartitionKey": _index_partition(export), "RowKey": INDEXED})
 
-    def active(self) -> list[dict]:
-        filters = " or ".join(f"status eq '{s}'" for s in ACTIVE)
-        return [_decode(e) for e in self.runs.query_entities(f"PartitionKey eq 'run' and ({filters})")]
+    def active(self, statuses: tuple[str, ...] = ACTIVE) -> list[dict]:
+        """The runs in these statuses, each with `modified`: when its record last changed (epoch seconds)."""
+        filters = " or ".join(f"status eq '{s}'" for s in statuses)
+        return [{**_decode(e), "modified": e.metadata["timestamp"].timestamp()}
+                for e in self.runs.query_entities(f"PartitionKey eq 'run' and ({filters})")]
 
     # --- one run at a time per export -------------------------------------------------------------
     def acquire(self, export: str, run_id: str, take_over: bool = False) -> tuple[str, str] | None:

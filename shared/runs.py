@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 
+from azure.core.exceptions import ResourceNotFoundError
+
+from shared import cancels
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
@@ -23,7 +26,7 @@ from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
 from shared.rate_budget import Deferred, Pacer
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
-from shared.run_records import ACTIVE, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
+from shared.run_records import ACTIVE, CANCELLING, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.services import Services
 from shared.settings import SettingsError
@@ -34,6 +37,7 @@ LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's reque
 PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
 # (a streamed first sync's first page is queued once its first PAGE batches are planned)
 WINDOW_LEAD = 20.0
+STUCK_AFTER = 30 * 60  # seconds a running run may go without any change to its record before it is taken over
 PAGE_WAIT = 10.0  # seconds a window job waits in its invocation for a page a streamed first sync is writing
 RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
 PLAN_CONTAINER = "batches"
@@ -95,6 +99,9 @@ def handle_plan_message(svc: Services, body: bytes, dequeue_count: int = 1) -> N
     job = _plan_job(body)
     if job is None:
         return
+    if "conclude" in job:  # a cancelled run, once its last requests have ended
+        cancels.conclude_cancelled(svc, job["run"], wait=True)
+        return
     run = svc.records.get(job["run"])
     if run is None or run.get("status") not in ACTIVE:
         log.info("planning job for run %s skipped: %s", job["run"], (run and run.get("status")) or "no such run")
@@ -119,7 +126,8 @@ def _plan_job(body: bytes) -> dict | None:
     try:
         job = json.loads(body)
         valid = (isinstance(job, dict) and isinstance(job.get("run"), str) and RUN_ID_RE.fullmatch(job["run"])
-                 and set(job) <= {"run", "page"} and (type(job.get("page", 0)) is int and job.get("page", 0) >= 0))
+                 and set(job) <= {"run", "page", "conclude"} and job.get("conclude", "cancelled") == "cancelled"
+                 and (type(job.get("page", 0)) is int and job.get("page", 0) >= 0))
     except ValueError:
         valid = False
     if not valid:
@@ -219,7 +227,7 @@ class Stream:
         try:
             pages = write_pages(svc, run_id, plan.batches(), lambda count: self._page_written(count, list_id))
         except RunEnded:
-            self.rlog.info("run ended before its first batch was queued (superseded by a forced run?)")
+            self.rlog.info("run ended while it was planned (cancelled, or superseded by a forced run)")
             return
         _save_rejections(svc, run_id, plan.rejections_file)
         summary = _summary(svc, plan, target, streamed=True)
@@ -236,7 +244,8 @@ class Stream:
     def _page_written(self, count: int, list_id: str) -> None:
         svc, run_id = self.svc, self.run["RowKey"]
         if count > 1:
-            svc.records.update(run_id, pages=count)
+            if not svc.records.advance(run_id, ("running",), pages=count):
+                raise RunEnded(run_id)  # cancelled or superseded: planning stops
             return
         if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=True,
                                    list_id=list_id, rebuild_state=self.rebuild, pages=1, planned_at=utcnow()):
@@ -260,6 +269,7 @@ def _prepare_state(svc: Services, state, destination, force: bool, rlog) -> bool
     """Fold what ended runs acknowledged into the snapshot planning reads; True when a forced run must rebuild
     a snapshot that cannot be read (an unforced run fails on it, naming it)."""
     try:
+        cancels.conclude_pending_cancels(svc, [p["run"] for p in state.head()[0]["pending"]])
         fold_state(svc, state, destination)
         if force:
             state.check(destination)
@@ -376,9 +386,12 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: b
 # --- the timer ------------------------------------------------------------------------------------
 def scheduled_tick(svc: Services) -> list[str]:
     """Finish runs whose last batch was settled by a crashed instance, then start runs for new snapshots."""
-    for run in svc.records.active():
+    for run in svc.records.active((*ACTIVE, CANCELLING)):
         if run.get("status") == "running":
-            finish_if_complete(svc, run["RowKey"])
+            if not finish_if_complete(svc, run["RowKey"]) and time.time() - run["modified"] > STUCK_AFTER:
+                take_over(svc, run)
+        elif run.get("status") == CANCELLING:  # (its conclusion job may be lost)
+            cancels.conclude_cancelled(svc, run["RowKey"], wait=False)
     try:
         exports = svc.exports()
     except ExportConfigError as exc:  # the timer must not fail on every tick: say what to fix, once a tick
@@ -398,6 +411,40 @@ def scheduled_tick(svc: Services) -> list[str]:
     return started
 
 
+def take_over(svc: Services, run: dict) -> int:
+    """Take up a run whose messages are lost: a running run whose record has not changed for STUCK_AFTER s (no
+    batch settled, no window queued; their messages expired, or a failure dropped them), or one whose host was
+    killed (a local stack's). Every unsettled batch of its queued pages is queued again from the plan, marked maybe
+    settled (a copy that still turns up is sent once), and its next window job too; returns how many batches. A
+    run still being planned is planned again (the same way). A plan that cannot be read fails the run."""
+    run_id, rlog = run["RowKey"], run_log(run["RowKey"], run["export"])
+    if run.get("status") in ("queued", "planning") or run.get("streaming"):
+        svc.plan_queue.send_message(json.dumps({"run": run_id}).encode())
+        svc.records.update(run_id, taken_over=utcnow())
+        return 0
+    settled = {int(o["RowKey"]) for o in svc.records.batch_outcomes(run_id)}
+    queued = min(int(run.get("queued_pages", 0)), int(run.get("pages", 0)))
+    again = 0
+    try:
+        for page in range(queued):
+            data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
+            for number, line in enumerate(gzip.decompress(data).decode().split("\n"), start=page * PAGE + 1):
+                if number not in settled:
+                    batch = json.loads(line)
+                    queue_message(svc, BatchMessage(run_id, run["export"], number, batch["kind"], batch["items"],
+                                                    run.get("list_id") or None, maybe_settled=True), None)
+                    again += 1
+    except ResourceNotFoundError:
+        conclude(svc, run_id, "failed", error="the run made no progress and its plan (page blobs in the "
+                                               f"{PLAN_CONTAINER!r} container) is gone: start a new run")
+        return 0
+    if queued < int(run.get("pages", 0)):  # its next window job may be lost too (a duplicate finds it queued)
+        svc.plan_queue.send_message(json.dumps({"run": run_id, "page": queued}).encode())
+    svc.records.update(run_id, taken_over=utcnow())
+    rlog.warning("run taken over: %d unsettled batches queued again from its plan", again)
+    return again
+
+
 def _has_new_snapshot(svc: Services, export: ExportDefinition) -> bool:
     """True unless the newest snapshot was synced to the export's present destination, or runs on it failed
     lately (the timer backs off: retry_time)."""
@@ -405,8 +452,8 @@ def _has_new_snapshot(svc: Services, export: ExportDefinition) -> bool:
     destination = svc.destination(export).id
     tried = [run for run in svc.records.for_export(export.name, limit=20)
              if run.get("snapshot") == snapshot.id and run.get("state") in (None, "", destination)]
-    if any(is_synced(run) for run in tried):
-        return False
+    if any(is_synced(run) for run in tried) or (tried and tried[0].get("status") == "cancelled"):
+        return False  # (a cancelled snapshot waits for a new one, or for a run started on demand)
     retry_at = retry_time(tried)
     if retry_at is not None and time.time() < retry_at:
         log.info("export %s: its last run failed on this snapshot; the timer tries again at %s", export.name,

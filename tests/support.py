@@ -11,6 +11,7 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
+from shared.run_records import FINISHED
 from tools.generate_export import STANDARD_COLUMNS, write_export
 from tools.local_host import LocalHost, QueueOptions
 from tools.local_stack import LocalStack
@@ -32,7 +33,7 @@ def expected_contacts(rows) -> dict[str, dict]:
     return result
 
 
-FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+FINAL = FINISHED
 CONTAINER = "ciexports"
 # Quick polling and retries, so a test's run takes seconds (the real host.json values are tested elsewhere).
 FAST_QUEUES = QueueOptions(batch_size=16, new_batch_threshold=24, max_dequeue_count=3, visibility_timeout=0.5,

@@ -1,5 +1,5 @@
-"""The combiner: callers arriving during a write share the next one; each gets its own result or the error. The
-gatherer: callers within a window share one write, made by the first."""
+"""The combiner: callers arriving during a write share the next one; each gets its own result or the error; with
+a linger, callers arriving shortly after the first share its write."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.combiner import Combiner, Gatherer
+from shared.combiner import Combiner
 
 
 def _call_together(combiner: Combiner, items: list) -> dict:
@@ -65,14 +65,18 @@ def test_a_lone_caller_gets_the_error_of_its_own_write():
         Combiner(lambda items: [int(i) for i in items])("not a number")
 
 
-def test_callers_within_the_window_are_written_together_by_the_first_and_the_others_do_not_wait():
+def test_with_a_linger_callers_arriving_after_the_first_share_its_write_and_wait_for_it():
     applied: list[list[int]] = []
-    gatherer = Gatherer(lambda items: applied.append(list(items)) or len(items), window=0.3)
-    returned: dict[int, tuple] = {}
+
+    def apply(items):
+        applied.append(list(items))
+        return [i * 10 for i in items]
+
+    combiner, returned = Combiner(apply, linger=0.3), {}
 
     def call(item):
         started = time.monotonic()
-        returned[item] = (gatherer(item), time.monotonic() - started)
+        returned[item] = (combiner(item), time.monotonic() - started)
 
     first = threading.Thread(target=call, args=(0,))
     first.start()
@@ -82,6 +86,6 @@ def test_callers_within_the_window_are_written_together_by_the_first_and_the_oth
         thread.start()
     for thread in [first, *others]:
         thread.join(10)
-    assert applied == [[0, 1, 2, 3, 4, 5]] and returned[0][0] == 6 and returned[0][1] >= 0.3
-    assert all(returned[i][0] is None and returned[i][1] < 0.2 for i in range(1, 6))
-    assert gatherer(7) == 1 and applied[-1] == [7]  # after the window: a gathering of its own
+    assert applied == [[0, 1, 2, 3, 4, 5]]  # one write for all six
+    assert all(returned[i][0] == i * 10 for i in range(6))  # each its own result, once its write was made
+    assert returned[0][1] >= 0.3 and all(returned[i][1] >= 0.2 for i in range(1, 6))

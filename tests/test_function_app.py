@@ -24,6 +24,7 @@ def test_every_function_is_indexed_with_its_trigger():
         "get_run": "httpTrigger",
         "list_exports": "httpTrigger",
         "replay_run": "httpTrigger",
+        "cancel_run": "httpTrigger",
         "plan_run": "queueTrigger",
         "record_failed_plan": "queueTrigger",
         "send_batch": "queueTrigger",
@@ -55,6 +56,7 @@ def test_http_routes_need_a_function_key():
         "get_run": ("runs/{run_id}", ["GET"]),
         "list_exports": ("exports", ["GET"]),
         "replay_run": ("runs/{run_id}/replay", ["POST"]),
+        "cancel_run": ("runs/{run_id}/cancel", ["POST"]),
     }
     assert {str(t["authLevel"].value) for t in routes.values()} == {"function"}
 

@@ -72,6 +72,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote_plus
 
+from tools.state_lock import tied_to_parent
+
 STANDARD_FIELDS = frozenset({
     "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
     "MobilePhone", "Fax", "Website", "MailingStreet", "MailingCity", "MailingState", "MailingPostalCode",
@@ -821,15 +823,20 @@ class SimProcess:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._proc
+
     def start(self, timeout: float = 30.0) -> SimProcess:
         root = Path(__file__).resolve().parent.parent
         log = None
         if self._log_path:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(self._log_path, "wb")  # the child keeps its own copy of the descriptor
-        # A session of its own: Ctrl-C in a terminal reaches only the caller, which stops the simulator itself.
+        # A session of its own: Ctrl-C in a terminal reaches only the caller, which stops the simulator itself
+        # (or its death does: tied_to_parent).
         self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, stderr=log, text=True,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=tied_to_parent)
         if log:
             log.close()
         ready = threading.Timer(timeout, self._proc.kill)  # bounds the wait for the "listening" line

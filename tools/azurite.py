@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.state_lock import tied_to_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite"
 ACCOUNT = "devstoreaccount1"
@@ -28,9 +30,13 @@ def free_port() -> int:
 
 
 class Azurite:
-    """One Azurite process with its own data folder and free ports; `connection_string` points at it."""
+    """One Azurite process with its own data folder and free ports; `connection_string` points at it.
+    `in_memory`: nothing is written to disk (a restart loses the data). Azurite saves its table database to disk
+    every 5 s, and while it serialises a big one (a run's outcomes with their acknowledgements) every storage
+    call waits: pauses of over a second that Azure's Table service does not have. Benchmarks run in memory."""
 
-    def __init__(self, location: str | os.PathLike | None = None):
+    def __init__(self, location: str | os.PathLike | None = None, in_memory: bool = False):
+        self.in_memory = in_memory
         self._own_location = location is None
         self.location = Path(location or tempfile.mkdtemp(prefix="azurite-"))
         self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
@@ -56,10 +62,11 @@ class Azurite:
             "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
             "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
             "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
+            *(["--inMemoryPersistence"] if self.in_memory else []),
         ]
         log = open(self.location / "azurite.log", "ab")
-        # A process group of its own, so stop() also ends node's children.
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        # A process group of its own (stop() ends node's children too), ended with its parent if that dies.
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, preexec_fn=tied_to_parent)
         self._wait_listening(timeout)
         return self
 
@@ -76,6 +83,10 @@ class Azurite:
                     if sock.connect_ex(("127.0.0.1", port)) == 0:
                         pending.discard(port)
             time.sleep(0.05)
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._proc
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:

@@ -6,7 +6,9 @@
 DIR mirrors the export container's content (as Customer Insights writes it); it is uploaded to Azurite. The
 API key is stored in the Key Vault stand-in and read back by the app through the real Key Vault client. The
 run goes through the same functions as in Azure: the HTTP trigger starts it, the queue trigger sends it.
-With --state-dir the stack's storage is kept, so the next run of the same export is incremental.
+With --state-dir the stack's storage is kept, so the next run of the same export is incremental; one local stack
+at a time uses a state folder, and the same command after a local_run was killed resumes the run it left. Ctrl-C
+cancels the run and waits for what is in flight to settle (exit status 130); a second Ctrl-C leaves at once.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from pathlib import Path
 import requests
 
 from shared.export_config import ExportConfigError, parse_exports
+from shared.run_records import FINISHED
 from shared.settings import Settings, SettingsError
 from tools.local_host import LocalHost
 from tools.local_stack import LocalStack
-
-FINAL = ("succeeded", "partially succeeded", "failed", "dry run")
+from tools.state_lock import FolderInUse
 
 
 class UsageError(Exception):
@@ -52,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
     try:
         report = run(args)
-    except (UsageError, ExportConfigError, SettingsError) as exc:
+    except (UsageError, ExportConfigError, SettingsError, FolderInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("left without waiting; the local stack is stopped", file=sys.stderr)
+        return 130
     text = json.dumps(report, indent=2)
     if args.report:
         args.report.write_text(text)
     print(text)
-    return 0 if report["status"] in ("succeeded", "dry run") else 1
+    return 0 if report["status"] in ("succeeded", "dry run") else 130 if report["status"] == "cancelled" else 1
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         upload_folder(stack.storage, definition.container, args.export_dir)
         settings = stack.settings(exports)
         with LocalHost(_app(), settings, port=0) as host:
-            return _run_and_wait(host, args)
+            return _run_and_wait(host, args, resume=stack.left_by_a_killed_stack)
 
 
 def _read_exports(path: Path, name: str) -> str:
@@ -113,21 +118,43 @@ def upload_folder(connection: str, container: str, folder: Path) -> int:
     return len(files)
 
 
-def _run_and_wait(host: LocalHost, args: argparse.Namespace) -> dict:
+def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool) -> dict:
     api = requests.Session()
     api.headers["x-functions-key"] = host.function_key
     body = {"dryRun": args.dry_run, "force": args.force}
     started = api.post(f"{host.base_url}/api/exports/{args.export}/runs", json=body, timeout=600)
     view = started.json()
-    if started.status_code >= 400:
+    if started.status_code == 409 and resume and not args.force and view.get("runId"):
+        # The run in progress was left by a local_run that was killed (the state folder's lock was stale): what its
+        # host had taken from the queues is leased to that dead host for minutes, so the run is taken over (its
+        # unsettled batches queued again; one that turns up twice is sent once) and waited for here.
+        print(f"resuming run {view['runId']}, left unfinished by a local_run that was killed", file=sys.stderr)
+        _take_over(view["runId"])
+    elif started.status_code >= 400:
         raise UsageError(f"the run was refused ({started.status_code}): {view.get('error')}")
-    return _wait(api, host.base_url + view["statusUrl"], view, args.timeout)
+    url = host.base_url + view["statusUrl"]
+    view = api.get(url, timeout=30).json() if started.status_code == 409 else view
+    try:
+        return _wait(api, url, view, args.timeout)
+    except KeyboardInterrupt:  # cancel the run and wait for it to settle; a second Ctrl-C leaves at once
+        print(f"\ncancelling run {view['runId']} (Ctrl-C again to leave at once) ...", file=sys.stderr)
+        cancelled = api.post(f"{host.base_url}/api/runs/{view['runId']}/cancel", timeout=120)
+        return _wait(api, url, api.get(url, timeout=30).json() if cancelled.ok else view, args.timeout)
+
+
+def _take_over(run_id: str) -> None:
+    from shared import runs, services  # the app's own take-over, in this process (the host runs here)
+
+    svc = services.current()
+    run = svc.records.get(run_id)
+    if run and run.get("status") in ("queued", "planning", "running"):
+        runs.take_over(svc, run)
 
 
 def _wait(api: requests.Session, url: str, view: dict, timeout: float) -> dict:
     bar = _progress_bar(view)
     deadline = time.monotonic() + timeout
-    while view["status"] not in FINAL:
+    while view["status"] not in FINISHED:
         if time.monotonic() > deadline:
             raise UsageError(f"run {view['runId']} did not finish within {timeout:.0f}s; see {url}")
         time.sleep(0.5)
@@ -141,7 +168,7 @@ def _wait(api: requests.Session, url: str, view: dict, timeout: float) -> dict:
 
 
 def _progress_bar(view: dict):
-    if not sys.stderr.isatty() or view["status"] in FINAL:
+    if not sys.stderr.isatty() or view["status"] in FINISHED:
         return None
     from tqdm import tqdm
 

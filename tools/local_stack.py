@@ -16,6 +16,7 @@ from shared.settings import WORKER_THREADS
 from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
 from tools.keyvault_standin import KeyVaultStandIn
+from tools.state_lock import StateLock
 
 SECRET_NAME = "autopilot-api-key"
 SCHEDULE = "0 */15 * * * *"
@@ -23,25 +24,34 @@ SCHEDULE = "0 */15 * * * *"
 
 class LocalStack:
     def __init__(self, state_dir: str | Path | None = None, *, api_key: str | None = None, rate: float = 5.0,
-                 autopilot_url: str | None = None, faults: Faults | None = None):
+                 autopilot_url: str | None = None, faults: Faults | None = None, in_memory: bool = False):
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="local-stack-"))
         self.api_key = api_key or secrets.token_hex(16)
         self.rate = rate
         self.autopilot_url = autopilot_url
         self.faults = faults
-        self.azurite = Azurite(self.state_dir / "azurite")
+        self.azurite = Azurite(self.state_dir / "azurite", in_memory=in_memory)
         self.keyvault = KeyVaultStandIn(state_dir=self.state_dir / "keyvault")
         self.sim: SimProcess | None = None
+        self._lock: StateLock | None = None
+
+    @property
+    def left_by_a_killed_stack(self) -> bool:
+        """The state folder's lock was stale: the stack before this one was killed, not stopped."""
+        return bool(self._lock and self._lock.was_stale)
 
     def start(self) -> LocalStack:
+        """Raises state_lock.FolderInUse when another live local stack holds the state folder."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = StateLock(self.state_dir).acquire()
         self.azurite.start()
         self.keyvault.start()
         self.keyvault.set_secret(SECRET_NAME, self.api_key)
         if self.autopilot_url is None:
             self.sim = SimProcess(self.api_key, rate=self.rate, faults=self.faults).start()
             self.autopilot_url = self.sim.base_url
+        self._lock.note_children([p.pid for p in (self.azurite.process, self.sim and self.sim.process) if p])
         return self
 
     def stop(self) -> None:
@@ -49,6 +59,8 @@ class LocalStack:
             self.sim.stop()
         self.keyvault.stop()
         self.azurite.stop()
+        if self._lock:
+            self._lock.release()
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 

@@ -1,0 +1,81 @@
+"""Cancelling a run: no request starts after the answer, batches in flight settle, the unsent rest is counted
+as cancelled, and the export is free at once.
+
+A sender asks whether its run is still active before it waits for each request's slot (trusting a status read
+at most STATUS_MAX_AGE s before, and waiting at most MAX_WAIT s for the slot), so the answer comes that long
+after the run is marked `cancelling`: by then every sender has seen it. A request already on its way ends within
+the client's timeouts, so quiet() s after the cancel nothing of the run can change: it is concluded `cancelled`
+(the exact report from its outcomes, then its acknowledgements folded into the state) by a job queued with that
+delay, by the timer, or by the export's next run, whose planning waits for it before it reads the state (so it
+sends nothing the cancelled run got acknowledged). Nothing is booked ahead on the rate budget (a slot is taken
+right before its request), so the next run's requests are not held back by the cancelled one's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from shared.autopilot_client import CONNECT_TIMEOUT
+from shared.reports import conclude, run_view
+from shared.run_records import ACTIVE, CANCELLING, STATUS_MAX_AGE, utcnow
+from shared.sender import MAX_WAIT
+from shared.services import Services
+
+SEEN_BY_SENDERS = STATUS_MAX_AGE + MAX_WAIT + 0.25  # seconds after which no sender starts a request of the run
+
+
+def quiet(svc: Services) -> float:
+    """Seconds after a cancel when every request of the run has ended (the client's timeouts) and settled."""
+    return SEEN_BY_SENDERS + CONNECT_TIMEOUT + svc.settings.request_timeout + 2.0
+
+
+class NotCancellable(Exception):
+    """The run has ended already."""
+
+
+def cancel_run(svc: Services, run_id: str) -> dict:
+    """Mark the run cancelling and answer once no sender will start a request of it."""
+    run = svc.records.get(run_id) or {}
+    if not svc.records.advance(run_id, ACTIVE, status=CANCELLING, cancel_requested=utcnow(),
+                               cancelled_at=time.time()):
+        raise NotCancellable(f"run {run_id} has already ended ({(svc.records.get(run_id) or run).get('status')})")
+    svc.plan_queue.send_message(json.dumps({"run": run_id, "conclude": "cancelled"}).encode(),
+                                visibility_timeout=math.ceil(quiet(svc)))
+    if not run.get("snapshot"):  # cancelled before it was planned: the snapshot it stood for is the newest
+        _note_snapshot(svc, run_id, run["export"])
+    time.sleep(SEEN_BY_SENDERS)
+    return run_view(svc, run_id)
+
+
+def _note_snapshot(svc: Services, run_id: str, export: str) -> None:
+    """So the timer leaves that snapshot alone (runs._has_new_snapshot)."""
+    from shared import runs  # (runs starts and plans runs, and concludes cancelled ones: it imports this module)
+
+    try:
+        definition = runs.find_export(svc, export)
+        snapshot = runs.find_snapshot(svc.export_container(definition), definition.prefix, definition.segment)
+    except Exception:  # no definition or no readable export any more: nothing the timer could start either
+        return
+    svc.records.update(run_id, snapshot=snapshot.id, state=svc.destination(definition).id)
+
+
+def conclude_cancelled(svc: Services, run_id: str, wait: bool) -> bool:
+    """Conclude a cancelling run once quiet() s have passed since its cancel (waiting for that if `wait`); False
+    if it is not cancelling, or (not waiting) its quiet time has not come."""
+    run = svc.records.get(run_id)
+    if not run or run.get("status") != CANCELLING:
+        return False
+    left = float(run.get("cancelled_at", 0)) + quiet(svc) - time.time()
+    if left > 0:
+        if not wait:
+            return False
+        time.sleep(left)
+    return conclude(svc, run_id, "cancelled", error="cancelled on request")
+
+
+def conclude_pending_cancels(svc: Services, pending_runs: list[str]) -> None:
+    """Before planning reads the state: conclude (waiting for them) the cancelled runs it would fold."""
+    for run_id in pending_runs:
+        conclude_cancelled(svc, run_id, wait=True)

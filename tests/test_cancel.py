@@ -1,0 +1,102 @@
+"""Cancelling a run: no request starts after the answer, the counts add up, the export is free at once, and the
+next run sends the rest without resending what the cancelled run got acknowledged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.run_records import RunRecords
+from tests.support import close_world, definition, open_world, wait_until
+from tests.test_incremental import segment_emails
+from tools.generate_export import sample_profiles
+
+
+@pytest.fixture
+def slow_world():
+    world = open_world(rate=5, settings={"AUTOPILOT_TIMEOUT_SECONDS": "2"})  # 60 joins take 12 s
+    try:
+        yield world
+    finally:
+        close_world(world)
+
+
+def cancel(world, run_id: str):
+    return world.api.post(f"{world.host.base_url}/api/runs/{run_id}/cancel", timeout=120)
+
+
+def test_a_cancelled_run_stops_sending_at_the_answer_and_the_next_run_sends_only_the_rest(slow_world):
+    world, rows = slow_world, list(sample_profiles(60, seed=71))
+    world.define(definition("seg", "list"))
+    world.snapshot(rows)
+    run_id = world.start("seg").json()["runId"]
+    wait_until(lambda: len(world.contact_requests()) >= 5, timeout=30)
+    answer = cancel(world, run_id)
+    answered = time.time()
+    assert answer.status_code == 202 and answer.json()["status"] == "cancelling", answer.text
+    report = world.wait(run_id, timeout=60)
+    late = [r for r in world.contact_requests() if r["t"] > answered]
+    assert late == [], late  # nothing started after the answer (those in flight then had arrived before it)
+    counts = report["counts"]
+    assert report["status"] == "cancelled" and counts["joiners"] == 60
+    assert 5 <= counts["accepted"] < 60 and counts["accepted"] + counts["cancelled"] == 60
+    assert counts["refused"] == counts["failed"] == 0
+    assert len(world.list_members()) == counts["accepted"]
+    assert cancel(world, run_id).status_code == 409  # it has ended
+
+    mark, started = len(world.contact_requests()), time.time()
+    rest = world.start("seg").json()
+    final = world.wait(rest["runId"], timeout=120)
+    sent = world.contact_requests()[mark:]
+    assert final["status"] == "succeeded" and final["counts"]["joiners"] == 60 - counts["accepted"]
+    assert len([r for r in sent if r["status"] == 200]) == 60 - counts["accepted"]  # nothing acknowledged resent
+    assert sent[0]["t"] - started < 30  # the cancelled run holds nothing back beyond its requests' timeouts
+    assert world.list_members() == segment_emails(rows)
+
+
+def test_the_timer_leaves_a_cancelled_snapshot_alone_and_cancel_answers_404_for_no_run(slow_world):
+    from shared import runs, services
+
+    world, rows = slow_world, list(sample_profiles(200, seed=72))
+    world.define(definition("seg"))
+    world.snapshot(rows)
+    run_id = world.start("seg").json()["runId"]
+    assert cancel(world, run_id).status_code == 202
+    assert world.wait(run_id, timeout=60)["status"] == "cancelled"
+    assert runs.scheduled_tick(services.current()) == []  # not started again until a new snapshot comes
+    assert cancel(world, "20260302T043000Z-0000dead").status_code == 404
+    assert RunRecords_count(world, "seg") == 1
+
+
+def RunRecords_count(world, export: str) -> int:
+    from azure.data.tables import TableServiceClient
+
+    return len(RunRecords(TableServiceClient.from_connection_string(world.stack.storage)).for_export(export, 10))
+
+
+def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_world, monkeypatch):
+    from azure.storage.queue import QueueClient
+
+    from shared import runs, services
+    from shared.settings import BATCH_QUEUE
+
+    world, rows = slow_world, list(sample_profiles(40, seed=73))
+    world.define(definition("seg", "list"))
+    world.snapshot(rows)
+    run_id = world.start("seg").json()["runId"]
+    wait_until(lambda: len(world.contact_requests()) >= 3, timeout=30)
+    QueueClient.from_connection_string(world.stack.storage, BATCH_QUEUE).clear_messages()  # lost
+
+    def settled() -> int:
+        return world.view(run_id)["batches"]["settled"]
+    time.sleep(5)  # what was in flight settles
+    before = settled()
+    time.sleep(3)  # and nothing else comes
+    assert settled() == before < 4 and world.view(run_id)["status"] == "running"
+    monkeypatch.setattr(runs, "STUCK_AFTER", 1.0)
+    runs.scheduled_tick(services.current())
+    report = world.wait(run_id, timeout=60)
+    assert report["status"] == "succeeded" and report["counts"]["accepted"] == 40
+    assert world.list_members() == segment_emails(rows)
+    assert len([r for r in world.contact_requests() if r["status"] == 200]) <= 40 + 16  # at most in flight twice

@@ -1,0 +1,115 @@
+"""`python -m tools.local_run` as a user runs it: killed half way (SIGKILL to its process group), the same command
+resumes the run it left and ends with the exact list; its children die with it; a state folder in use by a live
+stack is refused, a stale lock is cleared."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import definition, wait_until
+from tests.test_incremental import segment_emails
+from tools.autopilot_sim import SimProcess
+from tools.generate_export import sample_profiles, write_export
+from tools.local_stack import LocalStack
+from tools.state_lock import LOCK_NAME, StateLock
+
+KEY = "local-run-test-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _processes_using(folder: Path) -> list[int]:
+    """Live processes whose command line names `folder` (an Azurite serving it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(folder) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
+                        and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rows = list(sample_profiles(120, seed=81))
+    write_export(tmp_path / "export", rows, time="2026-03-02T04:15:00Z")
+    config = tmp_path / "exports.json"
+    config.write_text(json.dumps({"exports": [definition("seg", "list")]}))
+    sim = SimProcess(KEY, rate=10).start()
+    try:
+        yield tmp_path, rows, config, sim
+    finally:
+        sim.stop()
+
+
+def _command(tmp_path: Path, config: Path, sim) -> list[str]:
+    return [sys.executable, "-m", "tools.local_run", "--export-dir", str(tmp_path / "export"), "--exports-config",
+            str(config), "--export", "seg", "--autopilot-url", sim.base_url, "--state-dir", str(tmp_path / "state")]
+
+
+def _env() -> dict:
+    return {**os.environ, "AUTOPILOT_API_KEY": KEY, "AUTOPILOT_REQUESTS_PER_SECOND": "10"}
+
+
+def _joins(sim) -> list[dict]:
+    return [r for r in sim.request_log() if r["path"].endswith("/contact") and r["status"] == 200]
+
+
+def test_a_killed_local_run_leaves_no_process_and_the_same_command_resumes_its_run(setup):
+    tmp_path, rows, config, sim = setup
+    first = subprocess.Popen(_command(tmp_path, config, sim), cwd=ROOT, env=_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # the joins go in messages of 20, a few sending at once: by 70, the first few are settled
+        wait_until(lambda: len(_joins(sim)) >= 70, timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    sent_before = len(_joins(sim))
+    wait_until(lambda: not _processes_using(tmp_path / "state"), timeout=20)  # Azurite died with its parent
+    assert (tmp_path / "state" / LOCK_NAME).exists()  # left behind: stale
+
+    again = subprocess.run(_command(tmp_path, config, sim), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming run" in again.stderr
+    report = json.loads(again.stdout)
+    assert report["status"] == "succeeded" and report["counts"]["joiners"] == 120
+    lists = sim.lists()
+    assert len(lists) == 1 and sim.members(next(iter(lists))) == segment_emails(rows)
+    joins = [r for r in _joins(sim)]
+    # Sent again: only contacts of batches in flight at the kill (not settled), never one a settled batch sent.
+    assert 120 <= len(joins) < 120 + sent_before, (len(joins), sent_before)
+    assert not _processes_using(tmp_path / "state") and not (tmp_path / "state" / LOCK_NAME).exists()
+
+
+def test_a_state_folder_held_by_a_live_stack_is_refused(setup):
+    tmp_path, _rows, config, sim = setup
+    with LocalStack(tmp_path / "state", api_key=KEY, autopilot_url=sim.base_url):
+        refused = subprocess.run(_command(tmp_path, config, sim), cwd=ROOT, env=_env(), capture_output=True,
+                                 text=True, timeout=120)
+    assert refused.returncode == 2 and "in use by another local stack" in refused.stderr, refused.stderr
+    assert not _joins(sim)
+
+
+def test_a_stale_lock_is_cleared_and_the_children_it_names_are_stopped(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "azurite"])
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "children": [orphan.pid]}))
+    lock = StateLock(tmp_path).acquire()
+    try:
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
