@@ -58,11 +58,10 @@ class Azurite:
         self.location.mkdir(parents=True, exist_ok=True)
         cmd = [
             str(AZURITE_BIN), "--silent", "--skipApiVersionCheck", "--loose", "--disableProductStyleUrl",
-            "--location", str(self.location),
+            *(["--inMemoryPersistence"] if self.in_memory else ["--location", str(self.location)]),
             "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
             "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
             "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
-            *(["--inMemoryPersistence"] if self.in_memory else []),
         ]
         log = open(self.location / "azurite.log", "ab")
         # A process group of its own (stop() ends node's children too), ended with its parent if that dies.
