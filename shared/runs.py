@@ -39,6 +39,7 @@ PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s befo
 WINDOW_LEAD = 20.0
 STUCK_AFTER = 30 * 60  # seconds a running run may go without any change to its record before it is taken over
 PAGE_WAIT = 10.0  # seconds a window job waits in its invocation for a page a streamed first sync is writing
+STREAM_AHEAD, STREAM_PACED = 10.0, 240.0  # a streamed first sync's lead over sending, and how long it keeps it
 RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
 PLAN_CONTAINER = "batches"
 STREAM_CUT_SHORT = ("the export was refreshed while this run's first sync was sent and its planning was cut short: "
@@ -217,6 +218,11 @@ class Stream:
         self.svc, self.export, self.run, self.planner, self.rlog = svc, export, run, planner, rlog
         self.destination, self.rebuild = destination, rebuild
         self.resumed = bool(run.get("streaming"))
+        # Planning shares the instance's cores with the senders: it keeps about STREAM_AHEAD s of requests ahead
+        # of what has settled, for at most STREAM_PACED s (an invocation must end), then runs flat out.
+        per_batch = 1 if export.membership == "field" else planner.list_ops
+        self.ahead = max(2 * PAGE, int(STREAM_AHEAD * svc.budget.rate / per_batch))
+        self.paced_until = time.monotonic() + STREAM_PACED
 
     def send(self, partitions, target: dict) -> None:
         svc, run_id = self.svc, self.run["RowKey"]
@@ -246,11 +252,20 @@ class Stream:
         if count > 1:
             if not svc.records.advance(run_id, ("running",), pages=count):
                 raise RunEnded(run_id)  # cancelled or superseded: planning stops
+            self._keep_pace(count)
             return
         if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=True,
                                    list_id=list_id, rebuild_state=self.rebuild, pages=1, planned_at=utcnow()):
             raise RunEnded(run_id)
         queue_window(svc, svc.records.get(run_id), 0, again=self.resumed)
+
+
+    def _keep_pace(self, pages: int) -> None:
+        while time.monotonic() < self.paced_until:
+            settled = int((self.svc.records.get(self.run["RowKey"]) or {}).get("done", 0))
+            if pages * PAGE - settled <= self.ahead:
+                return
+            time.sleep(0.25)
 
 
 def _destination_summary(state, destination) -> dict:
@@ -347,7 +362,7 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
     run_id = run["RowKey"]
     deadline = time.monotonic() + PAGE_WAIT
     while run.get("streaming") and page >= int(run.get("pages", 0)) and time.monotonic() < deadline:
-        time.sleep(0.1)  # a streamed first sync is writing this page: it comes in a moment
+        time.sleep(0.25)  # a streamed first sync is writing this page: it comes in a moment
         run = svc.records.get(run_id) or {}
     if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page:
         return

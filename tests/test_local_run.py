@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,28 @@ def test_a_stale_lock_is_cleared_and_the_children_it_names_are_stopped(tmp_path)
         lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
 
+
+
+def test_ctrl_c_cancels_the_run_and_waits_for_it_then_a_second_leaves_at_once(setup):
+    tmp_path, _rows, config, sim = setup
+    command = [*_command(tmp_path, config, sim), "--report", str(tmp_path / "report.json")]
+    env = {**_env(), "AUTOPILOT_TIMEOUT_SECONDS": "2"}
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(_joins(sim)) >= 10, timeout=120)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: cancel, wait for the run to settle
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "cancelling run" in err, err[-2000:]
+    report = json.loads(out)
+    counts = report["counts"]
+    assert report["status"] == "cancelled" and counts["accepted"] + counts["cancelled"] == 120
+    assert len(_joins(sim)) == counts["accepted"] < 120
+    assert not _processes_using(tmp_path / "state")
+
+    second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: len(_joins(sim)) >= counts["accepted"] + 5, timeout=120)
+    second.send_signal(signal.SIGINT)
+    time.sleep(1)  # it is cancelling now, waiting (about 8 s) for the cancel's answer
+    second.send_signal(signal.SIGINT)  # the second Ctrl-C: leave now
+    _, err = second.communicate(timeout=30)
+    assert second.returncode == 130 and "left without waiting" in err, err[-2000:]
+    assert not _processes_using(tmp_path / "state")
