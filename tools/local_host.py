@@ -21,6 +21,7 @@ import re
 import secrets
 import signal
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,15 +41,16 @@ log = logging.getLogger("local_host")
 LEASE_SECONDS = 600  # how long a message stays invisible while a function works on it (the real host renews)
 
 
-_indexed: dict[int, list] = {}
+_indexed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # app -> its functions
 
 
 def index(app: func.FunctionApp) -> list:
     """The app's functions. `get_functions()` may run once per app (a second call fails its unique-name check,
-    as the real host only indexes once), so several hosts in one process share the first result."""
-    if id(app) not in _indexed:
-        _indexed[id(app)] = app.get_functions()
-    return _indexed[id(app)]
+    as the real host only indexes once), so several hosts in one process share the first result. (Keyed by the
+    app itself: an id can be reused by a later app once the first is collected.)"""
+    if app not in _indexed:
+        _indexed[app] = app.get_functions()
+    return _indexed[app]
 
 
 @dataclass(frozen=True)
