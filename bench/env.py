@@ -32,7 +32,6 @@ from tools.local_stack import LocalStack
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 CONTAINER = "ciexports"
-FINAL = FINISHED
 THREADS = "PYTHON_THREADPOOL_THREAD_COUNT"
 _STARTED = time.monotonic()
 
@@ -254,7 +253,7 @@ class Api:
         settled, progressed, interval = -1, now, every or 0.25
         while True:
             view = self.view(run_id)
-            if view["status"] in FINAL:
+            if view["status"] in FINISHED:
                 return view
             now = time.monotonic()
             if view["batches"]["settled"] != settled:

@@ -177,7 +177,7 @@ class Planner:
         """A first sync (no acknowledged state) planned as it is read: every profile joins and the first row of a
         key wins, so a row is final once stored and its batch can go at once. `plan.batches()` reads the segment
         (once); plan.counts and plan.requests are complete when it ends. maxProfiles is the caller's to check
-        first (cdm_reader.count_lines): a streamed run cannot take back what it sent."""
+        first (cdm_reader.count_records): a streamed run cannot take back what it sent."""
         plan = Plan(rejections_file=self.rejections_path)
         plan.batches = lambda: self._batches_of(self._streamed(partitions, plan), (), ())
         return plan
@@ -189,7 +189,7 @@ class Planner:
                 for _ in self._load(records, Sources(), rejected, plan):
                     yield from self._stream
                     self._stream.clear()
-        self._count(plan, self._merge(Snapshot.of(()), Sources(), False), 0, 0)
+        self._count(plan, self._all_join(), 0, 0)
 
     def _count(self, plan: Plan, profiles: int, members: int, seen: int) -> None:
         valid = self._valid + seen
@@ -254,10 +254,8 @@ class Planner:
         """Classify every parsed row and every unsighted member into `diff`; returns the segment's distinct
         profiles. A member whose record was taken as unchanged (sighted at row r) is unchanged, unless an earlier
         row with its key was parsed (that row wins: the sighted record is its duplicate)."""
-        if not sources.entries:  # no state (a first sync): every profile joins
-            self.db.execute("INSERT INTO diff SELECT 'joiners', key, fp, doc, source FROM seg")
-            self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
-            return self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
+        if not sources.entries:
+            return self._all_join()
         profiles, diff = 0, []
         parsed = self.db.execute("SELECT key, fp, doc, source, row FROM seg ORDER BY key")
         row = next(parsed, None)
@@ -283,6 +281,12 @@ class Planner:
         self._add_diff(diff)
         self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
         return profiles
+
+    def _all_join(self) -> int:
+        """No state (a first sync): every profile joins; returns how many."""
+        self.db.execute("INSERT INTO diff SELECT 'joiners', key, fp, doc, source FROM seg")
+        self.db.execute("CREATE INDEX diff_kind ON diff(kind, key)")
+        return self.db.execute("SELECT count(*) FROM seg").fetchone()[0]
 
     def _add_diff(self, diff: list) -> None:
         self.db.executemany("INSERT INTO diff VALUES (?,?,?,?,?)", diff)

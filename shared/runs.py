@@ -38,6 +38,7 @@ PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s befo
 # (a streamed first sync's first page is queued once its first PAGE batches are planned)
 WINDOW_LEAD = 20.0
 STUCK_AFTER = 30 * 60  # seconds a running run may go without any change to its record before it is taken over
+TAKE_OVER_MARGIN = 20.0  # seconds more than its queued originals need before a taken-over batch's copy shows
 PAGE_WAIT = 10.0  # seconds a window job waits in its invocation for a page a streamed first sync is writing
 STREAM_AHEAD, STREAM_PACED = 10.0, 240.0  # a streamed first sync's lead over sending, and how long it keeps it
 RETRY_FIRST, RETRY_MAX = 15 * 60.0, 24 * 3600.0  # the timer's pauses after failed runs on one snapshot
@@ -158,8 +159,6 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     export.check_runnable()
     container = svc.export_container(export)
     snapshot = find_snapshot(container, export.prefix, export.segment)
-    if run.get("streaming") and snapshot.id != run.get("snapshot"):
-        raise ExportDataError(STREAM_CUT_SHORT)
     destination, state = svc.destination(export), svc.state(export.name)
     target = _destination_summary(state, destination)
     rebuild = _prepare_state(svc, state, destination, force, rlog)
@@ -170,12 +169,13 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
-        if target["firstSync"] and not dry_run and count_records(container, snapshot) <= export.max_profiles:
-            stream = Stream(svc, export, run, planner, destination, rebuild, rlog)
-            stream.send(read_records(container, snapshot), target)
+        streamed = target["firstSync"] and not dry_run and count_records(container, snapshot) <= export.max_profiles
+        if run.get("streaming") and not (streamed and snapshot.id == run.get("snapshot")):
+            raise ExportDataError(STREAM_CUT_SHORT)  # its pages came from another snapshot: not planned again
+        if streamed:
+            Stream(svc, export, run, planner, destination, rebuild, rlog).send(read_records(container, snapshot),
+                                                                               target)
             return
-        if run.get("streaming"):  # (it can no longer be planned as it was: not the same snapshot)
-            raise ExportDataError(STREAM_CUT_SHORT)
         with state.reading(destination) as acked:
             plan = planner.plan(read_records(container, snapshot), Snapshot.of(()) if rebuild else acked,
                                 force=force)
@@ -258,7 +258,6 @@ class Stream:
                                    list_id=list_id, rebuild_state=self.rebuild, pages=1, planned_at=utcnow()):
             raise RunEnded(run_id)
         queue_window(svc, svc.records.get(run_id), 0, again=self.resumed)
-
 
     def _keep_pace(self, pages: int) -> None:
         while time.monotonic() < self.paced_until:
@@ -355,6 +354,11 @@ def _page_name(run_id: str, page: int) -> str:
     return f"{run_id}/pages/{page:06d}.jsonl.gz"
 
 
+def _read_page(svc: Services, run_id: str, page: int) -> list[dict]:
+    data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
+    return [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
+
+
 def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> None:
     """Queue one page of the run's batches, each shown shortly before its estimated turn on the budget, then the
     job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
@@ -370,9 +374,7 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
         if run.get("streaming"):  # (planning is slow or was cut short: look again later)
             svc.plan_queue.send_message(json.dumps({"run": run_id, "page": page}).encode(), visibility_timeout=1)
         return
-    data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
-    batches = [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
-    ends = _enqueue(svc, run, batches, first=page * PAGE + 1, again=again)
+    ends = _enqueue(svc, run, _read_page(svc, run_id, page), first=page * PAGE + 1, again=again)
     if page + 1 < int(run["pages"]) or run.get("streaming"):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
         svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
@@ -430,7 +432,8 @@ def take_over(svc: Services, run: dict) -> int:
     """Take up a run whose messages are lost: a running run whose record has not changed for STUCK_AFTER s (no
     batch settled, no window queued; their messages expired, or a failure dropped them), or one whose host was
     killed (a local stack's). Every unsettled batch of its queued pages is queued again from the plan, marked maybe
-    settled (a copy that still turns up is sent once), and its next window job too; returns how many batches. A
+    settled and shown after its originals still on the queue can have gone (a copy that finds its batch settled
+    sends nothing), and its next window job too; returns how many batches. A
     run still being planned is planned again (the same way). A plan that cannot be read fails the run."""
     run_id, rlog = run["RowKey"], run_log(run["RowKey"], run["export"])
     if run.get("status") in ("queued", "planning") or run.get("streaming"):
@@ -439,20 +442,21 @@ def take_over(svc: Services, run: dict) -> int:
         return 0
     settled = {int(o["RowKey"]) for o in svc.records.batch_outcomes(run_id)}
     queued = min(int(run.get("queued_pages", 0)), int(run.get("pages", 0)))
-    again = 0
     try:
-        for page in range(queued):
-            data = svc.host.blob.get_blob_client(PLAN_CONTAINER, _page_name(run_id, page)).download_blob().readall()
-            for number, line in enumerate(gzip.decompress(data).decode().split("\n"), start=page * PAGE + 1):
-                if number not in settled:
-                    batch = json.loads(line)
-                    queue_message(svc, BatchMessage(run_id, run["export"], number, batch["kind"], batch["items"],
-                                                    run.get("list_id") or None, maybe_settled=True), None)
-                    again += 1
+        unsettled = [(number, batch) for page in range(queued)
+                     for number, batch in enumerate(_read_page(svc, run_id, page), start=page * PAGE + 1)
+                     if number not in settled]
     except ResourceNotFoundError:
         conclude(svc, run_id, "failed", error="the run made no progress and its plan (page blobs in the "
                                                f"{PLAN_CONTAINER!r} container) is gone: start a new run")
         return 0
+    # The copies come after the time the originals still on the queue need to be sent (a copy finding its batch
+    # settled sends nothing; two copies in flight at once would both send).
+    after = time.time() + TAKE_OVER_MARGIN + sum(b["requests"] for _, b in unsettled) * svc.budget.interval
+    for number, batch in unsettled:
+        queue_message(svc, BatchMessage(run_id, run["export"], number, batch["kind"], batch["items"],
+                                        run.get("list_id") or None, maybe_settled=True), after)
+    again = len(unsettled)
     if queued < int(run.get("pages", 0)):  # its next window job may be lost too (a duplicate finds it queued)
         svc.plan_queue.send_message(json.dumps({"run": run_id, "page": queued}).encode())
     svc.records.update(run_id, taken_over=utcnow())

@@ -210,7 +210,7 @@ class ExportState:
         """The destination's snapshot, downloaded once for the block, read as often as the reader needs."""
         name = self.blob_name(destination)
         with self._download(name) as (path, _etag):
-            yield Snapshot(name, path and (lambda: self._open(path, name, destination)))
+            yield self._snapshot(name, path, destination)
 
     def has_snapshot(self, destination: Destination) -> bool:
         return self.container.get_blob_client(self.blob_name(destination)).exists()
@@ -220,6 +220,10 @@ class ExportState:
         with self.reading(destination) as snapshot:
             for _ in snapshot.blocks():
                 pass
+
+    def _snapshot(self, name: str, path: str | None, destination: Destination) -> Snapshot:
+        """The downloaded snapshot at `path` (None: there is none)."""
+        return Snapshot(name, path and (lambda: self._open(path, name, destination)))
 
     def _open(self, path: str, name: str, destination: Destination):
         """The snapshot's gzip stream, its header read and checked."""
@@ -315,8 +319,7 @@ class ExportState:
                 done.add(entry["entry"])
             if done <= set(header.get("folded", [])):
                 return done
-            old = Snapshot(name, lambda: self._open(path, name, destination)).entries() if path and base_ok \
-                else iter(())
+            old = self._snapshot(name, path if base_ok else None, destination).entries()
             self.write(destination, _merge(old, table.sorted()), folded, etag)
             return done
 

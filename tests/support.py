@@ -33,7 +33,6 @@ def expected_contacts(rows) -> dict[str, dict]:
     return result
 
 
-FINAL = FINISHED
 CONTAINER = "ciexports"
 # Quick polling and retries, so a test's run takes seconds (the real host.json values are tested elsewhere).
 FAST_QUEUES = QueueOptions(batch_size=16, new_batch_threshold=24, max_dequeue_count=3, visibility_timeout=0.5,
@@ -93,7 +92,7 @@ class World:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             view = self.view(run_id)
-            if view["status"] in FINAL:
+            if view["status"] in FINISHED:
                 return view
             time.sleep(poll)
         raise AssertionError(f"run {run_id} did not finish in {timeout}s: {self.view(run_id)}")

@@ -34,12 +34,11 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.run_records import BatchOutcome, RunRecords
+from shared.run_records import FINISHED, BatchOutcome, RunRecords
 from shared.settings import BATCH_QUEUE, POISON_QUEUE
 from tests.support import (
     CONTAINER,
     FIELD_KEY,
-    FINAL,
     acknowledged_state,
     close_world,
     definition,
@@ -339,7 +338,7 @@ def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_cont
         host = HostProcess(settings, tmp_path / "host.log", host.key).start()
         view = {}
         deadline = time.monotonic() + 60  # the lease (15 s) plus the rest of the run
-        while time.monotonic() < deadline and view.get("status") not in FINAL:
+        while time.monotonic() < deadline and view.get("status") not in FINISHED:
             view = requests.get(f"{host.base}/runs/{run_id}", headers=host.headers, timeout=30).json()
             time.sleep(0.2)
         assert view["status"] == "succeeded", (view["status"], view["batches"], records.get(run_id).get("done"))

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 
 from shared.export_config import ExportConfigError, parse_exports
-from shared.run_records import FINISHED
+from shared.run_records import ACTIVE, FINISHED
 from shared.settings import Settings, SettingsError
 from tools.local_host import LocalHost
 from tools.local_stack import LocalStack
@@ -147,7 +147,7 @@ def _take_over(run_id: str) -> None:
 
     svc = services.current()
     run = svc.records.get(run_id)
-    if run and run.get("status") in ("queued", "planning", "running"):
+    if run and run.get("status") in ACTIVE:
         runs.take_over(svc, run)
 
 
