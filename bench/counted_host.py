@@ -1,10 +1,12 @@
 """The local Functions host with every Azure SDK request attributed to the invocation that made it, for the
 benchmarks' storage-request counts (big_segments, throughput, rate_discipline).
 
-    python -m bench.counted_host --settings FILE --port P --function-key K --sdk-requests
+    python -m bench.counted_host --settings FILE --port P --function-key K
 
 Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, worker pools of
-PYTHON_THREADPOOL_THREAD_COUNT threads); the only difference is the log format: each line carries
+PYTHON_THREADPOOL_THREAD_COUNT threads); the only differences are in the log: every Azure SDK request is one
+short line (`sdk` logger: `METHOD URL -> STATUS`, written by a wrapper around the SDK's transport: the SDK's own
+request logging formats every header and cost as much CPU as the app's sending itself), and each line carries
 `[<thread> <function>#<message id>]`, the queue-triggered invocation it belongs to (its function running on a
 worker thread, and the trigger's own delete of the message after it on the poller's thread), or `-` outside one.
 `requests_by_invocation` reads such a log back.
@@ -20,11 +22,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from azure.core.pipeline.transport import RequestsTransport
+
 from tools import local_host
 from tools.local_host import LocalHost, QueuePoller, host_parser, load_app, serve
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(invocation)s] %(message)s"
 _current = threading.local()
+sdk_log = logging.getLogger("sdk")
+
+
+def _counted(send):
+    def wrapper(self, request, **kwargs):
+        try:
+            response = send(self, request, **kwargs)
+        except Exception as exc:
+            sdk_log.info("%s %s -> %s", request.method, request.url, type(exc).__name__)
+            raise
+        sdk_log.info("%s %s -> %d", request.method, request.url, response.status_code)
+        return response
+
+    return wrapper
 
 
 class _Tag(logging.Filter):
@@ -63,6 +81,7 @@ class TagCarryingPool(ThreadPoolExecutor):
 def main(argv: list[str] | None = None) -> None:
     args = host_parser(__doc__.splitlines()[0]).parse_args(argv)
     app, values = load_app(args)
+    RequestsTransport.send = _counted(RequestsTransport.send)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Tag())
         handler.setFormatter(logging.Formatter(FORMAT))
@@ -75,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
 # --- reading the log back -------------------------------------------------------------------------
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (\S+) \[(.*?) (-|[\w-]+#[\w-]+)\] ", re.M)
-_REQUEST = re.compile(r"^Request URL: '(.*)'[ \t]*\n\s*Request method: '(\w+)'", re.M)
+_REQUEST = re.compile(r"^(\w+) (\S+) -> (\w+)")
 
 
 def records(text: str):
@@ -115,9 +134,9 @@ def requests_by_invocation(log_path: Path, ports: dict[str, int], start: int = 0
     messages: dict[str, list[str]] = defaultdict(list)
     for logger, thread, invocation, message in records(text):
         key = invocation if invocation != "-" else f"-{thread}"
-        found = _REQUEST.search(message)
-        if found and logger.startswith("azure"):
-            requests[key].append(describe(found[2], found[1], ports))
+        found = _REQUEST.match(message)
+        if found and logger == "sdk":
+            requests[key].append(describe(found[1], found[2], ports))
         elif logger.startswith("autopilot"):
             messages[key].append(message.strip())
     return dict(requests), dict(messages)

@@ -96,17 +96,14 @@ class Host(Child):
     """A local Functions host process (`python -m tools.local_host`, or a module with the same CLI)."""
 
     def __init__(self, out: Path, name: str, settings: dict[str, str], function_key: str,
-                 module: str = "tools.local_host", extra: tuple[str, ...] = (), sdk_requests: bool = True):
+                 module: str = "tools.local_host", extra: tuple[str, ...] = ()):
         settings_file = out / f"{name}.settings.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
         self.port = free_port()
-        # --sdk-requests logs every Azure SDK request (URL and headers) so the bench can count them; that
-        # logging costs CPU the app does not spend in Azure (it keeps the SDK at WARNING): CPU figures are
-        # taken on hosts without it.
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
                 f"--function-key={function_key}",  # a key may start with "-": one argument, never an option
-                *(("--sdk-requests",) if sdk_requests else ()), *extra]
+                *extra]
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
         self.threads = int(settings[THREADS])
@@ -190,12 +187,10 @@ class BenchStack:
         """The thread count every host of this stack runs its invocations on."""
         return int(self.settings(1.0)[THREADS])
 
-    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = (),
-             sdk_requests: bool = True) -> Host:
+    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = ()) -> Host:
         """Start one more host process (real host.json queue options) and wait until it serves HTTP."""
         self._host_count += 1
-        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra,
-                    sdk_requests)
+        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra)
         self.hosts.append(host)
         host.start(r"local host listening on")
         return host

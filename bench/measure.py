@@ -78,7 +78,7 @@ def tightest_span(times: list[float], rate: float) -> float | None:
 
 @dataclass
 class HostLog:
-    """Counts in a host's log (the local host logs every Azure SDK request at INFO, URL included)."""
+    """Counts in a counted host's log (bench/counted_host.py logs every Azure SDK request, URL included)."""
 
     budget_requests: int  # reads and writes of the rate-budget Table entity
     waited: int  # batches re-queued because the next free request slot was too far ahead (MAX_WAIT)

@@ -3,11 +3,10 @@ budget far above what one host sends, so the run goes as fast as the queue and t
 second, and CPU seconds of the host process per 1,000 contacts. A dry run of the same export first measures
 planning alone, so the queue + sender share can be told apart.
 
-The measured host logs as the app does in Azure (the Azure SDK at WARNING: no --sdk-requests, whose request
-logging costs CPU Azure does not spend); the storage requests per batch are counted by the throughput
-benchmarks' counted hosts instead. Then a profiled host (bench/profiled_host.py) runs a smaller export of the
-same kind, every invocation under cProfile timed by its thread's CPU time (concurrent invocations add up to the
-CPU they cost, waits excluded): where the host's CPU goes.
+The measured host logs as the app does in Azure (the Azure SDK at WARNING, no request counted); the storage
+requests per batch are counted by the throughput benchmarks' counted hosts instead. Then a profiled host
+(bench/profiled_host.py) runs a smaller export of the same kind, every invocation under cProfile timed by its
+thread's CPU time (concurrent invocations add up to the CPU they cost, waits excluded): where the host's CPU goes.
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ def _export(rate: float) -> str:
 
 def _measure(result: Result, stack: BenchStack, contacts: int, rate: float) -> None:
     export, label = _export(rate), f"budget {rate:g}/s"
-    host = stack.host(rate, sdk_requests=False)
+    host = stack.host(rate)
     azurite = stack.stack.azurite._proc.pid
     say(f"overhead: dry run (planning only) of {contacts} contacts")
     cpu = host.cpu_seconds()
@@ -105,8 +104,7 @@ def _measure(result: Result, stack: BenchStack, contacts: int, rate: float) -> N
 def _profile(result: Result, stack: BenchStack, contacts: int) -> None:
     stats_path = stack.out / "invocations.prof"
     stats_path.unlink(missing_ok=True)
-    host = stack.host(PROFILE_RATE, module="bench.profiled_host", extra=("--stats", str(stats_path)),
-                      sdk_requests=False)
+    host = stack.host(PROFILE_RATE, module="bench.profiled_host", extra=("--stats", str(stats_path)))
     say(f"overhead: profiled run of {contacts} contacts, budget {PROFILE_RATE:g}/s, every invocation under cProfile "
         "(CPU time)")
     run = timed_run(stack, host, "overhead-profiled", timeout=contacts / 10 + 300, stall=60, poll=0.5)

@@ -3,7 +3,6 @@ the queue-triggered invocation that made it)."""
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ TRIGGER_DELETE = "queue autopilot-batches: DELETE message"  # the trigger's own 
 RECEIVE = "queue autopilot-batches: GET messages"  # the poller's receives (empty polls included)
 QUEUE_SEND = "queue autopilot-batches: POST messages"  # a batch queued (by queue_window, or re-queued)
 BUDGET = ("table ratebudget: ",)
-_STATUS = re.compile(r"^Response status: (\d+)")
 
 
 @dataclass
@@ -41,20 +39,17 @@ class StorageCount:
         return count
 
     def _read(self, text: str, ports: dict[str, int]) -> None:
-        last: dict[str, str] = {}  # each invocation's (or thread's) last request, for the answer that follows
         settled: set[str] = set()
         made: dict[str, list[str]] = {}
         for logger, thread, invocation, message in records(text):
             key = invocation if invocation != "-" else f"-{thread}"
             if logger.startswith("autopilot") and " settled: " in message:
                 settled.add(key)
-            if not logger.startswith("azure"):
+            if logger != "sdk" or not (found := _REQUEST.match(message)):
                 continue
-            if found := _REQUEST.search(message):
-                last[key] = describe(found[2], found[1], ports)
-                made.setdefault(key, []).append(last[key])
-            elif (answer := _STATUS.search(message)) and last.get(key, "").startswith(BUDGET) \
-                    and answer[1] in ("409", "412"):
+            request = describe(found[1], found[2], ports)
+            made.setdefault(key, []).append(request)
+            if request.startswith(BUDGET) and found[3] in ("409", "412"):
                 self.budget_conflicts += 1
         for key, requests in made.items():
             storage = [r for r in requests if not r.startswith("other ")]

@@ -90,7 +90,7 @@ def _inputs(stack: BenchStack, membership: str, profiles: int, cases) -> dict:
             "runs": {c.label: {"rate_rps": c.rate, "simulator_rate_rps": c.rate, "ratio_target": c.target,
                                "load": "a second process burns one core (python -c 'while True: pass')"
                                if c.loaded else "none added"} for c in cases},
-            "hosts": 1, "host": f"{COUNTED} (tools.local_host, real host.json, SDK requests logged and counted)",
+            "hosts": 1, "host": f"{COUNTED} (tools.local_host, real host.json, each SDK request logged in a line)",
             "PYTHON_THREADPOOL_THREAD_COUNT": stack.worker_threads, "cores": os.cpu_count(),
             "run_view_polling": f"GET /api/runs/{{id}} every {POLL:g} s while it runs, {GETS_AFTER} after"}
 
@@ -116,7 +116,7 @@ def _sync(result: Result, stack: BenchStack, export: str, case: Case, profiles: 
     label = case.label
     _ratio_figures(result, run, case)
     contacts = run.view["counts"]["accepted"]
-    result.add(f"{label}: host CPU per 1,000 contacts (planning + sending, SDK request logging included)",
+    result.add(f"{label}: host CPU per 1,000 contacts (planning + sending; the counted host's request lines included)",
                1000 * cpu / max(1, contacts), "s")
     result.add(f"{label}: batches re-queued: waiting for a request slot / after a 429",
                f"{logged.waited} / {logged.throttled}")

@@ -4,8 +4,9 @@ Autopilot allows N requests per second per account. The entity holds the budget'
 theoretical arrival time); a request takes the next slot with an optimistic-concurrency update that moves it
 `(1 + MARGIN) / N` seconds on, so any number of instances together stay inside the limit. Slots are taken one at
 a time, just before the request that uses them: nothing is booked ahead for a whole run, so a sender that wakes
-late takes the next free slot and no slot is lost to it. A 429 pushes the next free time past its Retry-After:
-every instance backs off at once, and sending resumes by itself afterwards.
+late takes the next free slot and no slot is lost to it. A 429 pushes the next free time past its Retry-After, or
+past a hold of our own that starts short and doubles while 429s keep coming (`throttled`): every instance backs
+off at once, and sending resumes by itself afterwards.
 
 An instance remembers the entity as it last wrote it and tries its next update on that (one request instead of a
 read and a write); when another instance wrote since, the update fails on its ETag and the entity is read again.
@@ -29,7 +30,11 @@ from shared.combiner import Combiner
 MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
-THROTTLE_HOLD = 2.0  # seconds every sender waits after a 429 that names no Retry-After
+# After a 429 without Retry-After every sender waits HOLD_FIRST s, twice that after a 429 that follows within
+# STRIKES_KEPT s of the last one's hold, and so on up to HOLD_MOST. A lone 429 is most often our jitter against the
+# API's one-second window (a request that left a few ms late): it costs a tenth of a second, not whole seconds;
+# 429s that keep coming (another client spends the account's budget too) soon hold everyone off for seconds.
+HOLD_FIRST, HOLD_MOST, STRIKES_KEPT = 0.1, 5.0, 10.0
 
 
 class Deferred(Exception):
@@ -83,15 +88,22 @@ class RateBudget:
     def next_free(self) -> float:
         return max(self._read()[0]["next"], self.clock())
 
-    def hold_off(self, until: float) -> None:
-        """Autopilot answered 429: no instance takes a slot before `until`."""
+    def throttled(self, retry_after: float | None = None) -> float:
+        """Autopilot answered 429: no instance takes a slot before the time returned (Retry-After, else our own
+        hold). A 429 that comes during the last one's hold answers a request that left before it: it holds already."""
         while True:
             entity, etag = self._known()
-            if entity["next"] >= until:
-                return
-            entity["next"] = until
+            now, strikes, struck = self.clock(), int(entity.get("strikes", 0)), float(entity.get("struck", 0.0))
+            if now < struck + _hold(strikes):
+                if retry_after is None:
+                    return max(entity["next"], now)
+            else:
+                strikes = strikes + 1 if now - struck < _hold(strikes) + STRIKES_KEPT else 1
+                struck = now
+            until = now + (_hold(strikes) if retry_after is None else retry_after)
+            entity.update(next=max(entity["next"], until), strikes=strikes, struck=struck)
             if self._write(entity, etag):
-                return
+                return entity["next"]
 
     def _known(self) -> tuple[dict, str | None]:
         """The entity as this instance last wrote it, else as stored now."""
@@ -117,6 +129,11 @@ class RateBudget:
             return False  # another instance took slots first: read again
         self._last = (entity, written["etag"])
         return True
+
+
+def _hold(strikes: int) -> float:
+    """How long every sender holds off after the `strikes`-th 429 in a row (0: none yet)."""
+    return min(HOLD_MOST, HOLD_FIRST * 2 ** (strikes - 1)) if strikes else 0.0
 
 
 class Stopped(Exception):

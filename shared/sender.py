@@ -3,7 +3,8 @@
 Retries: a transient failure (5xx, timeout, dropped connection) is retried at once with a fresh slot,
 which is safe because upserts are keyed by email; after that the unfinished part of the batch goes back on the
 queue with a growing delay instead of sleeping inside the function. A 429 holds the shared budget off (every
-sender waits) and re-queues the rest without counting a failed attempt. A 400 on a bulk call
+sender waits, RateBudget.throttled) and is tried again after the hold, or the rest is re-queued without counting
+a failed attempt. A 400 on a bulk call
 is split until the refused contact is isolated; only that contact is reported, with Autopilot's message.
 """
 
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
 from shared.batch_messages import BatchMessage
 from shared.contacts import mask_email
-from shared.rate_budget import THROTTLE_HOLD, Deferred, Pacer
+from shared.rate_budget import Deferred, Pacer
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
 TRIES_IN_PROCESS = 3
+THROTTLED_IN_PROCESS = 3
 MAX_WAIT = 6.0  # longest wait for a request slot inside one function invocation
 
 
@@ -104,18 +106,24 @@ class BatchSender:
             self.progress.settle(item, "refused", exc.message)
 
     def _with_retries(self, call):
-        for attempt in range(1, TRIES_IN_PROCESS + 1):
+        """A transient failure is tried again at once, up to TRIES_IN_PROCESS times; a 429 (not a failure: the whole
+        app holds off) up to THROTTLED_IN_PROCESS times when the hold is short. Then the batch is re-queued."""
+        failures = throttles = 0
+        while True:
             try:
                 return call()
             except Deferred as exc:
                 raise Requeue(exc.at, "waiting for a request slot", failed=False) from None
-            except Throttled as exc:  # the whole app holds off, not only this batch
-                until = time.time() + (THROTTLE_HOLD if exc.retry_after is None else exc.retry_after)
-                self.pacer.budget.hold_off(until)
-                raise Requeue(until, f"throttled (429): every sender holds off for {until - time.time():.1f} s",
-                              failed=False) from None
+            except Throttled as exc:
+                until = self.pacer.budget.throttled(exc.retry_after)
+                throttles += 1
+                reason = f"throttled (429): every sender holds off for {until - time.time():.2f} s"
+                if throttles >= THROTTLED_IN_PROCESS or until - time.time() > MAX_WAIT:
+                    raise Requeue(until, reason, failed=False) from None
+                log.info("%s; trying again after it", reason)
             except Transient as exc:
-                if attempt == TRIES_IN_PROCESS:
+                failures += 1
+                if failures == TRIES_IN_PROCESS:
                     raise Requeue(time.time() + backoff(self.message.attempt), exc.message) from None
                 log.info("transient Autopilot failure, retrying: %s", exc.message)
 

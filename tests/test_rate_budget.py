@@ -11,7 +11,7 @@ from itertools import pairwise
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared.rate_budget import MARGIN, TOLERANCE, Deferred, Pacer, RateBudget
+from shared.rate_budget import HOLD_FIRST, HOLD_MOST, MARGIN, STRIKES_KEPT, TOLERANCE, Deferred, Pacer, RateBudget
 
 RATE = 20.0  # 51.25 ms apart: short waits, yet far above the scheduler's jitter
 
@@ -103,13 +103,43 @@ def test_many_threads_on_several_budget_clients_never_exceed_the_rate_and_none_s
 
 def test_a_429_holds_every_client_off_and_sending_recovers(storage_connection, budget):
     other = RateBudget(budget.table, RATE)
-    until = time.time() + 1.0
-    budget.hold_off(until)
+    until = budget.throttled(retry_after=1.0)  # Retry-After is honoured
+    assert until == pytest.approx(time.time() + 1.0, abs=0.1)
     first = other.reserve(1)
     assert first >= until
     assert other.reserve(1) == pytest.approx(first + budget.interval)  # back to the normal spacing
-    budget.hold_off(time.time())  # an older hold-off never pulls the budget back
+    budget.throttled(retry_after=0.0)  # a hold that ends sooner never pulls the budget back
     assert other.reserve(1) == pytest.approx(first + 2 * budget.interval)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_429s_in_a_row_hold_longer_each_time_and_a_lone_one_briefly(budget):
+    clock = budget.clock = Clock()
+    holds = []
+    for _ in range(8):  # each 429 answers a request sent after the last hold ended
+        holds.append(round(budget.throttled() - clock.now, 3))
+        clock.now += holds[-1] + 0.5
+    assert holds == [HOLD_FIRST * 2 ** n for n in range(6)] + [HOLD_MOST, HOLD_MOST]
+    clock.now += STRIKES_KEPT + 1  # quiet for a while: the next 429 is a lone one again
+    assert budget.throttled() - clock.now == pytest.approx(HOLD_FIRST)
+
+
+def test_429s_answering_requests_sent_before_the_hold_do_not_lengthen_it(budget):
+    clock = budget.clock = Clock()
+    other = RateBudget(budget.table, RATE)
+    other.clock = clock
+    until = budget.throttled()
+    clock.now += HOLD_FIRST / 2  # another instance's request, in flight when the hold began, gets its 429
+    assert other.throttled() == pytest.approx(until)
+    clock.now = until + 0.01  # after the hold: a 429 again is a second strike
+    assert budget.throttled() - clock.now == pytest.approx(2 * HOLD_FIRST)
 
 
 def test_a_slot_further_away_than_the_wait_allowed_defers_and_takes_nothing(budget):

@@ -377,8 +377,6 @@ def host_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--settings", default="local.settings.json", help="local.settings.json-style file")
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--function-key", default=os.environ.get("LOCAL_FUNCTION_KEY"))
-    parser.add_argument("--sdk-requests", action="store_true",
-                        help="log every Azure SDK request (the app keeps them at WARNING; the bench counts them)")
     return parser
 
 
@@ -387,8 +385,6 @@ def load_app(args: argparse.Namespace):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from function_app import app
 
-    if args.sdk_requests:
-        logging.getLogger("azure").setLevel(logging.INFO)
     return app, json.loads(Path(args.settings).read_text())["Values"]
 
 
