@@ -353,7 +353,11 @@ class AutopilotSim:
         self.faults = faults or Faults()
         self._api_key = api_key
         self._requested_port = port
-        self._lock = threading.Lock()  # the one lock: state, limiter, fault generator and log
+        # The front door (log, key, limiter, bursts, config) has a lock of its own, apart from the store's: a
+        # request is logged and counted against the rate as it arrives, as an API gateway does, not after the
+        # requests ahead of it have been applied (that queued their stamps behind each other's work).
+        self._lock = threading.Lock()
+        self._store_lock = threading.Lock()  # the contacts and lists, and the fault generator
         self._rng = random.Random(seed)
         self._store = _Store(seed)
         self._windows: dict[str, deque[float]] = {}
@@ -400,15 +404,15 @@ class AutopilotSim:
 
     # state accessors (snapshots, safe from any thread)
     def contacts(self) -> dict[str, dict]:
-        with self._lock:
+        with self._store_lock:
             return self._store.snapshot_contacts()
 
     def lists(self) -> dict[str, str]:
-        with self._lock:
+        with self._store_lock:
             return dict(self._store.lists)
 
     def members(self, list_id: str) -> set[str]:
-        with self._lock:
+        with self._store_lock:
             return self._store.member_emails(list_id)
 
     def request_log(self) -> list[dict]:
@@ -424,25 +428,27 @@ class AutopilotSim:
             self._api_key = key
 
     def state(self) -> dict:
-        with self._lock:
+        with self._store_lock:
             store = self._store
             members = {lid: sorted(store.member_emails(lid)) for lid in store.lists}
             return {"contacts": store.snapshot_contacts(), "lists": dict(store.lists), "members": members}
 
     # request handling
     def dispatch(self, method: str, raw_path: str, api_key: str | None, body: bytes) -> _Reply:
-        """Answer one request. Called by the HTTP handler; holds the lock for the whole call."""
+        """Answer one request. Called by the HTTP handler, for each request on its own thread."""
         path = raw_path.split("?", 1)[0]
         if path.startswith("/_sim/"):
             return self._admin(method, path, body)
         with self._lock:
             record: dict = {"t": time.time(), "method": method, "path": path}
             self._log.append(record)
-            reply = self._api(method, path, api_key, body, record)
-            record["status"] = None if reply.drop else reply.status
-            return reply
+            admitted = self._admit(method, path, api_key, record)
+        reply = admitted if isinstance(admitted, _Reply) else self._call(*admitted, body, record)
+        record["status"] = None if reply.drop else reply.status
+        return reply
 
-    def _api(self, method: str, path: str, api_key: str | None, body: bytes, record: dict) -> _Reply:
+    def _admit(self, method: str, path: str, api_key: str | None, record: dict) -> _Reply | tuple:
+        """The front door: a reply for a request it refuses, else the call to make (action, args, faults)."""
         segments = [unquote_plus(s) for s in path.split("/") if s]
         route = self._route(segments[1:]) if segments[:1] == ["v1"] else None
         if route is None:
@@ -457,12 +463,9 @@ class AutopilotSim:
         if api_key != self._api_key:
             return _Reply(401, _error_body(401, "Provided autopilotapikey not valid."))
         faults = self.faults
-        throttled = self._throttle(api_key, faults, record)
-        if throttled is not None:
-            return throttled
-        return self._call(action, args, body, faults, record)
+        return self._throttle(api_key, faults, record) or (action, args, faults)
 
-    def _call(self, action: Callable, args: tuple, body: bytes, faults: Faults, record: dict) -> _Reply:
+    def _call(self, action: Callable, args: tuple, faults: Faults, body: bytes, record: dict) -> _Reply:
         if action in (self._post_contact, self._post_contacts, self._post_list):
             try:
                 args = (_parse_json(body), *args)
@@ -470,17 +473,18 @@ class AutopilotSim:
                 return exc.reply
             if action != self._post_list:
                 record["n"] = _count_contacts(args[0])
-        fault = self._draw_fault(faults)
-        if fault:
-            record["fault"] = fault
-        if fault == "fail":
-            return _Reply(500, _error_body(500, "Simulated internal error; nothing was applied."))
-        if fault == "drop":
-            return _Reply(0, drop=True)
-        try:
-            reply = action(*args)
-        except ApiError as exc:
-            reply = exc.reply
+        with self._store_lock:
+            fault = self._draw_fault(faults)
+            if fault:
+                record["fault"] = fault
+            if fault == "fail":
+                return _Reply(500, _error_body(500, "Simulated internal error; nothing was applied."))
+            if fault == "drop":
+                return _Reply(0, drop=True)
+            try:
+                reply = action(*args)
+            except ApiError as exc:
+                reply = exc.reply
         if fault == "timeout":
             reply.delay = faults.timeout_seconds
         return reply
