@@ -10,6 +10,7 @@ import time
 import uuid
 
 from shared import batch_messages
+from shared.accounts import Account
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
@@ -70,10 +71,11 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
 
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
-    pacer = Pacer(svc.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
+    account = svc.run_account(message.run)
+    pacer = Pacer(account.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
     settled_before = len(progress.done)
     try:
-        BatchSender(svc.autopilot, pacer, message, progress).run()
+        BatchSender(account.client, pacer, message, progress).run()
         return True
     except Stopped:
         rlog.info("batch %d stopped: its run was cancelled", message.batch)
@@ -81,7 +83,7 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
     except (ApiKeyRejected, SecretUnavailable) as exc:
-        problem = _key_problem(svc, exc)
+        problem = _key_problem(account, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
             fail_rest(message, progress, problem)
             conclude(svc, message.run, "failed", error=problem)
@@ -93,9 +95,9 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     return _retry_later(svc, message, progress, rlog, reason, at, failed and len(progress.done) == settled_before)
 
 
-def _key_problem(svc: Services, exc: Exception) -> str:
+def _key_problem(account: Account, exc: Exception) -> str:
     if isinstance(exc, ApiKeyRejected):
-        return f"{exc.message} (Key Vault secret {svc.api_key.secret_name!r})"
+        return f"{exc.message} (Key Vault secret {account.connection.secret_name!r})"
     return str(exc)  # SecretUnavailable names the secret and the vault, never the value
 
 

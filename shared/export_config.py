@@ -1,17 +1,21 @@
 """The export definitions: one JSON document, validated as a whole, listing every export this app runs.
 
 ```json
-{"exports": [{
+{"connections": [{"name": "marketing-eu", "secretName": "autopilot-eu-key", "requestsPerSecond": 5}],
+ "exports": [{
   "name": "high-value", "enabled": true, "dataTransferAcknowledged": true,
   "source": {"connection": "EXPORT_STORAGE", "container": "ciexports", "prefix": "", "segment": "HighValueSegment"},
-  "destination": {"membership": "list", "list": "High value customers", "onLeave": "remove"},
+  "destination": {"connection": "marketing-eu", "membership": "list", "list": "High value customers",
+                  "onLeave": "remove"},
   "fields": {"Email": "PrimaryEmail", "FirstName": "FirstName"},
   "customFields": [{"name": "Loyalty Points", "type": "integer", "column": "LoyaltyPoints"}],
   "maxProfiles": 100000
 }]}
 ```
 
-Every problem in the document is collected and reported at once, each naming the export and the JSON path,
+`connections` is optional: the connection "default" (the app settings' API key, URL and rate) always exists and
+is what an export without `destination.connection` uses. Every problem in the document is collected and reported
+at once, each naming the export and the JSON path,
 so one edit fixes them all. `enabled: false` only keeps the export off the timer; an on-demand run still works.
 """
 
@@ -24,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 STANDARD_FIELDS = (
     "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
@@ -44,8 +49,53 @@ CONTAINER_RE = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 EXPORT_KEYS = ("name", "enabled", "dataTransferAcknowledged", "source", "destination", "fields", "customFields",
                "maxProfiles", "maxRemovalPercent")
 SOURCE_KEYS = ("connection", "container", "prefix", "segment")
-DESTINATION_KEYS = ("membership", "list", "field", "onLeave")
+DESTINATION_KEYS = ("connection", "membership", "list", "field", "onLeave")
+CONNECTION_KEYS = ("name", "secretName", "requestsPerSecond", "baseUrl")
+SECRET_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")  # Key Vault's rule for secret names
 CUSTOM_KEYS = ("name", "type", "column")
+
+
+DEFAULT_ACCOUNT = "default"
+DEFAULT_BUDGET_KEY = "autopilot"  # the default connection's budget entity, as before connections existed
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One Autopilot account as the definitions name it (`connections`): the Key Vault secret holding its API key,
+    its API's base URL and the request rate it allows; None fields take the app settings' values. The one named
+    "default" always exists and is the app settings' account, so a document without `connections` works as
+    before."""
+
+    name: str = DEFAULT_ACCOUNT
+    secret_name: str | None = None
+    base_url: str | None = None
+    rate: float | None = None
+
+    def public(self) -> dict:
+        shown = {"name": self.name, "secretName": self.secret_name, "baseUrl": self.base_url,
+                 "requestsPerSecond": self.rate}
+        return {key: value for key, value in shown.items() if value is not None}
+
+    def text(self) -> str:
+        """As a run record keeps it: the run sends to the connection it was planned for."""
+        return json.dumps(self.public(), sort_keys=True)
+
+    @classmethod
+    def from_text(cls, text: str) -> Connection:
+        data = json.loads(text) if text else {}
+        return cls(data.get("name", DEFAULT_ACCOUNT), data.get("secretName"), data.get("baseUrl"),
+                   data.get("requestsPerSecond"))
+
+    def resolved(self, secret_name: str, base_url: str, rate: float) -> Connection:
+        """Every field filled: the connection's own values, else the app settings' (given)."""
+        return Connection(self.name, self.secret_name or secret_name, self.base_url or base_url, self.rate or rate)
+
+    @property
+    def budget_key(self) -> str:
+        return DEFAULT_BUDGET_KEY if self.name == DEFAULT_ACCOUNT else f"connection~{self.name}"
+
+
+APP_SETTINGS_ACCOUNT = Connection()  # the "default" connection: the app settings' account
 
 
 class ExportConfigError(ValueError):
@@ -91,6 +141,7 @@ class ExportDefinition:
     custom_fields: tuple[CustomField, ...] = ()
     max_profiles: int = DEFAULT_MAX_PROFILES
     max_removal_percent: float = DEFAULT_MAX_REMOVAL_PERCENT
+    account: Connection = APP_SETTINGS_ACCOUNT  # destination.connection: the Autopilot account it sends to
 
     @property
     def membership_key(self) -> str | None:
@@ -108,7 +159,7 @@ class ExportDefinition:
 
     def public(self) -> dict:
         """The definition in the document's own JSON shape (connection settings are named, never resolved)."""
-        destination: dict[str, Any] = {"membership": self.membership}
+        destination: dict[str, Any] = {"connection": self.account.name, "membership": self.membership}
         if self.membership == "list":
             destination["list"] = self.list
         else:
@@ -216,6 +267,7 @@ class _Checker:
     def __init__(self) -> None:
         self.problems: list[str] = []
         self.where = ""
+        self.accounts: dict[str, Connection] = {DEFAULT_ACCOUNT: Connection()}
 
     def problem(self, text: str, path: str = "") -> None:
         prefix = f"{self.where}: " if self.where else ""
@@ -275,7 +327,8 @@ class _Checker:
         if not isinstance(document, dict):
             self.problem(f'the document must be an object {{"exports": [...]}}, got {_type_name(document)}')
             return ()
-        self.unknown(document, ("exports",), "")
+        self.unknown(document, ("connections", "exports"), "")
+        self.accounts = self.connections(document.get("connections", []))
         exports = document.get("exports")
         if not isinstance(exports, list):
             self.problem('"exports" is required: a list of export definitions' if exports is None
@@ -286,10 +339,56 @@ class _Checker:
         self._shared_destinations(result)
         return tuple(e for e in result if e is not None)
 
+    def connections(self, items: Any) -> dict[str, Connection]:
+        """The document's connections by name, with the default one the app settings give."""
+        found = {DEFAULT_ACCOUNT: Connection()}
+        if not isinstance(items, list):
+            self.problem(f'"connections" must be a list, got {_type_name(items)}')
+            return found
+        for i, item in enumerate(items):
+            self.where = f"connections[{i}]"
+            if not isinstance(item, dict):
+                self.problem(f"must be an object, got {_type_name(item)}")
+                continue
+            before = len(self.problems)
+            self.unknown(item, CONNECTION_KEYS, "")
+            name = self.text(item, "name", "name")
+            if name is not None and not NAME_RE.fullmatch(name):
+                self.problem(f"must be 1-63 lower-case letters, digits or hyphens, got {_show(name)}", "name")
+            elif name in found:
+                self.problem(f'"{name}" is already defined' if name != DEFAULT_ACCOUNT else
+                             '"default" is the connection the app settings define (AUTOPILOT_BASE_URL, '
+                             "AUTOPILOT_REQUESTS_PER_SECOND, AUTOPILOT_API_KEY_SECRET_NAME): choose another name",
+                             "name")
+            secret = self.text(item, "secretName", "secretName")
+            if secret is not None and not SECRET_NAME_RE.fullmatch(secret):
+                self.problem(f"must be a Key Vault secret name (1-127 letters, digits and hyphens), got "
+                             f"{_show(secret)}", "secretName")
+            rate = item.get("requestsPerSecond")
+            if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
+                self.problem(f"must be a number above 0, got {_show(rate)}", "requestsPerSecond")
+            url = self.text(item, "baseUrl", "baseUrl", "")
+            if url and not (urlsplit(url).scheme in ("https", "http") and urlsplit(url).netloc):
+                self.problem(f"must be an https:// URL such as https://api2.autopilothq.com/v1, got {_show(url)}",
+                             "baseUrl")
+            if len(self.problems) == before and name:
+                found[name] = Connection(name, secret, url or None, float(rate) if rate else None)
+        self.where = ""
+        return found
+
+    def account(self, data: dict) -> Connection:
+        name = self.text(data, "connection", "destination.connection", DEFAULT_ACCOUNT)
+        if name in self.accounts:
+            return self.accounts[name]
+        if name:
+            defined = ", ".join(f'"{n}"' for n in self.accounts)
+            self.problem(f'names no connection: "{name}" is not in "connections" (defined: {defined}; "default" '
+                         "is the app settings' account)", "destination.connection")
+        return Connection()
+
     def _shared_destinations(self, exports: list[ExportDefinition | None]) -> None:
-        """Two exports keeping membership in one list or field would remove each other's members. Lists are
-        compared by title or id without case (Autopilot's titles are matched that way); all exports use the
-        app's one Autopilot account."""
+        """Two exports keeping membership in one list or field of one account would remove each other's
+        members. Lists are compared by title or id without case (Autopilot's titles are matched that way)."""
         seen: dict[tuple[str, str], int] = {}
         for index, export in enumerate(exports):
             if export is None or not export.membership:
@@ -297,7 +396,7 @@ class _Checker:
             target = export.list if export.membership == "list" else export.membership_key
             if not target:
                 continue
-            where = (export.membership, target.casefold())
+            where = (export.account.name, export.membership, target.casefold())
             other = exports[seen[where]] if where in seen else None
             if other is not None and other.name != export.name:  # a repeated name is reported once, as such
                 self.where = f"exports[{index}] {_show(export.name)}"
@@ -391,7 +490,7 @@ class _Checker:
         self.unknown(data, DESTINATION_KEYS, "destination")
         membership = self.choice(data, "membership", "destination.membership", ("list", "field"), None) \
             if data else None
-        values = {"membership": membership or "", "list": None, "field": None,
+        values = {"account": self.account(data), "membership": membership or "", "list": None, "field": None,
                   "on_leave": self.choice(data, "onLeave", "destination.onLeave", ("remove", "keep"), "remove")}
         other = {"list": "field", "field": "list"}.get(membership or "")
         if membership:

@@ -88,6 +88,7 @@ class RunRecords:
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
         self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
+        self._accounts: dict[str, str] = {}  # run id -> its connection, once planned (it never changes after)
         self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
         self._indexed: set[str] = set()  # exports whose runs from before the run index are known to be in it
 
@@ -100,10 +101,19 @@ class RunRecords:
         run = self.get(run_id)
         return run.get("status") if run else None
 
+    def account(self, run_id: str) -> str:
+        """The connection the run was planned for (Connection.text; "" for the default), read once per run."""
+        if run_id not in self._accounts:
+            self.get(run_id)
+        return self._accounts.get(run_id, "")
+
     def _saw(self, entity) -> None:
         if len(self._seen) > 1000:
             self._seen.clear()
+            self._accounts.clear()
         self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic())
+        if entity.get("status") not in ("queued", "planning"):  # planning wrote it before any batch was queued
+            self._accounts[entity["RowKey"]] = entity.get("account", "")
 
     # --- runs -------------------------------------------------------------------------------------
     def create(self, run_id: str, export: str, **fields) -> dict:

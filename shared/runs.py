@@ -24,7 +24,7 @@ from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
-from shared.rate_budget import Deferred, Pacer
+from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, CANCELLING, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
@@ -160,13 +160,14 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     container = svc.export_container(export)
     snapshot = find_snapshot(container, export.prefix, export.segment)
     destination, state = svc.destination(export), svc.state(export.name)
-    target = _destination_summary(state, destination)
+    target = _destination_summary(state, destination, export)
     rebuild = _prepare_state(svc, state, destination, force, rlog)
     target["firstSync"] = rebuild or not state.has_snapshot(destination)
     svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "",
-                       state=destination.id, destination=target)
+                       state=destination.id, destination=target, account=export.account.text())
+    budget = svc.account(export.account).budget
     # A list-mode message holds about two seconds of per-contact requests, never more than a batch may hold.
-    ops = min(BULK_LIMIT, max(1, int(2 * svc.budget.rate)))
+    ops = min(BULK_LIMIT, max(1, int(2 * budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
         streamed = target["firstSync"] and not dry_run and count_records(container, snapshot) <= export.max_profiles
@@ -181,7 +182,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
                                 force=force)
         _save_rejections(svc, run_id, plan.rejections_file)
         guard = removal_guard(export, plan.counts)
-        summary = _summary(svc, plan, target, removalGuard=guard and (
+        summary = _summary(budget, plan, target, removalGuard=guard and (
             f"a run without force would stop: {guard}" if not force else f"forced past: {guard}"))
         if guard and not force and not dry_run:
             svc.records.update(run_id, **summary)
@@ -222,7 +223,7 @@ class Stream:
         # pages at least) ahead of what has settled, for at most STREAM_PACED s (an invocation must end), then runs
         # flat out. Run flat out from the start, it cost the senders 15% of their slots at 50 requests/s.
         per_batch = 1 if export.membership == "field" else planner.list_ops
-        self.ahead = max(2 * PAGE, int(STREAM_AHEAD * svc.budget.rate / per_batch))
+        self.ahead = max(2 * PAGE, int(STREAM_AHEAD * svc.account(export.account).budget.rate / per_batch))
         self.paced_until = time.monotonic() + STREAM_PACED
 
     def send(self, partitions, target: dict) -> None:
@@ -237,7 +238,7 @@ class Stream:
             self.rlog.info("run ended while it was planned (cancelled, or superseded by a forced run)")
             return
         _save_rejections(svc, run_id, plan.rejections_file)
-        summary = _summary(svc, plan, target, streamed=True)
+        summary = _summary(svc.account(self.export.account).budget, plan, target, streamed=True)
         if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=False,
                                    list_id=list_id, rebuild_state=self.rebuild, planned_batches=pages.batches,
                                    pages=pages.count, planned_at=utcnow(), **summary):
@@ -268,11 +269,12 @@ class Stream:
             time.sleep(0.25)
 
 
-def _destination_summary(state, destination) -> dict:
-    """The run's destination, and the one the export's last run sent to if that was another."""
+def _destination_summary(state, destination, export: ExportDefinition) -> dict:
+    """The run's destination (its connection too), and the one the export's last run sent to if that was
+    another."""
     state.import_legacy(destination)
     previous = state.previous_destination()
-    summary = {**destination.public(), "name": destination.name}
+    summary = {**destination.public(), "name": destination.name, "connection": export.account.name}
     if previous and previous != destination.name:
         summary["changedFrom"] = previous
         summary["note"] = (f"the destination changed: a first sync to {destination.name}; {previous} is left as "
@@ -296,9 +298,9 @@ def _prepare_state(svc: Services, state, destination, force: bool, rlog) -> bool
         return True
 
 
-def _summary(svc: Services, plan, target: dict, **more) -> dict:
-    """What the run view and report show of a plan."""
-    seconds = plan.requests * svc.budget.interval
+def _summary(budget: RateBudget, plan, target: dict, **more) -> dict:
+    """What the run view and report show of a plan, its duration at its connection's rate."""
+    seconds = plan.requests * budget.interval
     return {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
             "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
                      "estimated_duration": _duration(seconds), "destination": target, **more}}
@@ -318,8 +320,9 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
 
 
 def _resolve_list(svc: Services, export: ExportDefinition) -> str:
+    account = svc.account(export.account)
     try:
-        return svc.autopilot.resolve_list(export.list, Pacer(svc.budget, max_wait=LOOKUP_WAIT))
+        return account.client.resolve_list(export.list, Pacer(account.budget, max_wait=LOOKUP_WAIT))
     except Deferred as exc:
         free = datetime.fromtimestamp(exc.at, UTC).strftime("%H:%M:%S UTC")
         raise BudgetBooked(f"the Autopilot request budget is booked by other runs until {free}; the list "
@@ -386,7 +389,8 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: b
     """Queue the batches, each visible shortly before its turn if the budget were the run's alone (slots are
     taken when the requests go, so a turn that comes later only keeps the message waiting in the queue).
     Returns the estimated end of the page."""
-    interval, number, turn = svc.budget.interval, first, svc.budget.next_free()
+    budget = svc.run_account(run["RowKey"]).budget
+    interval, number, turn = budget.interval, first, budget.next_free()
     list_id = run.get("list_id") or None
     with ThreadPoolExecutor(8) as pool:
         futures = []
@@ -453,7 +457,8 @@ def take_over(svc: Services, run: dict) -> int:
         return 0
     # The copies come after the time the originals still on the queue need to be sent (a copy finding its batch
     # settled sends nothing; two copies in flight at once would both send).
-    after = time.time() + TAKE_OVER_MARGIN + sum(b["requests"] for _, b in unsettled) * svc.budget.interval
+    interval = svc.run_account(run_id).budget.interval
+    after = time.time() + TAKE_OVER_MARGIN + sum(b["requests"] for _, b in unsettled) * interval
     for number, batch in unsettled:
         queue_message(svc, BatchMessage(run_id, run["export"], number, batch["kind"], batch["items"],
                                         run.get("list_id") or None, maybe_settled=True), after)

@@ -76,13 +76,15 @@ class ApiKeyProvider:
         self._seen = threading.local()
 
     @classmethod
-    def from_settings(cls, env: Mapping[str, str]) -> ApiKeyProvider:
+    def from_settings(cls, env: Mapping[str, str], secret_name: str | None = None) -> ApiKeyProvider:
+        """The vault and credential from the app settings; the secret is `secret_name`, else the default
+        connection's (AUTOPILOT_API_KEY_SECRET_NAME, else autopilot-api-key)."""
         vault_url = _setting(env, "KEY_VAULT_URL")
         if not vault_url:
             raise SettingsError("app setting KEY_VAULT_URL is required but not set")
         if not vault_url.lower().startswith("https://"):
             raise SettingsError(f"app setting KEY_VAULT_URL must be an https:// URL, got {vault_url!r}")
-        secret_name = _setting(env, "AUTOPILOT_API_KEY_SECRET_NAME") or DEFAULT_SECRET_NAME
+        secret_name = secret_name or _setting(env, "AUTOPILOT_API_KEY_SECRET_NAME") or DEFAULT_SECRET_NAME
         ca_file = _setting(env, "KEY_VAULT_CA_FILE")
         if ca_file:  # local stand-in: its own CA, and a challenge naming vault.azure.net rather than 127.0.0.1
             factory: Callable[[], TokenCredential] = LocalStandInCredential

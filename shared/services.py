@@ -9,11 +9,9 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableClient
 from azure.storage.blob import ContainerClient
 
-from shared.autopilot_client import AutopilotClient
-from shared.export_config import ExportDefinition, load_exports
-from shared.rate_budget import RateBudget
+from shared.accounts import Account
+from shared.export_config import Connection, ExportDefinition, load_exports
 from shared.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
-from shared.secrets import ApiKeyProvider
 from shared.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.state_store import STATE_CONTAINER, STATE_TABLE, Destination, ExportState
 from shared.storage import StorageConnection
@@ -29,15 +27,26 @@ class Services:
         self._ready = False
         self._lock = threading.Lock()
         self._connections: dict[str, StorageConnection] = {HOST_CONNECTION: self.host}
+        self._accounts: dict[Connection, Account] = {}
 
     @cached_property
     def records(self) -> RunRecords:
         return RunRecords(self.host.tables)
 
     @cached_property
-    def budget(self) -> RateBudget:
-        return RateBudget(self.host.tables.get_table_client(BUDGET_TABLE), self.settings.requests_per_second,
-                          margin=self.settings.rate_margin)
+    def budgets(self) -> TableClient:
+        return self.host.tables.get_table_client(BUDGET_TABLE)
+
+    def account(self, connection: Connection) -> Account:
+        """The clients of one Autopilot connection in this instance, built on first use."""
+        with self._lock:
+            if connection not in self._accounts:
+                self._accounts[connection] = Account.open(connection, self.settings, self.budgets)
+            return self._accounts[connection]
+
+    def run_account(self, run_id: str) -> Account:
+        """The account a run was planned for (its record keeps the connection)."""
+        return self.account(Connection.from_text(self.records.account(run_id)))
 
     @cached_property
     def queue(self):
@@ -52,14 +61,6 @@ class Services:
         return self.host.queue(PLAN_QUEUE)
 
     @cached_property
-    def api_key(self) -> ApiKeyProvider:
-        return ApiKeyProvider.from_settings(self.settings.env)
-
-    @cached_property
-    def autopilot(self) -> AutopilotClient:
-        return AutopilotClient(self.settings.autopilot_base_url, self.api_key, self.settings.request_timeout)
-
-    @cached_property
     def state_table(self) -> TableClient:
         return self.host.tables.get_table_client(STATE_TABLE)
 
@@ -67,11 +68,9 @@ class Services:
         return ExportState(self.host.blob, self.state_table, export)
 
     def destination(self, export: ExportDefinition) -> Destination:
-        """Whose state a run of `export` reads and writes: this app's Autopilot account and the export's
-        membership target."""
-        account = f"{self.settings.autopilot_base_url} (key {self.api_key.secret_name})"
+        """Whose state a run of `export` reads and writes: its Autopilot account and membership target."""
         target = export.list if export.membership == "list" else export.membership_key
-        return Destination(account, export.membership, target or "")
+        return Destination(self.account(export.account).described, export.membership, target or "")
 
     def exports(self) -> tuple[ExportDefinition, ...]:
         """Read on every use, so an edited definitions document applies to the next run."""
@@ -101,7 +100,7 @@ class Services:
             # Every table client is built now, before any request is in flight: azure-data-tables'
             # get_table_client() re-links the policies all its pipelines share, and doing that while another
             # thread sends breaks that request ("'_SansIOHTTPPolicyRunner' object has no attribute 'next'").
-            _ = self.records, self.budget, self.state_table
+            _ = self.records, self.budgets, self.state_table
             self._ready = True
 
 
@@ -113,10 +112,8 @@ class Services:
         for name in ("queue", "poison_queue", "plan_queue"):
             if name in built:
                 built[name].close()
-        if "autopilot" in built:
-            built["autopilot"].session.close()
-        if "api_key" in built:
-            built["api_key"].close()
+        for account in self._accounts.values():
+            account.close()
 
 
 def _ignore_exists(create) -> None:

@@ -65,7 +65,8 @@ def test_field_mode_sends_membership_as_a_typed_boolean_key():
 
 def test_public_view_has_the_document_shape_and_parses_back_to_the_same_definition():
     exports = parse_exports(document(EXPORT, MINIMAL))
-    assert exports[0].public() == EXPORT
+    # (the account it sends to is shown even when the document leaves it to the default)
+    assert exports[0].public() == {**EXPORT, "destination": {"connection": "default", **EXPORT["destination"]}}
     assert parse_exports({"exports": [e.public() for e in exports]}) == exports
     json.dumps([e.public() for e in exports])  # plain JSON
 
@@ -207,7 +208,7 @@ def test_repeated_json_key_is_a_problem_not_a_silent_overwrite():
     ([], 'the document must be an object {"exports": [...]}, got a list'),
     ({}, '"exports" is required: a list of export definitions'),
     ({"exports": {}}, '"exports" must be a list, got an object'),
-    ({"exports": [], "export": []}, 'export is not a known key (did you mean "exports"?); known keys: exports'),
+    ({"exports": [], "export": []}, 'export is not a known key (did you mean "exports"?); known keys: connections, exports'),
     ({"exports": ["x"]}, "exports[0]: must be an object, got a string"),
 ])
 def test_document_shape_problems(doc, problem):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from shared.export_config import Connection
 from shared.services import Services
 from shared.settings import Settings, SettingsError
 from shared.state_store import Destination
@@ -41,11 +42,12 @@ def test_a_malformed_setting_refuses_to_start_naming_it(name, value, problem):
 
 
 def test_the_rate_margin_setting_spaces_the_shared_budget(services):
-    assert services.budget.interval == pytest.approx(1.025 / 5)  # the default
+    assert services.account(Connection()).budget.interval == pytest.approx(1.025 / 5)  # the default
     wider = Services(Settings.from_env({**services.settings.env, "AUTOPILOT_RATE_MARGIN": "0.1"}))
     try:
-        first = wider.budget.reserve(1, ahead=60)
-        assert wider.budget.reserve(1) == pytest.approx(first + 1.1 / 5)
+        budget = wider.account(Connection()).budget
+        first = budget.reserve(1, ahead=60)
+        assert budget.reserve(1) == pytest.approx(first + 1.1 / 5)
     finally:
         wider.close()
 

@@ -1,10 +1,12 @@
 """Run one export end to end on the local stack and write its run report.
 
     AUTOPILOT_API_KEY=... python -m tools.local_run --export-dir DIR --exports-config FILE --export NAME \\
-        [--autopilot-url URL] [--report FILE] [--dry-run] [--force] [--state-dir DIR]
+        [--autopilot-url URL] [--secrets-file FILE] [--report FILE] [--dry-run] [--force] [--state-dir DIR]
 
 DIR mirrors the export container's content (as Customer Insights writes it); it is uploaded to Azurite. The
-API key is stored in the Key Vault stand-in and read back by the app through the real Key Vault client. The
+API key (the default connection's) is stored in the Key Vault stand-in and read back by the app through the real
+Key Vault client; the keys of the definitions' other connections come from --secrets-file, a JSON object of
+secret name -> value (kept out of the command line, where `ps` shows it). The
 run goes through the same functions as in Azure: the HTTP trigger starts it, the queue trigger sends it.
 With --state-dir the stack's storage is kept, so the next run of the same export is incremental; one local stack
 at a time uses a state folder, and the same command after a local_run was killed resumes the run it left. Ctrl-C
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from shared.export_config import ExportConfigError, parse_exports
+from shared.export_config import SECRET_NAME_RE, ExportConfigError, parse_exports
 from shared.run_records import ACTIVE, FINISHED
 from shared.settings import Settings, SettingsError
 from tools.local_host import LocalHost
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exports-config", required=True, type=Path, help="export definitions (JSON)")
     parser.add_argument("--export", required=True, help="name of the export to run")
     parser.add_argument("--autopilot-url", help="an Autopilot-compatible API; default: start the simulator")
+    parser.add_argument("--secrets-file", type=Path, help="JSON object of Key Vault secret name -> value: the keys "
+                                                           "of the definitions' other connections")
     parser.add_argument("--report", type=Path, help="write the run report (JSON) here")
     parser.add_argument("--dry-run", action="store_true", help="report what would be sent; send nothing")
     parser.add_argument("--force", action="store_true", help="full resync: ignore what was already sent")
@@ -76,7 +80,10 @@ def run(args: argparse.Namespace) -> dict:
     if not args.export_dir.is_dir():
         raise UsageError(f"--export-dir {args.export_dir} is not a folder")
     rate = Settings.from_env({**os.environ, "KEY_VAULT_URL": "-"}).requests_per_second
+    secrets = _read_secrets(args.secrets_file)
     with LocalStack(args.state_dir, api_key=api_key, rate=rate, autopilot_url=args.autopilot_url) as stack:
+        for name, value in secrets.items():
+            stack.keyvault.set_secret(name, value)
         definition = next(e for e in parse_exports(exports) if e.name == args.export)
         upload_folder(stack.storage, definition.container, args.export_dir)
         settings = stack.settings(exports)
@@ -93,6 +100,24 @@ def _read_exports(path: Path, name: str) -> str:
     if name not in names:
         raise UsageError(f"{path} has no export named {name!r} (it has: {', '.join(names) or 'none'})")
     return text
+
+
+def _read_secrets(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        secrets = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read --secrets-file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"--secrets-file {path} is not JSON: {exc}") from None  # (the message quotes no value)
+    bad = [name for name, value in secrets.items() if not (isinstance(value, str) and value and
+                                                            SECRET_NAME_RE.fullmatch(name))] \
+        if isinstance(secrets, dict) else None
+    if bad is None or bad:
+        raise UsageError(f"--secrets-file {path} must be a JSON object of Key Vault secret name (letters, digits, "
+                         f"hyphens) -> non-empty text{'; wrong: ' + ', '.join(map(repr, bad[:5])) if bad else ''}")
+    return secrets
 
 
 def _app():

@@ -1,0 +1,41 @@
+"""An Account: the clients of one Autopilot connection (export_config.Connection) in one instance: its cached
+API key (read again on a 401, rotated on its own), its Autopilot client, and its rate budget, which every instance
+and every export on that connection share, and no other connection's export waits for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from azure.data.tables import TableClient
+
+from shared.autopilot_client import AutopilotClient
+from shared.export_config import Connection
+from shared.rate_budget import RateBudget
+from shared.secrets import DEFAULT_SECRET_NAME, ApiKeyProvider
+from shared.settings import Settings
+
+
+@dataclass
+class Account:
+    connection: Connection  # resolved
+    api_key: ApiKeyProvider
+    client: AutopilotClient
+    budget: RateBudget
+
+    @classmethod
+    def open(cls, connection: Connection, settings: Settings, budgets: TableClient) -> Account:
+        connection = connection.resolved(settings.env.get("AUTOPILOT_API_KEY_SECRET_NAME") or DEFAULT_SECRET_NAME,
+                                         settings.autopilot_base_url, settings.requests_per_second)
+        api_key = ApiKeyProvider.from_settings(settings.env, connection.secret_name)
+        client = AutopilotClient(connection.base_url, api_key, settings.request_timeout)
+        budget = RateBudget(budgets, connection.rate, key=connection.budget_key, margin=settings.rate_margin)
+        return cls(connection, api_key, client, budget)
+
+    @property
+    def described(self) -> str:
+        """The account as run views and the state name it: its API and the secret holding its key."""
+        return f"{self.connection.base_url} (key {self.connection.secret_name})"
+
+    def close(self) -> None:
+        self.client.session.close()
+        self.api_key.close()
