@@ -94,6 +94,10 @@ param exportStorageAccountResourceId string = ''
 @description('Blob endpoint of the export account, https://<account>.blob.core.windows.net/ (EXPORT_STORAGE_BLOB_URI); used only without exportStorageAccountResourceId, and then the account owner grants the read role.')
 param exportStorageBlobUri string = ''
 
+@description('Days after which run reports, batch pages and dead batches (they hold contact data) are deleted.')
+@minValue(1)
+param retentionDays int = 30
+
 @description('NCRONTAB schedule on which the app looks for new export snapshots.')
 param exportSchedule string = '0 */15 * * * *'
 
@@ -191,6 +195,7 @@ module storage 'app/storage.bicep' = {
     containers: hostStorage.containers
     queues: hostStorage.queues
     tables: hostStorage.tables
+    retentionDays: retentionDays
   }
 }
 

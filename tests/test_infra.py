@@ -21,10 +21,13 @@ from typing import Any
 import pytest
 from pycep import BicepParser
 
+from shared.batch_messages import BATCH_CONTAINER
+from shared.delivery import DEAD
+from shared.reports import REPORTS
 from shared.run_records import BATCHES_TABLE, RUNS_TABLE
 from shared.services import BUDGET_TABLE, CONTAINERS
 from shared.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE
-from shared.state_store import STATE_TABLE
+from shared.state_store import STATE_CONTAINER, STATE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -327,6 +330,19 @@ def test_host_storage_has_the_queues_tables_and_containers_the_app_uses(template
     for type_, param in (("blobServices/containers", "containers"), ("queueServices/queues", "queues")):
         (declaration,) = [r for r in storage["resources"].values() if r["type"].endswith(type_)]
         assert declaration["config"]["loop_type"]["detail"]["array_name"] == param
+
+
+def test_run_data_is_deleted_after_the_retention_and_the_state_never(templates):
+    storage, main = templates["app/storage.bicep"], templates["main.bicep"]
+    kept = storage["parameters"]["retainedContainers"]["default"]
+    assert set(kept) == {REPORTS, BATCH_CONTAINER, DEAD}  # reports, batch pages and overflow, dead batches
+    assert STATE_CONTAINER not in kept and "config" not in kept  # the acknowledged state and the definitions
+    (rule,) = only(storage, "Microsoft.Storage/storageAccounts/managementPolicies")["properties"]["policy"]["rules"]
+    assert rule["enabled"] is True and rule["definition"]["filters"]["prefixMatch"]["config"] == "${container}/"
+    assert rule["definition"]["filters"]["prefixMatch"]["loop_type"]["detail"]["array_name"] == "retainedContainers"
+    assert rule["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": "retentionDays"}
+    assert main["parameters"]["retentionDays"]["default"] == 30
+    assert dotted(unwrap(main["modules"]["storage"])[0]["params"]["retentionDays"]) == "retentionDays"
 
 
 # --- function app ----------------------------------------------------------------------------------------------

@@ -9,6 +9,15 @@ param containers array
 param queues array
 @description('Tables to create.')
 param tables array
+@description('Days after which run reports, batch pages and dead batches are deleted (they hold contact data).')
+@minValue(1)
+param retentionDays int = 30
+@description('Containers whose blobs the retention applies to (never the acknowledged state or the definitions).')
+param retainedContainers array = [
+  'reports'
+  'batches'
+  'dead'
+]
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   //checkov:skip=CKV_AZURE_35: Flex Consumption without VNet integration has no fixed outbound addresses a firewall could allow; every request needs an Entra ID token and a data role (shared keys are off).
@@ -61,6 +70,40 @@ resource blobContainers 'Microsoft.Storage/storageAccounts/blobServices/containe
     }
   }
 ]
+
+// Reports (rejected rows with masked addresses, the report), batch pages (the documents planned for a run) and
+// dead batches (documents that could not be sent, kept for replay) are deleted retentionDays after their last
+// change. The acknowledged state (`state`) and the definitions (`config`) are never deleted by age.
+resource retention 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: storage
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'deleteRunDataByAge'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: [for container in retainedContainers: '${container}/']
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: retentionDays
+                }
+              }
+            }
+          }
+        }
+      ]
+    }
+  }
+}
 
 resource queueService 'Microsoft.Storage/storageAccounts/queueServices@2023-05-01' = {
   parent: storage
