@@ -94,6 +94,9 @@ param exportStorageAccountResourceId string = ''
 @description('Blob endpoint of the export account, https://<account>.blob.core.windows.net/ (EXPORT_STORAGE_BLOB_URI); used only without exportStorageAccountResourceId, and then the account owner grants the read role.')
 param exportStorageBlobUri string = ''
 
+@description('Email addresses the alerts go to, separated by commas; none by default (the alerts still fire and show in the portal).')
+param alertEmails string = ''
+
 @description('Days after which run reports, batch pages and dead batches (they hold contact data) are deleted.')
 @minValue(1)
 param retentionDays int = 30
@@ -182,6 +185,18 @@ module monitoring 'app/monitoring.bicep' = {
     appInsightsName: 'appi-${resourceToken}'
     location: location
     tags: tags
+  }
+}
+
+module alerts 'app/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    name: resourceToken
+    location: location
+    tags: tags
+    appInsightsId: monitoring.outputs.appInsightsId
+    alertEmails: empty(alertEmails) ? [] : split(replace(alertEmails, ' ', ''), ',')
   }
 }
 

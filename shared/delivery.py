@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 
-from shared import batch_messages
+from shared import batch_messages, signals
 from shared.accounts import Account
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
@@ -73,9 +73,19 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
     account = svc.run_account(message.run)
     pacer = Pacer(account.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
+    sender = BatchSender(account.client, pacer, message, progress)
+    try:
+        return _sent(svc, message, progress, sender, rlog)
+    finally:
+        if sender.requests:  # what the 429 alert counts, per connection
+            signals.emit("batch_sent", runId=message.run, export=message.export, connection=account.connection.name,
+                         requests=sender.requests, throttled=sender.throttled)
+
+
+def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: BatchSender, rlog) -> bool:
     settled_before = len(progress.done)
     try:
-        BatchSender(account.client, pacer, message, progress).run()
+        sender.run()
         return True
     except Stopped:
         rlog.info("batch %d stopped: its run was cancelled", message.batch)
@@ -83,7 +93,7 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
     except (ApiKeyRejected, SecretUnavailable) as exc:
-        problem = _key_problem(account, exc)
+        problem = _key_problem(svc.run_account(message.run), exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
             fail_rest(message, progress, problem)
             conclude(svc, message.run, "failed", error=problem)
@@ -187,6 +197,8 @@ def record_dead(svc: Services, body: bytes) -> None:
                            progress.carried_accepted, len(progress.refused), len(progress.failed),
                            progress.refused + progress.failed, reason)
     if svc.records.get(message.run) and svc.records.record_batch(message.run, outcome, progress.all_acked()):
+        signals.emit("batch_dead", runId=message.run, export=message.export, batch=message.batch,
+                     connection=svc.run_account(message.run).connection.name, contacts=outcome.contacts)
         after_batch(svc, message.run, outcome)
 
 

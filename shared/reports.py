@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from itertools import chain
 
+from shared import signals
+from shared.export_config import Connection
 from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, run_log, utcnow
 from shared.services import Services
 from shared.state_store import Destination, ExportState
@@ -98,6 +100,11 @@ def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes:
     final = {"delivery": json.dumps(totals), "settled": len(outcomes), "problems": problems[:20], "error": error}
     write_report(svc, run_id, {**run, **final, "status": status, "error": error or run.get("error")}, problems)
     finished = svc.records.finish(run_id, status, **final)
+    if finished:
+        signals.emit("run_ended", runId=run_id, export=run["export"], status=status,
+                     connection=Connection.from_text(run.get("account", "")).name, sent=totals["sent"],
+                     accepted=totals["accepted"], refused=totals["refused"], failed=totals["failed"],
+                     deadBatches=totals["dead_batches"])
     if finished and run.get("status") in ("running", CANCELLING) and run.get("destination"):
         try:
             fold_state(svc, svc.state(run["export"]), Destination.from_public(run["destination"]))

@@ -16,7 +16,7 @@ from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared import cancels
+from shared import cancels, signals
 from shared.autopilot_client import AutopilotError
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
@@ -419,8 +419,10 @@ def scheduled_tick(svc: Services) -> list[str]:
     except ExportConfigError as exc:  # the timer must not fail on every tick: say what to fix, once a tick
         log.error("no export started: the export definitions are invalid: %s", exc)
         return []
+    enabled = [e for e in exports if e.enabled]
+    signals.emit("exports_enabled", exports=[e.name for e in enabled])  # what the stale-export alert expects
     started = []
-    for export in (e for e in exports if e.enabled):
+    for export in enabled:
         try:
             if _has_new_snapshot(svc, export):
                 started.append(start_run(svc, export.name, trigger="timer")["RowKey"])

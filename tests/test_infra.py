@@ -245,6 +245,7 @@ def test_every_bicep_file_parses_and_every_module_file_is_used(templates):
         "main.bicep",
         "app/identity.bicep",
         "app/monitoring.bicep",
+        "app/alerts.bicep",
         "app/storage.bicep",
         "app/keyvault.bicep",
         "app/function.bicep",
