@@ -5,14 +5,34 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import sys
 
 import azure.functions as func
 
 from shared import delivery, http_api, runs, services
-from shared.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE
+from shared.settings import (
+    BATCH_QUEUE,
+    HOST_CONNECTION,
+    PLAN_POISON_QUEUE,
+    PLAN_QUEUE,
+    POISON_QUEUE,
+    SettingsError,
+    api_authentication,
+)
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+def _auth_level() -> func.AuthLevel:
+    """Function keys, unless the platform checks Entra ID tokens (then http_api.guarded checks the principal it
+    forwards). A bad value keeps the keys, and every call answers 500 naming the setting."""
+    try:
+        entra = api_authentication(os.environ) == "entra"
+    except SettingsError:
+        entra = False
+    return func.AuthLevel.ANONYMOUS if entra else func.AuthLevel.FUNCTION
+
+
+app = func.FunctionApp(http_auth_level=_auth_level())
 log = logging.getLogger("autopilot.triggers")
 # The Azure SDKs log every storage and Key Vault request at INFO: noise in the logs, and cost in App Insights.
 logging.getLogger("azure").setLevel(logging.WARNING)
@@ -25,8 +45,8 @@ sys.setswitchinterval(0.001)
 gc.set_threshold(50000, 20, 20)
 
 
-def _json(answer: http_api.Answer) -> func.HttpResponse:
-    status, body = answer
+def _answer(req: func.HttpRequest, call, *args) -> func.HttpResponse:
+    status, body = http_api.guarded(req.headers, call, *args)
     return func.HttpResponse(json.dumps(body, default=str), status_code=status, mimetype="application/json")
 
 
@@ -40,32 +60,32 @@ def scheduled_sync(timer: func.TimerRequest) -> None:
 
 @app.route(route="exports/{name}/runs", methods=["POST"])
 def start_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.start_run, req.route_params.get("name", ""), req.get_body()))
+    return _answer(req, http_api.start_run, req.route_params.get("name", ""), req.get_body())
 
 
 @app.route(route="exports/{name}/runs", methods=["GET"])
 def list_runs(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.list_runs, req.route_params.get("name", ""), dict(req.params)))
+    return _answer(req, http_api.list_runs, req.route_params.get("name", ""), dict(req.params))
 
 
 @app.route(route="runs/{run_id}", methods=["GET"])
 def get_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.get_run, req.route_params.get("run_id", "")))
+    return _answer(req, http_api.get_run, req.route_params.get("run_id", ""))
 
 
 @app.route(route="exports", methods=["GET"])
 def list_exports(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.list_exports))
+    return _answer(req, http_api.list_exports)
 
 
 @app.route(route="runs/{run_id}/replay", methods=["POST"])
 def replay_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.replay_run, req.route_params.get("run_id", "")))
+    return _answer(req, http_api.replay_run, req.route_params.get("run_id", ""))
 
 
 @app.route(route="runs/{run_id}/cancel", methods=["POST"])
 def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
-    return _json(http_api.guarded(http_api.cancel_run, req.route_params.get("run_id", "")))
+    return _answer(req, http_api.cancel_run, req.route_params.get("run_id", ""))
 
 
 @app.queue_trigger(arg_name="msg", queue_name=PLAN_QUEUE, connection=HOST_CONNECTION)

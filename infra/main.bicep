@@ -94,6 +94,12 @@ param exportStorageAccountResourceId string = ''
 @description('Blob endpoint of the export account, https://<account>.blob.core.windows.net/ (EXPORT_STORAGE_BLOB_URI); used only without exportStorageAccountResourceId, and then the account owner grants the read role.')
 param exportStorageBlobUri string = ''
 
+@description('Client id of an Entra ID app registration: when set, the HTTP API takes Entra ID tokens for it instead of function keys.')
+param apiEntraClientId string = ''
+
+@description('Object id of the Entra ID group whose members may call the API (with apiEntraClientId).')
+param apiEntraGroupId string = ''
+
 @description('Email addresses the alerts go to, separated by commas; none by default (the alerts still fire and show in the portal).')
 param alertEmails string = ''
 
@@ -249,6 +255,8 @@ module functionApp 'app/function.bicep' = {
     autopilotBaseUrl: autopilotBaseUrl
     autopilotRequestsPerSecond: autopilotRequestsPerSecond
     exportStorageBlobServiceUri: exportStorageBlobServiceUri
+    apiEntraClientId: apiEntraClientId
+    apiEntraGroupId: apiEntraGroupId
   }
 }
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from shared import cancels, delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
 from shared.services import Services
-from shared.settings import SettingsError
+from shared.settings import SettingsError, api_authentication
 
 log = logging.getLogger("autopilot.http")
 Answer = tuple[int, dict]
@@ -24,6 +24,7 @@ MAX_BODY = 16 * 1024
 EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 RUN_OPTIONS = {"dryRun", "force"}
+PRINCIPAL_HEADER = "x-ms-client-principal-id"  # set by the platform's authentication; it drops one a client sends
 
 
 def _error(status: int, message: str, **extra) -> Answer:
@@ -147,11 +148,17 @@ def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[
         return _error(409, str(exc))
 
 
-def guarded(call, *args) -> Answer:
+def guarded(headers: Mapping[str, str], call, *args) -> Answer:
     """Run one API call with the process's services; a configuration problem becomes a 500 that says what to
-    fix, never a stack trace."""
+    fix, never a stack trace. With Entra ID authentication the platform has checked the caller's token and
+    forwards who it is; a request without that principal (the platform's authentication is off?) is refused."""
     try:
-        return call(services.current(), *args)
+        svc = services.current()
+        if api_authentication(svc.settings.env) == "entra" and not headers.get(PRINCIPAL_HEADER):
+            return _error(401, "this API takes Entra ID tokens (API_AUTHENTICATION is entra) and the request "
+                               "carries no authenticated principal: call it with a token for the app's registration, "
+                               "through the app's built-in authentication")
+        return call(svc, *args)
     except (SettingsError, ExportConfigError) as exc:
         log.error("configuration problem: %s", exc)
         return _error(500, f"the app is misconfigured: {exc}")

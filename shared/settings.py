@@ -73,3 +73,16 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value != int(value):
         raise SettingsError(f"app setting {name} must be a whole number, got {env[name]!r}")
     return int(value)
+
+
+API_AUTHENTICATION = ("function-key", "entra")
+
+
+def api_authentication(env: Mapping[str, str]) -> str:
+    """How HTTP callers authenticate (API_AUTHENTICATION): `function-key` (the default), or `entra` when the
+    platform's built-in authentication checks an Entra ID token before any function runs (infra sets both)."""
+    value = (env.get("API_AUTHENTICATION") or API_AUTHENTICATION[0]).strip().lower()
+    if value not in API_AUTHENTICATION:
+        raise SettingsError(f"app setting API_AUTHENTICATION must be one of {', '.join(API_AUTHENTICATION)}, "
+                            f"got {value[:40]!r}")
+    return value

@@ -56,6 +56,7 @@ APP_SETTINGS = {
     "AUTOPILOT_TIMEOUT_SECONDS",
     "AUTOPILOT_MAX_ATTEMPTS",
     "AUTOPILOT_RATE_MARGIN",
+    "API_AUTHENTICATION",
 }
 # Set in Azure only: they name the identity and the telemetry sink, which a local run does not have.
 AZURE_ONLY_SETTINGS = {
@@ -333,6 +334,26 @@ def test_host_storage_has_the_queues_tables_and_containers_the_app_uses(template
         assert declaration["config"]["loop_type"]["detail"]["array_name"] == param
 
 
+def test_entra_id_for_the_api_is_off_by_default_and_when_on_the_app_knows(templates, app_settings):
+    main, function = templates["main.bicep"], templates["app/function.bicep"]
+    assert [main["parameters"][p]["default"] for p in ("apiEntraClientId", "apiEntraGroupId")] == ["", ""]
+    params = unwrap(main["modules"]["functionApp"])[0]["params"]
+    assert (dotted(params["apiEntraClientId"]), dotted(params["apiEntraGroupId"])) == ("apiEntraClientId",
+                                                                                      "apiEntraGroupId")
+    declaration = function["resources"]["authSettings"]
+    auth, condition = unwrap(declaration)
+    assert condition is not None and "entraAuth" in json.dumps(condition)  # only with a client id
+    assert "apiEntraClientId" in json.dumps(function["variables"]["entraAuth"])
+    assert declaration["type"] == "Microsoft.Web/sites/config" and auth["name"] == "authsettingsV2"
+    props = auth["properties"]
+    assert props["globalValidation"] == {"requireAuthentication": True, "unauthenticatedClientAction": "Return401"}
+    aad = props["identityProviders"]["azureActiveDirectory"]
+    assert aad["enabled"] is True and aad["registration"]["clientId"] == "apiEntraClientId"
+    assert "apiEntraGroupId" in json.dumps(aad["validation"]["defaultAuthorizationPolicy"]["allowedPrincipals"])
+    # The app's routes drop function keys exactly when the platform checks tokens (same condition).
+    assert "entraAuth" in json.dumps(app_settings["API_AUTHENTICATION"])
+
+
 def test_run_data_is_deleted_after_the_retention_and_the_state_never(templates):
     storage, main = templates["app/storage.bicep"], templates["main.bicep"]
     kept = storage["parameters"]["retainedContainers"]["default"]
@@ -414,8 +435,9 @@ def test_site_and_app_settings_hold_nothing_flex_consumption_rejects_or_ignores(
     function = templates["app/function.bicep"]
     site = only(function, "Microsoft.Web/sites")
     assert flex_rejections(site["properties"], set(app_settings)) == []
-    # Settings written by a separate sites/config resource would be held the same way; there is none.
-    assert not resources(function, "Microsoft.Web/sites/config")
+    # Settings written by a separate sites/config resource would be held the same way; the one there is holds the
+    # built-in authentication (authsettingsV2), no settings.
+    assert [r["name"] for r in resources(function, "Microsoft.Web/sites/config").values()] == ["authsettingsV2"]
     # The check itself: it finds what the issue found, at any depth and in any letter case.
     assert flex_rejections({"siteConfig": {"FtpsState": "Disabled"}}, set()) == ["property ftpsState"]
     assert flex_rejections({}, {"FUNCTIONS_WORKER_RUNTIME"}) == ["app setting FUNCTIONS_WORKER_RUNTIME"]

@@ -37,6 +37,10 @@ param autopilotRequestsPerSecond string
 @minLength(1)
 @description('Blob endpoint of the Customer Insights export account (https://<account>.blob.core.windows.net/), from EXPORT_STORAGE_ACCOUNT_ID or EXPORT_STORAGE_BLOB_URI. Empty means neither is set: run azd env set EXPORT_STORAGE_ACCOUNT_ID (or EXPORT_STORAGE_BLOB_URI) and azd provision again.')
 param exportStorageBlobServiceUri string
+@description('Client id of the Entra ID app registration the HTTP API accepts tokens for; empty keeps function keys.')
+param apiEntraClientId string = ''
+@description('Object id of the Entra ID group whose members may call the API (with apiEntraClientId).')
+param apiEntraGroupId string = ''
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -100,6 +104,7 @@ var exportStorageSettings = [
     value: exportStorageBlobServiceUri
   }
 ]
+var entraAuth = !empty(apiEntraClientId)
 var appSettings = [
   {
     name: 'AZURE_CLIENT_ID'
@@ -151,6 +156,12 @@ var appSettings = [
     // Requests are spaced (1 + margin) / rate apart: raise it if Autopilot answers 429 to on-time requests.
     name: 'AUTOPILOT_RATE_MARGIN'
     value: '0.025'
+  }
+  {
+    // How HTTP callers authenticate: 'function-key', or 'entra' when built-in authentication (authSettings
+    // below) checks an Entra ID token first; the app then also requires the principal it forwards.
+    name: 'API_AUTHENTICATION'
+    value: entraAuth ? 'entra' : 'function-key'
   }
   {
     // Threads of the Python worker (shared/settings.py WORKER_THREADS says why 16; Azure's default is cores + 4).
@@ -243,3 +254,55 @@ resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@
 
 output name string = site.name
 output uri string = 'https://${site.properties.defaultHostName}'
+
+// Built-in authentication (Easy Auth), on when apiEntraClientId is given: every HTTP request needs an Entra ID
+// token issued for that app registration to a member of apiEntraGroupId; others get 401 before any function runs.
+// The app's HTTP functions then take no function key (API_AUTHENTICATION 'entra') and refuse a request without
+// the authenticated principal the platform forwards.
+resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
+  //checkov:skip=CKV_AZURE_13: this resource is the App Service Authentication checkov asks for; checkov reads every sites/config resource as the 'web' one.
+  //checkov:skip=CKV_AZURE_63: a 'web' config property (HTTP logging), not an authsettingsV2 one; the site's requests are in Application Insights.
+  //checkov:skip=CKV_AZURE_65: a 'web' config property (detailed error messages), not an authsettingsV2 one.
+  //checkov:skip=CKV_AZURE_66: a 'web' config property (failed request tracing), not an authsettingsV2 one.
+  //checkov:skip=CKV_AZURE_80: a 'web' config property (.NET Framework version); this is a Python app.
+  //checkov:skip=CKV_AZURE_88: a 'web' config property (Azure Files mounts); the app keeps its data in blob, queue and table storage.
+  //checkov:skip=CKV_AZURE_222: the same reason as on the site: the API stays on the public endpoint, here behind Entra ID tokens.
+  parent: site
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: apiEntraClientId
+          openIdIssuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+        }
+        validation: {
+          allowedAudiences: [
+            'api://${apiEntraClientId}'
+            apiEntraClientId
+          ]
+          defaultAuthorizationPolicy: {
+            allowedPrincipals: {
+              groups: empty(apiEntraGroupId) ? [] : [
+                apiEntraGroupId
+              ]
+            }
+          }
+        }
+      }
+    }
+    login: {
+      tokenStore: {
+        enabled: false
+      }
+    }
+  }
+}
