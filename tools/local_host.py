@@ -102,12 +102,16 @@ class LocalHost:
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()
         self._started = False
+        self._replaced: dict[str, str | None] = {}  # environment values start() replaced
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> LocalHost:
         from shared import services
 
-        os.environ.update(self.settings)  # as the real host exposes app settings to the worker
+        # As the real host exposes app settings to the worker; stop() puts back what they replaced, so a later
+        # host in this process does not inherit a setting its own settings leave out.
+        self._replaced = {name: os.environ.get(name) for name in self.settings}
+        os.environ.update(self.settings)
         services.use(None)  # a fresh worker builds its clients from those settings
         self._started = True
         for name, function in self.functions.items():
@@ -139,6 +143,11 @@ class LocalHost:
         from shared import services
 
         services.use(None)  # closes the worker's connections, as a stopped worker process would
+        for name, value in self._replaced.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def __enter__(self) -> LocalHost:
         return self.start()
