@@ -75,10 +75,8 @@ def test_a_killed_local_run_leaves_no_process_and_the_same_command_resumes_its_r
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
     sent_before = len(_joins(sim))
-    # Azurite got SIGTERM with its parent's death: it closes its three services, saving their data (it may then
-    # linger on its timers; the next run's stale lock stops it, asserted at the end).
-    log = tmp_path / "state" / "azurite" / "azurite.log"
-    wait_until(lambda: log.read_text(errors="replace").count("successfully closed") >= 3, timeout=20)
+    # Azurite got SIGTERM with its parent's death; whether it has exited yet or lingers on its timers, the next
+    # command's stale lock stops it (no process is left at the end, asserted below).
     assert (tmp_path / "state" / LOCK_NAME).exists()  # left behind: stale
 
     again = subprocess.run(_command(tmp_path, config, sim), cwd=ROOT, env=_env(), capture_output=True, text=True,
