@@ -327,7 +327,7 @@ class _Checker:
         if not isinstance(document, dict):
             self.problem(f'the document must be an object {{"exports": [...]}}, got {_type_name(document)}')
             return ()
-        self.unknown(document, ("connections", "exports"), "")
+        self.unknown(document, ("$schema", "connections", "exports"), "")  # ($schema: for editors, ignored)
         self.accounts = self.connections(document.get("connections", []))
         exports = document.get("exports")
         if not isinstance(exports, list):

@@ -209,7 +209,7 @@ def test_repeated_json_key_is_a_problem_not_a_silent_overwrite():
     ({}, '"exports" is required: a list of export definitions'),
     ({"exports": {}}, '"exports" must be a list, got an object'),
     ({"exports": [], "export": []},
-     'export is not a known key (did you mean "exports"?); known keys: connections, exports'),
+     'export is not a known key (did you mean "exports"?); known keys: $schema, connections, exports'),
     ({"exports": ["x"]}, "exports[0]: must be an object, got a string"),
 ])
 def test_document_shape_problems(doc, problem):
