@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets._shared import http_challenge_cache
 
 from shared.secrets import ApiKeyProvider, LocalStandInCredential, SecretUnavailable
 from shared.settings import SettingsError
@@ -29,6 +30,9 @@ KEY_2 = "ap-key-two-9876543210"
 @pytest.fixture
 def standin() -> Iterator[KeyVaultStandIn]:
     with KeyVaultStandIn(secrets={NAME: KEY_1}) as instance:  # port 0: the OS picks a free port
+        # The SDK caches each vault's challenge by host and port for the whole process; a stand-in of an earlier
+        # test may have had this port, and its cached challenge would skip the one this test counts.
+        http_challenge_cache.remove_challenge_for_url(instance.url)
         yield instance
 
 
