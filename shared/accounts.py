@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from azure.data.tables import TableClient
 
 from shared.autopilot_client import AutopilotClient
-from shared.export_config import Connection
+from shared.export_config import DEFAULT_ACCOUNT, Connection
 from shared.rate_budget import RateBudget
-from shared.secrets import DEFAULT_SECRET_NAME, ApiKeyProvider
+from shared.secrets import ApiKeyProvider
 from shared.settings import Settings
+
+DEFAULT_BUDGET_KEY = "autopilot"  # the default connection's budget entity, as before connections existed
 
 
 @dataclass
@@ -24,11 +26,11 @@ class Account:
 
     @classmethod
     def open(cls, connection: Connection, settings: Settings, budgets: TableClient) -> Account:
-        connection = connection.resolved(settings.env.get("AUTOPILOT_API_KEY_SECRET_NAME") or DEFAULT_SECRET_NAME,
-                                         settings.autopilot_base_url, settings.requests_per_second)
-        api_key = ApiKeyProvider.from_settings(settings.env, connection.secret_name)
+        api_key = ApiKeyProvider.from_settings(settings.env, connection.secret_name)  # (default: the app setting's)
+        connection = connection.resolved(api_key.secret_name, settings.autopilot_base_url, settings.requests_per_second)
         client = AutopilotClient(connection.base_url, api_key, settings.request_timeout)
-        budget = RateBudget(budgets, connection.rate, key=connection.budget_key, margin=settings.rate_margin)
+        key = DEFAULT_BUDGET_KEY if connection.name == DEFAULT_ACCOUNT else f"connection~{connection.name}"
+        budget = RateBudget(budgets, connection.rate, key=key, margin=settings.rate_margin)
         return cls(connection, api_key, client, budget)
 
     @property

@@ -10,7 +10,6 @@ import time
 import uuid
 
 from shared import batch_messages, signals
-from shared.accounts import Account
 from shared.autopilot_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
@@ -77,9 +76,9 @@ def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> boo
     try:
         return _sent(svc, message, progress, sender, rlog)
     finally:
-        if sender.requests:  # what the 429 alert counts, per connection
+        if pacer.sent:  # what the 429 alert counts, per connection
             signals.emit("batch_sent", runId=message.run, export=message.export, connection=account.connection.name,
-                         requests=sender.requests, throttled=sender.throttled)
+                         requests=pacer.sent, throttled=sender.throttled)
 
 
 def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: BatchSender, rlog) -> bool:
@@ -93,7 +92,7 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
     except (ApiKeyRejected, SecretUnavailable) as exc:
-        problem = _key_problem(svc.run_account(message.run), exc)
+        problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
             fail_rest(message, progress, problem)
             conclude(svc, message.run, "failed", error=problem)
@@ -105,9 +104,9 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
     return _retry_later(svc, message, progress, rlog, reason, at, failed and len(progress.done) == settled_before)
 
 
-def _key_problem(account: Account, exc: Exception) -> str:
+def _key_problem(secret_name: str, exc: Exception) -> str:
     if isinstance(exc, ApiKeyRejected):
-        return f"{exc.message} (Key Vault secret {account.connection.secret_name!r})"
+        return f"{exc.message} (Key Vault secret {secret_name!r})"
     return str(exc)  # SecretUnavailable names the secret and the vault, never the value
 
 

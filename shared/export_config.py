@@ -56,7 +56,6 @@ CUSTOM_KEYS = ("name", "type", "column")
 
 
 DEFAULT_ACCOUNT = "default"
-DEFAULT_BUDGET_KEY = "autopilot"  # the default connection's budget entity, as before connections existed
 
 
 @dataclass(frozen=True)
@@ -89,10 +88,6 @@ class Connection:
     def resolved(self, secret_name: str, base_url: str, rate: float) -> Connection:
         """Every field filled: the connection's own values, else the app settings' (given)."""
         return Connection(self.name, self.secret_name or secret_name, self.base_url or base_url, self.rate or rate)
-
-    @property
-    def budget_key(self) -> str:
-        return DEFAULT_BUDGET_KEY if self.name == DEFAULT_ACCOUNT else f"connection~{self.name}"
 
 
 APP_SETTINGS_ACCOUNT = Connection()  # the "default" connection: the app settings' account

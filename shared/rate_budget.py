@@ -148,6 +148,7 @@ class Pacer:
         self.budget = budget
         self.max_wait = max_wait
         self.go_on = go_on
+        self.sent = 0  # requests let go: each takes its slot right before it is sent
         self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
 
     def __call__(self) -> None:
@@ -160,6 +161,7 @@ class Pacer:
             if wait > 0:
                 time.sleep(wait)
             if self.budget.clock() <= slot + TOLERANCE:
+                self.sent += 1
                 return
             # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
             # next request); take the next free one, further ahead so as to be on time for it.

@@ -87,8 +87,9 @@ class RunRecords:
     def __init__(self, tables: TableServiceClient):
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
-        self._seen: dict[str, tuple[str, float]] = {}  # run id -> (status, when read): senders' cheap status check
-        self._accounts: dict[str, str] = {}  # run id -> its connection, once planned (it never changes after)
+        # run id -> (status, when read, its connection): senders' cheap status check, and the connection it was
+        # planned for (written before any batch was queued, never changed after)
+        self._seen: dict[str, tuple[str, float, str]] = {}
         self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
         self._indexed: set[str] = set()  # exports whose runs from before the run index are known to be in it
 
@@ -102,18 +103,17 @@ class RunRecords:
         return run.get("status") if run else None
 
     def account(self, run_id: str) -> str:
-        """The connection the run was planned for (Connection.text; "" for the default), read once per run."""
-        if run_id not in self._accounts:
+        """The connection the run was planned for (Connection.text; "" for the default), read once it is planned."""
+        seen = self._seen.get(run_id)
+        if not seen or seen[0] in ("queued", "planning"):
             self.get(run_id)
-        return self._accounts.get(run_id, "")
+            seen = self._seen.get(run_id)
+        return seen[2] if seen else ""
 
     def _saw(self, entity) -> None:
         if len(self._seen) > 1000:
             self._seen.clear()
-            self._accounts.clear()
-        self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic())
-        if entity.get("status") not in ("queued", "planning"):  # planning wrote it before any batch was queued
-            self._accounts[entity["RowKey"]] = entity.get("account", "")
+        self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic(), entity.get("account", ""))
 
     # --- runs -------------------------------------------------------------------------------------
     def create(self, run_id: str, export: str, **fields) -> dict:

@@ -219,11 +219,12 @@ class Stream:
         self.svc, self.export, self.run, self.planner, self.rlog = svc, export, run, planner, rlog
         self.destination, self.rebuild = destination, rebuild
         self.resumed = bool(run.get("streaming"))
+        self.budget = svc.account(export.account).budget
         # Planning shares the instance's cores with the senders: it keeps about STREAM_AHEAD s of requests (two
         # pages at least) ahead of what has settled, for at most STREAM_PACED s (an invocation must end), then runs
         # flat out. Run flat out from the start, it cost the senders 15% of their slots at 50 requests/s.
         per_batch = 1 if export.membership == "field" else planner.list_ops
-        self.ahead = max(2 * PAGE, int(STREAM_AHEAD * svc.account(export.account).budget.rate / per_batch))
+        self.ahead = max(2 * PAGE, int(STREAM_AHEAD * self.budget.rate / per_batch))
         self.paced_until = time.monotonic() + STREAM_PACED
 
     def send(self, partitions, target: dict) -> None:
@@ -238,7 +239,7 @@ class Stream:
             self.rlog.info("run ended while it was planned (cancelled, or superseded by a forced run)")
             return
         _save_rejections(svc, run_id, plan.rejections_file)
-        summary = _summary(svc.account(self.export.account).budget, plan, target, streamed=True)
+        summary = _summary(self.budget, plan, target, streamed=True)
         if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=False,
                                    list_id=list_id, rebuild_state=self.rebuild, planned_batches=pages.batches,
                                    pages=pages.count, planned_at=utcnow(), **summary):

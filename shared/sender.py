@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
 from shared.batch_messages import BatchMessage
 from shared.contacts import mask_email
-from shared.rate_budget import Deferred, Pacer, Stopped
+from shared.rate_budget import Deferred, Pacer
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
@@ -63,8 +63,7 @@ class BatchSender:
     pacer: Pacer
     message: BatchMessage
     progress: Progress = field(default_factory=Progress)
-    requests: int = 0  # sent by this invocation (answered or not), for the 429 alert's share
-    throttled: int = 0  # of which answered 429
+    throttled: int = 0  # requests answered 429 (of the pacer's `sent`), for the 429 alert's share
 
     def run(self) -> None:
         """Send every unsettled item; raises Requeue or ApiKeyRejected to stop early."""
@@ -113,14 +112,9 @@ class BatchSender:
         failures = throttles = 0
         while True:
             try:
-                self.requests += 1
                 return call()
             except Deferred as exc:
-                self.requests -= 1  # it waited for no slot: nothing was sent
                 raise Requeue(exc.at, "waiting for a request slot", failed=False) from None
-            except Stopped:
-                self.requests -= 1
-                raise
             except Throttled as exc:
                 until = self.pacer.budget.throttled(exc.retry_after)
                 throttles += 1
