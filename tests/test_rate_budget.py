@@ -11,7 +11,17 @@ from itertools import pairwise
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared.rate_budget import HOLD_FIRST, HOLD_MOST, MARGIN, STRIKES_KEPT, TOLERANCE, Deferred, Pacer, RateBudget
+from shared.rate_budget import (
+    HOLD_FIRST,
+    HOLD_MOST,
+    LATE_MOST,
+    MARGIN,
+    STRIKES_KEPT,
+    TOLERANCE,
+    Deferred,
+    Pacer,
+    RateBudget,
+)
 
 RATE = 20.0  # 51.25 ms apart: short waits, yet far above the scheduler's jitter
 
@@ -67,6 +77,25 @@ def test_a_sender_that_wakes_late_takes_the_next_free_slot_instead_of_losing_its
     # The late sender did not send on its passed slot, nor behind a long booked schedule: on the next free one.
     assert overslept and sent_other - sent_late >= budget.interval - TOLERANCE
     assert budget.next_free() - sent_other <= 2 * budget.interval
+
+
+def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(budget, monkeypatch):
+    real_sleep, slots = time.sleep, []
+    late_by = TOLERANCE + 0.002  # it wakes at least this late: over the tolerance, well under LATE_MOST
+    assert late_by < LATE_MOST
+    pacer = Pacer(budget, max_wait=5)
+    take = budget.take
+    monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + late_by))
+    pacer()
+    monkeypatch.setattr(time, "sleep", real_sleep)
+    assert pacer.sent == 1 and len(slots) == 1  # sent on its own slot: no other was taken for it
+    booked = slots[0] + budget.interval  # where the schedule stood after it
+    following = budget.reserve(1)
+    # The next slot comes later than the booked schedule by the lateness beyond the tolerance, so any RATE + 1
+    # requests from the late one on still span RATE intervals less the tolerance.
+    assert following - booked >= late_by - TOLERANCE - 0.0005
+    assert budget.reserve(1) == pytest.approx(following + budget.interval)  # owed once, not again
 
 
 def test_many_threads_on_several_budget_clients_never_exceed_the_rate_and_none_starves(storage_connection, budget):
