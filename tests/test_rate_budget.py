@@ -98,6 +98,23 @@ def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(b
     assert budget.reserve(1) == pytest.approx(following + budget.interval)  # owed once, not again
 
 
+def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch):
+    real_sleep, slots = time.sleep, []
+    pacer = Pacer(budget, max_wait=5)
+    take = budget.take
+    monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+
+    def booked_then_late(seconds: float) -> None:  # other senders book a second's worth meanwhile; it wakes late
+        if len(slots) == 1:
+            budget.reserve(int(RATE))
+        real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1 else 0))
+
+    monkeypatch.setattr(time, "sleep", booked_then_late)
+    pacer()
+    # The request RATE slots after its own was booked before it woke: no shift could reach it, so the slot passed.
+    assert len(slots) == 2 and slots[1] >= slots[0] + (RATE + 1) * budget.interval
+
+
 def test_many_threads_on_several_budget_clients_never_exceed_the_rate_and_none_starves(storage_connection, budget):
     """Three clients (three instances) with four sending threads each, for two seconds at 20 requests/s."""
     tables = [TableServiceClient.from_connection_string(storage_connection) for _ in range(3)]
