@@ -58,6 +58,13 @@ def scheduled_sync(timer: func.TimerRequest) -> None:
     runs.scheduled_tick(services.current())
 
 
+@app.event_grid_trigger(arg_name="event")
+def snapshot_written(event: func.EventGridEvent) -> None:
+    """Customer Insights wrote a model.json: Event Grid's subscription on the export account (infra/app/events.bicep)
+    passes BlobCreated events of model.json blobs. Runs start within seconds instead of at the next tick."""
+    runs.snapshot_written(services.current(), event.event_type, event.subject)
+
+
 @app.route(route="exports/{name}/runs", methods=["POST"])
 def start_run(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(req, http_api.start_run, req.route_params.get("name", ""), req.get_body())

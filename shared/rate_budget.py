@@ -35,12 +35,12 @@ MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that
 # much beyond TOLERANCE later (`owe`): the window from the late request to the N-th after it keeps its span, since
-# this instance books that one after the shift. So a late sender only sends when the schedule, as this instance last
-# wrote it, ends less than MOVABLE s after its slot (one instance at a high rate); else (several instances, or a low
-# rate: the N-th request after it may be booked already) its slot passes unused. Should another instance have booked
-# the rest of the second meanwhile, that window is short by LATE_MOST at most: 1.005 s, still inside MARGIN. On a
-# loaded 2-core machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
-LATE_MOST, MOVABLE = 0.02, 0.5
+# this instance books that one after the shift. So a late sender only sends when this instance books alone (no
+# other instance's write got between its own for ALONE_FOR s: the shift lives in this instance until it next books)
+# and the schedule it last wrote ends less than MOVABLE s after the slot (a high rate: at a low one the N-th request
+# after it may be booked already). Else its slot passes unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8
+# woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
+LATE_MOST, MOVABLE, ALONE_FOR = 0.02, 0.5, 10.0
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
 # After a 429 without Retry-After every sender waits HOLD_FIRST s, twice that after a 429 that follows within
 # STRIKES_KEPT s of the last one's hold, and so on up to HOLD_MOST. A lone 429 is most often our jitter against the
@@ -70,11 +70,14 @@ class RateBudget:
         # The senders of one instance that want a slot at the same moment share one budget write (`take`).
         self._takers: Combiner[tuple[float, float], float] = Combiner(self._reserve_for)
         self._owed, self._owed_lock = 0.0, threading.Lock()
+        self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
 
     def movable(self, slot: float) -> bool:
-        """Whether the schedule this instance last wrote ends less than MOVABLE s after `slot` (see LATE_MOST)."""
+        """Whether this instance books alone, and the schedule it last wrote ends less than MOVABLE s after `slot`
+        (see LATE_MOST)."""
         last = self._last
-        return last is not None and last[0]["next"] - slot < MOVABLE
+        return (last is not None and self.clock() - self._contended > ALONE_FOR
+                and last[0]["next"] - slot < MOVABLE)
 
     def owe(self, seconds: float) -> None:
         """A request left `seconds` later than its slot allowed: this instance's next reservation starts that late."""
@@ -151,6 +154,7 @@ class RateBudget:
                     entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
                 )
         except (ResourceExistsError, ResourceModifiedError):
+            self._contended = self.clock()
             return False  # another instance took slots first: read again
         self._last = (entity, written["etag"])
         return True

@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import posixpath
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
-from shared.export_config import ExportConfigError, ExportDefinition
+from shared.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
 from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
@@ -422,11 +424,42 @@ def scheduled_tick(svc: Services) -> list[str]:
         return []
     enabled = [e for e in exports if e.enabled]
     signals.emit("exports_enabled", exports=[e.name for e in enabled])  # what the stale-export alert expects
+    return _start_new(svc, enabled, "timer")
+
+
+BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+BLOB_SUBJECT = re.compile(r"/blobServices/default/containers/([^/]+)/blobs/(.+)")
+
+
+def snapshot_written(svc: Services, event_type: str, subject: str) -> list[str]:
+    """Event Grid told of a blob written in the export account (EXPORT_STORAGE): for a model.json, start a run for
+    each enabled export it may hold a new snapshot of. The same check as the timer's, so whichever of an event, a
+    repeated event and a tick comes second finds the snapshot synced or its run in progress, and starts nothing. An
+    export busy with an older snapshot gets the new one on a later tick."""
+    found = BLOB_SUBJECT.fullmatch(subject or "")
+    if event_type != BLOB_CREATED or not found or posixpath.basename(found[2]) != "model.json":
+        log.info("event %s for %s: not a model.json written, nothing to start", event_type, subject)
+        return []
+    container, path = found[1], found[2]
+    try:
+        exports = svc.exports()
+    except ExportConfigError as exc:
+        log.error("no export started for %s/%s: the export definitions are invalid: %s", container, path, exc)
+        return []
+    served = [e for e in exports if e.enabled and e.connection == DEFAULT_CONNECTION and e.container == container
+              and path.startswith(e.prefix)]
+    if not served:
+        log.info("%s/%s is under no enabled export's container and prefix", container, path)
+    return _start_new(svc, served, "event")
+
+
+def _start_new(svc: Services, exports: list[ExportDefinition], trigger: str) -> list[str]:
+    """Start a run for each export whose newest snapshot is not synced yet; returns their ids."""
     started = []
-    for export in enabled:
+    for export in exports:
         try:
             if _has_new_snapshot(svc, export):
-                started.append(start_run(svc, export.name, trigger="timer")["RowKey"])
+                started.append(start_run(svc, export.name, trigger=trigger)["RowKey"])
         except RunInProgress as exc:
             log.info("export %s: %s", export.name, exc)
         except USER_ERRORS as exc:

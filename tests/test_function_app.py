@@ -19,6 +19,7 @@ def test_every_function_is_indexed_with_its_trigger():
     triggers = _triggers()
     assert {name: t["type"] for name, t in triggers.items()} == {
         "scheduled_sync": "timerTrigger",
+        "snapshot_written": "eventGridTrigger",
         "start_run": "httpTrigger",
         "list_runs": "httpTrigger",
         "get_run": "httpTrigger",

@@ -252,6 +252,7 @@ def test_every_bicep_file_parses_and_every_module_file_is_used(templates):
         "app/function.bicep",
         "app/rbac.bicep",
         "app/rbac-export-reader.bicep",
+        "app/events.bicep",  # deployed by the postdeploy hook (test below), not by main.bicep
     }
     assert set(templates) == expected
     used = set()
@@ -261,7 +262,7 @@ def test_every_bicep_file_parses_and_every_module_file_is_used(templates):
             target = (INFRA / path).parent / module["detail"]["path"]
             assert target.is_file(), f"{path} calls a missing module {target}"
             used.add(target.resolve().relative_to(INFRA).as_posix())
-    assert used == expected - {"main.bicep"}
+    assert used == expected - {"main.bicep", "app/events.bicep"}
     assert templates["main.bicep"]["globals"]["scope"]["value"] == "subscription"
 
 
@@ -291,6 +292,32 @@ def test_azure_yaml_requires_an_azd_whose_down_leaves_the_export_accounts_group_
     assert found, "azure.yaml must set requiredVersions.azd to '>= x.y.z'"
     assert tuple(int(part) for part in found.groups()) >= AZD_MIN_VERSION
     assert "azd {}.{}.{}".format(*AZD_MIN_VERSION) in readme_section("Deploy and operate")
+
+
+def test_model_json_writes_reach_the_event_grid_trigger_through_the_hook_azd_runs_after_deploy(templates):
+    from tools.event_grid import BLOB_CREATED, SUBJECT_ENDS_WITH
+
+    text = (ROOT / "azure.yaml").read_text()
+    hook = re.search(r"^hooks:\n  postdeploy:\n    posix:\n      shell: sh\n      run: (\S+)$", text, re.MULTILINE)
+    assert hook, "azure.yaml must run the Event Grid hook after deploy"
+    script = (ROOT / hook[1]).read_text()
+    assert os.access(ROOT / hook[1], os.X_OK) and "--template-file infra/app/events.bicep" in script
+    events = templates["app/events.bicep"]
+    subscription = only(events, "Microsoft.EventGrid/systemTopics/eventSubscriptions")["config"]["properties"]
+    assert subscription["filter"]["includedEventTypes"] == [BLOB_CREATED]
+    assert subscription["filter"]["subjectEndsWith"] == SUBJECT_ENDS_WITH  # what tools.event_grid filters locally
+    destination = subscription["destination"]
+    assert destination["endpointType"] == "AzureFunction"  # by resource id: no key in a URL
+    assert destination["properties"]["resourceId"] == "${functionApp.id}/functions/${functionName}"
+    # The function it names is the app's Event Grid trigger.
+    from function_app import app
+    from tools.local_host import index
+
+    [trigger] = [f for f in index(app) if f.get_trigger().get_binding_name() == "eventGridTrigger"]
+    assert events["variables"]["functionName"]["value"] == trigger.get_function_name()
+    # The hook passes every parameter events.bicep has no default for.
+    required = {name for name, p in events["parameters"].items() if p["default"] is None}
+    assert required and required <= set(re.findall(r"(\w+)=\"", script))
 
 
 def test_funcignore_leaves_tooling_out_of_the_package():
@@ -468,7 +495,7 @@ def settings_read_by_the_code() -> set[str]:
         r"env(?:iron)?\.get\(\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",
         r"env(?:iron)?\[\s*\"([A-Za-z_][A-Za-z0-9_]*)\"\s*\]",
         r"\b_\w+\(\s*env,\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",
-        r"\"%([A-Za-z_][A-Za-z0-9_]*)%\"",
+        r"\"%([A-Za-z_][A-Za-z0-9_]*)%",
     )
     names = {HOST_CONNECTION, DEFAULT_CONNECTION}
     for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").glob("*.py"))]:

@@ -42,7 +42,8 @@ def churned(rows: list[tuple]) -> list[tuple]:
 
 def summary(title: str, report: dict) -> str:
     c = report["counts"]
-    return (f"{title}: {report['status']}; read {c['read']}, valid {c['valid']}, rejected {c['rejected']}; "
+    started = " (started by the model.json event)" if report.get("trigger") == "event" else ""
+    return (f"{title}: {report['status']}{started}; read {c['read']}, valid {c['valid']}, rejected {c['rejected']}; "
             f"joiners {c['joiners']}, changed {c['changed']}, leavers {c['leavers']}, unchanged {c['unchanged']}; "
             f"requests {report['plannedRequests']}; accepted {c['accepted']}, failed {c['failed']}")
 

@@ -4,7 +4,11 @@ Azure Functions Core Tools cannot be installed offline, so this host does, for d
 the real host does: it polls the Azurite queues and calls the queue-triggered functions with base64-decoded
 messages (honouring host.json's batchSize, newBatchThreshold, maxDequeueCount then `<queue>-poison`,
 visibilityTimeout and maxPollingInterval), serves the HTTP functions on loopback under /api with function-key
-checks, and fires the timer on demand (as the real host's admin API does: POST /admin/functions/{name}).
+checks, fires the timer on demand (as the real host's admin API does: POST /admin/functions/{name}), and takes
+Event Grid's deliveries for Event Grid triggers where the real host does (POST
+/runtime/webhooks/eventgrid?functionName={name}, keyed: the real host wants its eventgrid_extension key, this one
+its function key): the subscription handshake answered, then each event one invocation, the answer after them
+(an error answer makes Event Grid deliver again).
 
     python -m tools.local_host --settings local.settings.json --port 7071
 """
@@ -24,6 +28,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -181,6 +186,18 @@ class LocalHost:
         arg = self.functions[name].get_trigger().get_dict_repr()["name"]
         self.call(name, **{arg: TimerRequest(past_due=past_due)})
 
+    def deliver_events(self, name: str, events: list[dict]) -> None:
+        """Run Event Grid-triggered function `name` once per event (Event Grid schema), as the real host does with
+        what Event Grid posts; the first failure is raised."""
+        arg = self.functions[name].get_trigger().get_dict_repr()["name"]
+        for event in events:
+            when = event.get("eventTime")
+            self.call(name, **{arg: func.EventGridEvent(
+                id=str(event.get("id", "")), data=event.get("data") or {}, topic=str(event.get("topic", "")),
+                subject=str(event.get("subject", "")), event_type=str(event.get("eventType", "")),
+                event_time=datetime.fromisoformat(when) if when else None,
+                data_version=str(event.get("dataVersion", "")))})
+
     def connection_string(self, setting: str) -> str:
         from shared.storage import DEV_STORAGE
 
@@ -329,6 +346,8 @@ def _handler_for(host: LocalHost):
             params = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if url.path.startswith("/admin/functions/"):
                 return self._admin(url.path.rsplit("/", 1)[-1], params)
+            if url.path == "/runtime/webhooks/eventgrid":
+                return self._event_grid(params, body)
             matched = [(route, match) for route in routes if (match := route[0].fullmatch(url.path))]
             for (_, methods, name, arg, auth), match in matched:  # one route may be served per method by several
                 if self.command not in methods:
@@ -362,6 +381,26 @@ def _handler_for(host: LocalHost):
                 log.exception("timer %s failed", name)
                 return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
             self._send(202, {"fired": name})
+
+        def _event_grid(self, params: dict, body: bytes) -> None:
+            if self.command != "POST" or not self._authorised(params):
+                return self._send(401, {"error": "the Event Grid webhook needs POST and the key"})
+            name = params.get("functionName", "")
+            if name not in host.functions or _trigger_type(host.functions[name]) != "eventGridTrigger":
+                return self._send(404, {"error": f"no Event Grid-triggered function {name!r}"})
+            try:
+                events = json.loads(body)
+            except ValueError:
+                return self._send(400, {"error": "the body is not JSON"})
+            events = events if isinstance(events, list) else [events]
+            if self.headers.get("aeg-event-type") == "SubscriptionValidation":  # Event Grid's handshake
+                return self._send(200, {"validationResponse": events[0].get("data", {}).get("validationCode")})
+            try:
+                host.deliver_events(name, events)
+            except Exception as exc:
+                log.exception("function %s failed", name)
+                return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
+            self._send(202, {"delivered": len(events)})
 
         def _send(self, status: int, body: dict, close: bool = False) -> None:
             self._raw(status, json.dumps(body).encode(), "application/json", close)

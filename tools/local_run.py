@@ -7,7 +7,9 @@ DIR mirrors the export container's content (as Customer Insights writes it); it 
 API key (the default connection's) is stored in the Key Vault stand-in and read back by the app through the real
 Key Vault client; the keys of the definitions' other connections come from --secrets-file, a JSON object of
 secret name -> value (kept out of the command line, where `ps` shows it). The
-run goes through the same functions as in Azure: the HTTP trigger starts it, the queue trigger sends it.
+run goes through the same functions as in Azure: the model.json it uploads is announced to the Event Grid trigger
+as Event Grid does (tools.event_grid), which starts the run; the HTTP trigger's answer names that run (or starts
+one: always so for --dry-run and --force, on-demand runs), and the queue trigger sends it.
 With --state-dir the stack's storage is kept, so the next run of the same export is incremental; one local stack
 at a time uses a state folder, and the same command after a local_run was killed resumes the run it left. Ctrl-C
 cancels the run and waits for what is in flight to settle (exit status 130); a second Ctrl-C leaves at once.
@@ -28,6 +30,7 @@ import requests
 from shared.export_config import SECRET_NAME_RE, ExportConfigError, parse_exports
 from shared.run_records import ACTIVE, FINISHED
 from shared.settings import Settings, SettingsError
+from tools import event_grid
 from tools.local_host import LocalHost
 from tools.local_stack import LocalStack
 from tools.state_lock import FolderInUse
@@ -85,10 +88,17 @@ def run(args: argparse.Namespace) -> dict:
         for name, value in secrets.items():
             stack.keyvault.set_secret(name, value)
         definition = next(e for e in parse_exports(exports) if e.name == args.export)
-        upload_folder(stack.storage, definition.container, args.export_dir)
+        models = upload_folder(stack.storage, definition.container, args.export_dir)
         settings = stack.settings(exports)
+        resume = stack.left_by_a_killed_stack
+        # What Event Grid does in Azure: the model.json written starts the run. No event for a dry run or a forced
+        # one (on-demand runs), nor when resuming (that model.json was there before).
+        announce = not (args.dry_run or args.force or resume)
         with LocalHost(_app(), settings, port=0) as host:
-            return _run_and_wait(host, args, resume=stack.left_by_a_killed_stack)
+            if announce:
+                event_grid.deliver(host.base_url, host.function_key, "snapshot_written",
+                                   [event_grid.blob_created(url, size) for url, size in models])
+            return _run_and_wait(host, args, resume, announce)
 
 
 def _read_exports(path: Path, name: str) -> str:
@@ -126,8 +136,9 @@ def _app():
     return app
 
 
-def upload_folder(connection: str, container: str, folder: Path) -> int:
-    """Mirror a folder into a blob container (paths relative to the folder); returns the file count."""
+def upload_folder(connection: str, container: str, folder: Path) -> list[tuple[str, int]]:
+    """Mirror a folder into a blob container (paths relative to the folder); returns the URL and size of each
+    model.json written (Customer Insights writes it last; so does this)."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob import BlobServiceClient
 
@@ -136,20 +147,26 @@ def upload_folder(connection: str, container: str, folder: Path) -> int:
         client.create_container()
     except ResourceExistsError:
         pass
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == "model.json", p))
+    models = []
     for path in files:
         with path.open("rb") as data:
-            client.upload_blob(path.relative_to(folder).as_posix(), data, overwrite=True)
-    return len(files)
+            blob = client.upload_blob(path.relative_to(folder).as_posix(), data, overwrite=True)
+        if path.name == "model.json":
+            models.append((blob.url, path.stat().st_size))
+    return models
 
 
-def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool) -> dict:
+def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool, announced: bool) -> dict:
     api = requests.Session()
     api.headers["x-functions-key"] = host.function_key
     body = {"dryRun": args.dry_run, "force": args.force}
     started = api.post(f"{host.base_url}/api/exports/{args.export}/runs", json=body, timeout=600)
     view = started.json()
-    if started.status_code == 409 and resume and not args.force and view.get("runId"):
+    if announced and started.status_code == 409 and _trigger(api, host.base_url + view["statusUrl"]) == "event":
+        # The model.json event started it (had it not, its snapshot was synced before: the POST starts a run)
+        print(f"following run {view['runId']}, started by the model.json event", file=sys.stderr)
+    elif started.status_code == 409 and resume and not args.force and view.get("runId"):
         # The run in progress was left by a local_run that was killed (the state folder's lock was stale): what its
         # host had taken from the queues is leased to that dead host for minutes, so the run is taken over (its
         # unsettled batches queued again; one that turns up twice is sent once) and waited for here.
@@ -165,6 +182,11 @@ def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool) -> di
         print(f"\ncancelling run {view['runId']} (Ctrl-C again to leave at once) ...", file=sys.stderr)
         cancelled = api.post(f"{host.base_url}/api/runs/{view['runId']}/cancel", timeout=120)
         return _wait(api, url, api.get(url, timeout=30).json() if cancelled.ok else view, args.timeout)
+
+
+def _trigger(api: requests.Session, url: str) -> str | None:
+    answer = api.get(url, timeout=30)
+    return answer.json().get("trigger") if answer.ok else None
 
 
 def _take_over(run_id: str) -> None:
