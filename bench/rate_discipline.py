@@ -44,7 +44,7 @@ def rate_discipline(quick: bool) -> Result:
         "runs": {f"{c.rate:g} r/s": {"rate_rps": c.rate, "simulator_rate_rps": c.rate,
                                      "list": f"{c.list} joiners", "field": f"{c.field} profiles"} for c in cases},
         "order": "list run started first (host 1), field run right after (host 2); host 3 polls and sends",
-        "stacks": "one per rate (bench.throughput._field says why)",
+        "stacks": "one per rate, as in bench.throughput",
     }
     for i, case in enumerate(cases):
         with BenchStack(f"{result.name}-{i}", sim_rate=case.rate) as stack:

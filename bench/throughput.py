@@ -71,9 +71,8 @@ def list_sync(quick: bool) -> Result:
 
 
 def _field(result: Result, profiles: int, cases: tuple[Case, ...]) -> None:
-    # A stack per run: Azurite sweeps consumed queue messages at its start and every 60 s, and in memory the sweep
-    # blocks every storage call for about 1 s per 1,000 messages (quadratic deletes); on a stack shared with the
-    # run before, that sweep fell inside the next run. Azure Storage has no such pause.
+    # A stack per run: every run starts on empty queues and tables, as the first on a stack did (on a shared stack,
+    # Azurite's sweep of the runs before fell into the next one, before tools/azurite_memory.cjs spaced its sweeps).
     for i, case in enumerate(cases):
         with BenchStack(f"{result.name}-{i}", sim_rate=case.rate) as stack:
             result.inputs = result.inputs or _inputs(stack, "field", profiles, cases)
