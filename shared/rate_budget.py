@@ -35,12 +35,13 @@ MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that
 # much beyond TOLERANCE later (`owe`): the window from the late request to the N-th after it keeps its span, since
-# this instance books that one after the shift. So a late sender only sends when this instance books alone (no
-# other instance's write got between its own for ALONE_FOR s: the shift lives in this instance until it next books)
-# and the schedule it last wrote ends less than MOVABLE s after the slot (a high rate: at a low one the N-th request
-# after it may be booked already). Else its slot passes unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8
-# woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
-LATE_MOST, MOVABLE, ALONE_FOR = 0.02, 0.5, 10.0
+# this instance books that one after the shift. So a late sender only sends when slots are at most LATE_INTERVAL
+# apart (at lower rates N is a handful of slots, which other senders may have booked already, and a sender is rarely
+# late), this instance books alone (no other instance's write came between its own for ALONE_FOR s: the shift lives
+# in this instance until it next books), and the schedule it last wrote ends less than MOVABLE s after the slot.
+# Else its slot passes unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost
+# its slot (20 ms); now about 5 ms.
+LATE_MOST, LATE_INTERVAL, MOVABLE, ALONE_FOR = 0.02, 0.1, 0.5, 10.0
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
 # After a 429 without Retry-After every sender waits HOLD_FIRST s, twice that after a 429 that follows within
 # STRIKES_KEPT s of the last one's hold, and so on up to HOLD_MOST. A lone 429 is most often our jitter against the
@@ -73,10 +74,10 @@ class RateBudget:
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
 
     def movable(self, slot: float) -> bool:
-        """Whether this instance books alone, and the schedule it last wrote ends less than MOVABLE s after `slot`
-        (see LATE_MOST)."""
+        """Whether a request late for `slot` may still be sent (see LATE_MOST): a high rate, this instance booking
+        alone, and the schedule it last wrote ending less than MOVABLE s after `slot`."""
         last = self._last
-        return (last is not None and self.clock() - self._contended > ALONE_FOR
+        return (self.interval <= LATE_INTERVAL and last is not None and self.clock() - self._contended > ALONE_FOR
                 and last[0]["next"] - slot < MOVABLE)
 
     def owe(self, seconds: float) -> None:

@@ -115,6 +115,17 @@ def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_a
     assert len(slots) == 2 and slots[1] >= slots[0] + (RATE + 1) * budget.interval
 
 
+def test_a_late_sender_loses_its_slot_at_a_low_rate(budget, monkeypatch):
+    slow, real_sleep, slots = RateBudget(budget.table, 5.0), time.sleep, []
+    pacer = Pacer(slow, max_wait=5)
+    take = slow.take
+    monkeypatch.setattr(slow, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1
+                                                                             else 0)))
+    pacer()
+    assert len(slots) == 2  # 0.2 s apart: the 5th slot after it may be another sender's already
+
+
 def test_a_late_sender_loses_its_slot_while_another_instance_books_too(budget, monkeypatch):
     real_sleep, slots = time.sleep, []
     other = RateBudget(budget.table, RATE)
