@@ -29,7 +29,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
   scope: resourceGroup(functionAppSubscriptionId, functionAppResourceGroup)
 }
 
-resource topic 'Microsoft.EventGrid/systemTopics@2025-02-15' = {
+resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
   name: topicName
   location: account.location
   properties: {
@@ -38,7 +38,7 @@ resource topic 'Microsoft.EventGrid/systemTopics@2025-02-15' = {
   }
 }
 
-resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = {
+resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
   parent: topic
   name: '${functionAppName}-model-json'
   properties: {
