@@ -37,11 +37,13 @@ TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # much beyond TOLERANCE later (`owe`): the window from the late request to the N-th after it keeps its span, since
 # this instance books that one after the shift. So a late sender only sends when slots are at most LATE_INTERVAL
 # apart (at lower rates N is a handful of slots, which other senders may have booked already, and a sender is rarely
-# late), this instance books alone (no other instance's write came between its own for ALONE_FOR s: the shift lives
-# in this instance until it next books), and the schedule it last wrote ends less than MOVABLE s after the slot.
-# Else its slot passes unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost
-# its slot (20 ms); now about 5 ms.
-LATE_MOST, LATE_INTERVAL, MOVABLE, ALONE_FOR = 0.02, 0.1, 0.5, 10.0
+# late), this instance books alone (it has been booking for WATCHED_FOR s, with no pause over IDLE_GAP, and no other
+# instance's write came between its own for ALONE_FOR s: the shift lives in this instance until it next books; when
+# several instances start a run together, none knows of the others before its first refused write), and the
+# schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes unused. On a loaded 2-core
+# machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
+LATE_MOST, LATE_INTERVAL, MOVABLE = 0.02, 0.1, 0.5
+ALONE_FOR, WATCHED_FOR, IDLE_GAP = 10.0, 3.0, 1.0
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
 # After a 429 without Retry-After every sender waits HOLD_FIRST s, twice that after a 429 that follows within
 # STRIKES_KEPT s of the last one's hold, and so on up to HOLD_MOST. A lone 429 is most often our jitter against the
@@ -72,13 +74,14 @@ class RateBudget:
         self._takers: Combiner[tuple[float, float], float] = Combiner(self._reserve_for)
         self._owed, self._owed_lock = 0.0, threading.Lock()
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
+        self._wrote, self._booking_since = float("-inf"), float("inf")  # its last write; since when it books
 
     def movable(self, slot: float) -> bool:
         """Whether a request late for `slot` may still be sent (see LATE_MOST): a high rate, this instance booking
         alone, and the schedule it last wrote ending less than MOVABLE s after `slot`."""
-        last = self._last
-        return (self.interval <= LATE_INTERVAL and last is not None and self.clock() - self._contended > ALONE_FOR
-                and last[0]["next"] - slot < MOVABLE)
+        last, now = self._last, self.clock()
+        return (self.interval <= LATE_INTERVAL and last is not None and now - self._booking_since >= WATCHED_FOR
+                and now - self._contended > ALONE_FOR and last[0]["next"] - slot < MOVABLE)
 
     def owe(self, seconds: float) -> None:
         """A request left `seconds` later than its slot allowed: this instance's next reservation starts that late."""
@@ -158,6 +161,10 @@ class RateBudget:
             self._contended = self.clock()
             return False  # another instance took slots first: read again
         self._last = (entity, written["etag"])
+        now = self.clock()
+        if now - self._wrote > IDLE_GAP:
+            self._booking_since = now  # booking again after a pause: others may have started meanwhile
+        self._wrote = now
         return True
 
 

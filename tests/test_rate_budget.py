@@ -11,6 +11,7 @@ from itertools import pairwise
 import pytest
 from azure.data.tables import TableServiceClient
 
+from shared import rate_budget
 from shared.rate_budget import (
     HOLD_FIRST,
     HOLD_MOST,
@@ -79,7 +80,13 @@ def test_a_sender_that_wakes_late_takes_the_next_free_slot_instead_of_losing_its
     assert budget.next_free() - sent_other <= 2 * budget.interval
 
 
-def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(budget, monkeypatch):
+@pytest.fixture
+def watched(monkeypatch):
+    """Late sends without first booking for WATCHED_FOR seconds (tested below)."""
+    monkeypatch.setattr(rate_budget, "WATCHED_FOR", 0.0)
+
+
+def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(budget, monkeypatch, watched):
     real_sleep, slots = time.sleep, []
     late_by = TOLERANCE + 0.002  # it wakes at least this late: over the tolerance, well under LATE_MOST
     assert late_by < LATE_MOST
@@ -98,7 +105,7 @@ def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(b
     assert budget.reserve(1) == pytest.approx(following + budget.interval)  # owed once, not again
 
 
-def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch):
+def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch, watched):
     real_sleep, slots = time.sleep, []
     pacer = Pacer(budget, max_wait=5)
     take = budget.take
@@ -115,30 +122,33 @@ def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_a
     assert len(slots) == 2 and slots[1] >= slots[0] + (RATE + 1) * budget.interval
 
 
-def test_a_late_sender_loses_its_slot_at_a_low_rate(budget, monkeypatch):
-    slow, real_sleep, slots = RateBudget(budget.table, 5.0), time.sleep, []
-    pacer = Pacer(slow, max_wait=5)
-    take = slow.take
-    monkeypatch.setattr(slow, "take", lambda *args: slots.append(take(*args)) or slots[-1])
-    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1
-                                                                             else 0)))
-    pacer()
-    assert len(slots) == 2  # 0.2 s apart: the 5th slot after it may be another sender's already
-
-
-def test_a_late_sender_loses_its_slot_while_another_instance_books_too(budget, monkeypatch):
+def _late_once(budget: RateBudget, monkeypatch) -> list[float]:
+    """One request through a pacer whose first wait overruns by a little more than the tolerance: its slots."""
     real_sleep, slots = time.sleep, []
-    other = RateBudget(budget.table, RATE)
-    budget.reserve(1)
-    other.reserve(1)  # another instance wrote in between: the next write of this one fails on its ETag
-    pacer = Pacer(budget, max_wait=5)
     take = budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1
                                                                              else 0)))
-    pacer()
+    Pacer(budget, max_wait=5)()
+    return slots
+
+
+def test_a_late_sender_loses_its_slot_while_its_instance_has_just_started_booking(budget, monkeypatch):
+    budget.reserve(1)  # its first booking: another instance may have started with it and not written yet
+    assert len(_late_once(budget, monkeypatch)) == 2
+
+
+def test_a_late_sender_loses_its_slot_at_a_low_rate(budget, monkeypatch, watched):
+    slow = RateBudget(budget.table, 5.0)
+    assert len(_late_once(slow, monkeypatch)) == 2  # 0.2 s apart: the 5th slot after it may be another's already
+
+
+def test_a_late_sender_loses_its_slot_while_another_instance_books_too(budget, monkeypatch, watched):
+    other = RateBudget(budget.table, RATE)
+    budget.reserve(1)
+    other.reserve(1)  # another instance wrote in between: the next write of this one fails on its ETag
     # A shift this instance owed would reach only its own next booking, not the other's: the late slot passed.
-    assert len(slots) == 2
+    assert len(_late_once(budget, monkeypatch)) == 2
 
 
 def test_many_threads_on_several_budget_clients_never_exceed_the_rate_and_none_starves(storage_connection, budget):
