@@ -25,6 +25,9 @@ from shared.rate_budget import (
 )
 
 RATE = 20.0  # 51.25 ms apart: short waits, yet far above the scheduler's jitter
+# A late sender is made by sleeping a little longer than asked; a pacer whose slot had passed before a slow budget
+# write returned would not sleep at all, so these tests book another sender's slot this far ahead first.
+SLOWEST_WRITE = 0.2
 
 
 @pytest.fixture
@@ -93,6 +96,7 @@ def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(b
     pacer = Pacer(budget, max_wait=5)
     take = budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
     monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + late_by))
     pacer()
     monkeypatch.setattr(time, "sleep", real_sleep)
@@ -116,6 +120,7 @@ def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_a
             budget.reserve(int(RATE))
         real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1 else 0))
 
+    budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
     monkeypatch.setattr(time, "sleep", booked_then_late)
     pacer()
     # The request RATE slots after its own was booked before it woke: no shift could reach it, so the slot passed.
@@ -127,6 +132,7 @@ def _late_once(budget: RateBudget, monkeypatch) -> list[float]:
     real_sleep, slots = time.sleep, []
     take = budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
     monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1
                                                                              else 0)))
     Pacer(budget, max_wait=5)()
