@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 
 import requests
 
-BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+from shared.runs import BLOB_CREATED
+
 SUBJECT_ENDS_WITH = "/model.json"  # the subscription's filter: nothing else reaches the app
 
 
-def blob_created(blob_url: str, length: int, etag: str = "") -> dict:
+def blob_created(blob_url: str, length: int) -> dict:
     """A BlobCreated event (Event Grid schema) for the blob at `blob_url` (https://<account>/<container>/<name>)."""
     account_path = blob_url.split("://", 1)[-1].split("/", 1)[1]
     container, _, name = account_path.partition("/")
@@ -35,7 +36,7 @@ def blob_created(blob_url: str, length: int, etag: str = "") -> dict:
         "dataVersion": "",
         "metadataVersion": "1",
         "data": {"api": "PutBlob", "blobType": "BlockBlob", "contentType": "application/json",
-                 "contentLength": length, "eTag": etag, "url": blob_url},
+                 "contentLength": length, "url": blob_url},
     }
 
 

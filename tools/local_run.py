@@ -163,30 +163,27 @@ def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool, annou
     body = {"dryRun": args.dry_run, "force": args.force}
     started = api.post(f"{host.base_url}/api/exports/{args.export}/runs", json=body, timeout=600)
     view = started.json()
-    if announced and started.status_code == 409 and _trigger(api, host.base_url + view["statusUrl"]) == "event":
+    busy = started.status_code == 409 and view.get("runId")
+    url = host.base_url + view["statusUrl"] if busy or started.ok else ""
+    current = api.get(url, timeout=30).json() if busy else view  # the run in progress
+    if busy and announced and current.get("trigger") == "event":
         # The model.json event started it (had it not, its snapshot was synced before: the POST starts a run)
         print(f"following run {view['runId']}, started by the model.json event", file=sys.stderr)
-    elif started.status_code == 409 and resume and not args.force and view.get("runId"):
+    elif busy and resume and not args.force:
         # The run in progress was left by a local_run that was killed (the state folder's lock was stale): what its
         # host had taken from the queues is leased to that dead host for minutes, so the run is taken over (its
         # unsettled batches queued again; one that turns up twice is sent once) and waited for here.
         print(f"resuming run {view['runId']}, left unfinished by a local_run that was killed", file=sys.stderr)
         _take_over(view["runId"])
-    elif started.status_code >= 400:
+    elif not started.ok:
         raise UsageError(f"the run was refused ({started.status_code}): {view.get('error')}")
-    url = host.base_url + view["statusUrl"]
-    view = api.get(url, timeout=30).json() if started.status_code == 409 else view
+    view = current
     try:
         return _wait(api, url, view, args.timeout)
     except KeyboardInterrupt:  # cancel the run and wait for it to settle; a second Ctrl-C leaves at once
         print(f"\ncancelling run {view['runId']} (Ctrl-C again to leave at once) ...", file=sys.stderr)
         cancelled = api.post(f"{host.base_url}/api/runs/{view['runId']}/cancel", timeout=120)
         return _wait(api, url, api.get(url, timeout=30).json() if cancelled.ok else view, args.timeout)
-
-
-def _trigger(api: requests.Session, url: str) -> str | None:
-    answer = api.get(url, timeout=30)
-    return answer.json().get("trigger") if answer.ok else None
 
 
 def _take_over(run_id: str) -> None:
