@@ -13,25 +13,11 @@ As a process (benchmarks, demo)::
 
     python -m tools.autopilot_sim --port 8765 --rate 5 --api-key KEY [--fail-rate 0.01 ...]
 
-It prints `autopilot-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT. Admin endpoints,
-outside /v1, need no key, are never throttled or faulted and are not logged:
-`GET /_sim/state` (contacts, lists, members), `GET /_sim/log`, `POST /_sim/reset-log`,
-`POST /_sim/config` with any of `{"api_key": ..., "rate": ..., "faults": {...Faults fields...}}`.
-
-Request pipeline, in order: routing (unknown path 404, wrong method 405), auth (missing key 400, wrong key 401),
-throttling, faults, then the call itself. Only authorised, routable requests count toward the rate limit: at
-most `rate` accepted requests per key in any sliding one-second window; a throttled request gets 429 without a
-Retry-After header (none was ever observed live) and does not count. `rate` None or 0 means unthrottled.
-
-Faults (`Faults`, drawn from a `random.Random(seed)` under the state lock, so a sequential client sees the same
-faults on every run with the same seed and configuration):
-  - burst_rate: chance that a request starts a run of `burst_length` 429s (itself being the first of them);
-    a burst in progress runs to its end even if `faults` is replaced.
-  - fail_rate: 500 without applying the call.
-  - timeout_rate: the call IS applied, then the answer waits `timeout_seconds`, so a client with a shorter read
-    timeout times out after the commit (the contract: "your request will still be completed").
-  - drop_rate: the connection is reset (TCP RST) without any response and without applying the call.
-  fail, timeout and drop share one draw per request, so their rates must add up to at most 1.
+It prints `autopilot-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT. The request
+pipeline, the rate limit, the faults and the admin endpoints are tools.sim_base's; `GET /_sim/state` answers
+contacts, lists and members. Here a missing key is 400 (a wrong one 401), and a 429 has no Retry-After header
+(none was ever observed live). A timeout fault applies the call before the answer waits, as the contract says:
+"your request will still be completed".
 
 Choices where the contract is silent: a custom field's type is fixed by its first write (a later write with
 another type is 400); custom values must not be null; standard fields take JSON scalars; `+` in a path decodes to
@@ -48,31 +34,19 @@ Measuring throughput (no timing assertions in the tests): start `python -m tools
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import re
-import signal
-import socket
-import socketserver
-import struct
-import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from bisect import bisect_left, bisect_right, insort
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from urllib.parse import unquote_plus
 
-from tools.state_lock import tied_to_parent
+from tools import sim_base
+from tools.sim_base import Faults, Route, SimBase, SimError, _Reply, plausible_email
 
 STANDARD_FIELDS = frozenset({
     "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
@@ -87,50 +61,15 @@ CUSTOM_KEY = re.compile(r"(string|integer|float|date|boolean)--(\S+)")
 THROTTLED_BURST = "Your request was throttled. Please try again later."
 
 
-@dataclass(frozen=True)
-class Faults:
-    """Injected failures; see the module docstring. Rates are fractions of authorised, unthrottled requests."""
-
-    fail_rate: float = 0.0
-    timeout_rate: float = 0.0
-    drop_rate: float = 0.0
-    burst_rate: float = 0.0
-    burst_length: int = 5
-    timeout_seconds: float = 12.0
-
-    def __post_init__(self) -> None:
-        for name in ("fail_rate", "timeout_rate", "drop_rate", "burst_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1")
-        if self.fail_rate + self.timeout_rate + self.drop_rate > 1.0:
-            raise ValueError("fail_rate + timeout_rate + drop_rate must not exceed 1")
-        if self.burst_length < 1 or self.timeout_seconds < 0:
-            raise ValueError("burst_length must be at least 1 and timeout_seconds not negative")
-
-    @property
-    def outcome_total(self) -> float:
-        return self.fail_rate + self.timeout_rate + self.drop_rate
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int
-    payload: object = None  # None: empty body
-    headers: tuple[tuple[str, str], ...] = ()
-    delay: float = 0.0
-    drop: bool = False
-
-
 def _error_body(status: int, message: str) -> dict:
     return {"error": HTTPStatus(status).phrase, "message": message}
 
 
-class ApiError(Exception):
+class ApiError(SimError):
     """An error answer; `message=None` answers with an empty body (as some Autopilot 404s do)."""
 
     def __init__(self, status: int, message: str | None):
-        super().__init__(message)
-        self.reply = _Reply(status, None if message is None else _error_body(status, message))
+        super().__init__(_Reply(status, None if message is None else _error_body(status, message)))
 
 
 def _bad(message: str) -> ApiError:
@@ -155,14 +94,6 @@ _TYPE_CHECKS: dict[str, Callable[[object], bool]] = {
     "boolean": lambda v: isinstance(v, bool),
     "date": _is_date,
 }
-
-
-def plausible_email(value: object) -> bool:
-    """One "@" with text on both sides and no whitespace: the bar a bulk upsert holds every contact to."""
-    if not isinstance(value, str) or value.count("@") != 1 or any(c.isspace() for c in value):
-        return False
-    local, domain = value.split("@")
-    return bool(local and domain)
 
 
 def _check_custom(custom: object) -> None:
@@ -224,17 +155,6 @@ def _field(payload: object, key: str, kind: type) -> object:
 def _custom_field(key: str, value: object) -> dict:
     kind, name = key.split("--", 1)
     return {"kind": name.replace("--", " "), "value": value, "fieldType": kind}
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _parse_json(body: bytes) -> object:
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise _bad("The request body is not valid JSON.") from None
 
 
 # --- state --------------------------------------------------------------------------------------------------
@@ -344,63 +264,17 @@ class _Store:
 
 
 # --- the simulator --------------------------------------------------------------------------------------------
-class AutopilotSim:
+class AutopilotSim(SimBase):
     """The Autopilot v1 API on 127.0.0.1. `rate`, `faults` and the key may be changed while it runs."""
+
+    NAME = "autopilot-sim"
+    KEY_HEADER = "autopilotapikey"
+    MISSING_KEY_STATUS = 400
 
     def __init__(self, api_key: str, rate: float | None = 5.0, port: int = 0, faults: Faults | None = None,
                  seed: int = 0):
-        self.rate = rate
-        self.faults = faults or Faults()
-        self._api_key = api_key
-        self._requested_port = port
-        # The front door (log, key, limiter, bursts, config) has a lock of its own, apart from the store's: a
-        # request is logged and counted against the rate as it arrives, as an API gateway does, not after the
-        # requests ahead of it have been applied (that queued their stamps behind each other's work).
-        self._lock = threading.Lock()
-        self._store_lock = threading.Lock()  # the contacts and lists, and the fault generator
-        self._rng = random.Random(seed)
+        super().__init__(api_key, rate, port, faults, seed)
         self._store = _Store(seed)
-        self._windows: dict[str, deque[float]] = {}
-        self._burst_left = 0
-        self._log: list[dict] = []
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # lifecycle
-    def start(self) -> AutopilotSim:
-        self._stopping.clear()
-        self._server = _Server(self, self._requested_port)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="autopilot-sim", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._stopping.set()  # wakes handlers sleeping in a timeout fault
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()
-        self._thread.join(5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> AutopilotSim:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the simulator is not running")
-        return self._server.server_address[1]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
     # state accessors (snapshots, safe from any thread)
     def contacts(self) -> dict[str, dict]:
@@ -415,107 +289,31 @@ class AutopilotSim:
         with self._store_lock:
             return self._store.member_emails(list_id)
 
-    def request_log(self) -> list[dict]:
-        with self._lock:
-            return [dict(record) for record in self._log]
-
-    def reset_log(self) -> None:
-        with self._lock:
-            self._log.clear()
-
-    def set_api_key(self, key: str) -> None:
-        with self._lock:
-            self._api_key = key
-
     def state(self) -> dict:
         with self._store_lock:
             store = self._store
             members = {lid: sorted(store.member_emails(lid)) for lid in store.lists}
             return {"contacts": store.snapshot_contacts(), "lists": dict(store.lists), "members": members}
 
-    # request handling
-    def dispatch(self, method: str, raw_path: str, api_key: str | None, body: bytes) -> _Reply:
-        """Answer one request. Called by the HTTP handler, for each request on its own thread."""
-        path = raw_path.split("?", 1)[0]
-        if path.startswith("/_sim/"):
-            return self._admin(method, path, body)
-        with self._lock:
-            record: dict = {"t": time.time(), "method": method, "path": path}
-            self._log.append(record)
-            admitted = self._admit(method, path, api_key, record)
-        reply = admitted if isinstance(admitted, _Reply) else self._call(*admitted, body, record)
-        record["status"] = None if reply.drop else reply.status
-        return reply
+    # the front door's hooks
+    def _error(self, status: int, message: str) -> _Reply:
+        if status == 405:
+            return _Reply(405, {"code": "MethodNotAllowedError", "message": message})
+        return _Reply(status, _error_body(status, message))
 
-    def _admit(self, method: str, path: str, api_key: str | None, record: dict) -> _Reply | tuple:
-        """The front door: a reply for a request it refuses, else the call to make (action, args, faults)."""
-        segments = [unquote_plus(s) for s in path.split("/") if s]
-        route = self._route(segments[1:]) if segments[:1] == ["v1"] else None
-        if route is None:
-            return _Reply(404, _error_body(404, f"{path} does not exist."))
-        actions, args = route
-        action = actions.get(method)
-        if action is None:
-            return _Reply(405, {"code": "MethodNotAllowedError", "message": f"{method} is not allowed"},
-                          headers=(("Allow", ", ".join(actions)),))
-        if api_key is None:
-            return _Reply(400, _error_body(400, "No autopilotapikey header provided."))
-        if api_key != self._api_key:
-            return _Reply(401, _error_body(401, "Provided autopilotapikey not valid."))
-        faults = self.faults
-        return self._throttle(api_key, faults, record) or (action, args, faults)
+    def _throttled(self, burst: bool) -> _Reply:
+        message = THROTTLED_BURST if burst else f"You have exceeded your request rate of {self.rate:g} r/s."
+        return _Reply(429, _error_body(429, message))
 
-    def _call(self, action: Callable, args: tuple, faults: Faults, body: bytes, record: dict) -> _Reply:
-        if action in (self._post_contact, self._post_contacts, self._post_list):
-            try:
-                args = (_parse_json(body), *args)
-            except ApiError as exc:
-                return exc.reply
-            if action != self._post_list:
-                record["n"] = _count_contacts(args[0])
-        with self._store_lock:
-            fault = self._draw_fault(faults)
-            if fault:
-                record["fault"] = fault
-            if fault == "fail":
-                return _Reply(500, _error_body(500, "Simulated internal error; nothing was applied."))
-            if fault == "drop":
-                return _Reply(0, drop=True)
-            try:
-                reply = action(*args)
-            except ApiError as exc:
-                reply = exc.reply
-        if fault == "timeout":
-            reply.delay = faults.timeout_seconds
-        return reply
+    def _prepare(self, action: Callable, args: tuple, body: bytes, record: dict) -> tuple:
+        if action not in (self._post_contact, self._post_contacts, self._post_list):
+            return args
+        payload = self._json(body)
+        if action != self._post_list:
+            record["n"] = _count_contacts(payload)
+        return (payload, *args)
 
-    def _throttle(self, key: str, faults: Faults, record: dict) -> _Reply | None:
-        if self._burst_left or (faults.burst_rate and self._rng.random() < faults.burst_rate):
-            self._burst_left = (self._burst_left or faults.burst_length) - 1
-            record["fault"] = "burst"
-            return _Reply(429, _error_body(429, THROTTLED_BURST))
-        if not self.rate:
-            return None
-        now = time.monotonic()
-        window = self._windows.setdefault(key, deque())
-        while window and window[0] <= now - 1.0:
-            window.popleft()
-        if len(window) >= self.rate:
-            return _Reply(429, _error_body(429, f"You have exceeded your request rate of {self.rate:g} r/s."))
-        window.append(now)  # only accepted requests count toward the window
-        return None
-
-    def _draw_fault(self, faults: Faults) -> str | None:
-        if not faults.outcome_total:
-            return None
-        draw = self._rng.random()
-        if draw < faults.fail_rate:
-            return "fail"
-        if draw < faults.fail_rate + faults.timeout_rate:
-            return "timeout"
-        return "drop" if draw < faults.outcome_total else None
-
-    def _route(self, segments: list[str]) -> tuple[dict[str, Callable], tuple] | None:
+    def _route(self, segments: list[str]) -> Route | None:
         match segments:
             case ["contact"]:
                 return {"POST": self._post_contact}, ()
@@ -635,39 +433,6 @@ class AutopilotSim:
             raise ApiError(404, "List could not be found.")
         return members
 
-    # --- admin endpoints (no auth, no faults, no log) -------------------------------------------------------
-    def _admin(self, method: str, path: str, body: bytes) -> _Reply:
-        match method, path:
-            case "GET", "/_sim/state":
-                return _Reply(200, self.state())
-            case "GET", "/_sim/log":
-                return _Reply(200, {"log": self.request_log()})
-            case "POST", "/_sim/reset-log":
-                self.reset_log()
-                return _Reply(200, {})
-            case "POST", "/_sim/config":
-                try:
-                    self._configure(_parse_json(body))
-                except ApiError as exc:
-                    return exc.reply
-                return _Reply(200, {"rate": self.rate, "faults": asdict(self.faults)})
-        return _Reply(404, _error_body(404, f"{method} {path} does not exist."))
-
-    def _configure(self, config: object) -> None:
-        if not isinstance(config, dict) or config.keys() - {"api_key", "rate", "faults"}:
-            raise _bad("Expected a JSON object with any of api_key, rate, faults.")
-        rate = config.get("rate", self.rate)
-        if not (rate is None or (isinstance(rate, int | float) and not isinstance(rate, bool) and rate >= 0)):
-            raise _bad("rate must be a non-negative number or null.")
-        try:
-            faults = Faults(**config["faults"]) if "faults" in config else self.faults
-        except (TypeError, ValueError) as exc:
-            raise _bad(f"Invalid faults: {exc}") from None
-        with self._lock:
-            self.faults = faults
-            self.rate = rate
-            self._api_key = config.get("api_key", self._api_key)
-
 
 def _count_contacts(payload: object) -> int:
     if not isinstance(payload, dict):
@@ -677,248 +442,26 @@ def _count_contacts(payload: object) -> int:
     return 1 if isinstance(payload.get("contact"), dict) else 0
 
 
-# --- HTTP --------------------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so pooled sessions reuse connections; every answer has a length
-    disable_nagle_algorithm = True  # headers and body are separate writes; Nagle would hold back the body
-    server_version = "autopilot-sim"
-    sys_version = ""
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Silent: a stderr line per request would cost more than the request itself."""
-
-    def _serve(self) -> None:
-        body = self._read_body()
-        if body is None:
-            return
-        sim = self.server.sim
-        reply = sim.dispatch(self.command, self.path, self.headers.get("autopilotapikey"), body)
-        if reply.drop:
-            self._reset()
-            return
-        if reply.delay:
-            sim._stopping.wait(reply.delay)  # the write is already applied: a "timeout after commit"
-        self._send(reply)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
-
-    def _read_body(self) -> bytes | None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._send(_Reply(411, _error_body(411, "Send the body with a Content-Length.")))
-            return None
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._send(_Reply(400, _error_body(400, "Invalid Content-Length.")))
-            return None
-        return self.rfile.read(length) if length else b""
-
-    def _reset(self) -> None:
-        # SO_LINGER 0 turns the close into a TCP reset: the client's connection dies with no response at all.
-        self.close_connection = True
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    def _send(self, reply: _Reply) -> None:
-        body = b"" if reply.payload is None else json.dumps(reply.payload, separators=(",", ":")).encode()
-        self.send_response(reply.status)
-        if body:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        if reply.status != 204:
-            self.send_header("Content-Length", str(len(body)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a client holding a connection open must never keep the process alive
-    request_queue_size = 128  # benchmarks open many pooled connections at once
-
-    def __init__(self, sim: AutopilotSim, port: int):
-        self.sim = sim
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # HTTPServer's own does a reverse DNS lookup we do not need
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def track(self, connection: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.add(connection)
-
-    def untrack(self, connection: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.discard(connection)
-
-    def close_connections(self) -> None:
-        """End idle keep-alive connections, so their handler threads exit when the simulator stops."""
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return  # a client hung up mid-request: normal under fault tests, not a simulator bug
-        super().handle_error(request, client_address)
-
-
 # --- CLI ---------------------------------------------------------------------------------------------------
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.autopilot_sim", description=__doc__.split("\n")[0])
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
-    parser.add_argument("--rate", type=float, default=5.0, help="requests/s per key; 0 = unthrottled")
-    parser.add_argument("--api-key", required=True, help="the key the simulator accepts")
-    parser.add_argument("--fail-rate", type=float, default=0.0)
-    parser.add_argument("--timeout-rate", type=float, default=0.0)
-    parser.add_argument("--timeout-seconds", type=float, default=12.0)
-    parser.add_argument("--drop-rate", type=float, default=0.0)
-    parser.add_argument("--burst-rate", type=float, default=0.0)
-    parser.add_argument("--burst-length", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--state-dump", type=Path, help="write the final state as JSON here on exit")
-    args = parser.parse_args(argv)
-    try:
-        args.faults = Faults(args.fail_rate, args.timeout_rate, args.drop_rate, args.burst_rate, args.burst_length,
-                             args.timeout_seconds)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return args
+class SimProcess(sim_base.SimProcess):
+    """The simulator in a process of its own, with AutopilotSim's state accessors (read over its admin API)."""
 
-
-class SimProcess:
-    """The simulator in a process of its own, with AutopilotSim's state accessors (read over its admin API).
-
-    Rate-discipline checks need it: in one process with the Function workers, the simulator's request
-    timestamps would carry the workers' GIL stalls rather than the arrival times Autopilot would see."""
-
-    def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0,
-                 log_path: Path | None = None):
-        self._argv = [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", str(rate or 0),
-                      "--api-key", api_key, "--seed", str(seed)]
-        self._faults = faults or Faults()
-        self._proc: subprocess.Popen | None = None
-        self._log_path = log_path  # where its log lines go (default: this process's stderr)
-        self.base_url = ""
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def process(self) -> subprocess.Popen | None:
-        return self._proc
-
-    def start(self, timeout: float = 30.0) -> SimProcess:
-        root = Path(__file__).resolve().parent.parent
-        log = None
-        if self._log_path:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(self._log_path, "wb")  # the child keeps its own copy of the descriptor
-        # A session of its own: Ctrl-C in a terminal reaches only the caller, which stops the simulator itself
-        # (or its death does: tied_to_parent).
-        self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, stderr=log, text=True,
-                                      start_new_session=True, preexec_fn=tied_to_parent)
-        if log:
-            log.close()
-        ready = threading.Timer(timeout, self._proc.kill)  # bounds the wait for the "listening" line
-        ready.start()
-        line = self._proc.stdout.readline()
-        ready.cancel()
-        found = re.search(r"listening on (http://\S+/v1)", line)
-        if not found:
-            self.stop()
-            raise RuntimeError(f"the Autopilot simulator did not start: {line!r}")
-        self.base_url = found.group(1)
-        self.faults = self._faults
-        return self
-
-    def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        if self._proc and self._proc.stdout:
-            self._proc.stdout.close()
-
-    def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
-        origin = self.base_url.removesuffix("/v1")
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(origin + path, data=data, method=method)
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"{}")
-
-    @property
-    def faults(self) -> Faults:
-        return self._faults
-
-    @faults.setter
-    def faults(self, faults: Faults) -> None:
-        self._admin("POST", "/_sim/config", {"faults": asdict(faults)})
-        self._faults = faults
-
-    def set_api_key(self, key: str) -> None:
-        self._admin("POST", "/_sim/config", {"api_key": key})
-
-    def set_rate(self, rate: float) -> None:
-        """Requests per second per key; 0 means unthrottled."""
-        self._admin("POST", "/_sim/config", {"rate": rate})
+    MODULE = "tools.autopilot_sim"
 
     def contacts(self) -> dict[str, dict]:
-        return self._admin("GET", "/_sim/state")["contacts"]
+        return self.state()["contacts"]
 
     def lists(self) -> dict[str, str]:
-        return self._admin("GET", "/_sim/state")["lists"]
+        return self.state()["lists"]
 
     def members(self, list_id: str) -> set[str]:
-        return set(self._admin("GET", "/_sim/state")["members"][list_id])
-
-    def request_log(self) -> list[dict]:
-        return self._admin("GET", "/_sim/log")["log"]
-
-    def reset_log(self) -> None:
-        self._admin("POST", "/_sim/reset-log")
+        return set(self.state()["members"][list_id])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before any thread starts, so all inherit the mask
+    args = sim_base.parse_args(sim_base.arg_parser("tools.autopilot_sim", __doc__, rate=5.0), argv)
     sim = AutopilotSim(args.api_key, rate=args.rate or None, port=args.port, faults=args.faults, seed=args.seed)
-    sim.start()
-    try:
-        print(f"autopilot-sim listening on {sim.base_url}", flush=True)
-        signal.sigwait(stop_signals)
-        if args.state_dump:
-            args.state_dump.write_text(json.dumps(sim.state(), indent=1))
-    finally:
-        sim.stop()
-    return 0
+    return sim_base.serve(sim, args.state_dump)
 
 
 if __name__ == "__main__":
