@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 INFRA_VENV := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick setup clean
+.PHONY: demo demo-ortto test lint bench bench-quick setup clean
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -36,6 +36,9 @@ test: setup lint $(INFRA_STAMP)
 
 demo: setup
 	$(PY) -m tools.demo
+
+demo-ortto: setup
+	$(PY) -m tools.demo --ortto
 
 bench: setup
 	$(PY) -m bench.run

@@ -173,7 +173,7 @@ def _big_churn(result: Result, stack: BenchStack, svc, definition: dict, profile
     say(f"big_segments: seeded in {seeded['seconds']:.0f}s; churn run at {RATE:g} requests/s")
     host = stack.hosts[-1] if stack.hosts else _host(stack, RATE)
     offset = host.log_path.stat().st_size
-    run = timed_run(stack, host, BIG, timeout=3 * expected_requests("field", churn.joins, churn.changes,
+    run = timed_run(stack, host, BIG, timeout=3 * expected_requests(True, churn.joins, churn.changes,
                                                                       churn.leaves) / RATE + 900, stall=600)
     posts[f"{BIG} (1% churn)"] = run.planning
     # The run's end folds its acknowledgements into the snapshot (before or after marking it finished, as the app
@@ -453,7 +453,7 @@ def _phase_text(run: RunMeasure) -> str:
 
 
 def _request_figures(result: Result, label: str, churn: Churn, run: RunMeasure) -> None:
-    expected = expected_requests("field", churn.joins, churn.changes, churn.leaves)
+    expected = expected_requests(True, churn.joins, churn.changes, churn.leaves)
     ok = len(accepted(run.contact_requests))
     result.add(f"{label}, 1% churn: contact requests accepted", ok, "", f"= formula {expected}", ok == expected)
     result.add(f"{label}, 1% churn: 429s received", throttled(run.contact_requests))

@@ -28,6 +28,7 @@ from tools.autopilot_sim import SimProcess
 from tools.azurite import free_port
 from tools.generate_export import write_export
 from tools.local_stack import LocalStack
+from tools.ortto_sim import OrttoSimProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -135,15 +136,22 @@ class CoreBurner:
 
 
 # --- the stack ------------------------------------------------------------------------------------
-class BenchStack:
-    """Azurite + Key Vault stand-in + simulator process for one benchmark; hosts are added on demand."""
+ORTTO_SECRET = "ortto-api-key"
 
-    def __init__(self, name: str, sim_rate: float):
+
+class BenchStack:
+    """Azurite + Key Vault stand-in + simulator process for one benchmark; hosts are added on demand. With
+    `ortto`, the simulator is Ortto's and every export defined sends to it through an Ortto connection whose rate
+    is the host's AUTOPILOT_REQUESTS_PER_SECOND (the app settings' Autopilot account is then left unused)."""
+
+    def __init__(self, name: str, sim_rate: float, ortto: bool = False):
         self.name = name
         self.out = OUT / name
         self.api_key = secrets.token_hex(16)
         self.function_key = secrets.token_urlsafe(24)
-        self.sim = SimProcess(self.api_key, sim_rate, log_path=self.out / "simulator.log")
+        self.ortto = ortto
+        simulator = OrttoSimProcess if ortto else SimProcess
+        self.sim = simulator(self.api_key, sim_rate, log_path=self.out / "simulator.log")
         self.stack: LocalStack | None = None
         self.hosts: list[Host] = []
         self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)
@@ -155,6 +163,7 @@ class BenchStack:
             self.sim.start()
             # Azurite in memory: its periodic save of a big table database pauses every storage call (tools.azurite)
             self.stack = LocalStack(api_key=self.api_key, autopilot_url=self.sim.base_url, in_memory=True).start()
+            self.stack.keyvault.set_secret(ORTTO_SECRET, self.api_key)
             self.blobs = BlobServiceClient.from_connection_string(self.stack.storage)
             for container in ("config", CONTAINER):
                 try:
@@ -199,10 +208,16 @@ class BenchStack:
         while self.hosts:
             self.hosts.pop().stop()
 
-    def define(self, *exports: dict) -> None:
-        """Write the export definitions where the app reads them (EXPORTS_BLOB = config/exports.json)."""
-        self.blobs.get_blob_client("config", "exports.json").upload_blob(
-            json.dumps({"exports": list(exports)}), overwrite=True)
+    def define(self, *exports: dict, rate: float | None = None) -> None:
+        """Write the export definitions where the app reads them (EXPORTS_BLOB = config/exports.json); on an
+        Ortto stack, each export sends through the connection "ortto" at `rate` requests per second."""
+        document: dict = {"exports": list(exports)}
+        if self.ortto:
+            document["connections"] = [{"name": "ortto", "platform": "ortto", "secretName": ORTTO_SECRET,
+                                        "baseUrl": self.sim.base_url, "requestsPerSecond": rate}]
+            for export in exports:
+                export["destination"]["connection"] = "ortto"
+        self.blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps(document), overwrite=True)
 
     def snapshot(self, rows, segment: str, partitions: int = 1) -> None:
         """Write the next refresh of a segment, as Customer Insights would (15 minutes after the last one)."""

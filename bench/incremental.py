@@ -74,7 +74,7 @@ def _run_at(stack: BenchStack, rate: float, export: str, write_snapshot, timeout
 def _figures(result: Result, mode: str, churn: Churn, initial: RunMeasure, changed: RunMeasure,
              rerun: RunMeasure) -> None:
     counts = changed.view["counts"]
-    expected = expected_requests(mode, churn.joins, churn.changes, churn.leaves)
+    expected = expected_requests(mode == "field", churn.joins, churn.changes, churn.leaves)
     sent = changed.contact_requests
     ok = len(accepted(sent))
     plan_matches = (counts.get("joiners"), counts.get("changed"), counts.get("leavers")) == (

@@ -45,9 +45,10 @@ class Result:
 
 # --- the simulator's request log ------------------------------------------------------------------
 def is_contact_request(record: dict) -> bool:
-    """Requests that carry contacts or membership (not the list look-up), as tests/support.py counts them."""
+    """Requests that carry contacts or membership (not the list look-up), as tests/support.py counts them; Ortto's
+    merges too."""
     path = record["path"]
-    return path.endswith(("/contact", "/contacts")) or "/contact/" in path
+    return path.endswith(("/contact", "/contacts", "/person/merge")) or "/contact/" in path
 
 
 def accepted(records: list[dict]) -> list[dict]:

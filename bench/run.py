@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import big_segments, incremental, overhead, planning, rate_discipline, throughput
+from bench import big_segments, incremental, ortto, overhead, planning, rate_discipline, throughput
 from bench.env import OUT, ROOT, say
 from bench.measure import Result
 from bench.report import document, write
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "overhead": overhead.overhead,
     "rate_discipline": rate_discipline.rate_discipline,
     "big_segments": big_segments.big_segments,
+    "ortto_tags": ortto.ortto_tags,
 }
 
 

@@ -1,6 +1,7 @@
-"""An Account: the clients of one Autopilot connection (export_config.Connection) in one instance: its cached
-API key (read again on a 401, rotated on its own), its Autopilot client, and its rate budget, which every instance
-and every export on that connection share, and no other connection's export waits for."""
+"""An Account: the clients of one destination connection (export_config.Connection) in one instance: its cached
+API key (read again on a 401, rotated on its own), its platform's client (Autopilot or Ortto: the one seam between
+the platforms), and its rate budget, which every instance and every export on that connection share, and no other
+connection's export waits for."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from azure.data.tables import TableClient
 
 from shared.autopilot_client import AutopilotClient
 from shared.export_config import DEFAULT_ACCOUNT, Connection
+from shared.ortto_client import OrttoClient
 from shared.rate_budget import RateBudget
 from shared.secrets import ApiKeyProvider
 from shared.settings import Settings
@@ -21,14 +23,15 @@ DEFAULT_BUDGET_KEY = "autopilot"  # the default connection's budget entity, as b
 class Account:
     connection: Connection  # resolved
     api_key: ApiKeyProvider
-    client: AutopilotClient
+    client: AutopilotClient | OrttoClient
     budget: RateBudget
 
     @classmethod
     def open(cls, connection: Connection, settings: Settings, budgets: TableClient) -> Account:
         api_key = ApiKeyProvider.from_settings(settings.env, connection.secret_name)  # (default: the app setting's)
         connection = connection.resolved(api_key.secret_name, settings.autopilot_base_url, settings.requests_per_second)
-        client = AutopilotClient(connection.base_url, api_key, settings.request_timeout)
+        platform = OrttoClient if connection.ortto else AutopilotClient
+        client = platform(connection.base_url, api_key, settings.request_timeout)
         key = DEFAULT_BUDGET_KEY if connection.name == DEFAULT_ACCOUNT else f"connection~{connection.name}"
         budget = RateBudget(budgets, connection.rate, key=key, margin=settings.rate_margin)
         return cls(connection, api_key, client, budget)
@@ -39,5 +42,5 @@ class Account:
         return f"{self.connection.base_url} (key {self.connection.secret_name})"
 
     def close(self) -> None:
-        self.client.session.close()
+        self.client.close()
         self.api_key.close()

@@ -19,6 +19,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import DOT_ATOM_TEXT  # the library's own rule for plain ASCII local parts
 
+from shared import ortto_fields
 from shared.cdm_reader import Row
 from shared.export_config import ExportConfigError, ExportDefinition
 
@@ -123,10 +124,10 @@ def to_date(value: str) -> str:
 
 
 CONVERTERS: dict[str, Callable[[str], Any]] = {
-    "string": str, "integer": to_integer, "float": to_float, "boolean": to_boolean, "date": to_date,
+    "string": str, "text": str, "integer": to_integer, "float": to_float, "boolean": to_boolean, "date": to_date,
 }
 _EXPECTED = {"integer": "a whole number", "float": "a number", "boolean": "true/false, yes/no or 1/0",
-             "date": "an ISO 8601 date", "string": "text"}
+             "date": "an ISO 8601 date", "string": "text", "text": "text"}
 
 
 # --- mapping --------------------------------------------------------------------------------------
@@ -164,8 +165,12 @@ class ContactMapper:
              f"column {field.column} is not {_EXPECTED[field.type]} (custom field \"{field.name}\", type {field.type})")
             for field in export.custom_fields
         ]
+        # Ortto's limits, checked here so a value it would refuse is a rejected row, never a refused request.
+        self._ortto = export.account.ortto
+        self._types = {field.key: (field.type, field.column, field.name) for field in export.custom_fields}
+        self._columns_of = dict(export.fields)
         self._mapping = [MAPPING_RULES, list(export.fields.items()),
-                         [(f.key, f.column, f.type) for f in export.custom_fields]]
+                         [(f.key, f.column, f.type) for f in export.custom_fields], export.account.platform]
         self._columns = list(columns)
 
     @staticmethod
@@ -212,4 +217,18 @@ class ContactMapper:
                         return Rejection(row.partition, row.number, reason, mask_email(email))
             if custom:
                 document["custom"] = custom
+        if self._ortto and (problem := self._ortto_problem(document)):
+            return Rejection(row.partition, row.number, problem, mask_email(email))
         return Contact(email.lower(), document)
+
+    def _ortto_problem(self, document: dict) -> str | None:
+        for key, value in document.items():
+            if key == "custom":
+                for typed, custom in value.items():
+                    kind, column, name = self._types[typed]
+                    if problem := ortto_fields.value_problem(kind, custom):
+                        return f'column {column} {problem} (custom field "{name}", type {kind})'
+            elif len(value) > ortto_fields.STRING_MAX:
+                return (f"column {self._columns_of[key]} has {len(value)} characters; Ortto's {key} field holds at "
+                        f"most {ortto_fields.STRING_MAX}")
+        return None

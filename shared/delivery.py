@@ -8,9 +8,10 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 
-from shared import batch_messages, signals
-from shared.autopilot_client import ApiKeyRejected
+from shared import batch_messages, cancels, signals
+from shared.api_client import ApiKeyRejected, ContactLimit
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, conclude, delivery_totals, is_synced
@@ -91,6 +92,11 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         return True  # settled with what was sent; the rest counts as cancelled
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
+    except ContactLimit as exc:  # no retry can succeed: the run stops, saying why
+        fail_rest(message, progress, str(exc))
+        if cancels.stop_run(svc, message.run, str(exc)):
+            rlog.error("run stopped: %s", exc)
+        return True
     except (ApiKeyRejected, SecretUnavailable) as exc:
         problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
@@ -132,14 +138,15 @@ def _rest(message: BatchMessage, progress: Progress, **changes) -> BatchMessage:
     carry = {"accepted": message.carry.get("accepted", 0) + len(progress.acked),
              "acked": [list(a) for a in progress.all_acked()],
              "refused": message.carry.get("refused", []) + progress.refused,
-             "failed": message.carry.get("failed", []) + progress.failed}
+             "failed": message.carry.get("failed", []) + progress.failed,
+             "results": dict(progress.results)}
     return message.with_items(rest, carry=carry, **changes)
 
 
 def _carried(message: BatchMessage) -> Progress:
     carry = message.carry
     return Progress(refused=list(carry.get("refused", [])), failed=list(carry.get("failed", [])),
-                    carried_accepted=carry.get("accepted", 0),
+                    carried_accepted=carry.get("accepted", 0), results=Counter(carry.get("results", {})),
                     carried_acked=[Acked(a[0], a[1], bool(a[2]), *a[3:]) for a in carry.get("acked", [])])
 
 
@@ -150,7 +157,7 @@ def _settle(svc: Services, message: BatchMessage, progress: Progress, rlog) -> N
         batch=message.batch, kind=message.kind, status="cancelled" if unsent else "done",
         contacts=len(message.items) - unsent + _carry_size(message),
         accepted=len(progress.acked) + progress.carried_accepted, rejected=len(progress.refused),
-        failed=len(progress.failed), detail=progress.refused + progress.failed)
+        failed=len(progress.failed), detail=progress.refused + progress.failed, results=dict(progress.results))
     if svc.records.record_batch(message.run, outcome, progress.all_acked()):
         rlog.info("batch %d settled: %d accepted, %d refused, %d failed", message.batch, outcome.accepted,
                   outcome.rejected, outcome.failed)

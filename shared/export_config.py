@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared import ortto_fields
+
 STANDARD_FIELDS = (
     "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
     "MobilePhone", "Fax", "Website", "MailingStreet", "MailingCity", "MailingState", "MailingPostalCode",
     "MailingCountry", "LeadSource", "Status", "LinkedIn", "Twitter", "owner_name",
 )
-CUSTOM_TYPES = ("string", "integer", "float", "boolean", "date")
+CUSTOM_TYPES = ("string", "text", "integer", "float", "boolean", "date")  # text: Ortto only (4,000 characters)
 DEFAULT_CONNECTION = "EXPORT_STORAGE"
 DEFAULT_MAX_PROFILES = 100_000
 DEFAULT_MAX_REMOVAL_PERCENT = 20  # a run removing more of the acknowledged members than this stops (unless forced)
@@ -50,7 +52,11 @@ EXPORT_KEYS = ("name", "enabled", "dataTransferAcknowledged", "source", "destina
                "maxProfiles", "maxRemovalPercent")
 SOURCE_KEYS = ("connection", "container", "prefix", "segment")
 DESTINATION_KEYS = ("connection", "membership", "list", "field", "onLeave")
-CONNECTION_KEYS = ("name", "secretName", "requestsPerSecond", "baseUrl")
+CONNECTION_KEYS = ("name", "platform", "region", "secretName", "requestsPerSecond", "baseUrl")
+PLATFORMS = ("autopilot", "ortto")
+ORTTO_REGIONS = {"us": "https://api.ap3api.com/v1", "eu": "https://api.eu.ap3api.com/v1",
+                 "au": "https://api.au.ap3api.com/v1"}
+ORTTO_DEFAULT_RATE = 10.0  # Ortto's Professional plan; Business and Enterprise allow 30
 SECRET_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")  # Key Vault's rule for secret names
 CUSTOM_KEYS = ("name", "type", "column")
 
@@ -60,19 +66,27 @@ DEFAULT_ACCOUNT = "default"
 
 @dataclass(frozen=True)
 class Connection:
-    """One Autopilot account as the definitions name it (`connections`): the Key Vault secret holding its API key,
-    its API's base URL and the request rate it allows; None fields take the app settings' values. The one named
-    "default" always exists and is the app settings' account, so a document without `connections` works as
-    before."""
+    """One destination account as the definitions name it (`connections`): its platform (Autopilot, or Ortto in a
+    region), the Key Vault secret holding its API key, its API's base URL and the request rate it allows; None
+    fields take the app settings' values (an Ortto account's URL and rate: its region's and its plan's). The one
+    named "default" always exists and is the app settings' Autopilot account, so a document without
+    `connections` works as before."""
 
     name: str = DEFAULT_ACCOUNT
     secret_name: str | None = None
     base_url: str | None = None
     rate: float | None = None
+    platform: str = "autopilot"
+    region: str | None = None  # Ortto's: us, eu or au
+
+    @property
+    def ortto(self) -> bool:
+        return self.platform == "ortto"
 
     def public(self) -> dict:
         shown = {"name": self.name, "secretName": self.secret_name, "baseUrl": self.base_url,
-                 "requestsPerSecond": self.rate}
+                 "requestsPerSecond": self.rate, "platform": self.platform if self.ortto else None,
+                 "region": self.region}
         return {key: value for key, value in shown.items() if value is not None}
 
     def text(self) -> str:
@@ -83,11 +97,15 @@ class Connection:
     def from_text(cls, text: str) -> Connection:
         data = json.loads(text) if text else {}
         return cls(data.get("name", DEFAULT_ACCOUNT), data.get("secretName"), data.get("baseUrl"),
-                   data.get("requestsPerSecond"))
+                   data.get("requestsPerSecond"), data.get("platform", "autopilot"), data.get("region"))
 
     def resolved(self, secret_name: str, base_url: str, rate: float) -> Connection:
-        """Every field filled: the connection's own values, else the app settings' (given)."""
-        return Connection(self.name, self.secret_name or secret_name, self.base_url or base_url, self.rate or rate)
+        """Every field filled: the connection's own values, else its platform's defaults, else the app settings'
+        (given)."""
+        if self.ortto:
+            base_url, rate = ORTTO_REGIONS[self.region or "us"], ORTTO_DEFAULT_RATE
+        return dataclasses.replace(self, secret_name=self.secret_name or secret_name,
+                                   base_url=self.base_url or base_url, rate=self.rate or rate)
 
 
 APP_SETTINGS_ACCOUNT = Connection()  # the "default" connection: the app settings' account
@@ -366,10 +384,18 @@ class _Checker:
             if url and not (urlsplit(url).scheme in ("https", "http") and urlsplit(url).netloc):
                 self.problem(f"must be an https:// URL such as https://api2.autopilothq.com/v1, got {_show(url)}",
                              "baseUrl")
+            platform, region = self._platform(item, secret)
             if len(self.problems) == before and name:
-                found[name] = Connection(name, secret, url or None, float(rate) if rate else None)
+                found[name] = Connection(name, secret, url or None, float(rate) if rate else None, platform, region)
         self.where = ""
         return found
+
+    def _platform(self, item: dict, secret: str | None) -> tuple[str, str | None]:
+        platform = self.choice(item, "platform", "platform", PLATFORMS, "autopilot")
+        region = self.choice(item, "region", "region", tuple(ORTTO_REGIONS), None) if "region" in item else None
+        if platform != "ortto" and "region" in item:
+            self.problem('is only used by an Ortto connection ("platform": "ortto")', "region")
+        return platform, region
 
     def account(self, data: dict) -> Connection:
         name = self.text(data, "connection", "destination.connection", DEFAULT_ACCOUNT)
@@ -434,7 +460,19 @@ class _Checker:
             "max_removal_percent": self._removal_limit(data),
         }
         self._membership_clash(values)
-        return None if len(self.problems) > before else ExportDefinition(**values)
+        if len(self.problems) > before:
+            return None
+        export = ExportDefinition(**values)
+        for path, problem in self._platform_problems(export):
+            self.problem(problem, path)
+        return None if len(self.problems) > before else export
+
+    @staticmethod
+    def _platform_problems(export: ExportDefinition) -> list[tuple[str, str]]:
+        if export.account.ortto:
+            return ortto_fields.definition_problems(export)
+        return [(f"customFields[{i}].type", '"text" is an Ortto type; Autopilot\'s text fields are "string"')
+                for i, custom in enumerate(export.custom_fields) if custom.type == "text"]
 
     def _membership_clash(self, values: dict) -> None:
         key = typed_key("boolean", values["field"]).lower() if values["field"] else None

@@ -31,7 +31,7 @@ from shared.export_config import ExportDefinition
 from shared.state_lines import Acked, Block, entry
 from shared.state_store import Snapshot
 
-BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts
+BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts, and Ortto's on people per merge
 CHUNK = 5000  # differences written to SQLite together
 SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20
@@ -79,7 +79,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Batch:
-    kind: str  # "upsert" (bulk POST /contacts), "join" (POST /contact with list), "leave" (DELETE from list)
+    kind: str  # "upsert" (a bulk merge), "join" (POST /contact with list), "leave" (DELETE from list): Autopilot's
     items: list[Item]
 
     @property
@@ -135,6 +135,9 @@ class Planner:
         self.columns = list(columns)
         self.mapper = ContactMapper(export, columns)
         self.list_ops = max(1, list_ops_per_message)
+        # Every change goes in 100-contact merges: field mode, and both modes on Ortto (membership is a tag set or
+        # unset in the merge itself). Autopilot's lists take one request per joiner and leaver.
+        self.bulk_only = export.membership == "field" or export.account.ortto
         self._dir = tempfile.TemporaryDirectory(prefix="plan-")
         self.db = sqlite3.connect(f"{self._dir.name}/plan.sqlite")
         self.db.executescript(
@@ -302,8 +305,7 @@ class Planner:
         keep = self.export.on_leave == "keep"
         plan.counts["kept_leavers"] = plan.counts["leavers"] if keep else 0
         plan.requests = expected_requests(
-            self.export.membership, plan.counts["joiners"], plan.counts["changed"],
-            0 if keep else plan.counts["leavers"])
+            self.bulk_only, plan.counts["joiners"], plan.counts["changed"], 0 if keep else plan.counts["leavers"])
 
     def _rows(self, kind: str) -> Iterator[tuple]:
         return self.db.execute("SELECT d.key, d.fp, docs.doc, d.source FROM diff d LEFT JOIN docs ON docs.id = d.doc "
@@ -316,7 +318,7 @@ class Planner:
         return self._batches_of(joins, changes, leaves)
 
     def _batches_of(self, joins: Iterable[Item], changes: Iterable[Item], leaves: Iterable[Item]) -> Iterator[Batch]:
-        if self.export.membership == "field":
+        if self.bulk_only:
             yield from _chunks("upsert", chain(joins, changes, leaves), BULK_LIMIT)
         else:
             yield from _chunks("join", joins, self.list_ops)
@@ -416,9 +418,10 @@ class Sources:
         return np.where((block.digest != 0) & (self.digests[at] == block.digest) & (first != self.UNSEEN), first, -1)
 
 
-def expected_requests(membership: str, joiners: int, changed: int, leavers: int) -> int:
-    """The contact requests a run must send (the incremental issue's formulas)."""
-    if membership == "field":
+def expected_requests(bulk_only: bool, joiners: int, changed: int, leavers: int) -> int:
+    """The contact requests a run must send (the incremental issues' formulas); `bulk_only`: every change goes in
+    merges (Planner.bulk_only), else Autopilot's list mode."""
+    if bulk_only:
         return math.ceil((joiners + changed + leavers) / BULK_LIMIT)
     return joiners + leavers + math.ceil(changed / BULK_LIMIT)
 

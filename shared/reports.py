@@ -4,6 +4,7 @@ before the run is marked finished, and the view GET /api/runs/{id} shows."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from itertools import chain
 
 from shared import signals
@@ -45,6 +46,11 @@ def delivery_totals(outcomes: list[dict]) -> dict:
     totals["refused"] = totals.pop("rejected")
     totals["sent"] = totals.pop("contacts")
     totals["dead_batches"] = sum(1 for o in outcomes if o.get("status") == "dead")
+    results = Counter()
+    for outcome in outcomes:
+        results.update(outcome.get("results") or {})
+    if results:  # what the destination said of each person it was sent (Ortto: created, merged, suppressed)
+        totals["results"] = dict(sorted(results.items()))
     return totals
 
 
@@ -93,7 +99,7 @@ def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes:
     outcomes = svc.records.batch_outcomes(run_id) if outcomes is None else outcomes
     problems = _problems(outcomes)
     totals = delivery_totals(outcomes)
-    if status == "cancelled":  # the contacts planned and never sent (a run cancelled while planned: unknown)
+    if status == "cancelled" or run.get("stopped_because"):  # the contacts planned and never sent
         counts = run.get("counts") or {}
         planned = sum(counts.get(k, 0) for k in ("joiners", "changed", "leavers")) - counts.get("kept_leavers", 0)
         totals["cancelled"] = max(0, planned - totals["sent"])

@@ -11,7 +11,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 
@@ -31,8 +31,9 @@ FINISHED = ("succeeded", "partially succeeded", "failed", "dry run", "cancelled"
 REPLAYING, REQUEUED = "replaying", "requeued"
 REPLAYS = (REPLAYING, REQUEUED)
 UNSETTLED = ("dead", *REPLAYS)  # batch outcomes a delivery may replace
-JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems")
-OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error"]
+JSON_FIELDS = ("counts", "plan", "rejected_sample", "outcome", "destination", "problems", "results")
+OUTCOME_FIELDS = ["RowKey", "kind", "status", "contacts", "accepted", "rejected", "failed", "outcome", "error",
+                  "results"]
 STATUS_MAX_AGE = 2.0  # seconds a sender trusts the run status it last read (a cancelled run stops within that)
 COUNT_WINDOW = 0.1  # seconds a count update of a run waits for more of an instance's settled batches
 STALE_PLANNING = 15 * 60  # seconds; longer than host.json's functionTimeout, so a live planner is never taken over
@@ -81,6 +82,7 @@ class BatchOutcome:
     failed: int
     detail: list  # masked per-contact problems: [{"email", "reason"}]
     error: str = ""
+    results: dict = field(default_factory=dict)  # the destination's per-person statuses, counted (Ortto's)
 
 
 class RunRecords:
@@ -263,7 +265,7 @@ class RunRecords:
             "PartitionKey": run_id, "RowKey": f"{outcome.batch:06d}", "kind": outcome.kind, "status": outcome.status,
             "contacts": outcome.contacts, "accepted": outcome.accepted, "rejected": outcome.rejected,
             "failed": outcome.failed, "outcome": outcome.detail[:200], "error": outcome.error[:2000],
-            "acks": encode_acks(acks),
+            "results": outcome.results, "acks": encode_acks(acks),
         })
         try:
             self.batches.create_entity(entity)

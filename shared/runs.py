@@ -19,7 +19,7 @@ from itertools import islice
 from azure.core.exceptions import ResourceNotFoundError
 
 from shared import cancels, signals
-from shared.autopilot_client import AutopilotError
+from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
 from shared.contacts import MappingError, mask_emails_in
@@ -36,6 +36,7 @@ from shared.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
+PREPARE_TRIES = 5  # a destination's preparation met with 5xx, timeouts or 429s is tried again this many times
 PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
 # (a streamed first sync's first page is queued once its first PAGE batches are planned)
 WINDOW_LEAD = 20.0
@@ -58,7 +59,7 @@ class BudgetBooked(RuntimeError):
 
 
 # Problems the user can fix: the run fails with this message instead of a stack trace.
-USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, AutopilotError,
+USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, ApiError,
                SecretUnavailable, BudgetBooked, StateUnreadable, MassRemoval)
 
 
@@ -194,7 +195,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
                 conclude(svc, run_id, "dry run")
             rlog.info("dry run: %s", plan.counts)
             return
-        list_id = _resolve_list(svc, export) if export.membership == "list" else None
+        list_id = _prepare_destination(svc, export)
         state.save_planned(run_id, plan.settled())
         pages = write_pages(svc, run_id, plan.batches())
     finally:
@@ -225,14 +226,13 @@ class Stream:
         # Planning shares the instance's cores with the senders: it keeps about STREAM_AHEAD s of requests (two
         # pages at least) ahead of what has settled, for at most STREAM_PACED s (an invocation must end), then runs
         # flat out. Run flat out from the start, it cost the senders 15% of their slots at 50 requests/s.
-        per_batch = 1 if export.membership == "field" else planner.list_ops
+        per_batch = 1 if planner.bulk_only else planner.list_ops
         self.ahead = max(2 * PAGE, int(STREAM_AHEAD * self.budget.rate / per_batch))
         self.paced_until = time.monotonic() + STREAM_PACED
 
     def send(self, partitions, target: dict) -> None:
         svc, run_id = self.svc, self.run["RowKey"]
-        list_id = self.run.get("list_id") or (_resolve_list(svc, self.export) if self.export.membership == "list"
-                                              else "")
+        list_id = self.run.get("list_id") or _prepare_destination(svc, self.export)
         svc.state(self.export.name).register(run_id, self.destination)  # before its first batch is queued
         plan = self.planner.first_sync(partitions)
         try:
@@ -322,15 +322,29 @@ def _save_rejections(svc: Services, run_id: str, path: str) -> None:
         svc.host.blob.get_blob_client(REPORTS, f"{run_id}/rejected.jsonl").upload_blob(data, overwrite=True)
 
 
-def _resolve_list(svc: Services, export: ExportDefinition) -> str:
+def _prepare_destination(svc: Services, export: ExportDefinition) -> str:
+    """Ready the destination before any batch is queued (Autopilot: the list found or created; Ortto: the custom
+    fields the run writes created); returns what messages name as their target ("" for none)."""
     account = svc.account(export.account)
+    pacer = Pacer(account.budget, max_wait=LOOKUP_WAIT)
     try:
-        return account.client.resolve_list(export.list, Pacer(account.budget, max_wait=LOOKUP_WAIT))
+        for attempt in range(1, PREPARE_TRIES + 1):
+            try:
+                return account.client.prepare(export, pacer)
+            except Throttled as exc:  # the whole app holds off; the next slot comes after the hold
+                account.budget.throttled(exc.retry_after)
+                if attempt == PREPARE_TRIES:
+                    raise
+            except Transient:  # (its writes, a list or a custom field created, are found the next time)
+                if attempt == PREPARE_TRIES:
+                    raise
+                time.sleep(0.5 * attempt)
     except Deferred as exc:
         free = datetime.fromtimestamp(exc.at, UTC).strftime("%H:%M:%S UTC")
-        raise BudgetBooked(f"the Autopilot request budget is booked by other runs until {free}; the list "
-                           f"{export.list!r} could not be looked up, so nothing was sent: start again after that "
-                           "(the timer retries on its next tick)") from None
+        what = f"the list {export.list!r}" if export.membership == "list" else "the membership field"
+        raise BudgetBooked(f"the request budget of connection {export.account.name!r} is booked by other runs "
+                           f"until {free}; {what} could not be looked up, so nothing was sent: start again after "
+                           "that (the timer retries on its next tick)") from None
 
 
 # --- windows: batches are booked and queued a page at a time, as sending advances ---------------------

@@ -1,22 +1,25 @@
-"""Send one batch to Autopilot and record what Autopilot acknowledged.
+"""Send one batch to its destination (Autopilot or Ortto) and record what the destination acknowledged.
 
 Retries: a transient failure (5xx, timeout, dropped connection) is retried at once with a fresh slot,
 which is safe because upserts are keyed by email; after that the unfinished part of the batch goes back on the
 queue with a growing delay instead of sleeping inside the function. A 429 holds the shared budget off (every
 sender waits, RateBudget.throttled) and is tried again after the hold, or the rest is re-queued without counting
 a failed attempt. A 400 on a bulk call
-is split until the refused contact is isolated; only that contact is reported, with Autopilot's message.
+is split until the refused contact is isolated; only that contact is reported, with the destination's message.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
-from shared.autopilot_client import AutopilotClient, Refused, Throttled, Transient
+from shared.api_client import Refused, Throttled, Transient
+from shared.autopilot_client import AutopilotClient
 from shared.batch_messages import BatchMessage
 from shared.contacts import mask_email
+from shared.ortto_client import OrttoClient
 from shared.rate_budget import Deferred, Pacer
 from shared.state_store import Acked
 
@@ -45,6 +48,7 @@ class Progress:
     done: set[str] = field(default_factory=set)
     carried_accepted: int = 0  # acknowledged before a re-queue or a redelivery
     carried_acked: list[Acked] = field(default_factory=list)  # what those were, for the state
+    results: Counter = field(default_factory=Counter)  # the destination's per-person statuses (Ortto: created...)
 
     def all_acked(self) -> list[Acked]:
         return self.carried_acked + self.acked
@@ -59,7 +63,7 @@ class Progress:
 
 @dataclass
 class BatchSender:
-    client: AutopilotClient
+    client: AutopilotClient | OrttoClient
     pacer: Pacer
     message: BatchMessage
     progress: Progress = field(default_factory=Progress)
@@ -78,7 +82,7 @@ class BatchSender:
 
     def _upsert(self, items: list[dict]) -> None:
         try:
-            result = self._with_retries(lambda: self.client.upsert_contacts([i["d"] for i in items], self.pacer))
+            results = self._with_retries(lambda: self.client.merge(items, self.message.list_id, self.pacer))
         except Refused as exc:
             if len(items) == 1:
                 self.progress.settle(items[0], "refused", exc.message)
@@ -87,12 +91,10 @@ class BatchSender:
             self._upsert(items[:half])
             self._upsert(items[half:])
             return
-        seen = {email.lower() for email in result.get("email_contact_map", {})}
-        for item in items:
-            if item["k"] in seen:
-                self.progress.settle(item, "acked")
-            else:
-                self.progress.settle(item, "failed", "Autopilot did not acknowledge this contact")
+        for item, (outcome, reason, status) in zip(items, results, strict=True):
+            self.progress.settle(item, outcome, reason)
+            if status:
+                self.progress.results[status] += 1
 
     def _single(self, item: dict) -> None:
         list_id = self.message.list_id
@@ -127,7 +129,7 @@ class BatchSender:
                 failures += 1
                 if failures == TRIES_IN_PROCESS:
                     raise Requeue(time.time() + backoff(self.message.attempt), exc.message) from None
-                log.info("transient Autopilot failure, retrying: %s", exc.message)
+                log.info("transient failure, retrying: %s", exc)
 
 
 def backoff(attempt: int) -> float:

@@ -80,8 +80,8 @@ def test_document_may_be_text_or_bytes_with_a_byte_order_mark():
     (lambda e: e["fields"].pop("Email"),
      'exports[0] "high-value": fields must map "Email" to the column holding the email address (it is required)'),
     (lambda e: e["customFields"][0].update(type="int"),
-     'exports[0] "high-value": customFields[0].type must be one of "string", "integer", "float", "boolean", "date", '
-     'got "int"'),
+     'exports[0] "high-value": customFields[0].type must be one of "string", "text", "integer", "float", "boolean", '
+     '"date", got "int"'),
     (lambda e: e.update(maxProfiles=-5),
      'exports[0] "high-value": maxProfiles must be a positive whole number, got -5'),
     (lambda e: e.update(maxProfiles=0), 'exports[0] "high-value": maxProfiles must be a positive whole number, got 0'),

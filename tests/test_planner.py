@@ -85,14 +85,14 @@ def test_list_mode_sends_joins_and_leaves_one_by_one_and_changes_in_bulk():
     state = [acked("c@x.com", "Old"), acked("l@x.com", "L")]
     result, batches = plan(export("list"), segment, state)
     assert [(b.kind, len(b.items)) for b in batches] == [("join", 3), ("join", 1), ("upsert", 1), ("leave", 1)]
-    assert result.requests == sum(b.requests for b in batches) == expected_requests("list", 4, 1, 1) == 6
+    assert result.requests == sum(b.requests for b in batches) == expected_requests(False, 4, 1, 1) == 6
 
 
 def test_field_mode_packs_every_change_into_bulk_batches_of_100():
     segment = rows(*[(f"p{i}@x.com", "P") for i in range(250)])
     result, batches = plan(export(), segment, [acked("gone@x.com", "G")])
     assert [len(b.items) for b in batches] == [100, 100, 51]
-    assert result.requests == expected_requests("field", 250, 0, 1) == 3
+    assert result.requests == expected_requests(True, 250, 0, 1) == 3
 
 
 def test_unchanged_segment_plans_nothing_and_force_plans_everything():

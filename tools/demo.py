@@ -2,6 +2,7 @@
 
 Generates a Customer Insights export of 5,000 profiles, syncs it to the Autopilot simulator in field mode with
 `tools.local_run`, then writes the next refresh (2% churn), shows a dry run of it and syncs only the difference.
+`--ortto` (`make demo-ortto`) does the same to the Ortto simulator, through an Ortto connection in tag mode.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from tools import local_run
 from tools.autopilot_sim import SimProcess
 from tools.generate_export import sample_profiles, write_export
+from tools.ortto_sim import OrttoSimProcess
 
 PROFILES = 5000
 EXPORT = {
@@ -29,6 +31,21 @@ EXPORT = {
                      {"name": "Lifetime Value", "type": "float", "column": "LifetimeValue"},
                      {"name": "Last Purchase", "type": "date", "column": "LastPurchase"}],
 }
+
+
+ORTTO_SECRET = "ortto-api-key"
+ORTTO_TAG = "High value customers"
+
+
+def ortto_export(base_url: str, rate: float) -> dict:
+    """The same export sent to an Ortto account: membership is a tag; Company, which Ortto has no person field for,
+    becomes a custom field."""
+    export = json.loads(json.dumps(EXPORT))
+    export["destination"] = {"connection": "ortto", "membership": "list", "list": ORTTO_TAG, "onLeave": "remove"}
+    export["customFields"].append({"name": "Company", "type": "string", "column": export["fields"].pop("Company")})
+    connection = {"name": "ortto", "platform": "ortto", "secretName": ORTTO_SECRET, "baseUrl": base_url,
+                  "requestsPerSecond": rate}
+    return {"connections": [connection], "exports": [export]}
 
 
 def churned(rows: list[tuple]) -> list[tuple]:
@@ -48,14 +65,23 @@ def summary(title: str, report: dict) -> str:
             f"requests {report['plannedRequests']}; accepted {c['accepted']}, failed {c['failed']}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ortto = "--ortto" in (sys.argv[1:] if argv is None else argv)
     api_key = secrets.token_hex(16)  # a throwaway key for the local simulator, never printed
     os.environ["AUTOPILOT_API_KEY"] = api_key
     work = Path(tempfile.mkdtemp(prefix="demo-"))
-    export_dir, config = work / "export", work / "exports.json"
-    config.write_text(json.dumps({"exports": [EXPORT]}, indent=2))
+    export_dir, config, keys = work / "export", work / "exports.json", work / "secrets.json"
     rows = list(sample_profiles(PROFILES, seed=1))
-    sim = SimProcess(api_key, rate=float(os.environ.get("AUTOPILOT_REQUESTS_PER_SECOND", "5"))).start()
+    rate = float(os.environ.get("AUTOPILOT_REQUESTS_PER_SECOND", "10" if ortto else "5"))
+    sim = (OrttoSimProcess if ortto else SimProcess)(api_key, rate=rate).start()
+    extra = []
+    if ortto:
+        config.write_text(json.dumps(ortto_export(sim.base_url, rate), indent=2))
+        keys.touch(mode=0o600)  # the simulator's throwaway key, still no one else's to read
+        keys.write_text(json.dumps({ORTTO_SECRET: api_key}))
+        extra = ["--secrets-file", str(keys)]
+    else:
+        config.write_text(json.dumps({"exports": [EXPORT]}, indent=2))
     try:
         steps = [("first sync", rows, []), ("next refresh, dry run", churned(rows), ["--dry-run"]),
                  ("next refresh", None, [])]
@@ -67,16 +93,22 @@ def main() -> int:
             print(f"\n== {title} ==", flush=True)
             report = work / f"report-{number}.json"
             argv = ["--export-dir", str(export_dir), "--exports-config", str(config), "--export", "high-value",
-                    "--autopilot-url", sim.base_url, "--state-dir", str(work / "state"), "--report", str(report)]
+                    "--autopilot-url", sim.base_url, "--state-dir", str(work / "state"), "--report", str(report),
+                    *extra]
             status = local_run.main(argv + flags)
             lines.append(summary(title, json.loads(report.read_text())))
             if status:
                 break
-        members = sum(1 for c in sim.contacts().values() if c["custom"].get("boolean--In--High--Value--Segment"))
+        if ortto:
+            members = sum(1 for p in sim.people().values() if ORTTO_TAG in p["tags"])
+        else:
+            members = sum(1 for c in sim.contacts().values() if c["custom"].get("boolean--In--High--Value--Segment"))
     finally:
         sim.stop()
     print("\n== what happened ==\n" + "\n".join(lines))
-    print(f"Autopilot (simulator) now holds {members} segment members. Reports and state are in {work}")
+    where = f"Ortto (simulator) now tags {members} people {ORTTO_TAG!r}" if ortto else \
+        f"Autopilot (simulator) now holds {members} segment members"
+    print(f"{where}. Reports and state are in {work}")
     return status
 
 

@@ -1,0 +1,215 @@
+"""Ortto as the destination: the same exports, runs and state as Autopilot's, against the Ortto simulator over
+real HTTP. Membership is a tag (list mode) or a boolean field, both sent in 100-person merges."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+
+import pytest
+
+from tests.support import COLUMN, close_world, definition, open_world
+from tests.test_incremental import expected_diff, segment_emails, snapshots
+from tools import ortto_sim
+from tools.generate_export import sample_profiles
+from tools.ortto_sim import Faults, OrttoSim
+
+SECRET = "ortto-api-key"
+TAG = "High value"
+MEMBERSHIP_FIELD = "bol:cm:in-high-value-segment"
+POINTS = "int:cm:loyalty-points"
+
+
+def ortto_definition(name: str, membership: str, **extra) -> dict:
+    export = definition(name, membership=membership, **extra)
+    export["destination"]["connection"] = "ortto"
+    export["fields"] = {"Email": "PrimaryEmail", "FirstName": "FirstName", "LastName": "LastName",
+                        "MailingCity": "City"}
+    return export
+
+
+def define(world, sim: OrttoSim, *exports: dict, rate: float = 50) -> None:
+    connection = {"name": "ortto", "platform": "ortto", "secretName": SECRET, "baseUrl": sim.base_url,
+                  "requestsPerSecond": rate}
+    world.blobs.get_blob_client("config", "exports.json").upload_blob(
+        json.dumps({"connections": [connection], "exports": list(exports)}), overwrite=True)
+
+
+def start_ortto(world, **options) -> OrttoSim:
+    key = secrets.token_hex(16)
+    world.stack.keyvault.set_secret(SECRET, key)
+    return OrttoSim(key, **options).start()
+
+
+@pytest.fixture
+def ortto(world):
+    sim = start_ortto(world, rate=None)
+    yield sim
+    sim.stop()
+
+
+def members(sim: OrttoSim, membership: str) -> set[str]:
+    people = sim.people()
+    if membership == "list":
+        return {email for email, p in people.items() if TAG in p["tags"]}
+    return {email for email, p in people.items() if p["fields"].get(MEMBERSHIP_FIELD) is True}
+
+
+def expected_people(rows) -> dict[str, dict]:
+    """What Ortto must hold for each member of these rows (the last valid row of an email wins nothing: the first
+    does, as planning collapses duplicates)."""
+    wanted = {}
+    for row in rows:
+        email = row[COLUMN["PrimaryEmail"]]
+        if "@" not in email or email.lower() in wanted:
+            continue
+        fields = {"str::email": email, "str::first": row[COLUMN["FirstName"]], "str::last": row[COLUMN["LastName"]],
+                  "geo::city": {"name": row[COLUMN["City"]]} if row[COLUMN["City"]] else None,
+                  POINTS: int(row[COLUMN["LoyaltyPoints"]]) if row[COLUMN["LoyaltyPoints"]] else None}
+        wanted[email.lower()] = {k: v for k, v in fields.items() if v not in (None, "")}
+    return wanted
+
+
+def _caseless(fields: dict) -> dict:
+    return {**fields, "str::email": fields["str::email"].lower()}
+
+
+def merges(sim: OrttoSim, since: int = 0) -> list[dict]:
+    return [r for r in sim.request_log()[since:] if r["path"] == "/v1/person/merge"]
+
+
+def assert_harmless(sim: OrttoSim) -> None:
+    """Nobody's consent touched, no audience subscription, no ban, no merge over 100 people."""
+    state = sim.state()
+    assert (state["consent_writes"], state["subscribe_calls"], state["bans"]) == (0, 0, 0)
+    assert all(p["fields"]["bol::p"] is True for p in state["people"].values())  # as Ortto created them
+    assert max((r.get("n", 0) for r in sim.request_log()), default=0) <= 100
+
+
+@pytest.mark.parametrize("membership", ["list", "field"])
+def test_each_run_sends_the_difference_in_merges_and_membership_follows_the_segment(world, ortto, membership):
+    define(world, ortto, ortto_definition("seg", membership))
+    previous: list = []
+    for number, rows in enumerate(snapshots(), start=1):
+        world.snapshot(rows)
+        mark = len(ortto.request_log())
+        report = world.run("seg")
+        joiners, changed, leavers = expected_diff(previous, rows)
+        counts = report["counts"]
+        assert report["status"] == "succeeded", (number, report)
+        assert (counts["joiners"], counts["changed"], counts["leavers"]) == (joiners, changed, leavers), number
+        assert members(ortto, membership) == segment_emails(rows), number
+        sent = [r for r in merges(ortto, mark) if r["status"] == 200]
+        assert len(sent) == report["plannedRequests"] == math.ceil((joiners + changed + leavers) / 100), number
+        assert sum(counts.get("results", {}).values()) == counts["accepted"] == joiners + changed + leavers
+        people = ortto.people()
+        for email, fields in expected_people(rows).items():  # (an email whose case changed is the same person)
+            held = {k: v for k, v in people[email]["fields"].items() if k in fields or k in ("str::first", POINTS)}
+            assert _caseless(held) == _caseless(fields), (number, email)
+        previous = rows
+    assert counts["unchanged"] == len(segment_emails(rows))
+    created = [r for r in ortto.request_log() if r["path"] == "/v1/person/custom-field/create"]
+    assert len(created) == (2 if membership == "field" else 1)  # created once, by the first run
+    assert set(ortto.custom_fields()) == {POINTS} | ({MEMBERSHIP_FIELD} if membership == "field" else set())
+    assert_harmless(ortto)
+
+
+def test_the_first_sync_counts_what_ortto_created_and_a_dry_run_predicts_the_merges(world, ortto):
+    rows = list(sample_profiles(450, seed=31))
+    define(world, ortto, ortto_definition("tags", "list"))
+    world.snapshot(rows)
+    dry = world.run("tags", dryRun=True)
+    assert dry["status"] == "dry run" and ortto.people() == {}
+    assert dry["plannedRequests"] == math.ceil(len(segment_emails(rows)) / 100)
+    report = world.run("tags")
+    assert report["counts"]["results"] == {"created": len(segment_emails(rows))}
+    assert len(merges(ortto)) == dry["plannedRequests"]
+
+
+def test_suppressed_people_are_refused_with_ortto_s_reason_and_never_created(world):
+    rows = list(sample_profiles(120, seed=32))
+    banned = sorted(segment_emails(rows))[:3]
+    sim = start_ortto(world, rate=None, suppressed=tuple(banned))
+    try:
+        define(world, sim, ortto_definition("sup", "list"))
+        world.snapshot(rows)
+        report = world.run("sup")
+        assert report["status"] == "partially succeeded"
+        assert report["counts"]["refused"] == 3 and report["counts"]["results"]["suppressed"] == 3
+        assert {p["reason"] for p in report["deliveryProblems"]} == {
+            "Ortto suppressed this person: Email is suppressed"}
+        assert not set(banned) & set(sim.people())
+    finally:
+        sim.stop()
+
+
+# --- faults -------------------------------------------------------------------------------------------------
+CHAOS = Faults(fail_rate=0.10, timeout_rate=0.05, timeout_seconds=1.0, drop_rate=0.03, burst_rate=0.05,
+               burst_length=3)
+
+
+@pytest.mark.parametrize("membership", ["list", "field"])
+def test_chaos_ends_with_exactly_the_segment_and_no_ban(membership):
+    world = open_world(settings={"AUTOPILOT_TIMEOUT_SECONDS": "0.5"})
+    sim = start_ortto(world, rate=30, faults=CHAOS, try_in_seconds=1)
+    try:
+        define(world, sim, ortto_definition("chaos", membership), rate=30)
+        first = list(sample_profiles(1500, seed=33))
+        second = first[150:] + list(sample_profiles(100, seed=34, start=5000))
+        for rows in (first, second):
+            world.snapshot(rows)
+            report = world.wait(world.start("chaos").json()["runId"], timeout=120, poll=1.0)
+            assert report["status"] == "succeeded", (report["counts"], report["deliveryProblems"][:2])
+            assert members(sim, membership) == segment_emails(rows)
+        log = sim.request_log()
+        assert sum(1 for r in log if r.get("fault") == "burst") >= 3
+        assert any(r["status"] == 429 for r in log) and any(r.get("fault") == "timeout" for r in log)
+        people = sim.people()
+        for email, fields in expected_people(second).items():
+            assert _caseless({k: people[email]["fields"].get(k) for k in fields}) == _caseless(fields)
+        assert_harmless(sim)
+    finally:
+        sim.stop()
+        close_world(world)
+
+
+def test_the_contact_limit_stops_the_run_saying_so_and_nothing_is_lost(world):
+    rows = list(sample_profiles(1000, seed=35))
+    sim = start_ortto(world, rate=None, contact_limit=450)
+    try:
+        define(world, sim, ortto_definition("full", "list"))
+        world.snapshot(rows)
+        report = world.run("full")
+        counts = report["counts"]
+        assert report["status"] == "failed" and "contact limit is reached" in report["error"]
+        assert counts["accepted"] + counts["failed"] == counts["sent"]
+        assert counts["sent"] + counts["cancelled"] == counts["joiners"] == len(segment_emails(rows))
+        assert counts["accepted"] == len(sim.people()) <= 450
+        statuses = [r["status"] for r in merges(sim)]
+        assert statuses.count(507) <= 16  # each sender met it once at most: no retries
+    finally:
+        sim.stop()
+
+
+def test_splitting_refused_merges_never_gets_the_app_banned(world, monkeypatch):
+    """Ortto refuses an address our validation allows (the simulator is told to): each refused merge is split to
+    find the person, 8 refused requests per person. Two such people make 16 within seconds; Ortto bans at 15 in
+    15 s; the client keeps below that."""
+    plausible = ortto_sim.plausible_email
+    monkeypatch.setattr(ortto_sim, "plausible_email", lambda v: plausible(v) and not str(v).startswith("zz"))
+    rows = [list(r) for r in sample_profiles(200, seed=36)]
+    for n in (5, 105):  # one in each merge
+        rows[n][COLUMN["PrimaryEmail"]] = f"zz{n}@example.com"
+    sim = start_ortto(world, rate=None)
+    try:
+        define(world, sim, ortto_definition("split", "field"))
+        world.snapshot([tuple(r) for r in rows])
+        report = world.run("split")
+        assert report["status"] == "partially succeeded"
+        assert report["counts"]["refused"] == 2 and report["counts"]["accepted"] == 198
+        assert sum(1 for r in sim.request_log() if r["status"] == 400) == 16
+        assert sim.state()["bans"] == 0
+        assert members(sim, "field") == segment_emails(rows) - {"zz5@example.com", "zz105@example.com"}
+    finally:
+        sim.stop()
