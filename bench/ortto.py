@@ -29,7 +29,7 @@ def ortto_tags(quick: bool) -> Result:
                      "hosts": 1, "host": COUNTED, "cores": os.cpu_count()}
     with BenchStack(result.name, sim_rate=RATE, ortto=True) as stack:
         result.inputs["PYTHON_THREADPOOL_THREAD_COUNT"] = stack.worker_threads
-        definition = export_doc("ortto", SEGMENT, "list")
+        definition = export_doc("ortto", SEGMENT, "list", max_profiles=2 * profiles)
         definition["fields"].pop("Company")  # not an Ortto person field
         stack.define(definition, rate=RATE)
         stack.snapshot(base_rows(profiles), SEGMENT, partitions_for(profiles))
