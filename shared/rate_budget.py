@@ -8,7 +8,8 @@ late takes the next free slot and no slot is lost to it. A sender a little late 
 moves the schedule booked after it on by its lateness beyond TOLERANCE: windows keep their span and only those
 milliseconds are lost, not a whole slot. A 429 pushes the next free time past its Retry-After, or
 past a hold of our own that starts short and doubles while 429s keep coming (`throttled`): every instance backs
-off at once, and sending resumes by itself afterwards.
+off at once (a slot booked before the 429 is not used during its hold, `held`), and sending resumes by itself
+afterwards.
 
 An instance remembers the entity as it last wrote it and tries its next update on that (one request instead of a
 read and a write); when another instance wrote since, the update fails on its ETag and the entity is read again.
@@ -75,6 +76,7 @@ class RateBudget:
         self._owed, self._owed_lock = 0.0, threading.Lock()
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
         self._wrote, self._booking_since = float("-inf"), float("inf")  # its last write; since when it books
+        self._held_until = 0.0  # the end of the last 429 hold this instance knows of (`held`)
 
     def movable(self, slot: float) -> bool:
         """Whether a request late for `slot` may still be sent (see LATE_MOST): a high rate, this instance booking
@@ -82,6 +84,11 @@ class RateBudget:
         last, now = self._last, self.clock()
         return (self.interval <= LATE_INTERVAL and last is not None and now - self._booking_since >= WATCHED_FOR
                 and now - self._contended > ALONE_FOR and last[0]["next"] - slot < MOVABLE)
+
+    def held(self, slot: float) -> bool:
+        """Whether a 429 that came after `slot` was booked holds senders past it: a slot booked before the 429
+        is not used during its hold (the API asked everyone to wait, Ortto's try-in-seconds at least)."""
+        return slot < self._held_until
 
     def owe(self, seconds: float) -> None:
         """A request left `seconds` later than its slot allowed: this instance's next reservation starts that late."""
@@ -97,6 +104,7 @@ class RateBudget:
         Raises Deferred, taking nothing, if that is more than `max_wait` seconds away."""
         while True:
             entity, etag = self._known()
+            self._held_until = max(self._held_until, float(entity.get("held", 0.0)))  # another instance's 429
             now, owed = self.clock(), self._owed
             start = max(entity["next"] + owed, now + ahead)
             if max_wait is not None and start - now > max_wait:
@@ -133,8 +141,10 @@ class RateBudget:
                 strikes = strikes + 1 if now - struck < _hold(strikes) + STRIKES_KEPT else 1
                 struck = now
             until = now + (_hold(strikes) if retry_after is None else retry_after)
-            entity.update(next=max(entity["next"], until), strikes=strikes, struck=struck)
+            held = max(float(entity.get("held", 0.0)), until)
+            entity.update(next=max(entity["next"], until), strikes=strikes, struck=struck, held=held)
             if self._write(entity, etag):
+                self._held_until = max(self._held_until, held)
                 return entity["next"]
 
     def _known(self) -> tuple[dict, str | None]:
@@ -197,6 +207,8 @@ class Pacer:
             wait = slot - self.budget.clock()
             if wait > 0:
                 time.sleep(wait)
+            if self.budget.held(slot):  # a 429 came while it slept: take a slot after the hold
+                continue
             late = self.budget.clock() - slot
             if late <= TOLERANCE or (late <= LATE_MOST and self.budget.movable(slot)):
                 if late > TOLERANCE:

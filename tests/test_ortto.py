@@ -213,3 +213,17 @@ def test_splitting_refused_merges_never_gets_the_app_banned(world, monkeypatch):
         assert members(sim, "field") == segment_emails(rows) - {"zz5@example.com", "zz105@example.com"}
     finally:
         sim.stop()
+
+
+def test_a_429_holds_every_sender_for_its_try_in_seconds(world):
+    sim = start_ortto(world, rate=None, faults=Faults(burst_rate=0.3, burst_length=1), try_in_seconds=2)
+    try:
+        define(world, sim, ortto_definition("hold", "field"), rate=4)
+        world.snapshot(list(sample_profiles(800, seed=37)))
+        assert world.run("hold")["status"] == "succeeded"
+        log = [r for r in sim.request_log() if r["path"].startswith("/v1/person/")]
+        holds = [(r["t"], nxt["t"]) for r, nxt in zip(log, log[1:]) if r["status"] == 429]
+        assert holds, "the seeded bursts gave no 429"
+        assert all(after - at >= 1.9 for at, after in holds), holds  # 0.25 s apart otherwise
+    finally:
+        sim.stop()

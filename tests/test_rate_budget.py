@@ -200,6 +200,27 @@ def test_a_429_holds_every_client_off_and_sending_recovers(storage_connection, b
     assert other.reserve(1) == pytest.approx(first + 2 * budget.interval)
 
 
+def test_a_slot_booked_before_a_429_is_not_used_during_its_hold_on_any_instance(budget):
+    other = RateBudget(budget.table, RATE)
+    booked = [budget.take(0.3, 5.0), other.reserve(1)]  # both booked before the 429, in what becomes its hold
+    until = other.throttled(retry_after=0.6)
+    assert not budget.held(booked[0])  # this instance has not heard of it yet ...
+    budget.reserve(1)  # ... until its next booking meets the other instance's write
+    assert all(budget.held(slot) and other.held(slot) for slot in booked)
+    assert not budget.held(until + 0.01)
+
+
+def test_a_sender_asleep_on_its_slot_when_a_429_comes_waits_for_the_hold(budget):
+    budget.reserve(6)  # the next free slot is 0.3 s away: a sender books it and sleeps
+    sent: list[float] = []
+    sender = threading.Thread(target=lambda: sent.extend(_send_times(Pacer(budget, 5.0), 1)))
+    sender.start()
+    time.sleep(0.1)
+    until = budget.throttled(retry_after=0.6)
+    sender.join(5)
+    assert sent and sent[0] >= until - 0.005  # not at its slot, 0.2 s later, inside the hold
+
+
 class Clock:
     def __init__(self):
         self.now = 1_000_000.0
@@ -247,7 +268,7 @@ def test_a_slot_further_away_than_the_wait_allowed_defers_and_takes_nothing(budg
 def test_retry_after_is_read_as_seconds_or_as_an_http_date(header, low, high):
     from email.utils import formatdate
 
-    from shared.autopilot_client import retry_after
+    from shared.api_client import retry_after
 
     if header == "in-the-future":
         header = formatdate(time.time() + 10, usegmt=True)
