@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from itertools import pairwise
 
 import pytest
 
@@ -222,7 +223,7 @@ def test_a_429_holds_every_sender_for_its_try_in_seconds(world):
         world.snapshot(list(sample_profiles(800, seed=37)))
         assert world.run("hold")["status"] == "succeeded"
         log = [r for r in sim.request_log() if r["path"].startswith("/v1/person/")]
-        holds = [(r["t"], nxt["t"]) for r, nxt in zip(log, log[1:]) if r["status"] == 429]
+        holds = [(r["t"], nxt["t"]) for r, nxt in pairwise(log) if r["status"] == 429]
         assert holds, "the seeded bursts gave no 429"
         assert all(after - at >= 1.9 for at, after in holds), holds  # 0.25 s apart otherwise
     finally:
