@@ -184,10 +184,10 @@ class BenchStack:
         if self.stack is not None:
             self.stack.stop()
 
-    def settings(self, rate: float) -> dict[str, str]:
+    def settings(self, rate: float, **overrides: str) -> dict[str, str]:
         """The app settings of a host on this stack, spending `rate` requests per second, with the Azure worker's
         thread count (PYTHON_THREADPOOL_THREAD_COUNT, as infra/ sets it) for the local host's worker pool."""
-        values = self.stack.settings(None, AUTOPILOT_REQUESTS_PER_SECOND=f"{rate:g}")
+        values = self.stack.settings(None, AUTOPILOT_REQUESTS_PER_SECOND=f"{rate:g}", **overrides)
         values.setdefault(THREADS, str(WORKER_THREADS))
         return values
 
@@ -196,10 +196,13 @@ class BenchStack:
         """The thread count every host of this stack runs its invocations on."""
         return int(self.settings(1.0)[THREADS])
 
-    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = ()) -> Host:
-        """Start one more host process (real host.json queue options) and wait until it serves HTTP."""
+    def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = (),
+             **settings: str) -> Host:
+        """Start one more host process (real host.json queue options, `settings` over the stack's app settings) and
+        wait until it serves HTTP."""
         self._host_count += 1
-        host = Host(self.out, f"host{self._host_count}", self.settings(rate), self.function_key, module, extra)
+        host = Host(self.out, f"host{self._host_count}", self.settings(rate, **settings), self.function_key, module,
+                    extra)
         self.hosts.append(host)
         host.start(r"local host listening on")
         return host

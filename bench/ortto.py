@@ -1,7 +1,8 @@
 """Ortto in tag mode (issue 17's targets): a first sync of 100,000 profiles at 30 requests/s (Ortto's Business
-plan), then a 1% churn of them. The Ortto simulator allows exactly the configured rate, which the connection's
-requestsPerSecond is set to. Same measures as bench/throughput.py: the ceiling is accepted requests / rate, and
-the ratio ceiling / wall what the app makes of the API's capacity."""
+plan), then a 1% churn of them; and the same first sync with a 4% rate margin. The Ortto simulator allows exactly
+the configured rate, which the connection's requestsPerSecond is set to, and answers a 429 with try-in-seconds 1
+(Ortto's documented example says 10). Same measures as bench/throughput.py: the ceiling is accepted requests /
+rate, and the ratio ceiling / wall what the app makes of the API's capacity."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from shared.planner import expected_requests
 
 RATE = 30.0
 SYNC = Case("tag mode, 30 r/s", RATE, 0.95)
+WIDE = Case("tag mode, 30 r/s, AUTOPILOT_RATE_MARGIN 0.04", RATE, 0.95)
 CHURN_S = 4.0
 SEGMENT = "OrttoSegment"
 
@@ -24,42 +26,50 @@ def ortto_tags(quick: bool) -> Result:
     profiles = 5_000 if quick else 100_000
     result = Result("ortto_tags", "Ortto, tag mode: first sync at 30 requests/s, then a 1% churn")
     churn = Churn.of(profiles)
-    result.inputs = {"platform": "ortto (tools.ortto_sim, its own process)", "membership": "list (a tag)",
-                     "profiles": profiles, "rate_rps": RATE, "simulator_rate_rps": RATE, "churn": churn.as_dict(),
-                     "hosts": 1, "host": COUNTED, "cores": os.cpu_count()}
+    result.inputs = {"platform": "ortto (tools.ortto_sim, its own process, try-in-seconds 1)",
+                     "membership": "list (a tag)", "profiles": profiles, "rate_rps": RATE, "simulator_rate_rps": RATE,
+                     "churn": churn.as_dict(), "hosts": 1, "host": COUNTED, "cores": os.cpu_count()}
     with BenchStack(result.name, sim_rate=RATE, ortto=True) as stack:
         result.inputs["PYTHON_THREADPOOL_THREAD_COUNT"] = stack.worker_threads
-        definition = export_doc("ortto", SEGMENT, "list", max_profiles=2 * profiles)
-        definition["fields"].pop("Company")  # not an Ortto person field
-        stack.define(definition, rate=RATE)
-        stack.snapshot(base_rows(profiles), SEGMENT, partitions_for(profiles))
-        host = stack.host(RATE, module=COUNTED)
-        say(f"ortto_tags: first sync of {profiles} profiles at {RATE:g} requests/s")
-        load = os.getloadavg()[0]
-        first = timed_run(stack, host, "ortto", timeout=2 * profiles / 100 / RATE + 300, poll=POLL)
-        _ratio_figures(result, first, SYNC)
-        result.add(f"{SYNC.label}: merges accepted", len(accepted(first.contact_requests)), "",
-                   f"= {profiles // 100}", len(accepted(first.contact_requests)) == profiles // 100)
-        time.sleep(1)
-        say(f"ortto_tags: churn {churn.as_dict()}")
-        stack.snapshot(churn.rows(), SEGMENT, partitions_for(profiles))
-        changed = timed_run(stack, host, "ortto", timeout=600)
-        took = changed.finished - changed.started
-        expected = expected_requests(True, churn.joins, churn.changes, churn.leaves)
-        sent = len(accepted(changed.contact_requests))
-        result.add("1% churn: run start → finished", took, "s", f"≤ {CHURN_S:g} s", took <= CHURN_S)
-        result.add("1% churn: merges accepted", sent, "", f"= formula ceil((j+c+l)/100) = {expected}",
-                   sent == expected)
-        result.add("1% churn: 429s received", throttled(changed.contact_requests))
-        people = stack.sim.people()
-        tagged = sum(1 for p in people.values() if "Bench ortto" in p["tags"])
-        members = profiles - churn.leaves + churn.joins
-        result.add("people tagged after the churn / segment size", f"{tagged} / {members}", "", "equal",
-                   tagged == members)
-        result.details["runs"] = {
-            "first_sync": {"runId": first.view["runId"], "counts": first.view["counts"],
-                           "timings": first.view["timings"]},
-            "churn": {"runId": changed.view["runId"], "counts": changed.view["counts"],
-                      "timings": changed.view["timings"]},
-            "load_average_1min": {"before": round(load, 2), "after": round(os.getloadavg()[0], 2)}}
+        host = _first_sync(result, stack, profiles, SYNC)
+        _churn(result, stack, host, profiles, churn)
+    with BenchStack(f"{result.name}-wide", sim_rate=RATE, ortto=True) as stack:
+        _first_sync(result, stack, profiles, WIDE, AUTOPILOT_RATE_MARGIN="0.04")
     return result
+
+
+def _first_sync(result: Result, stack: BenchStack, profiles: int, case: Case, **settings: str):
+    definition = export_doc("ortto", SEGMENT, "list", max_profiles=2 * profiles)
+    definition["fields"].pop("Company")  # not an Ortto person field
+    stack.define(definition, rate=RATE)
+    stack.snapshot(base_rows(profiles), SEGMENT, partitions_for(profiles))
+    host = stack.host(RATE, module=COUNTED, **settings)
+    say(f"ortto_tags: first sync of {profiles} profiles, {case.label}")
+    load = os.getloadavg()[0]
+    run = timed_run(stack, host, "ortto", timeout=2 * profiles / 100 / RATE + 300, poll=POLL)
+    _ratio_figures(result, run, case)
+    merges = len(accepted(run.contact_requests))
+    result.add(f"{case.label}: merges accepted", merges, "", f"= {profiles // 100}", merges == profiles // 100)
+    result.details.setdefault("runs", {})[case.label] = {
+        "runId": run.view["runId"], "counts": run.view["counts"], "timings": run.view["timings"],
+        "load_average_1min": {"before": round(load, 2), "after": round(os.getloadavg()[0], 2)}}
+    time.sleep(1)
+    return host
+
+
+def _churn(result: Result, stack: BenchStack, host, profiles: int, churn: Churn) -> None:
+    say(f"ortto_tags: churn {churn.as_dict()}")
+    stack.snapshot(churn.rows(), SEGMENT, partitions_for(profiles))
+    changed = timed_run(stack, host, "ortto", timeout=600)
+    took = changed.finished - changed.started
+    expected = expected_requests(True, churn.joins, churn.changes, churn.leaves)
+    sent = len(accepted(changed.contact_requests))
+    result.add("1% churn: run start → finished", took, "s", f"≤ {CHURN_S:g} s", took <= CHURN_S)
+    result.add("1% churn: merges accepted", sent, "", f"= formula ceil((j+c+l)/100) = {expected}", sent == expected)
+    result.add("1% churn: 429s received", throttled(changed.contact_requests))
+    tagged = sum(1 for p in stack.sim.people().values() if "Bench ortto" in p["tags"])
+    members = profiles - churn.leaves + churn.joins
+    result.add("people tagged after the churn / segment size", f"{tagged} / {members}", "", "equal",
+               tagged == members)
+    result.details["runs"]["1% churn"] = {"runId": changed.view["runId"], "counts": changed.view["counts"],
+                                          "timings": changed.view["timings"]}
