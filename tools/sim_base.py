@@ -471,9 +471,6 @@ def serve(sim: SimBase, state_dump: Path | None) -> int:
     """Run `sim` (not yet started) until SIGTERM/SIGINT, then write its state to `state_dump` if given."""
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before any thread starts, so all inherit the mask
-    # A request is stamped (and limited) when its handler thread runs; while another thread validates a merge, it
-    # would wait up to Python's 5 ms GIL switch interval for that: 1 ms keeps the stamp near the arrival.
-    sys.setswitchinterval(0.001)
     sim.start()
     try:
         print(f"{sim.NAME} listening on {sim.base_url}", flush=True)
