@@ -30,8 +30,8 @@ BAD_MOST = 7
 class BadRequests:
     """The times of the 400s this instance was answered by one account, to keep clear of Ortto's ban."""
 
-    def __init__(self, most: int = BAD_MOST, window: float = BAN_WINDOW):
-        self.most, self.window = most, window
+    def __init__(self):
+        self.most, self.window = BAD_MOST, BAN_WINDOW
         self._times: deque[float] = deque()
         self._lock = threading.Lock()
 

@@ -54,6 +54,11 @@ class RunEnded(Exception):
     """The run ended (superseded, failed) while it was planned: planning stops."""
 
 
+class TooManyRecords(Exception):
+    """A first sync's snapshot has more records than maxProfiles: it is not streamed (its valid profiles may still
+    fit; planning it whole finds out, and nothing was sent)."""
+
+
 class BudgetBooked(RuntimeError):
     """A list-mode run needs one request now (the list look-up), but other runs booked the budget far ahead."""
 
@@ -173,13 +178,16 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     ops = min(BULK_LIMIT, max(1, int(2 * budget.rate)))
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
-        streamed = target["firstSync"] and not dry_run and count_records(container, snapshot) <= export.max_profiles
+        streamed = target["firstSync"] and not dry_run
         if run.get("streaming") and not (streamed and snapshot.id == run.get("snapshot")):
             raise ExportDataError(STREAM_CUT_SHORT)  # its pages came from another snapshot: not planned again
         if streamed:
-            Stream(svc, export, run, planner, destination, rebuild, rlog).send(read_records(container, snapshot),
-                                                                               target)
-            return
+            try:
+                _stream(svc, export, run, planner, (destination, rebuild, target), container, snapshot, rlog)
+                return
+            except TooManyRecords:
+                planner.close()
+                planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
         with state.reading(destination) as acked:
             plan = planner.plan(read_records(container, snapshot), Snapshot.of(()) if rebuild else acked,
                                 force=force)
@@ -211,6 +219,22 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
         finish_if_complete(svc, run_id)
 
 
+def _stream(svc: Services, export: ExportDefinition, run: dict, planner: Planner, where: tuple, container,
+            snapshot, rlog) -> None:
+    """Send a first sync while it is planned. Its records are counted meanwhile, on a thread of their own: the
+    first page is queued only once they are known not to outnumber maxProfiles (a streamed run cannot take back
+    what it sent). A run planned again after its planning died streamed already: it was counted then."""
+    destination, rebuild, target = where
+    with ThreadPoolExecutor(1) as pool:
+        counted = pool.submit(lambda: 0 if run.get("streaming") else count_records(container, snapshot))
+        try:
+            Stream(svc, export, run, planner, destination, rebuild, rlog,
+                   fits=lambda: counted.result() <= export.max_profiles).send(read_records(container, snapshot),
+                                                                              target)
+        finally:
+            counted.cancel()  # (a count under way is waited for as the pool closes)
+
+
 class Stream:
     """A first sync sent while it is planned (Planner.first_sync): its run is running from its first page of
     batches; every page is kept and counted as it is written, queued by the window jobs as sending advances, and
@@ -218,9 +242,9 @@ class Stream:
     no state yet: the same pages); the windows already queued are not queued again."""
 
     def __init__(self, svc: Services, export: ExportDefinition, run: dict, planner: Planner, destination, rebuild,
-                 rlog):
+                 rlog, fits: Callable[[], bool] = lambda: True):
         self.svc, self.export, self.run, self.planner, self.rlog = svc, export, run, planner, rlog
-        self.destination, self.rebuild = destination, rebuild
+        self.destination, self.rebuild, self.fits = destination, rebuild, fits
         self.resumed = bool(run.get("streaming"))
         self.budget = svc.account(export.account).budget
         # Planning shares the instance's cores with the senders: it keeps about STREAM_AHEAD s of requests (two
@@ -259,6 +283,8 @@ class Stream:
                 raise RunEnded(run_id)  # cancelled or superseded: planning stops
             self._keep_pace(count)
             return
+        if not self.fits():
+            raise TooManyRecords(run_id)  # (nothing is queued yet: the run is still planning)
         if not svc.records.advance(run_id, ("planning", "running"), status="running", streaming=True,
                                    list_id=list_id, rebuild_state=self.rebuild, pages=1, planned_at=utcnow()):
             raise RunEnded(run_id)

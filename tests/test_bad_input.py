@@ -200,6 +200,20 @@ def test_more_valid_profiles_than_max_profiles_sends_nothing(case):
     _failed_run(case, "toomany", export, "12 valid profiles, more than its maxProfiles of 10", "nothing was sent")
 
 
+def test_a_first_sync_with_more_rows_than_max_profiles_but_fewer_valid_ones_is_sent_whole(case):
+    """Its records outnumber maxProfiles, so it is not sent while it is planned (the count comes while the first
+    page is planned, before anything is queued); planned whole, its 10 valid profiles fit, and go."""
+    rows = [list(r) for r in sample_profiles(13)]
+    for row in rows[:3]:
+        row[COLUMN["PrimaryEmail"]] = "not-an-email"
+    case.world.define(case.export("fits", [tuple(r) for r in rows], maxProfiles=10))
+    view = case.run("fits")
+    assert view["status"] == "succeeded", view
+    assert (view["counts"]["valid"], view["counts"]["rejected"], view["counts"]["accepted"]) == (10, 3, 10)
+    assert not view["plan"].get("streamed")
+    case.no_function_failed()
+
+
 def test_connection_setting_that_does_not_exist_fails_the_run_naming_it(case):
     export = case.export("noconn", list(sample_profiles(3)))
     export["source"]["connection"] = "CUSTOMER_STORAGE"

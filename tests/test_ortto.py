@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
+import subprocess
+import sys
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 
+from shared import ortto_client
 from tests.support import COLUMN, close_world, definition, open_world
 from tests.test_incremental import expected_diff, segment_emails, snapshots
 from tools import ortto_sim
-from tools.generate_export import sample_profiles
-from tools.ortto_sim import Faults, OrttoSim
+from tools.generate_export import sample_profiles, write_export
+from tools.ortto_sim import Faults, OrttoSim, OrttoSimProcess
 
 SECRET = "ortto-api-key"
 TAG = "High value"
@@ -175,7 +180,8 @@ def test_chaos_ends_with_exactly_the_segment_and_no_ban(membership):
         close_world(world)
 
 
-def test_the_contact_limit_stops_the_run_saying_so_and_nothing_is_lost(world):
+def test_the_contact_limit_stops_the_run_saying_so_and_nothing_is_lost():
+    world = open_world(settings={"AUTOPILOT_TIMEOUT_SECONDS": "2"})  # the stopped run ends that much sooner
     rows = list(sample_profiles(1000, seed=35))
     sim = start_ortto(world, rate=None, contact_limit=450)
     try:
@@ -191,14 +197,17 @@ def test_the_contact_limit_stops_the_run_saying_so_and_nothing_is_lost(world):
         assert statuses.count(507) <= 16  # each sender met it once at most: no retries
     finally:
         sim.stop()
+        close_world(world)
 
 
 def test_splitting_refused_merges_never_gets_the_app_banned(world, monkeypatch):
     """Ortto refuses an address our validation allows (the simulator is told to): each refused merge is split to
     find the person, 8 refused requests per person. Two such people make 16 within seconds; Ortto bans at 15 in
-    15 s; the client keeps below that."""
+    15 s (3 s here, on both sides, to keep the test short); the client keeps below that."""
     plausible = ortto_sim.plausible_email
     monkeypatch.setattr(ortto_sim, "plausible_email", lambda v: plausible(v) and not str(v).startswith("zz"))
+    monkeypatch.setattr(OrttoSim, "BAN_WINDOW", 3.0)
+    monkeypatch.setattr(ortto_client, "BAN_WINDOW", 3.0)
     rows = [list(r) for r in sample_profiles(200, seed=36)]
     for n in (5, 105):  # one in each merge
         rows[n][COLUMN["PrimaryEmail"]] = f"zz{n}@example.com"
@@ -226,5 +235,30 @@ def test_a_429_holds_every_sender_for_its_try_in_seconds(world):
         holds = [(r["t"], nxt["t"]) for r, nxt in pairwise(log) if r["status"] == 429]
         assert holds, "the seeded bursts gave no 429"
         assert all(after - at >= 1.9 for at, after in holds), holds  # 0.25 s apart otherwise
+    finally:
+        sim.stop()
+
+
+def test_local_run_sends_to_an_ortto_connection_through_its_base_url(tmp_path):
+    rows = list(sample_profiles(250, seed=38))
+    write_export(tmp_path / "export", rows, time="2026-03-02T04:15:00Z")
+    key = secrets.token_hex(16)
+    sim = OrttoSimProcess(key, rate=20).start()
+    try:
+        export = ortto_definition("seg", "list")
+        connection = {"name": "ortto", "platform": "ortto", "secretName": SECRET, "baseUrl": sim.base_url,
+                      "requestsPerSecond": 20}
+        (tmp_path / "exports.json").write_text(json.dumps({"connections": [connection], "exports": [export]}))
+        (tmp_path / "keys.json").write_text(json.dumps({SECRET: key}))
+        argv = ["--export-dir", str(tmp_path / "export"), "--exports-config", str(tmp_path / "exports.json"),
+                "--export", "seg", "--secrets-file", str(tmp_path / "keys.json"), "--report", str(tmp_path / "r.json")]
+        env = {**os.environ, "AUTOPILOT_API_KEY": secrets.token_hex(16)}  # the default account's: unused
+        done = subprocess.run([sys.executable, "-m", "tools.local_run", *argv], env=env, capture_output=True,
+                              timeout=180, cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["status"] == "succeeded" and report["destination"]["connection"] == "ortto"
+        assert members(sim, "list") == segment_emails(rows)
+        assert len(merges(sim)) == report["plannedRequests"] == math.ceil(len(segment_emails(rows)) / 100)
     finally:
         sim.stop()
