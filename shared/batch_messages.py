@@ -121,9 +121,9 @@ FIELD_CHECKS = {  # field: (check, what it must be)
     "maybe_settled": (lambda v: isinstance(v, bool), "true or false"),
     "carry": (lambda v: isinstance(v, dict) and _is_int(v.get("accepted", 0))
               and all(isinstance(v.get(k, []), list) for k in ("refused", "failed"))
-              and _are_acks(v.get("acked", [])),
-              "an object with a whole 'accepted', lists 'refused' and 'failed', and 'acked' entries "
-              "[key, fingerprint, member, source]"),
+              and _are_acks(v.get("acked", [])) and _are_counts(v.get("results", {})),
+              "an object with a whole 'accepted', lists 'refused' and 'failed', 'acked' entries "
+              "[key, fingerprint, member, source], and 'results' counts"),
 }
 
 
@@ -131,6 +131,10 @@ def _are_acks(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(a, list) and len(a) in (3, 4) and isinstance(a[0], str) and isinstance(a[1], str)
         and isinstance(a[2], bool) and all(isinstance(s, str) for s in a[3:]) for a in value)
+
+
+def _are_counts(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_int(n) for k, n in value.items())
 
 
 def _field_type_problems(data: dict):

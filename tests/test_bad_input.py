@@ -557,6 +557,7 @@ TYPE_ERRORS = {
     "batch number as text": {"batch": "7"},
     "run id as a number": {"run": 20260302},
     "carry as a list": {"carry": []},
+    "carried results that are not counts": {"carry": {"results": {"created": "many"}}},
     "attempt as text": {"attempt": "1"},
 }
 
