@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (export_config checks definitions with this module: no import cycle at run time)
@@ -75,8 +76,7 @@ def value_problem(kind: str, value) -> str | None:
         most = STRING_MAX if kind == "string" else TEXT_MAX
         return f"has {len(value)} characters; Ortto's {kind} fields hold at most {most}" if len(value) > most else None
     if kind in ("integer", "float"):
-        sent = round(value * DECIMAL_SCALE) if kind == "float" else value
-        return f"is beyond Ortto's number range (±{INT64_MAX})" if abs(sent) > INT64_MAX else None
+        return f"is beyond Ortto's number range (±{INT64_MAX})" if abs(_number(kind, value)) > INT64_MAX else None
     return None
 
 
@@ -87,14 +87,26 @@ def person(document: dict, member: bool, tag: str | None) -> dict:
     for key, value in document.items():
         if key == "custom":
             for typed, custom in value.items():
-                kind, _, words = typed.partition("--")
-                fields[f"{PREFIX[kind]}:cm:{kebab(words)}"] = _custom_value(kind, custom)
+                kind, ident = _custom_id(typed)
+                fields[ident] = _custom_value(kind, custom)
         else:
             fields[STANDARD[key]] = _standard_value(STANDARD[key], value)
     found = {"fields": fields}
     if tag:
         found["tags" if member else "unset_tags"] = [tag]
     return found
+
+
+@lru_cache(maxsize=1024)
+def _custom_id(typed: str) -> tuple[str, str]:
+    """A planned custom key (`float--Lifetime--Value`) as its type and Ortto id; cached: it is met per person."""
+    kind, _, words = typed.partition("--")
+    return kind, f"{PREFIX[kind]}:cm:{kebab(words)}"
+
+
+def _number(kind: str, value):
+    """A number as Ortto keeps it: a decimal multiplied by DECIMAL_SCALE and rounded."""
+    return round(value * DECIMAL_SCALE) if kind == "float" else value
 
 
 def _standard_value(ident: str, value: str):
@@ -106,8 +118,8 @@ def _standard_value(ident: str, value: str):
 
 
 def _custom_value(kind: str, value):
-    if kind == "float":
-        return round(value * DECIMAL_SCALE)
+    if kind in ("integer", "float"):
+        return _number(kind, value)
     if kind == "date":
         return dtz(value)
     return value
