@@ -14,8 +14,12 @@ class AutopilotClient(ApiClient):
 
     def prepare(self, export: ExportDefinition, pace: Pace = no_pace) -> str:
         """What a run's messages name as their target: the list's id in list mode (found or created); field mode
-        needs nothing (Autopilot creates a custom field on its first write)."""
-        return self.resolve_list(export.list, pace) if export.membership == "list" else ""
+        needs nothing (Autopilot creates a custom field on its first write), but its key is read: a missing key
+        fails the run before anything is queued, and the first sender finds it cached."""
+        if export.membership == "list":
+            return self.resolve_list(export.list, pace)
+        self.api_key.get()
+        return ""
 
     def merge(self, items: list[dict], target: str | None, pace: Pace = no_pace) -> list[tuple[str, str, str]]:
         """Upsert a batch's contacts in one call: (outcome, reason, result) per item, in order."""

@@ -398,8 +398,24 @@ def read_records(container: ContainerClient, snapshot: Snapshot) -> Iterator[Rec
 
 def count_records(container: ContainerClient, snapshot: Snapshot) -> int:
     """The snapshot's data records, told apart as planning does but not parsed (announced header rows left out):
-    at least as many as its valid profiles. A streamed first sync checks maxProfiles with it before it sends."""
+    at least as many as its valid profiles."""
     return sum(sum(map(len, records)) - records.settings.headers for records in read_records(container, snapshot))
+
+
+def records_fit(container: ContainerClient, snapshot: Snapshot, most: int) -> bool:
+    """Whether the snapshot holds at most `most` data records, so at most that many valid profiles: a streamed
+    first sync checks maxProfiles with it before it sends. A partition has at most one record more than its line
+    break bytes (a quoted value may hold more breaks), and counting those costs a fraction of telling the records
+    apart: only a snapshot whose breaks exceed `most` (or in an encoding without the byte) is counted record by
+    record."""
+    breaks = 0
+    for partition in snapshot.partitions:
+        if b"\n" not in "\n".encode(partition.settings.encoding):
+            return count_records(container, snapshot) <= most
+        breaks += 1 + sum(chunk.count(b"\n") for chunk in _blob_chunks(container, partition))
+        if breaks > most:
+            return count_records(container, snapshot) <= most
+    return True
 
 
 def read_rows(container: ContainerClient, snapshot: Snapshot) -> Iterator[Row | BadRow]:

@@ -180,7 +180,7 @@ class Planner:
         """A first sync (no acknowledged state) planned as it is read: every profile joins and the first row of a
         key wins, so a row is final once stored and its batch can go at once. `plan.batches()` reads the segment
         (once); plan.counts and plan.requests are complete when it ends. maxProfiles is the caller's to check
-        first (cdm_reader.count_records): a streamed run cannot take back what it sent."""
+        first (cdm_reader.records_fit): a streamed run cannot take back what it sent."""
         plan = Plan(rejections_file=self.rejections_path)
         plan.batches = lambda: self._batches_of(self._streamed(partitions, plan), (), ())
         return plan

@@ -21,7 +21,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from shared import cancels, signals
 from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage
-from shared.cdm_reader import ExportDataError, count_records, find_snapshot, read_records
+from shared.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
@@ -226,13 +226,12 @@ def _stream(svc: Services, export: ExportDefinition, run: dict, planner: Planner
     what it sent). A run planned again after its planning died streamed already: it was counted then."""
     destination, rebuild, target = where
     with ThreadPoolExecutor(1) as pool:
-        counted = pool.submit(lambda: 0 if run.get("streaming") else count_records(container, snapshot))
+        fits = pool.submit(lambda: bool(run.get("streaming")) or records_fit(container, snapshot, export.max_profiles))
         try:
-            Stream(svc, export, run, planner, destination, rebuild, rlog,
-                   fits=lambda: counted.result() <= export.max_profiles).send(read_records(container, snapshot),
-                                                                              target)
+            Stream(svc, export, run, planner, destination, rebuild, rlog, fits=fits.result).send(
+                read_records(container, snapshot), target)
         finally:
-            counted.cancel()  # (a count under way is waited for as the pool closes)
+            fits.cancel()  # (a count under way is waited for as the pool closes)
 
 
 class Stream:

@@ -23,6 +23,7 @@ from shared.cdm_reader import (
     find_snapshot,
     parse_partition,
     read_rows,
+    records_fit,
 )
 from tools.generate_export import ENVIRONMENT, STANDARD_COLUMNS, CsvFormat, csv_bytes, sample_profiles, write_export
 
@@ -124,6 +125,25 @@ def test_the_record_count_is_the_row_count_with_line_breaks_inside_values(contai
     write_export(container, profiles, partitions=3, time="2026-03-02T04:15:00Z", fmt=CsvFormat(header=True))
     assert any("\n" in value for row in profiles for value in row)
     assert count_records(container, find_snapshot(container, "", SEGMENT)) == 250
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_records_fit_a_limit_exactly_when_the_record_count_does(container, fmt):
+    write_export(container, TRICKY, columns=COLUMNS, partitions=2, time="2026-03-02T04:15:00Z", fmt=fmt)
+    snapshot = find_snapshot(container, "", SEGMENT)
+    counted = count_records(container, snapshot)
+    assert records_fit(container, snapshot, counted) and not records_fit(container, snapshot, counted - 1)
+
+
+def test_records_fit_far_under_the_limit_without_telling_records_apart(container, monkeypatch):
+    """The line breaks are counted, not the records (about 15 times cheaper): only a snapshot near the limit is
+    counted record by record, and line breaks inside values then do not make it look bigger than it is."""
+    profiles = list(sample_profiles(250, seed=4))
+    write_export(container, profiles, partitions=3, time="2026-03-02T04:15:00Z", fmt=CsvFormat(header=True))
+    snapshot = find_snapshot(container, "", SEGMENT)
+    assert records_fit(container, snapshot, 250)  # more line breaks than 250: told apart, and 250 records fit
+    monkeypatch.setattr(cdm_reader, "count_records", lambda *args: pytest.fail("records told apart"))
+    assert records_fit(container, snapshot, 1000)
 
 
 def test_quote_style_none_ends_a_row_at_every_line_break_and_keeps_quotes(container):

@@ -86,7 +86,7 @@ def test_options_come_from_host_json():
     assert options.max_dequeue_count == 5
     assert options.batch_size == 16
     assert options.new_batch_threshold == 24
-    assert options.max_polling_interval == 0.25
+    assert options.max_polling_interval == 0.1
 
 
 def test_host_json_polls_often_enough_for_the_rate_budgets_lead():
