@@ -1,15 +1,18 @@
 """What the destinations' REST clients share: one pooled `requests` session, timeouts, the key read again on a
 401, and errors the sender can act on. Pacing is the caller's: every request first calls `pace()`, which waits
-for a slot of the connection's shared budget."""
+for a slot of the connection's shared budget, and `pace.left(at)` once it has been written."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+from typing import Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from shared.contacts import mask_emails_in
 from shared.secrets import ApiKeyProvider
@@ -46,11 +49,47 @@ class ContactLimit(ApiError):
     """The account holds as many people as its plan allows (Ortto's 507): no retry can succeed."""
 
 
-def no_pace() -> None:
-    return None
+class Pace(Protocol):
+    """Waits for a request's slot (the call), then learns when the request was written (`left`)."""
+
+    def __call__(self) -> None: ...
+
+    def left(self, at: float) -> None: ...
 
 
-Pace = Callable[[], None]
+class _NoPace:
+    def __call__(self) -> None:
+        return None
+
+    def left(self, at: float) -> None:
+        return None
+
+
+no_pace: Pace = _NoPace()
+
+
+class _Written(threading.local):
+    at: float | None = None  # when the current thread's connection last finished writing a request
+
+
+_written = _Written()
+
+
+class _TimedConnection:
+    """Notes when a request has been written: the time that counts toward the API's rate window, after work the
+    pacer cannot see (the request's headers and body written, the thread switched out between them)."""
+
+    def request(self, *args, **kwargs) -> None:
+        super().request(*args, **kwargs)
+        _written.at = time.time()
+
+
+class _TimedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = type("TimedHTTPConnection", (_TimedConnection, HTTPConnection), {})
+
+
+class _TimedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = type("TimedHTTPSConnection", (_TimedConnection, HTTPSConnection), {})
 
 
 class ApiClient:
@@ -67,6 +106,7 @@ class ApiClient:
         self.session = requests.Session()
         self.session.trust_env = False  # no .netrc or proxy look-up on every request
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        adapter.poolmanager.pool_classes_by_scheme = {"http": _TimedHTTPPool, "https": _TimedHTTPSPool}
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -88,12 +128,16 @@ class ApiClient:
                                                                 headers=headers))
         pace()
         shown = f"{method} {mask_emails_in(path)}"  # Autopilot's list membership paths hold the address
+        _written.at = None
         try:
             return self.session.send(request, timeout=self.timeout)
         except requests.Timeout:
             raise Transient(None, f"{shown} timed out (the write may have been applied)") from None
         except requests.ConnectionError as exc:
             raise Transient(None, f"{shown}: connection failed ({type(exc).__name__})") from None
+        finally:
+            if _written.at is not None:
+                pace.left(_written.at)
 
     def _result(self, response: requests.Response) -> dict:
         status = response.status_code

@@ -197,6 +197,7 @@ class Pacer:
         self.go_on = go_on
         self.sent = 0  # requests let go: each takes its slot right before it is sent
         self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
+        self._owed_from = 0.0  # the last request's lateness from this time on is not owed yet (`left`)
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
@@ -213,8 +214,17 @@ class Pacer:
             if late <= TOLERANCE or (late <= LATE_MOST and self.budget.movable(slot)):
                 if late > TOLERANCE:
                     self.budget.owe(late - TOLERANCE)
+                self._owed_from = max(slot + TOLERANCE, self.budget.clock())
                 self.sent += 1
                 return
             # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
             # next request); take the next free one, further ahead so as to be on time for it.
             self._lead = min(0.5, 2 * self._lead)
+
+    def left(self, at: float) -> None:
+        """The request let go last was written at `at`: its lateness past the tolerance that the check before it
+        did not see (the write itself, the thread switched out on the way) is owed too, so the window from it to
+        the N-th request after it keeps its span wherever the delay came from."""
+        if at > self._owed_from:
+            self.budget.owe(at - self._owed_from)
+            self._owed_from = at

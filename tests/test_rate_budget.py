@@ -109,6 +109,72 @@ def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(b
     assert budget.reserve(1) == pytest.approx(following + budget.interval)  # owed once, not again
 
 
+def test_a_request_written_late_moves_the_schedule_after_it_on_by_what_its_check_did_not_see(budget, monkeypatch):
+    """The slot is checked before the request is written; a thread switched out on the way (a busy host) delays the
+    write past the check: that lateness beyond the tolerance is owed too, once."""
+    slots, take = [], budget.take
+    monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    pacer = Pacer(budget, max_wait=5)
+    pacer()
+    booked = slots[0] + budget.interval  # where the schedule stood after it
+    pacer.left(slots[0] + TOLERANCE - 0.002)  # written within the tolerance: nothing owed
+    assert budget.reserve(1) == pytest.approx(booked)
+    pacer()
+    booked = slots[1] + budget.interval
+    pacer.left(slots[1] + TOLERANCE + 0.03)
+    pacer.left(slots[1] + TOLERANCE + 0.03)  # (told twice: owed once)
+    following = budget.reserve(1)
+    assert following == pytest.approx(booked + 0.03, abs=0.001)
+    assert budget.reserve(1) == pytest.approx(following + budget.interval)
+
+
+def test_the_client_tells_its_pace_when_a_request_was_written_not_when_it_was_answered():
+    """ApiClient reports the moment the request left (what the API's rate window counts), before the answer."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from shared.api_client import ApiClient
+
+    class SlowAnswer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.3)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    class Key:
+        def get(self):
+            return "k"
+
+    class Told:
+        def __init__(self):
+            self.paced, self.written = [], []
+
+        def __call__(self):
+            self.paced.append(time.time())
+
+        def left(self, at):
+            self.written.append(at)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = type("Client", (ApiClient,), {"KEY_HEADER": "X-Api-Key"})(f"http://127.0.0.1:{server.server_address[1]}",
+                                                                        Key())
+    told = Told()
+    try:
+        client.call("POST", "/x", {"people": ["a"] * 1000}, told)
+        answered = time.time()
+    finally:
+        client.close()
+        server.shutdown()
+    assert len(told.paced) == 1 and len(told.written) == 1
+    assert told.paced[0] <= told.written[0] <= told.paced[0] + 0.1 and answered - told.written[0] >= 0.25
+
+
 def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch, watched):
     real_sleep, slots = time.sleep, []
     pacer = Pacer(budget, max_wait=5)
