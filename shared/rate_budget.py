@@ -35,14 +35,15 @@ from shared.combiner import Combiner
 MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that
-# much beyond TOLERANCE later (`owe`): the window from the late request to the N-th after it keeps its span, since
-# this instance books that one after the shift. So a late sender only sends when slots are at most LATE_INTERVAL
-# apart (at lower rates N is a handful of slots, which other senders may have booked already, and a sender is rarely
-# late), this instance books alone (it has been booking for WATCHED_FOR s, with no pause over IDLE_GAP, and no other
-# instance's write came between its own for ALONE_FOR s: the shift lives in this instance until it next books; when
-# several instances start a run together, none knows of the others before its first refused write), and the
-# schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes unused. On a loaded 2-core
-# machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
+# much beyond TOLERANCE later (`owe`), and so do the slots it booked already after the late one (`moved`): the
+# window from the late request to the N-th after it keeps its span. So a late sender only sends when slots are at
+# most LATE_INTERVAL apart (at lower rates N is a handful of slots, which other instances may have booked already,
+# and a sender is rarely late), this instance books alone (it has been booking for WATCHED_FOR s, with no pause
+# over IDLE_GAP, and no other instance's write came between its own for ALONE_FOR s: the shift lives in this
+# instance until it next books; when several instances start a run together, none knows of the others before its
+# first refused write), and the schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes
+# unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now
+# about 5 ms.
 LATE_MOST, LATE_INTERVAL, MOVABLE = 0.02, 0.1, 0.5
 ALONE_FOR, WATCHED_FOR, IDLE_GAP = 10.0, 3.0, 1.0
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
@@ -74,6 +75,10 @@ class RateBudget:
         # The senders of one instance that want a slot at the same moment share one budget write (`take`).
         self._takers: Combiner[tuple[float, float], float] = Combiner(self._reserve_for)
         self._owed, self._owed_lock = 0.0, threading.Lock()
+        # (after, until, seconds): slots of this instance booked before a lateness was owed, after the late request
+        # and before `until`, wait that much longer too (`moved`); `_booked_until` ends its last written schedule.
+        self._moves: list[tuple[float, float, float]] = []
+        self._booked_until = 0.0
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
         self._wrote, self._booking_since = float("-inf"), float("inf")  # its last write; since when it books
         self._held_until = 0.0  # the end of the last 429 hold this instance knows of (`held`)
@@ -90,10 +95,23 @@ class RateBudget:
         is not used during its hold (the API asked everyone to wait, Ortto's try-in-seconds at least)."""
         return slot < self._held_until
 
-    def owe(self, seconds: float) -> None:
-        """A request left `seconds` later than its slot allowed: this instance's next reservation starts that late."""
+    def owe(self, seconds: float, after: float) -> None:
+        """The request of slot `after` left `seconds` later than it allowed: this instance's next reservation starts
+        that late, and so do the slots it booked already after that one (other senders asleep on them), unless
+        another instance books too (its slots between them do not move)."""
         with self._owed_lock:
             self._owed += seconds
+            self._move(after, self._booked_until, seconds)
+
+    def moved(self, booked: float) -> float:
+        """How much later than booked the slot booked at `booked` by this instance is to be used (`owe`)."""
+        with self._owed_lock:
+            return sum(seconds for after, until, seconds in self._moves if after < booked < until)
+
+    def _move(self, after: float, until: float, seconds: float) -> None:
+        now = self.clock()
+        if seconds > 0 and now - self._contended > ALONE_FOR:
+            self._moves = [move for move in self._moves if move[1] > now - IDLE_GAP] + [(after, until, seconds)]
 
     @property
     def interval(self) -> float:
@@ -113,6 +131,8 @@ class RateBudget:
             if self._write(entity, etag):
                 with self._owed_lock:
                     self._owed -= owed
+                    self._move(start - self.interval, entity["next"], self._owed)  # owed while it was written
+                    self._booked_until = entity["next"]
                 return start
 
     def take(self, ahead: float, max_wait: float) -> float:
@@ -197,24 +217,22 @@ class Pacer:
         self.go_on = go_on
         self.sent = 0  # requests let go: each takes its slot right before it is sent
         self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
-        self._owed_from = 0.0  # the last request's lateness from this time on is not owed yet (`left`)
+        self._booked, self._owed_from = 0.0, 0.0  # the last request's slot as booked; lateness past `_owed_from`
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
         if not self.go_on():
             raise Stopped
         while True:
-            slot = self.budget.take(self._lead, self.max_wait)
-            wait = slot - self.budget.clock()
-            if wait > 0:
-                time.sleep(wait)
+            booked = self.budget.take(self._lead, self.max_wait)
+            slot = self._wait(booked)
             if self.budget.held(slot):  # a 429 came while it slept: take a slot after the hold
                 continue
             late = self.budget.clock() - slot
             if late <= TOLERANCE or (late <= LATE_MOST and self.budget.movable(slot)):
                 if late > TOLERANCE:
-                    self.budget.owe(late - TOLERANCE)
-                self._owed_from = max(slot + TOLERANCE, self.budget.clock())
+                    self.budget.owe(late - TOLERANCE, after=booked)
+                self._booked, self._owed_from = booked, max(slot + TOLERANCE, self.budget.clock())
                 self.sent += 1
                 return
             # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
@@ -226,5 +244,14 @@ class Pacer:
         did not see (the write itself, the thread switched out on the way) is owed too, so the window from it to
         the N-th request after it keeps its span wherever the delay came from."""
         if at > self._owed_from:
-            self.budget.owe(at - self._owed_from)
+            self.budget.owe(at - self._owed_from, after=self._booked)
             self._owed_from = at
+
+    def _wait(self, booked: float) -> float:
+        """Sleep until the slot booked at `booked`, moved on by any lateness owed meanwhile; returns its time."""
+        while True:
+            slot = booked + self.budget.moved(booked)
+            wait = slot - self.budget.clock()
+            if wait <= 0:
+                return slot
+            time.sleep(wait)

@@ -128,6 +128,28 @@ def test_a_request_written_late_moves_the_schedule_after_it_on_by_what_its_check
     assert budget.reserve(1) == pytest.approx(following + budget.interval)
 
 
+def test_a_late_write_moves_the_slots_other_senders_booked_already_after_it(budget, monkeypatch):
+    """At low rates the next request's slot is often booked before the one ahead of it is written (two senders
+    waiting together): a late write moves that booked slot on too, so the pair keeps its spacing."""
+    slots, take = [], budget.take
+    monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
+    first, second = Pacer(budget, max_wait=5), Pacer(budget, max_wait=5)
+    budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
+    first()
+    sent: list[float] = []
+    budget.reserve(4)  # other senders' slots: the second sleeps long enough on its own for the late write below
+    waiting = threading.Thread(target=lambda: sent.extend(_send_times(second, 1)))  # books a slot and sleeps
+    waiting.start()
+    while len(slots) < 2:
+        time.sleep(0.001)
+    first.left(slots[0] + TOLERANCE + 0.03)  # its write was late, after the second booked
+    waiting.join(5)
+    assert budget.moved(slots[1]) == pytest.approx(0.03)
+    assert sent[0] - slots[1] >= 0.03 - 0.002  # sent that much later than booked: its spacing kept
+    assert budget.reserve(1) == pytest.approx(slots[1] + budget.interval + 0.03)  # and the schedule after them
+    assert budget.moved(slots[0]) == 0  # the late one itself is not moved
+
+
 def test_the_client_tells_its_pace_when_a_request_was_written_not_when_it_was_answered():
     """ApiClient reports the moment the request left (what the API's rate window counts), before the answer."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
