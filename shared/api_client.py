@@ -13,6 +13,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import HTTPError
 
 from shared.contacts import mask_emails_in
 from shared.secrets import ApiKeyProvider
@@ -121,11 +122,12 @@ class ApiClient:
         return self._result(response)
 
     def _send(self, method: str, path: str, body: dict | None, pace: Pace) -> requests.Response:
-        # Everything but the write is done before pacing (the key read, the JSON encoding): the request leaves
-        # as soon as its slot comes, never late for it because of work that could have been done earlier.
+        # Everything but the write is done before pacing (the key read, the JSON encoding, the connection): the
+        # request leaves as soon as its slot comes, never late for it because of work that could have been done.
         headers = {self.KEY_HEADER: self.api_key.get()}
         request = self.session.prepare_request(requests.Request(method, self.base_url + path, json=body,
                                                                 headers=headers))
+        self._connect_ahead(request)
         pace()
         shown = f"{method} {mask_emails_in(path)}"  # Autopilot's list membership paths hold the address
         _written.at = None
@@ -138,6 +140,21 @@ class ApiClient:
         finally:
             if _written.at is not None:
                 pace.left(_written.at)
+
+    def _connect_ahead(self, request: requests.PreparedRequest) -> None:
+        """Open the connection the request will take before its slot, not after it: a new connection costs the
+        API's round trips (TCP, then TLS), and spent after the slot they would make the request late, which the
+        pacer owes from the whole schedule after it. A failure here is left for the send to meet and report."""
+        pool = self.session.get_adapter(request.url).get_connection_with_tls_context(request, self.session.verify)
+        connection = pool._get_conn()  # the idle connection the send takes next (the pool is last in, first out)
+        try:
+            if connection.is_closed:
+                connection.timeout = CONNECT_TIMEOUT
+                connection.connect()
+        except (OSError, HTTPError):
+            connection.close()
+        finally:
+            pool._put_conn(connection)
 
     def _result(self, response: requests.Response) -> dict:
         status = response.status_code

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 
 import pytest
@@ -150,51 +151,80 @@ def test_a_late_write_moves_the_slots_other_senders_booked_already_after_it(budg
     assert budget.moved(slots[0]) == 0  # the late one itself is not moved
 
 
-def test_the_client_tells_its_pace_when_a_request_was_written_not_when_it_was_answered():
-    """ApiClient reports the moment the request left (what the API's rate window counts), before the answer."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class _SlowAnswer(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # connections kept open, as an API's are
 
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(0.3)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+class _Told:
+    """A pace that notes when each request asked for its slot and when it was written."""
+
+    def __init__(self):
+        self.paced, self.written = [], []
+
+    def __call__(self):
+        self.paced.append(time.time())
+
+    def left(self, at):
+        self.written.append(at)
+
+
+@pytest.fixture
+def slow_client():
+    """An ApiClient on a local server that answers 0.3 s after a request arrives."""
     from shared.api_client import ApiClient
-
-    class SlowAnswer(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(0.3)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
 
     class Key:
         def get(self):
             return "k"
 
-    class Told:
-        def __init__(self):
-            self.paced, self.written = [], []
-
-        def __call__(self):
-            self.paced.append(time.time())
-
-        def left(self, at):
-            self.written.append(at)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswer)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowAnswer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = type("Client", (ApiClient,), {"KEY_HEADER": "X-Api-Key"})(f"http://127.0.0.1:{server.server_address[1]}",
                                                                         Key())
-    told = Told()
-    try:
-        client.call("POST", "/x", {"people": ["a"] * 1000}, told)
-        answered = time.time()
-    finally:
-        client.close()
-        server.shutdown()
+    yield client
+    client.close()
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_client_tells_its_pace_when_a_request_was_written_not_when_it_was_answered(slow_client):
+    """ApiClient reports the moment the request left (what the API's rate window counts), before the answer."""
+    told = _Told()
+    slow_client.call("POST", "/x", {"people": ["a"] * 1000}, told)
+    answered = time.time()
     assert len(told.paced) == 1 and len(told.written) == 1
     assert told.paced[0] <= told.written[0] <= told.paced[0] + 0.1 and answered - told.written[0] >= 0.25
+
+
+def test_a_new_connection_is_opened_before_the_slot_not_after_it(slow_client, monkeypatch):
+    """Opening a connection costs the network's round trips (a TLS handshake: several): spent after the slot they
+    would make the request late, and its lateness would be owed from the whole schedule after it."""
+    from urllib3.connection import HTTPConnection
+
+    opened, open_connection = [], HTTPConnection._new_conn
+
+    def far_away(connection):  # the round trips to a distant API, which loopback does not have
+        time.sleep(0.2)
+        opened.append(time.time())
+        return open_connection(connection)
+
+    monkeypatch.setattr(HTTPConnection, "_new_conn", far_away)
+    told = _Told()
+    for _ in range(2):  # a new connection, then the same one again
+        slow_client.call("POST", "/x", {"people": ["a"]}, told)
+    assert len(opened) == 1 and opened[0] < told.paced[0]  # opened before the first asked for its slot
+    assert all(written - paced < 0.1 for paced, written in zip(told.paced, told.written, strict=True))
 
 
 def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch, watched):
