@@ -34,18 +34,19 @@ from shared.combiner import Combiner
 # The default of the app setting AUTOPILOT_RATE_MARGIN (settings.Settings.rate_margin).
 MARGIN = 0.025
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
-# A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that
-# much beyond TOLERANCE later (`owe`), and so do the slots it booked already after the late one (`moved`): the
-# window from the late request to the N-th after it keeps its span. So a late sender only sends when slots are at
-# most LATE_INTERVAL apart (at lower rates N is a handful of slots, which other instances may have booked already,
-# and a sender is rarely late), this instance books alone (it has been booking for WATCHED_FOR s, with no pause
-# over IDLE_GAP, and no other instance's write came between its own for ALONE_FOR s: the shift lives in this
-# instance until it next books; when several instances start a run together, none knows of the others before its
-# first refused write), and the schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes
-# unused. On a loaded 2-core machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now
-# about 5 ms.
+# A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that much
+# beyond TOLERANCE later (`owe`), and so do its slots booked already a second or more after the late one (`moved`): the
+# window from the late request to the N-th after it keeps its span. So a late sender only sends when slots are at most
+# LATE_INTERVAL apart (at lower rates N is a handful of slots, which other instances may have booked already, and a
+# sender is rarely late), this instance books alone (it has been booking for WATCHED_FOR s, with no pause over IDLE_GAP,
+# and no other instance's write came between its own for ALONE_FOR s: the shift lives in this instance until it next
+# books; when several instances start a run together, none knows of the others before its first refused write), and the
+# schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes unused. On a loaded 2-core
+# machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
 LATE_MOST, LATE_INTERVAL, MOVABLE = 0.02, 0.1, 0.5
 ALONE_FOR, WATCHED_FOR, IDLE_GAP = 10.0, 3.0, 1.0
+WINDOW = 1.0  # seconds: the API counts requests per second
+INF = float("inf")
 LEAD = 1.5  # messages become visible this long before their estimated turn, to absorb queue polling
 # After a 429 without Retry-After every sender waits HOLD_FIRST s, twice that after a 429 that follows within
 # STRIKES_KEPT s of the last one's hold, and so on up to HOLD_MOST. A lone 429 is most often our jitter against the
@@ -74,11 +75,8 @@ class RateBudget:
     def __post_init__(self):
         # The senders of one instance that want a slot at the same moment share one budget write (`take`).
         self._takers: Combiner[tuple[float, float], float] = Combiner(self._reserve_for)
-        self._owed, self._owed_lock = 0.0, threading.Lock()
-        # (after, until, seconds): slots of this instance booked before a lateness was owed, after the late request
-        # and before `until`, wait that much longer too (`moved`); `_booked_until` ends its last written schedule.
-        self._moves: list[tuple[float, float, float]] = []
-        self._booked_until = 0.0
+        self._late: list[_Lateness] = []  # what late requests owe (`owe`), and the slots it moves (`moved`)
+        self._late_lock = threading.Lock()
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
         self._wrote, self._booking_since = float("-inf"), float("inf")  # its last write; since when it books
         self._held_until = 0.0  # the end of the last 429 hold this instance knows of (`held`)
@@ -97,21 +95,17 @@ class RateBudget:
 
     def owe(self, seconds: float, after: float) -> None:
         """The request of slot `after` left `seconds` later than it allowed: this instance's next reservation starts
-        that late, and so do the slots it booked already after that one (other senders asleep on them), unless
-        another instance books too (its slots between them do not move)."""
-        with self._owed_lock:
-            self._owed += seconds
-            self._move(after, self._booked_until, seconds)
+        that late, and so do the slots it booked already a WINDOW or more after that one (other senders asleep on
+        them), unless another instance books too (its slots between them do not move)."""
+        with self._late_lock:
+            self._late.append(_Lateness(after, seconds, moves=self.clock() - self._contended > ALONE_FOR))
 
     def moved(self, booked: float) -> float:
-        """How much later than booked the slot booked at `booked` by this instance is to be used (`owe`)."""
-        with self._owed_lock:
-            return sum(seconds for after, until, seconds in self._moves if after < booked < until)
-
-    def _move(self, after: float, until: float, seconds: float) -> None:
-        now = self.clock()
-        if seconds > 0 and now - self._contended > ALONE_FOR:
-            self._moves = [move for move in self._moves if move[1] > now - IDLE_GAP] + [(after, until, seconds)]
+        """How much later than booked the slot booked at `booked` by this instance is to be used: by what the
+        requests a second or more before it owed after it was booked (those it shares a window with need not)."""
+        with self._late_lock:
+            return sum(late.seconds for late in self._late
+                       if late.moves and late.after + WINDOW <= booked < late.starts)
 
     @property
     def interval(self) -> float:
@@ -123,16 +117,19 @@ class RateBudget:
         while True:
             entity, etag = self._known()
             self._held_until = max(self._held_until, float(entity.get("held", 0.0)))  # another instance's 429
-            now, owed = self.clock(), self._owed
+            now = self.clock()
+            with self._late_lock:
+                owing = [late for late in self._late if late.starts == INF]
+            owed = sum(late.seconds for late in owing)
             start = max(entity["next"] + owed, now + ahead)
             if max_wait is not None and start - now > max_wait:
                 raise Deferred(start)
             entity["next"] = start + count * self.interval
             if self._write(entity, etag):
-                with self._owed_lock:
-                    self._owed -= owed
-                    self._move(start - self.interval, entity["next"], self._owed)  # owed while it was written
-                    self._booked_until = entity["next"]
+                with self._late_lock:
+                    for late in owing:
+                        late.starts = start
+                    self._late = [late for late in self._late if late.starts > now - IDLE_GAP]
                 return start
 
     def take(self, ahead: float, max_wait: float) -> float:
@@ -196,6 +193,17 @@ class RateBudget:
             self._booking_since = now  # booking again after a pause: others may have started meanwhile
         self._wrote = now
         return True
+
+
+@dataclass
+class _Lateness:
+    """A request sent later than its slot allowed: the instance's next reservation starts `seconds` later, and
+    while `moves` (it books alone) so do its slots booked already a WINDOW or more after the late one's."""
+
+    after: float  # the late request's slot, as booked
+    seconds: float
+    moves: bool
+    starts: float = INF  # the first slot of the reservation that was moved on by it: from there on, all are
 
 
 def _hold(strikes: int) -> float:

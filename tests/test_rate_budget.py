@@ -129,26 +129,28 @@ def test_a_request_written_late_moves_the_schedule_after_it_on_by_what_its_check
     assert budget.reserve(1) == pytest.approx(following + budget.interval)
 
 
-def test_a_late_write_moves_the_slots_other_senders_booked_already_after_it(budget, monkeypatch):
-    """At low rates the next request's slot is often booked before the one ahead of it is written (two senders
-    waiting together): a late write moves that booked slot on too, so the pair keeps its spacing."""
+def test_a_late_write_moves_the_slots_booked_already_a_second_after_it(budget, monkeypatch):
+    """At low rates the N-th request after a late one is often booked before the late one is written (senders
+    waiting together): a late write moves that booked slot on too, so no window holds N + 1. Slots within the
+    second after the late one share a window with it and keep their place."""
     slots, take = [], budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     first, second = Pacer(budget, max_wait=5), Pacer(budget, max_wait=5)
     budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
     first()
+    within = budget.reserve(int(RATE) - 1)  # other senders' slots, all in the second after the first's
     sent: list[float] = []
-    budget.reserve(4)  # other senders' slots: the second sleeps long enough on its own for the late write below
-    waiting = threading.Thread(target=lambda: sent.extend(_send_times(second, 1)))  # books a slot and sleeps
+    waiting = threading.Thread(target=lambda: sent.extend(_send_times(second, 1)))  # books the N-th, sleeps
     waiting.start()
     while len(slots) < 2:
         time.sleep(0.001)
-    first.left(slots[0] + TOLERANCE + 0.03)  # its write was late, after the second booked
+    first.left(slots[0] + TOLERANCE + 0.03)  # its write was late, after the others booked
     waiting.join(5)
+    assert slots[1] - slots[0] == pytest.approx(RATE * budget.interval)  # the N-th after the late one
     assert budget.moved(slots[1]) == pytest.approx(0.03)
-    assert sent[0] - slots[1] >= 0.03 - 0.002  # sent that much later than booked: its spacing kept
-    assert budget.reserve(1) == pytest.approx(slots[1] + budget.interval + 0.03)  # and the schedule after them
-    assert budget.moved(slots[0]) == 0  # the late one itself is not moved
+    assert sent[0] - slots[1] >= 0.03 - 0.002  # sent that much later than booked: the window keeps its span
+    assert budget.reserve(1) == pytest.approx(slots[1] + budget.interval + 0.03)  # and the schedule after it
+    assert budget.moved(within) == 0 and budget.moved(slots[0]) == 0
 
 
 class _SlowAnswer(BaseHTTPRequestHandler):
