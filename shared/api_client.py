@@ -46,10 +46,6 @@ class Refused(ApiError):
     """400: the destination refused the request's content."""
 
 
-class ContactLimit(ApiError):
-    """The account holds as many people as its plan allows (Ortto's 507): no retry can succeed."""
-
-
 class Pace(Protocol):
     """Waits for a request's slot (the call), then learns when the request was written (`left`)."""
 

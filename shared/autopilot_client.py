@@ -1,10 +1,13 @@
-"""The Autopilot v1 REST client: contacts in bulk, list membership one contact a call, lists found or created."""
+"""The Autopilot v1 REST client: contacts in bulk, list membership one contact a call, lists found or created.
+
+A joiner is merged in bulk with its batch, then added through `POST /list/{id}/contact/{email}`, the documented
+join that works for contacts that exist already (`_autopilot_list` is honoured only when a contact is created)."""
 
 from __future__ import annotations
 
 from urllib.parse import quote
 
-from shared.api_client import ApiClient, ApiError, Pace, no_pace
+from shared.api_client import ApiClient, ApiError, Pace, Transient, no_pace
 from shared.export_config import ExportDefinition
 
 
@@ -28,9 +31,16 @@ class AutopilotClient(ApiClient):
         return [("acked", "", "") if item["k"] in seen else
                 ("failed", "Autopilot did not acknowledge this contact", "") for item in items]
 
-    def upsert_contact(self, document: dict, list_id: str | None, pace: Pace = no_pace) -> dict:
-        contact = dict(document, _autopilot_list=list_id) if list_id else document
-        return self.call("POST", "/contact", {"contact": contact}, pace)
+    def add_to_list(self, list_id: str, email: str, pace: Pace = no_pace) -> None:
+        """Join a contact that exists (merged just before) to the list; a member already there is fine. Not
+        `_autopilot_list` in an upsert: that adds a contact only when it creates it (autopilot-api contract)."""
+        try:
+            self.call("POST", f"/list/{quote(list_id, safe='')}/contact/{quote(email, safe='@')}", None, pace)
+        except ApiError as exc:
+            if exc.status == 404:  # merged a moment ago yet unknown: a lagging read, worth trying again later
+                raise Transient(404, f"Autopilot did not find the contact to add to list {list_id}",
+                                self.SERVICE) from None
+            raise
 
     def remove_from_list(self, list_id: str, email: str, pace: Pace = no_pace) -> None:
         try:

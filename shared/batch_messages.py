@@ -14,7 +14,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
 from shared.export_config import NAME_RE, STANDARD_FIELDS
-from shared.planner import BULK_LIMIT
+from shared.planner import BULK_LIMIT, PERMISSION
 from shared.run_records import RUN_ID_RE
 
 MAX_ENCODED = 64 * 1024
@@ -22,7 +22,8 @@ BATCH_CONTAINER = "batches"
 KINDS = ("upsert", "join", "leave")
 # The only document keys the planner writes. Anything else ('unsubscribed', '_NewEmail', '_autopilot_list'...)
 # could change a subscription, an identity or a list membership behind the plan's back: forged or corrupt.
-DOCUMENT_KEYS = frozenset(STANDARD_FIELDS) | {"custom"}
+# PERMISSION is the export's choice for people it creates (Ortto), and only ever a boolean.
+DOCUMENT_KEYS = frozenset(STANDARD_FIELDS) | {"custom", PERMISSION}
 
 
 class MessageError(ValueError):
@@ -161,4 +162,6 @@ def _item_problem(item) -> str:
         return f"has a document with {', '.join(map(repr, sorted(unknown)))}"[:200] + ", which this app never sends"
     if not isinstance(item["d"].get("custom", {}), dict):
         return "has a document whose 'custom' is not an object"
+    if not isinstance(item["d"].get(PERMISSION, False), bool):
+        return f"has a document whose {PERMISSION!r} is not true or false"
     return ""

@@ -1,5 +1,5 @@
 """Cancelling a run: no request starts after the answer, batches in flight settle, the unsent rest is counted
-as cancelled, and the export is free at once. A run that cannot go on is stopped the same way (stop_run).
+as cancelled, and the export is free at once.
 
 A sender asks whether its run is still active before it waits for each request's slot (trusting a status read
 at most STATUS_MAX_AGE s before, and waiting at most MAX_WAIT s for the slot), so the answer comes that long
@@ -49,17 +49,6 @@ def cancel_run(svc: Services, run_id: str) -> dict:
     return run_view(svc, run_id)
 
 
-def stop_run(svc: Services, run_id: str, reason: str) -> bool:
-    """Stop a run that cannot go on (the destination's contact limit) as a cancel stops it: nothing more is sent,
-    what is in flight settles, and quiet() s later it ends `failed` with `reason`, its unsent contacts counted as
-    cancelled. False if it had ended or was stopping already."""
-    if not svc.records.advance(run_id, ACTIVE, status=CANCELLING, stopped_because=reason, cancelled_at=time.time()):
-        return False
-    svc.plan_queue.send_message(json.dumps({"run": run_id, "conclude": "cancelled"}).encode(),  # (as a cancel's)
-                                visibility_timeout=math.ceil(quiet(svc)))
-    return True
-
-
 def _note_snapshot(svc: Services, run_id: str, export: str) -> None:
     """So the timer leaves that snapshot alone (runs._has_new_snapshot)."""
     from shared import runs  # (runs starts and plans runs, and concludes cancelled ones: it imports this module)
@@ -83,8 +72,6 @@ def conclude_cancelled(svc: Services, run_id: str, wait: bool) -> bool:
         if not wait:
             return False
         time.sleep(left)
-    if run.get("stopped_because"):
-        return conclude(svc, run_id, "failed", error=run["stopped_because"])
     return conclude(svc, run_id, "cancelled", error="cancelled on request")
 
 

@@ -2,6 +2,10 @@
 
 Empty values are left out of the contact document: Autopilot keeps fields a request omits, so a profile
 with a gap never blanks out data someone entered in Autopilot.
+
+For an Ortto export a few values take Ortto's form here, since they decide what a record maps to: a phone
+number becomes international (E.164, read with the export's phoneRegion), a date keeps the day written in the
+CSV, and in consent-column mode the document carries `_permission` (the email permission a new person gets).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any
 
+import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import DOT_ATOM_TEXT  # the library's own rule for plain ASCII local parts
 
@@ -26,11 +31,14 @@ from shared.export_config import ExportConfigError, ExportDefinition
 EMAIL_MAX_LENGTH = 254
 # Part of every record digest's key: change it with any rule that changes what a row maps to (CSV parsing,
 # validation, conversions, the document's form or its fingerprint), so no record is taken as unchanged across it.
-MAPPING_RULES = "2026-11-30"
+MAPPING_RULES = "2026-12-07"
 _HOSTNAME = re.compile(r"[A-Za-z0-9.-]+")
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?", re.ASCII)  # "12.0" is 12; "12.5" is not an integer
 _FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+PHONE_FIELDS = ("Phone", "MobilePhone")  # Ortto's one phone field (phn::phone), which needs international form
+PERMISSION_KEY = "_permission"  # a document's email permission for a new Ortto person (consent-column mode only)
+SHOWN_PHONE_MAX = 40  # characters of an unreadable number a reason quotes
 
 
 def mask_email(email: str) -> str:
@@ -123,9 +131,44 @@ def to_date(value: str) -> str:
     return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 
 
+def to_written_date(value: str) -> str:
+    """The date as written (`2025-06-14T23:30:00-05:00` → `2025-06-14`): Ortto's date fields hold a day and no time
+    of day (ortto-api.md, `dtz`), and the day the CSV shows is the one a reader of the export means, not the day
+    the time falls on in UTC. The time is dropped: an operator who wants it kept maps the column as a "string"
+    custom field instead. Accepts what to_date accepts."""
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        return datetime.fromisoformat(value).date().isoformat()
+
+
+def to_e164(value: str, region: str | None) -> str:
+    """A phone number in international form (`0401 234 567` with region AU → `+61401234567`): Ortto files a number
+    by the country code it starts with, so a local one must be turned first. ValueError when it cannot be read as a
+    valid number: no region and no leading +, not a number, or not a valid one of its region."""
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        raise ValueError(value) from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError(value)
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def phone_dropped(column: str, value: str, region: str | None) -> str:
+    """Why a phone number was left out of a contact (the contact is still sent): quotes at most SHOWN_PHONE_MAX
+    characters of it, never an address someone typed into the column."""
+    shown = value if len(value) <= SHOWN_PHONE_MAX else value[:SHOWN_PHONE_MAX] + "..."
+    shown = mask_emails_in(json.dumps(shown, ensure_ascii=False))
+    where = f"of region {region}" if region else "in international form (+ and country code; no phoneRegion is set)"
+    return f"column {column}: {shown} is not a phone number {where}; left out, not sent"
+
+
 CONVERTERS: dict[str, Callable[[str], Any]] = {
     "string": str, "text": str, "integer": to_integer, "float": to_float, "boolean": to_boolean, "date": to_date,
 }
+# Ortto's: a date keeps the day written (to_written_date); everything else converts as for Autopilot.
+ORTTO_CONVERTERS = {**CONVERTERS, "date": to_written_date}
 _EXPECTED = {"integer": "a whole number", "float": "a number", "boolean": "true/false, yes/no or 1/0",
              "date": "an ISO 8601 date", "string": "text", "text": "text"}
 
@@ -139,6 +182,7 @@ class MappingError(ExportConfigError):
 class Contact:
     key: str  # the normalised email: trimmed, lower-cased
     document: dict
+    dropped: tuple[str, ...] = ()  # one reason per value left out of the document (the contact is still sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,19 +203,34 @@ class ContactMapper:
         self._check_columns(export, columns, index)
         self.email_column = export.fields["Email"]
         self._email = index[self.email_column]
-        self._fields = [(key, index[column]) for key, column in export.fields.items() if key != "Email"]
+        self._ortto = export.account.ortto
+        # Ortto's phone is read into international form (Autopilot's contract documents no format: as written).
+        self._region = export.phone_region if self._ortto else None
+        self._fields = [(key, index[column], self._ortto and key in PHONE_FIELDS)
+                        for key, column in export.fields.items() if key != "Email"]
+        converters = ORTTO_CONVERTERS if self._ortto else CONVERTERS
         self._custom = [
-            (field.key, index[field.column], CONVERTERS[field.type],
+            (field.key, index[field.column], converters[field.type],
              f"column {field.column} is not {_EXPECTED[field.type]} (custom field \"{field.name}\", type {field.type})")
             for field in export.custom_fields
         ]
+        self._permission = self._permission_column(export, index)
         # Ortto's limits, checked here so a value it would refuse is a rejected row, never a refused request.
-        self._ortto = export.account.ortto
         self._types = {field.key: (field.type, field.column, field.name) for field in export.custom_fields}
         self._columns_of = dict(export.fields)
         self._mapping = [MAPPING_RULES, list(export.fields.items()),
-                         [(f.key, f.column, f.type) for f in export.custom_fields], export.account.platform]
+                         [(f.key, f.column, f.type) for f in export.custom_fields], export.account.platform,
+                         self._region, export.email_permission, export.email_permission_column]
         self._columns = list(columns)
+
+    @staticmethod
+    def _permission_column(export: ExportDefinition, index: dict[str, int]) -> tuple[int, str] | None:
+        """(position, reason if unreadable) of the consent column, in consent-column mode."""
+        column = export.email_permission_column
+        if export.email_permission != "column" or not column:
+            return None
+        return index[column], (f"column {column} is not {_EXPECTED['boolean']} (the email permission of new people, "
+                               "destination.newPeople.emailPermission)")
 
     @staticmethod
     def _check_columns(export: ExportDefinition, columns: Sequence[str], index: dict[str, int]) -> None:
@@ -179,6 +238,8 @@ class ContactMapper:
             raise MappingError(f'export "{export.name}": fields maps no "Email" column; the email is required')
         wanted = [(f"fields.{key}", column) for key, column in export.fields.items()]
         wanted += [(f'customFields "{field.name}"', field.column) for field in export.custom_fields]
+        if export.email_permission == "column" and export.email_permission_column:
+            wanted.append(("destination.newPeople.emailPermission", export.email_permission_column))
         problems = [f'export "{export.name}": {label} is mapped to column "{column}", which the snapshot does not have'
                     for label, column in wanted if column not in index]
         if problems:
@@ -202,8 +263,15 @@ class ContactMapper:
             return Rejection(row.partition, row.number, f"invalid email in column {self.email_column}: {problem}",
                              mask_email(email))
         document: dict[str, Any] = {"Email": email}
-        for key, position in self._fields:
+        dropped: list[str] = []
+        for key, position, phone in self._fields:
             value = values[position].strip()
+            if value and phone:
+                try:
+                    value = to_e164(value, self._region)
+                except ValueError:  # one unreadable number must not keep the rest of the contact from Ortto
+                    dropped.append(phone_dropped(self._columns[position], value, self._region))
+                    continue
             if value:
                 document[key] = value
         if self._custom:
@@ -219,7 +287,14 @@ class ContactMapper:
                 document["custom"] = custom
         if self._ortto and (problem := self._ortto_problem(document)):
             return Rejection(row.partition, row.number, problem, mask_email(email))
-        return Contact(email.lower(), document)
+        if self._permission:
+            position, reason = self._permission
+            value = values[position].strip()
+            try:  # empty: no consent recorded, so none given
+                document[PERMISSION_KEY] = to_boolean(value) if value else False
+            except KeyError:
+                return Rejection(row.partition, row.number, reason, mask_email(email))
+        return Contact(email.lower(), document, tuple(dropped))
 
     def _ortto_problem(self, document: dict) -> str | None:
         for key, value in document.items():

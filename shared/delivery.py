@@ -10,8 +10,8 @@ import time
 import uuid
 from collections import Counter
 
-from shared import batch_messages, cancels, signals
-from shared.api_client import ApiKeyRejected, ContactLimit
+from shared import batch_messages, signals
+from shared.api_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, conclude, delivery_totals, is_synced
@@ -92,11 +92,6 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         return True  # settled with what was sent; the rest counts as cancelled
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
-    except ContactLimit as exc:  # no retry can succeed: the run stops, saying why
-        fail_rest(message, progress, str(exc))
-        if cancels.stop_run(svc, message.run, str(exc)):
-            rlog.error("run stopped: %s", exc)
-        return True
     except (ApiKeyRejected, SecretUnavailable) as exc:
         problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:

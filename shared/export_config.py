@@ -14,9 +14,11 @@
 ```
 
 `connections` is optional: the connection "default" (the app settings' API key, URL and rate) always exists and
-is what an export without `destination.connection` uses. Every problem in the document is collected and reported
-at once, each naming the export and the JSON path,
-so one edit fixes them all. `enabled: false` only keeps the export off the timer; an on-demand run still works.
+is what an export without `destination.connection` uses. An Ortto connection (`"platform": "ortto"`) may name its
+`region`, its `plan` (which sets the rate) and a `phoneRegion` for its exports' local phone numbers; an Ortto export
+may name its own `phoneRegion` and, in `destination.newPeople`, the email permission of the people it creates.
+Every problem in the document is collected and reported at once, each naming the export and the JSON path, so one
+edit fixes them all. `enabled: false` only keeps the export off the timer; an on-demand run still works.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+import phonenumbers
 
 from shared import ortto_fields
 
@@ -49,14 +53,27 @@ SETTING_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 CONTAINER_RE = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 
 EXPORT_KEYS = ("name", "enabled", "dataTransferAcknowledged", "source", "destination", "fields", "customFields",
-               "maxProfiles", "maxRemovalPercent")
+               "maxProfiles", "maxRemovalPercent", "phoneRegion")
 SOURCE_KEYS = ("connection", "container", "prefix", "segment")
-DESTINATION_KEYS = ("connection", "membership", "list", "field", "onLeave")
-CONNECTION_KEYS = ("name", "platform", "region", "secretName", "requestsPerSecond", "baseUrl")
+DESTINATION_KEYS = ("connection", "membership", "list", "field", "onLeave", "newPeople")
+NEW_PEOPLE_KEYS = ("emailPermission",)
+CONNECTION_KEYS = ("name", "platform", "region", "plan", "secretName", "requestsPerSecond", "baseUrl", "phoneRegion")
 PLATFORMS = ("autopilot", "ortto")
 ORTTO_REGIONS = {"us": "https://api.ap3api.com/v1", "eu": "https://api.eu.ap3api.com/v1",
                  "au": "https://api.au.ap3api.com/v1"}
-ORTTO_DEFAULT_RATE = 10.0  # Ortto's Professional plan; Business and Enterprise allow 30
+# Ortto's plans and their sustained rates, requests/s (ortto-api.md, "rate limit per account, by plan"). Sending at
+# the sustained rate is safe because the budget spaces requests (1 + margin) / rate apart: with its margin no 1-s
+# window ever holds more than the sustained rate, so no 10-s window holds more than 10 x rate and no 60-s window
+# more than 60 x rate (a little fewer, by the margin), which keeps every window under the plan's two caps (Free 20
+# and 60, Campaigns 100 and 300, Professional 200 and 600, Business 600 and 1,800). The custom-field calls take
+# slots of the same budget; another application using the same account is not counted: give requestsPerSecond
+# below the plan's rate then.
+PLAN_RATES = {"free": 1.0, "campaigns": 5.0, "professional": 10.0, "business": 30.0}
+ORTTO_DEFAULT_PLAN = "professional"  # an Ortto connection naming neither plan nor requestsPerSecond: as before
+ORTTO_DEFAULT_RATE = PLAN_RATES[ORTTO_DEFAULT_PLAN]
+# What new Ortto people get for email permission (destination.newPeople.emailPermission): Ortto's own default
+# (subscribed), none, or the value of a consent column.
+EMAIL_PERMISSIONS = ("ortto-default", "false", "column")
 SECRET_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")  # Key Vault's rule for secret names
 CUSTOM_KEYS = ("name", "type", "column")
 
@@ -78,6 +95,7 @@ class Connection:
     rate: float | None = None
     platform: str = "autopilot"
     region: str | None = None  # Ortto's: us, eu or au
+    plan: str | None = None  # Ortto's plan (PLAN_RATES), which sets the rate when requestsPerSecond does not
 
     @property
     def ortto(self) -> bool:
@@ -86,7 +104,7 @@ class Connection:
     def public(self) -> dict:
         shown = {"name": self.name, "secretName": self.secret_name, "baseUrl": self.base_url,
                  "requestsPerSecond": self.rate, "platform": self.platform if self.ortto else None,
-                 "region": self.region}
+                 "region": self.region, "plan": self.plan}
         return {key: value for key, value in shown.items() if value is not None}
 
     def text(self) -> str:
@@ -97,13 +115,14 @@ class Connection:
     def from_text(cls, text: str) -> Connection:
         data = json.loads(text) if text else {}
         return cls(data.get("name", DEFAULT_ACCOUNT), data.get("secretName"), data.get("baseUrl"),
-                   data.get("requestsPerSecond"), data.get("platform", "autopilot"), data.get("region"))
+                   data.get("requestsPerSecond"), data.get("platform", "autopilot"), data.get("region"),
+                   data.get("plan"))
 
     def resolved(self, secret_name: str, base_url: str, rate: float) -> Connection:
         """Every field filled: the connection's own values, else its platform's defaults, else the app settings'
-        (given)."""
+        (given). An Ortto connection's rate is its plan's sustained rate (Professional's when it names none)."""
         if self.ortto:
-            base_url, rate = ORTTO_REGIONS[self.region or "us"], ORTTO_DEFAULT_RATE
+            base_url, rate = ORTTO_REGIONS[self.region or "us"], PLAN_RATES[self.plan or ORTTO_DEFAULT_PLAN]
         return dataclasses.replace(self, secret_name=self.secret_name or secret_name,
                                    base_url=self.base_url or base_url, rate=self.rate or rate)
 
@@ -150,10 +169,14 @@ class ExportDefinition:
     list: str | None = None
     field: str | None = None
     on_leave: str = "remove"
+    # destination.newPeople.emailPermission (Ortto only): "ortto-default", "false" or "column" (then the column).
+    email_permission: str = "ortto-default"
+    email_permission_column: str | None = None
     fields: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)  # Autopilot field -> column
     custom_fields: tuple[CustomField, ...] = ()
     max_profiles: int = DEFAULT_MAX_PROFILES
     max_removal_percent: float = DEFAULT_MAX_REMOVAL_PERCENT
+    phone_region: str | None = None  # Ortto only: the export's phoneRegion, else its connection's
     account: Connection = APP_SETTINGS_ACCOUNT  # destination.connection: the Autopilot account it sends to
 
     @property
@@ -178,7 +201,9 @@ class ExportDefinition:
         else:
             destination["field"] = self.field
         destination["onLeave"] = self.on_leave
-        return {
+        if self.email_permission != "ortto-default":
+            destination["newPeople"] = {"emailPermission": self._email_permission_value()}
+        shown = {
             "name": self.name, "enabled": self.enabled, "dataTransferAcknowledged": self.acknowledged,
             "source": {"connection": self.connection, "container": self.container, "prefix": self.prefix,
                        "segment": self.segment},
@@ -188,6 +213,15 @@ class ExportDefinition:
             "maxProfiles": self.max_profiles,
             "maxRemovalPercent": self.max_removal_percent,
         }
+        if self.phone_region:
+            shown["phoneRegion"] = self.phone_region  # (the connection's, when the export leaves it to that)
+        return shown
+
+    def _email_permission_value(self) -> str | bool | dict:
+        """emailPermission as the document writes it."""
+        if self.email_permission == "column":
+            return {"column": self.email_permission_column}
+        return False if self.email_permission == "false" else self.email_permission
 
 
 # --- reading the document -------------------------------------------------------------------------
@@ -281,6 +315,7 @@ class _Checker:
         self.problems: list[str] = []
         self.where = ""
         self.accounts: dict[str, Connection] = {DEFAULT_ACCOUNT: Connection()}
+        self.phone_regions: dict[str, str] = {}  # connection name -> its phoneRegion, the default of its exports
 
     def problem(self, text: str, path: str = "") -> None:
         prefix = f"{self.where}: " if self.where else ""
@@ -326,6 +361,18 @@ class _Checker:
             wanted = " or ".join(quoted) if len(quoted) == 2 else f"one of {', '.join(quoted)}"
             self.problem(f"must be {wanted}, got {_show(data[key])}", path)
             return default
+        return value
+
+    def phone_region(self, data: dict, path: str) -> str | None:
+        """A phoneRegion: a region code phonenumbers knows (its metadata is what reads the numbers)."""
+        if "phoneRegion" not in data:
+            return None
+        value = self.text(data, "phoneRegion", path)
+        if value is not None and value not in phonenumbers.SUPPORTED_REGIONS:
+            hint = f' (did you mean "{value.upper()}"?)' if value.upper() in phonenumbers.SUPPORTED_REGIONS else ""
+            self.problem(f'must be a country\'s ISO 3166-1 alpha-2 code such as "AU", "GB" or "US"{hint}, got '
+                         f"{_show(value)}", path)
+            return None
         return value
 
     def unknown(self, data: dict, allowed: tuple[str, ...], path: str) -> None:
@@ -385,17 +432,41 @@ class _Checker:
                 self.problem(f"must be an https:// URL such as https://api2.autopilothq.com/v1, got {_show(url)}",
                              "baseUrl")
             platform, region = self._platform(item, secret)
+            plan, phones = self._plan(item), self.phone_region(item, "phoneRegion")
             if len(self.problems) == before and name:
-                found[name] = Connection(name, secret, url or None, float(rate) if rate else None, platform, region)
+                found[name] = Connection(name, secret, url or None, float(rate) if rate else None, platform, region,
+                                         plan)
+                if phones:
+                    self.phone_regions[name] = phones
         self.where = ""
         return found
 
     def _platform(self, item: dict, secret: str | None) -> tuple[str, str | None]:
         platform = self.choice(item, "platform", "platform", PLATFORMS, "autopilot")
         region = self.choice(item, "region", "region", tuple(ORTTO_REGIONS), None) if "region" in item else None
-        if platform != "ortto" and "region" in item:
-            self.problem('is only used by an Ortto connection ("platform": "ortto")', "region")
+        if platform != "ortto":
+            self._ortto_only(item)
         return platform, region
+
+    def _ortto_only(self, item: dict) -> None:
+        """The keys of an Ortto connection, refused on an Autopilot one (each says why it has no meaning there)."""
+        why = {"region": "",
+               "plan": "; an Autopilot connection's rate is requestsPerSecond",
+               "phoneRegion": ": Autopilot's contract documents no phone format, so phones go to it as written"}
+        for key, reason in why.items():
+            if key in item:
+                self.problem(f'is only used by an Ortto connection ("platform": "ortto"){reason}', key)
+
+    def _plan(self, item: dict) -> str | None:
+        """The Ortto plan, whose sustained rate (PLAN_RATES) the connection keeps to."""
+        if "plan" not in item:
+            return None
+        plan = self.choice(item, "plan", "plan", tuple(PLAN_RATES), None)
+        if "requestsPerSecond" in item:  # two rates for one account: which one was meant cannot be guessed
+            rates = ", ".join(f"{name} {rate:g}" for name, rate in PLAN_RATES.items())
+            self.problem(f"and requestsPerSecond both set the rate: give only one (the plans' rates, requests/s: "
+                         f"{rates})", "plan")
+        return plan
 
     def account(self, data: dict) -> Connection:
         name = self.text(data, "connection", "destination.connection", DEFAULT_ACCOUNT)
@@ -459,6 +530,9 @@ class _Checker:
             "max_profiles": self._limit(data),
             "max_removal_percent": self._removal_limit(data),
         }
+        # (the export's own phoneRegion wins over its connection's)
+        values["phone_region"] = self.phone_region(data, "phoneRegion") or self.phone_regions.get(
+            values["account"].name)
         self._membership_clash(values)
         if len(self.problems) > before:
             return None
@@ -471,8 +545,17 @@ class _Checker:
     def _platform_problems(export: ExportDefinition) -> list[tuple[str, str]]:
         if export.account.ortto:
             return ortto_fields.definition_problems(export)
-        return [(f"customFields[{i}].type", '"text" is an Ortto type; Autopilot\'s text fields are "string"')
-                for i, custom in enumerate(export.custom_fields) if custom.type == "text"]
+        problems = [(f"customFields[{i}].type", '"text" is an Ortto type; Autopilot\'s text fields are "string"')
+                    for i, custom in enumerate(export.custom_fields) if custom.type == "text"]
+        if export.phone_region:  # (a connection's phoneRegion on Autopilot is refused with the connection)
+            problems.append(("phoneRegion", "only applies to Ortto exports: Autopilot's contract documents no phone "
+                                            "format, so phones go to it as written"))
+        if export.email_permission != "ortto-default":
+            problems.append(("destination.newPeople.emailPermission",
+                             "only applies to Ortto exports: Autopilot has no append-only write, so a contact's "
+                             "permission could not be set for new contacts without changing existing ones; new "
+                             "Autopilot contacts get email permission"))
+        return problems
 
     def _membership_clash(self, values: dict) -> None:
         key = typed_key("boolean", values["field"]).lower() if values["field"] else None
@@ -534,7 +617,30 @@ class _Checker:
         if membership == "field" and values["field"] and "--" in values["field"]:
             self.problem('must be a plain name such as "In High Value Segment" (the key boolean--In--High--Value--'
                          f"Segment is derived from it), got {_show(values['field'])}", "destination.field")
-        return values
+        return {**values, **self.new_people(data)}
+
+    def new_people(self, destination: dict) -> dict:
+        """destination.newPeople: the email permission an Ortto merge gives the people it creates (an existing
+        person's consent is never changed)."""
+        found: dict[str, Any] = {"email_permission": "ortto-default", "email_permission_column": None}
+        if "newPeople" not in destination:
+            return found
+        data = self.obj(destination, "newPeople", "destination.newPeople")
+        self.unknown(data, NEW_PEOPLE_KEYS, "destination.newPeople")
+        value, path = data.get("emailPermission", "ortto-default"), "destination.newPeople.emailPermission"
+        if value is False:
+            found["email_permission"] = "false"
+        elif isinstance(value, dict):
+            self.unknown(value, ("column",), path)
+            if column := self.text(value, "column", f"{path}.column"):
+                found.update(email_permission="column", email_permission_column=column)
+        elif value is True:  # refused, not taken as a synonym: one choice, one spelling, in every document
+            self.problem('must not be true: "ortto-default" already subscribes every new person (Ortto\'s own '
+                         "behaviour), and true would be the same choice spelt differently; write \"ortto-default\" "
+                         "or leave emailPermission out", path)
+        elif value != "ortto-default":
+            self.problem(f'must be "ortto-default", false or {{"column": "<CSV column>"}}, got {_show(value)}', path)
+        return found
 
     def mapping(self, data: dict) -> dict:
         fields = self.obj(data, "fields", "fields")

@@ -16,8 +16,10 @@ from collections import deque
 import requests
 
 from shared import ortto_fields
-from shared.api_client import ApiClient, ApiError, ContactLimit, Pace, no_pace
+from shared.api_client import ApiClient, ApiError, Pace, Refused, no_pace
+from shared.contacts import mask_emails_in
 from shared.export_config import ExportDefinition
+from shared.planner import PERMISSION
 
 ACKED = ("created", "merged")
 # Ortto bans a caller's address for 15 s after 15 malformed requests in 15 s. Splitting a refused merge to find
@@ -52,6 +54,14 @@ class BadRequests:
             self._times.append(time.monotonic())
 
 
+class PeopleRefused(Refused):
+    """A merge Ortto refused because none of its people was valid: `details` has its reason for each (400)."""
+
+    def __init__(self, message: str, details: list, service: str):
+        super().__init__(400, message, service)
+        self.details = details
+
+
 class OrttoClient(ApiClient):
     SERVICE = "Ortto"
     KEY_HEADER = "X-Api-Key"
@@ -61,53 +71,77 @@ class OrttoClient(ApiClient):
         self.bad_requests = BadRequests()
 
     def prepare(self, export: ExportDefinition, pace: Pace = no_pace) -> str:
-        """Create the custom fields the run writes that the account lacks (once per run, before any merge);
-        returns the tag in tag mode."""
+        """Create the custom fields the run writes that the account lacks (once per run, before any merge; its
+        calls take slots of the connection's budget like every other); returns the tag in tag mode."""
         wanted = ortto_fields.custom_fields(export)
         if wanted:
-            found = self.call("POST", "/person/custom-field/get", {}, pace).get("fields", [])
-            have = {entry.get("field", {}).get("id") for entry in found}
+            have = self._fields(pace)
             for ident, (name, display_type) in wanted.items():
                 if ident not in have:
-                    self._create_field(ident, name, display_type, pace)
+                    self._create_field(ident, name, display_type, have, pace)
         return export.list if export.membership == "list" else ""
 
-    def _create_field(self, ident: str, name: str, display_type: str, pace: Pace) -> None:
+    def _fields(self, pace: Pace) -> dict[str, str]:
+        """The account's custom fields: id → name."""
+        found = self.call("POST", "/person/custom-field/get", {}, pace).get("fields", [])
+        return {entry["field"]["id"]: entry["field"].get("name", "") for entry in found
+                if isinstance(entry, dict) and isinstance(entry.get("field"), dict) and "id" in entry["field"]}
+
+    def _create_field(self, ident: str, name: str, display_type: str, have: dict[str, str], pace: Pace) -> None:
+        # Names are unique across types and a field cannot be changed: one of another type blocks ours for good.
+        clash = [other for other in have if other.split(":cm:")[-1] == ident.split(":cm:")[-1]]
+        if clash:
+            raise ApiError(None, f"Ortto has a custom field {have[clash[0]]!r} of another type ({clash[0]}); the "
+                                 f"export writes {name!r} as {ident}: rename the export's field", self.SERVICE)
         try:
             created = self.call("POST", "/person/custom-field/create",
-                                {"field": {"name": name, "type": display_type}}, pace)
+                                {"name": name, "type": display_type, "track_changes": False}, pace)
         except ApiError as exc:
-            if exc.status == 409:  # created meanwhile by another run
+            if ident in self._fields(pace):  # created meanwhile by another run (Ortto's answer is undocumented)
                 return
-            raise
-        given = created.get("field", {}).get("id")
+            raise ApiError(exc.status, f"Ortto refused to create the custom field {name!r} ({display_type}): "
+                                       f"{exc.message}", self.SERVICE) from None
+        given = created.get("field_id")
         if given != ident:
             raise ApiError(None, f"Ortto created the custom field {name!r} as {given!r}, not {ident!r}: rename the "
                                  "field in the export definitions", self.SERVICE)
 
     def merge(self, items: list[dict], target: str | None, pace: Pace = no_pace) -> list[tuple[str, str, str]]:
-        """Merge a batch's people in one request: (outcome, reason, Ortto's status) per item, in order."""
-        body = {"people": [ortto_fields.person(item["d"], bool(item.get("m", True)), target) for item in items],
-                "merge_by": ["str::email"], "merge_strategy": 2, "find_strategy": 0, "async": False,
-                "suppression_list_field_id": "str::email"}  # never re-create someone Ortto suppressed
+        """Merge a batch's people in one request (overwrite): (outcome, reason, Ortto's status) per item."""
+        people = [ortto_fields.person(_without_permission(item["d"]), bool(item.get("m", True)), target)
+                  for item in items]
+        return self._merge(people, strategy=2, pace=pace)
+
+    def create_new(self, items: list[dict], pace: Pace = no_pace) -> list[tuple[str, str, str]]:
+        """Give new people the email permission their export chose: an append-only merge (merge_strategy 1)
+        writes `bol::p` only where a person has none, so a person it creates gets it and an existing one keeps
+        theirs. Without it Ortto creates every new person subscribed."""
+        people = [{"fields": {"str::email": item["d"]["Email"], "bol::p": item["d"][PERMISSION]}}
+                  for item in items]
+        return self._merge(people, strategy=1, pace=pace)
+
+    def _merge(self, people: list[dict], strategy: int, pace: Pace) -> list[tuple[str, str, str]]:
+        body = {"people": people, "merge_by": ["str::email"], "merge_strategy": strategy, "find_strategy": 0,
+                "async": False, "suppression_list_field_id": "str::email"}  # never re-create someone suppressed
         self.bad_requests.wait()
-        people = self.call("POST", "/person/merge", body, pace).get("people", [])
-        if len(people) != len(items):
-            reason = f"Ortto answered {len(people)} results for {len(items)} people"
-            return [("failed", reason, "") for _ in items]
-        return [_outcome(person) for person in people]
+        try:
+            results = self.call("POST", "/person/merge", body, pace).get("people", [])
+        except PeopleRefused as exc:
+            if len(exc.details) != len(people):
+                raise Refused(400, exc.message, self.SERVICE) from None  # not one reason a person: split it
+            results = exc.details  # every person refused, each for a reason of their own: nothing to split
+        if len(results) != len(people):
+            reason = f"Ortto answered {len(results)} results for {len(people)} people"
+            return [("failed", reason, "") for _ in people]
+        return [_outcome(person) for person in results]
 
     def _result(self, response: requests.Response) -> dict:
         if response.status_code == 400:
-            self.bad_requests.add()
+            self.bad_requests.add()  # (an all-refused merge too: whether Ortto counts it toward the ban is unknown)
+            details = _details(response)
+            if details is not None:
+                raise PeopleRefused(mask_emails_in(self._message(response)[:500]), details, self.SERVICE)
         return super()._result(response)
-
-    def _error(self, status: int, message: str) -> ApiError:
-        if status == 507:
-            return ContactLimit(status, f"{message}: the Ortto account's contact limit is reached; nothing more is "
-                                        "sent (raise the plan's limit or narrow the segment, then start a new run)",
-                                self.SERVICE)
-        return super()._error(status, message)
 
     def _retry_after(self, response: requests.Response) -> float | None:
         try:
@@ -130,10 +164,30 @@ class OrttoClient(ApiClient):
         return f"{text or body}" + (f" (request_id {request_id})" if request_id else "")
 
 
+def _without_permission(document: dict) -> dict:
+    return {k: v for k, v in document.items() if k != PERMISSION} if PERMISSION in document else document
+
+
+def _details(response: requests.Response) -> list | None:
+    """The per-person entries of a 400 (Ortto's "No valid contacts provided"), or None if it has none."""
+    try:
+        details = response.json().get("details")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(details, list) and details and all(isinstance(d, dict) and "status" in d for d in details):
+        return details
+    return None
+
+
 def _outcome(person: dict) -> tuple[str, str, str]:
+    """A person's result: acknowledged, refused by Ortto for a reason of its own (never sent again in this run),
+    or failed (an answer this client does not know)."""
     status = str(person.get("status", ""))
     if status in ACKED:
         return "acked", "", status
+    error = mask_emails_in(str(person.get("error") or "")[:300])
     if status == "suppressed":
-        return "refused", f"Ortto suppressed this person: {person.get('error') or 'on the suppression list'}", status
+        return "refused", f"Ortto suppressed this person: {error or 'on the suppression list'}", status
+    if status == "invalid":
+        return "refused", f"Ortto refused this person: {error or 'invalid'}", status
     return "failed", f"Ortto answered {status or 'no status'} for this person", status

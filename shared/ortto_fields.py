@@ -21,8 +21,9 @@ STANDARD = {"Email": "str::email", "FirstName": "str::first", "LastName": "str::
             "MobilePhone": "phn::phone", "MailingCity": "geo::city", "MailingCountry": "geo::country",
             "MailingState": "geo::region", "MailingPostalCode": "str::postal"}
 PREFIX = {"string": "str", "text": "txt", "integer": "int", "float": "int", "boolean": "bol", "date": "dtz"}
+# The custom-field create types (ortto-api.md): the boolean one is named `bool`, not `boolean`.
 DISPLAY_TYPE = {"string": "text", "text": "large_text", "integer": "integer", "float": "decimal",
-                "boolean": "boolean", "date": "date"}
+                "boolean": "bool", "date": "date"}
 STRING_MAX, TEXT_MAX = 255, 4000
 INT64_MAX = 2**63 - 1
 DECIMAL_SCALE = 1000  # Ortto keeps a decimal as an integer: 12.5 is sent as 12500
@@ -126,10 +127,9 @@ def _custom_value(kind: str, value):
 
 
 def dtz(value: str) -> dict:
-    """An ISO date or UTC time (contacts.to_date) as Ortto's date object."""
-    if "T" not in value:
-        day = date.fromisoformat(value)
-        return {"year": day.year, "month": day.month, "day": day.day, "timezone": "UTC"}
-    moment = datetime.fromisoformat(value.removesuffix("Z"))
-    return {"year": moment.year, "month": moment.month, "day": moment.day, "hour": moment.hour,
-            "minute": moment.minute, "second": moment.second, "timezone": "UTC"}
+    """An ISO date as Ortto's date object: year, month, day and timezone only, since `dtz` has no documented place
+    for a time of day. The mapper gives an Ortto export's dates as written (contacts.to_written_date); a value with
+    a time (a document planned before that rule) keeps the date written in it, the time is not sent. An operator
+    who wants the time kept maps the column as a "string" custom field instead."""
+    day = date.fromisoformat(value) if "T" not in value else datetime.fromisoformat(value.removesuffix("Z")).date()
+    return {"year": day.year, "month": day.month, "day": day.day, "timezone": "UTC"}

@@ -32,6 +32,7 @@ from shared.state_lines import Acked, Block, entry
 from shared.state_store import Snapshot
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts, and Ortto's on people per merge
+PERMISSION = "_permission"  # a document's key for the email permission a new person gets (Ortto; not a field)
 CHUNK = 5000  # differences written to SQLite together
 SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20
@@ -79,12 +80,17 @@ class Item:
 
 @dataclass(frozen=True)
 class Batch:
-    kind: str  # "upsert" (a bulk merge), "join" (POST /contact with list), "leave" (DELETE from list): Autopilot's
+    # "upsert": a bulk merge (Ortto: plus one creating new people with the email permission the export chose);
+    # Autopilot's list mode: "join" (its contacts merged in bulk, then each joined through the list), "leave"
+    # (each taken off the list).
+    kind: str
     items: list[Item]
 
     @property
     def requests(self) -> int:
-        return 1 if self.kind == "upsert" else len(self.items)
+        if self.kind == "upsert":
+            return 1 + any(PERMISSION in item.document for item in self.items)
+        return len(self.items) + (self.kind == "join")
 
 
 @dataclass
@@ -112,7 +118,11 @@ def fingerprint(document: dict) -> str:
 
 def encoded(document: dict) -> tuple[str, str]:
     """The document as JSON and its fingerprint, from one encoding. The digest is of the sorted JSON with the
-    email lower-cased; the email's key is the first `"Email": ` in it (inside a value the quotes are escaped)."""
+    email lower-cased; the email's key is the first `"Email": ` in it (inside a value the quotes are escaped).
+    A new person's email permission is not part of the fingerprint: it is sent to people created, never to
+    members, so a change of it alone changes nothing to send."""
+    if PERMISSION in document:
+        return _SORTED.encode(document), encoded({k: v for k, v in document.items() if k != PERMISSION})[1]
     text = _SORTED.encode(document)
     email = document["Email"]
     canonical = text if email.islower() or email == email.lower() else text.replace(
@@ -149,7 +159,7 @@ class Planner:
             """
         )
         self.rejections_path = f"{self._dir.name}/rejected.jsonl"
-        self._docs = self._rows_seen = self._rejected = self._valid = 0
+        self._docs = self._rows_seen = self._rejected = self._valid = self._dropped = 0
         self._stream: list[Item] | None = None  # a streamed first sync's joiners, as each chunk is stored
 
     def close(self) -> None:
@@ -197,7 +207,8 @@ class Planner:
     def _count(self, plan: Plan, profiles: int, members: int, seen: int) -> None:
         valid = self._valid + seen
         plan.counts = {"read": valid + self._rejected, "valid": valid, "rejected": self._rejected,
-                       "duplicates": valid - profiles, "profiles": profiles, "members_before": members}
+                       "duplicates": valid - profiles, "profiles": profiles, "members_before": members,
+                       "values_left_out": self._dropped}
         self._diff(plan)
 
     # --- pass 2: the segment's records ------------------------------------------------------------
@@ -224,6 +235,10 @@ class Planner:
             if isinstance(result, Rejection):
                 self._reject(result, rejected, plan)
                 continue
+            for reason in result.dropped:  # a value left out (a phone Ortto could not read): the rest is sent
+                self._dropped += 1
+                self._write_rejection(Rejection(row.partition, row.number, reason, mask_email(result.key)),
+                                      rejected, plan, sent=True)
             text, fp = encoded(result.document)
             order, source = by_number[row.number]
             docs.append((self._docs, text))
@@ -247,7 +262,14 @@ class Planner:
 
     def _reject(self, result: Rejection, rejected, plan: Plan) -> None:
         self._rejected += 1
+        self._write_rejection(result, rejected, plan)
+
+    @staticmethod
+    def _write_rejection(result: Rejection, rejected, plan: Plan, sent: bool = False) -> None:
+        """A rejected row, or (`sent`) a value left out of a contact that is sent without it."""
         record = {"partition": result.partition, "row": result.row, "reason": result.reason, "email": result.email}
+        if sent:
+            record["contactSent"] = True
         rejected.write(json.dumps(record) + "\n")
         if len(plan.rejected_sample) < REJECTED_SAMPLE:
             plan.rejected_sample.append(record)
@@ -305,14 +327,15 @@ class Planner:
         keep = self.export.on_leave == "keep"
         plan.counts["kept_leavers"] = plan.counts["leavers"] if keep else 0
         plan.requests = expected_requests(
-            self.bulk_only, plan.counts["joiners"], plan.counts["changed"], 0 if keep else plan.counts["leavers"])
+            self.bulk_only, plan.counts["joiners"], plan.counts["changed"], 0 if keep else plan.counts["leavers"],
+            list_ops=self.list_ops, permission=self.export.email_permission != "ortto-default")
 
     def _rows(self, kind: str) -> Iterator[tuple]:
         return self.db.execute("SELECT d.key, d.fp, docs.doc, d.source FROM diff d LEFT JOIN docs ON docs.id = d.doc "
                                "WHERE d.kind = ? ORDER BY d.key", (kind,))
 
     def _batches(self, keep: bool) -> Iterator[Batch]:
-        joins = (self._member(r) for r in self._rows("joiners"))
+        joins = (self._member(r, new=True) for r in self._rows("joiners"))
         changes = (self._member(r) for r in self._rows("changed"))
         leaves = iter(()) if keep else (self._leaver(k, fp) for k, fp, *_ in self._rows("leavers"))
         return self._batches_of(joins, changes, leaves)
@@ -325,11 +348,17 @@ class Planner:
             yield from _chunks("upsert", changes, BULK_LIMIT)
             yield from _chunks("leave", leaves, self.list_ops)
 
-    def _member(self, row) -> Item:
+    def _member(self, row, new: bool = False) -> Item:
         key, fp, doc, source = row
-        return self._joiner(key, fp, json.loads(doc), source)
+        return self._joiner(key, fp, json.loads(doc), source, new)
 
-    def _joiner(self, key: str, fp: str, document: dict, source: str) -> Item:
+    def _joiner(self, key: str, fp: str, document: dict, source: str, new: bool = True) -> Item:
+        """A member's item; `new`: a joiner, who may not exist in the destination yet and so is the only kind to
+        carry the email permission chosen for new people (a column's value, or false)."""
+        if not new:
+            document.pop(PERMISSION, None)
+        elif self.export.email_permission == "false":
+            document[PERMISSION] = False
         if self.export.membership == "field":
             document["custom"] = {**document.get("custom", {}), self.export.membership_key: True}
         return Item(key, fp, True, document, source)
@@ -418,12 +447,22 @@ class Sources:
         return np.where((block.digest != 0) & (self.digests[at] == block.digest) & (first != self.UNSEEN), first, -1)
 
 
-def expected_requests(bulk_only: bool, joiners: int, changed: int, leavers: int) -> int:
-    """The contact requests a run must send (the incremental issues' formulas); `bulk_only`: every change goes in
-    merges (Planner.bulk_only), else Autopilot's list mode."""
+def expected_requests(bulk_only: bool, joiners: int, changed: int, leavers: int, list_ops: int = 10,
+                      permission: bool = False) -> int:
+    """The contact requests a run must send; `bulk_only`: every change goes in merges (Planner.bulk_only), each
+    merge of joiners preceded by one creating them with their email permission when the export chose one
+    (`permission`: Ortto); else Autopilot's list mode: joiners merged `list_ops` at a time (a join message), then
+    one list call each, changed members merged 100 at a time, one list call a leaver."""
     if bulk_only:
-        return math.ceil((joiners + changed + leavers) / BULK_LIMIT)
-    return joiners + leavers + math.ceil(changed / BULK_LIMIT)
+        return math.ceil((joiners + changed + leavers) / BULK_LIMIT) + (math.ceil(joiners / BULK_LIMIT)
+                                                                         if permission else 0)
+    return joiners + math.ceil(joiners / list_ops) + leavers + math.ceil(changed / BULK_LIMIT)
+
+
+def list_ops_for(rate: float) -> int:
+    """Contacts in a list-mode message: about two seconds of per-contact requests, never more than a batch may
+    hold."""
+    return min(BULK_LIMIT, max(1, int(2 * rate)))
 
 
 def _chunks(kind: str, items: Iterable[Item], size: int) -> Iterator[Batch]:

@@ -99,7 +99,7 @@ def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes:
     outcomes = svc.records.batch_outcomes(run_id) if outcomes is None else outcomes
     problems = _problems(outcomes)
     totals = delivery_totals(outcomes)
-    if status == "cancelled" or run.get("stopped_because"):  # the contacts planned and never sent
+    if status == "cancelled":  # the contacts planned and never sent
         counts = run.get("counts") or {}
         planned = sum(counts.get(k, 0) for k in ("joiners", "changed", "leavers")) - counts.get("kept_leavers", 0)
         totals["cancelled"] = max(0, planned - totals["sent"])

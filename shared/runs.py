@@ -25,7 +25,7 @@ from shared.cdm_reader import ExportDataError, find_snapshot, read_records, reco
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message
 from shared.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
-from shared.planner import BULK_LIMIT, MassRemoval, Planner, TooManyProfiles, removal_guard
+from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, CANCELLING, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
@@ -174,8 +174,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "",
                        state=destination.id, destination=target, account=export.account.text())
     budget = svc.account(export.account).budget
-    # A list-mode message holds about two seconds of per-contact requests, never more than a batch may hold.
-    ops = min(BULK_LIMIT, max(1, int(2 * budget.rate)))
+    ops = list_ops_for(budget.rate)
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)
     try:
         streamed = target["firstSync"] and not dry_run
@@ -251,7 +250,7 @@ class Stream:
         # Planning shares the instance's cores with the senders: it keeps about STREAM_AHEAD s of requests (two
         # pages at least) ahead of what has settled, for at most STREAM_PACED s (an invocation must end), then runs
         # flat out. Run flat out from the start, it cost the senders 15% of their slots at 50 requests/s.
-        per_batch = 1 if planner.bulk_only else planner.list_ops
+        per_batch = 1 if planner.bulk_only else planner.list_ops + 1
         self.ahead = max(2 * PAGE, int(STREAM_AHEAD * self.budget.rate / per_batch))
         self.paced_until = time.monotonic() + STREAM_PACED
 

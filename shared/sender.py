@@ -6,6 +6,7 @@ queue with a growing delay instead of sleeping inside the function. A 429 holds 
 sender waits, RateBudget.throttled) and is tried again after the hold, or the rest is re-queued without counting
 a failed attempt. A 400 on a bulk call
 is split until the refused contact is isolated; only that contact is reported, with the destination's message.
+A refusal the destination makes person by person (Ortto's `invalid`, `suppressed`) settles that person, unsplit.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from shared.autopilot_client import AutopilotClient
 from shared.batch_messages import BatchMessage
 from shared.contacts import mask_email
 from shared.ortto_client import OrttoClient
+from shared.planner import PERMISSION
 from shared.rate_budget import Deferred, Pacer
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
+MERGED = "u"  # an item's first step is done (merged before its list join, or created with its permission)
 TRIES_IN_PROCESS = 3
 THROTTLED_IN_PROCESS = 3
 MAX_WAIT = 6.0  # longest wait for a request slot inside one function invocation
@@ -76,32 +79,62 @@ class BatchSender:
             return  # a redelivered batch whose every contact was already acknowledged
         if self.message.kind == "upsert":
             self._upsert(items)
+        elif self.message.kind == "join":
+            self._join(items)
         else:
             for item in items:
-                self._single(item)
+                self._single(item, lambda i=item: self.client.remove_from_list(self.message.list_id, i["k"],
+                                                                                self.pacer))
 
     def _upsert(self, items: list[dict]) -> None:
+        """One merge of the batch; on Ortto, new people whose email permission the export chose are created with
+        it first (OrttoClient.create_new), so the merge never gives them Ortto's default."""
+        chosen = [i for i in items if PERMISSION in i["d"] and not i.get(MERGED)]
+        if chosen:
+            self._merge(chosen, self.client.create_new, first_step=True)
+        rest = [i for i in items if i["k"] not in self.progress.done]
+        if rest:
+            self._merge(rest, lambda part, pace: self.client.merge(part, self.message.list_id, pace))
+
+    def _join(self, items: list[dict]) -> None:
+        """Autopilot's list mode: the joiners' data in one bulk upsert, then each joined through the list."""
+        fresh = [i for i in items if not i.get(MERGED)]
+        if fresh:
+            self._merge(fresh, lambda part, pace: self.client.merge(part, None, pace), first_step=True)
+        for item in items:
+            if item["k"] not in self.progress.done:
+                self._single(item, lambda i=item: self.client.add_to_list(self.message.list_id, i["k"], self.pacer))
+
+    def _merge(self, items: list[dict], call, first_step: bool = False) -> None:
+        """Send `items` in one call; a request refused as a whole is split until the refused contact is isolated.
+        `first_step`: an item the destination took is marked (MERGED, carried across re-queues), not settled."""
         try:
-            results = self._with_retries(lambda: self.client.merge(items, self.message.list_id, self.pacer))
+            results = self._with_retries(lambda: call(items, self.pacer))
         except Refused as exc:
             if len(items) == 1:
                 self.progress.settle(items[0], "refused", exc.message)
                 return
             half = len(items) // 2
-            self._upsert(items[:half])
-            self._upsert(items[half:])
+            self._merge(items[:half], call, first_step)
+            self._merge(items[half:], call, first_step)
             return
         for item, (outcome, reason, status) in zip(items, results, strict=True):
-            self.progress.settle(item, outcome, reason)
-            if status:
-                self.progress.results[status] += 1
+            if first_step and outcome == "acked":
+                item[MERGED] = True
+            else:
+                self.progress.settle(item, outcome, reason)
+            self._count(item, status, first_step)
 
-    def _single(self, item: dict) -> None:
-        list_id = self.message.list_id
-        if self.message.kind == "join":
-            call = lambda: self.client.upsert_contact(item["d"], list_id, self.pacer)
-        else:
-            call = lambda: self.client.remove_from_list(list_id, item["k"], self.pacer)
+    def _count(self, item: dict, status: str, first_step: bool) -> None:
+        """Ortto's per-person statuses, once a person; a new person also by the email permission it got."""
+        if not status or (item.get(MERGED) and not first_step):
+            return  # (its status is the first step's: the merge after it finds them existing)
+        self.progress.results[status] += 1
+        if status == "created":
+            permission = item["d"].get(PERMISSION, "true (Ortto's default)")
+            self.progress.results[f"created with email permission {str(permission).lower()}"] += 1
+
+    def _single(self, item: dict, call) -> None:
         try:
             self._with_retries(call)
             self.progress.settle(item, "acked")

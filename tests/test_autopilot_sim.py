@@ -197,6 +197,18 @@ def test_autopilot_list_is_honoured_on_single_and_ignored_in_bulk(sim, api):
     assert "three@x.io" not in sim.contacts()
 
 
+def test_autopilot_list_adds_only_a_contact_the_upsert_creates(sim, api):
+    """The contract's strict reading: `_autopilot_list` adds on creation; the list endpoint joins anyone."""
+    list_id = api.new_list("Segment A")
+    assert api.upsert({"Email": "old@x.io"}).ok
+    assert api("POST", "/contact", {"contact": {"Email": "OLD@x.io", "_autopilot_list": list_id}}).ok
+    assert sim.members(list_id) == set()
+    joined = api("POST", f"/list/{list_id}/contact/old@x.io")
+    assert joined.status_code == 200 and joined.json() == {}
+    assert api("POST", f"/list/{list_id}/contact/old@x.io").json() == {"not_modified": True}
+    assert sim.members(list_id) == {"old@x.io"}
+
+
 def test_new_email_rekeys_a_contact(sim, api):
     cid = api.upsert({"Email": "old@x.io", "FirstName": "O"}).json()["contact_ids"][0]
     assert api.upsert({"Email": "OLD@x.io", "_NewEmail": "new@x.io"}).ok

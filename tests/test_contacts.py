@@ -116,6 +116,23 @@ def test_a_value_that_cannot_convert_rejects_the_row_naming_column_and_type(colu
     assert typed(**{column: raw}) == Rejection("p.csv", 7, reason, "a***@e***.com")
 
 
+@pytest.mark.parametrize("field", ["Phone", "MobilePhone"])
+@pytest.mark.parametrize("written", ["0401 234 567", "0401 234", "+1 555 0123", "call me after 5"])
+def test_autopilot_phones_are_sent_as_written(field, written):
+    # Autopilot's contract documents no phone format: nothing is reformatted, nothing dropped
+    export = export_with({"Email": "Mail", field: "Note"})
+    contact = ContactMapper(export, COLUMNS).map(row("1", "ana@example.com", "", "", "", "", "", f" {written} "))
+    assert contact == Contact("ana@example.com", {"Email": "ana@example.com", field: written})
+    assert contact.dropped == ()
+
+
+def test_autopilot_dates_still_become_utc_even_across_midnight():
+    # (Ortto's keep the day written: tests/test_ortto_mapping.py)
+    mapped = typed(Since="2025-06-14T23:30:00-05:00")
+    assert mapped.document == {"Email": "ana@example.com", "FirstName": "Ana",
+                               "custom": {"date--Customer--Since": "2025-06-15T04:30:00Z"}}
+
+
 def test_missing_and_invalid_emails_are_rejected_with_the_reason():
     assert typed(Mail=" ") == Rejection("p.csv", 7, "no email in column Mail", "")
     assert typed(Mail="ana@@example.com") == Rejection(

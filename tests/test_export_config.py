@@ -10,7 +10,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.export_config import CustomField, ExportConfigError, load_exports, parse_exports
+from shared.export_config import PLAN_RATES, Connection, CustomField, ExportConfigError, load_exports, parse_exports
 
 EXPORT = {
     "name": "high-value", "enabled": True, "dataTransferAcknowledged": True,
@@ -89,7 +89,8 @@ def test_document_may_be_text_or_bytes_with_a_byte_order_mark():
      'exports[0] "high-value": maxProfiles must be a positive whole number, got "100"'),
     (lambda e: e.update(maxProfile=10),
      'exports[0] "high-value": maxProfile is not a known key (did you mean "maxProfiles"?); known keys: name, enabled, '
-     "dataTransferAcknowledged, source, destination, fields, customFields, maxProfiles, maxRemovalPercent"),
+     "dataTransferAcknowledged, source, destination, fields, customFields, maxProfiles, maxRemovalPercent, "
+     "phoneRegion"),
     (lambda e: e.update(maxRemovalPercent=120),
      'exports[0] "high-value": maxRemovalPercent must be a number from 0 to 100, got 120'),
     (lambda e: e.update(maxRemovalPercent=True),
@@ -228,6 +229,136 @@ def test_an_unacknowledged_export_validates_but_may_not_run():
     parse_exports(document(EXPORT))[0].check_runnable()
 
 
+# --- Ortto: the plan's rate, phone regions, new people's email permission -----------------------------
+ORTTO = {"name": "ortto-au", "platform": "ortto", "region": "au", "secretName": "ortto-key"}
+ORTTO_EXPORT = {**MINIMAL, "destination": {"connection": "ortto-au", "membership": "list", "list": "Lapsed"}}
+
+
+def ortto_document(connection: dict | None = None, **export) -> dict:
+    """One export (ORTTO_EXPORT changed by `export`; `destination` keys are added to its destination) on one
+    connection (ORTTO unless given)."""
+    definition = copy.deepcopy(ORTTO_EXPORT)
+    definition["destination"].update(export.pop("destination", {}))
+    return {"connections": [connection or ORTTO], "exports": [{**definition, **export}]}
+
+
+def resolved_rate(connection: dict) -> float:
+    (export,) = parse_exports(ortto_document(connection))
+    return export.account.resolved("app-key", "https://autopilot.example", 2.0).rate
+
+
+@pytest.mark.parametrize("plan, rate", [("free", 1.0), ("campaigns", 5.0), ("professional", 10.0),
+                                        ("business", 30.0), (None, 10.0)])
+def test_an_ortto_connection_takes_its_rate_from_its_plan(plan, rate):
+    connection = dict(ORTTO, plan=plan) if plan else ORTTO
+    assert resolved_rate(connection) == rate == PLAN_RATES.get(plan or "professional")
+    assert resolved_rate(dict(ORTTO, requestsPerSecond=4)) == 4.0  # a rate of its own, without a plan, is kept
+
+
+def test_the_plan_survives_the_run_record_and_the_public_view():
+    (export,) = parse_exports(ortto_document(dict(ORTTO, plan="campaigns")))
+    assert export.account.plan == "campaigns"
+    assert export.account.public()["plan"] == "campaigns"
+    assert Connection.from_text(export.account.text()) == export.account
+    assert Connection.from_text(export.account.text()).resolved("k", "u", 2.0).rate == 5.0
+
+
+@pytest.mark.parametrize("connection, problem", [
+    (dict(ORTTO, plan="business", requestsPerSecond=30),
+     "connections[0]: plan and requestsPerSecond both set the rate: give only one (the plans' rates, requests/s: "
+     "free 1, campaigns 5, professional 10, business 30)"),
+    (dict(ORTTO, plan="Business"),
+     'connections[0]: plan must be one of "free", "campaigns", "professional", "business", got "Business"'),
+    ({"name": "ortto-au", "secretName": "k", "plan": "free"},
+     'connections[0]: plan is only used by an Ortto connection ("platform": "ortto"); an Autopilot connection\'s '
+     "rate is requestsPerSecond"),
+    ({"name": "ortto-au", "secretName": "k", "phoneRegion": "AU"},
+     'connections[0]: phoneRegion is only used by an Ortto connection ("platform": "ortto"): Autopilot\'s contract '
+     "documents no phone format, so phones go to it as written"),
+    (dict(ORTTO, phoneRegion="au"),
+     'connections[0]: phoneRegion must be a country\'s ISO 3166-1 alpha-2 code such as "AU", "GB" or "US" (did you '
+     'mean "AU"?), got "au"'),
+    (dict(ORTTO, phoneRegion="XX"),
+     'connections[0]: phoneRegion must be a country\'s ISO 3166-1 alpha-2 code such as "AU", "GB" or "US", got "XX"'),
+    (dict(ORTTO, phoneRegion=61),
+     "connections[0]: phoneRegion must be a string, got a number 61"),
+])
+def test_connection_settings_ortto_cannot_use_are_refused_naming_the_path(connection, problem):
+    assert problem in problems_of(ortto_document(connection))
+
+
+def test_phone_region_comes_from_the_connection_unless_the_export_names_its_own():
+    connection = dict(ORTTO, phoneRegion="AU")
+    assert parse_exports(ortto_document())[0].phone_region is None
+    assert parse_exports(ortto_document(connection))[0].phone_region == "AU"
+    (export,) = parse_exports(ortto_document(connection, phoneRegion="GB"))
+    assert export.phone_region == "GB"
+    assert export.public()["phoneRegion"] == "GB"
+    assert parse_exports({"connections": [ORTTO], "exports": [export.public()]}) == (export,)
+
+
+def test_phone_region_on_an_autopilot_export_is_refused():
+    assert problems_of(document(dict(MINIMAL, phoneRegion="AU"))) == [
+        'exports[0] "lapsed": phoneRegion only applies to Ortto exports: Autopilot\'s contract documents no phone '
+        "format, so phones go to it as written"]
+    assert problems_of(ortto_document(phoneRegion="ZZ")) == [
+        'exports[0] "lapsed": phoneRegion must be a country\'s ISO 3166-1 alpha-2 code such as "AU", "GB" or "US", '
+        'got "ZZ"']
+
+
+@pytest.mark.parametrize("new_people, permission, column, shown", [
+    (None, "ortto-default", None, None),
+    ({}, "ortto-default", None, None),
+    ({"emailPermission": "ortto-default"}, "ortto-default", None, None),
+    ({"emailPermission": False}, "false", None, {"emailPermission": False}),
+    ({"emailPermission": {"column": " Consent "}}, "column", "Consent", {"emailPermission": {"column": "Consent"}}),
+])
+def test_new_peoples_email_permission_is_read_and_shown_in_the_documents_shape(new_people, permission, column, shown):
+    destination = {} if new_people is None else {"newPeople": new_people}
+    (export,) = parse_exports(ortto_document(destination=destination))
+    assert (export.email_permission, export.email_permission_column) == (permission, column)
+    assert export.public()["destination"].get("newPeople") == shown
+    assert parse_exports({"connections": [ORTTO], "exports": [export.public()]}) == (export,)
+
+
+PERMISSION = 'exports[0] "lapsed": destination.newPeople.emailPermission'
+
+
+@pytest.mark.parametrize("new_people, problem", [
+    ({"emailPermission": True},
+     f'{PERMISSION} must not be true: "ortto-default" already subscribes every new person (Ortto\'s own behaviour), '
+     'and true would be the same choice spelt differently; write "ortto-default" or leave emailPermission out'),
+    ({"emailPermission": "subscribed"},
+     f'{PERMISSION} must be "ortto-default", false or {{"column": "<CSV column>"}}, got "subscribed"'),
+    ({"emailPermission": 0}, f'{PERMISSION} must be "ortto-default", false or {{"column": "<CSV column>"}}, got 0'),
+    ({"emailPermission": None},
+     f'{PERMISSION} must be "ortto-default", false or {{"column": "<CSV column>"}}, got null'),
+    ({"emailPermission": {}}, f"{PERMISSION}.column is required"),
+    ({"emailPermission": {"column": " "}}, f"{PERMISSION}.column must not be empty"),
+    ({"emailPermission": {"column": 3}}, f"{PERMISSION}.column must be a string, got a number 3"),
+    ({"emailPermission": {"column": "Consent", "Column": "X"}},
+     f'{PERMISSION}.Column is not a known key (did you mean "column"?); known keys: column'),
+    ({"emailpermission": False},
+     'exports[0] "lapsed": destination.newPeople.emailpermission is not a known key (did you mean '
+     '"emailPermission"?); known keys: emailPermission'),
+    (False, 'exports[0] "lapsed": destination.newPeople must be an object, got a boolean'),
+])
+def test_bad_new_people_settings_are_named_with_their_path(new_people, problem):
+    assert problems_of(ortto_document(destination={"newPeople": new_people})) == [problem]
+
+
+@pytest.mark.parametrize("permission", [False, {"column": "Consent"}])
+def test_new_peoples_permission_is_refused_on_autopilot(permission):
+    export = copy.deepcopy(MINIMAL)
+    export["destination"]["newPeople"] = {"emailPermission": permission}
+    assert problems_of(document(export)) == [
+        f"{PERMISSION} only applies to Ortto exports: Autopilot has no append-only write, so a contact's permission "
+        "could not be set for new contacts without changing existing ones; new Autopilot contacts get email "
+        "permission"]
+    export["destination"]["newPeople"] = {"emailPermission": "ortto-default"}  # what Autopilot does anyway
+    assert parse_exports(document(export))[0].email_permission == "ortto-default"
+
+
 # --- where the document comes from ----------------------------------------------------------------
 def no_blob(container: str, path: str) -> bytes:
     raise AssertionError("EXPORTS wins: the blob must not be read")
@@ -277,10 +408,12 @@ def test_without_a_usable_setting_the_message_says_what_to_set(env, message):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["", "list", "field", "x", "../a", "Email"]),
+    st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["", "list", "field", "x", "../a", "Email",
+                                                                      "ortto", "AU", "au", "free", "ortto-default"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         st.sampled_from(["name", "source", "destination", "fields", "Email", "membership", "list", "field",
-                         "segment", "container", "customFields", "type", "column", "maxProfiles", "exports", "zz"]),
+                         "segment", "container", "customFields", "type", "column", "maxProfiles", "exports", "zz",
+                         "newPeople", "emailPermission", "phoneRegion", "plan", "connections", "platform"]),
         inner, max_size=4),
     max_leaves=12,
 )

@@ -68,7 +68,8 @@ def _env() -> dict:
 
 
 def _joins(sim) -> list[dict]:
-    return [r for r in sim.request_log() if r["path"].endswith("/contact") and r["status"] == 200]
+    return [r for r in sim.request_log()
+            if r["method"] == "POST" and r["path"].startswith("/v1/list/") and r["status"] == 200]
 
 
 def test_a_killed_local_run_leaves_no_process_and_the_same_command_resumes_its_run(setup):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime, time
 
@@ -53,14 +54,25 @@ def test_report_is_written_where_the_run_view_says(world):
     assert stored["counts"]["accepted"] == report["counts"]["accepted"] == 20
 
 
-def test_list_mode_first_sync_puts_every_joiner_on_the_list_one_request_each(world):
-    rows = list(sample_profiles(25, seed=5))
+def test_list_mode_puts_every_joiner_on_the_list_existing_contacts_too(world):
+    """A third of the segment is in Autopilot already (synced by another tool): they join the list too, each
+    through the list endpoint, after one bulk merge a message (the simulator adds on creation only)."""
+    rows = list(sample_profiles(30, seed=5))
+    emails = [r[COLUMN["PrimaryEmail"]] for r in rows]
+    api = requests.Session()
+    api.headers["autopilotapikey"] = world.stack.api_key
+    assert api.post(world.sim.base_url + "/contacts", json={"contacts": [{"Email": e} for e in emails[::3]]},
+                    timeout=5).ok
     world.define(definition("lv", membership="list"))
     world.snapshot(rows)
     report = world.run("lv")
-    assert report["status"] == "succeeded"
-    assert world.list_members() == {r[COLUMN["PrimaryEmail"]].lower() for r in rows}
-    assert len([r for r in world.contact_requests() if r["status"] == 200]) == 25
+    assert report["status"] == "succeeded" and report["counts"]["accepted"] == 30
+    assert world.list_members() == {e.lower() for e in emails}
+    sent = [r for r in world.contact_requests() if r["status"] == 200][1:]  # (the pre-existing contacts' merge)
+    joins = [r for r in sent if r["method"] == "POST" and r["path"].startswith("/v1/list/")]
+    merges = [r for r in sent if r["path"] == "/v1/contacts"]
+    assert len(joins) == 30 and sum(r["n"] for r in merges) == 30
+    assert len(sent) == report["plannedRequests"] == 30 + math.ceil(30 / min(100, int(2 * world.stack.rate)))
 
 
 def _create_list(world, title: str) -> str:

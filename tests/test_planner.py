@@ -80,12 +80,14 @@ def test_bad_rows_are_rejected_and_counted_without_stopping_the_plan():
                                                                               (3, "expected 3 columns,")]
 
 
-def test_list_mode_sends_joins_and_leaves_one_by_one_and_changes_in_bulk():
+def test_list_mode_merges_joiners_per_message_then_joins_and_leaves_one_by_one():
     segment = rows(*[(f"j{i}@x.com", "J") for i in range(4)], ("c@x.com", "New"))
     state = [acked("c@x.com", "Old"), acked("l@x.com", "L")]
     result, batches = plan(export("list"), segment, state)
     assert [(b.kind, len(b.items)) for b in batches] == [("join", 3), ("join", 1), ("upsert", 1), ("leave", 1)]
-    assert result.requests == sum(b.requests for b in batches) == expected_requests(False, 4, 1, 1) == 6
+    # 4 list joins + a bulk merge per join message (2) + 1 merge of the changed + 1 leave
+    assert [b.requests for b in batches] == [4, 2, 1, 1]
+    assert result.requests == sum(b.requests for b in batches) == expected_requests(False, 4, 1, 1, list_ops=3) == 8
 
 
 def test_field_mode_packs_every_change_into_bulk_batches_of_100():

@@ -23,7 +23,9 @@ Choices where the contract is silent: a custom field's type is fixed by its firs
 another type is 400); custom values must not be null; standard fields take JSON scalars; `+` in a path decodes to
 a space (the contract asks clients to send `%2B`); `_NewEmail` re-keys a contact (409 if the new email belongs
 to another contact); bookmarks are the last contact id of a page and pages are in contact-id order, so adding or
-removing members between pages never repeats or skips the others; the request log's `path` is the raw path
+removing members between pages never repeats or skips the others; `_autopilot_list` in a single upsert adds the
+contact to the list only when the upsert creates it (the contract's strict reading: no source shows it adding a
+contact that exists); the request log's `path` is the raw path
 without query string and `n` counts the contacts sent in contact writes, whatever the status.
 
 Measuring throughput (no timing assertions in the tests): start `python -m tools.autopilot_sim --port 8765
@@ -344,8 +346,9 @@ class AutopilotSim(SimBase):
         if list_id is not None:
             self._require_list(list_id)  # before writing: an unknown list refuses the whole call
         self._store.check([doc])
+        created = self._store.find(doc["Email"]) is None
         cid = self._store.upsert(doc)
-        if list_id is not None:
+        if list_id is not None and created:  # read strictly: a list on creation only (the contract)
             self._store.members[list_id].add(cid)
         return _Reply(200, {"contact_id": cid})
 

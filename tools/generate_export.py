@@ -91,7 +91,9 @@ def profile(i: int, seed: int = 0) -> tuple[str, ...]:
         street,
         _CITIES[(h >> 32) % len(_CITIES)],
         _COUNTRIES[(h >> 36) % len(_COUNTRIES)],
-        f"+1 555 {h % 10000:04d}" if (h >> 40) % 3 else "",
+        # valid numbers (Ortto exports send phones in international form and leave out any they cannot read), from
+        # the 555-0100..0199 range set aside for fiction, so none is anyone's real number
+        f"+1 201 555 01{h % 100:02d}" if (h >> 40) % 3 else "",
         str((h >> 12) % 5000) if (h >> 44) % 10 else "",
         f"{(h >> 20) % 1_000_000 / 100:.2f}",
         purchase.strftime("%Y-%m-%dT%H:%M:%SZ"),

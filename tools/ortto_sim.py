@@ -1,54 +1,95 @@
 """A local simulator of the Ortto v1 REST API, following `shared/ortto-api.md` (the contract).
 
-The live API cannot be reached from our machines, so tests, benchmarks and the demo talk to this instead.
+The live API cannot be reached from our machines, so tests, benchmarks and the demo talk to this instead. Where
+the contract quotes a recorded answer ([R]) the simulator answers in that shape (tests/fixtures/ortto_recorded.json
+holds them verbatim, and tests/test_ortto_sim.py compares); where it is silent, the simulator is strict.
 
 In process (tests)::
 
-    with OrttoSim("key", rate=10) as sim:             # port 0 picks a free loopback port
+    with OrttoSim("key", plan="professional") as sim:  # port 0 picks a free loopback port; rate=10 is the same
         requests.post(sim.base_url + "/person/merge", json={...}, headers={"X-Api-Key": "key"})
         sim.people(); sim.custom_fields(); sim.state(); sim.request_log()
-        sim.faults = Faults(fail_rate=0.1)           # replaceable at runtime, as are rate, try_in_seconds,
-                                                     # contact_limit and suppressed
+        sim.faults = Faults(fail_rate=0.1)           # replaceable at runtime, as are rate, try_in_seconds and
+                                                     # suppressed
 
 As a process::
 
-    python -m tools.ortto_sim --port 0 --rate 30 --api-key KEY [--try-in-seconds 1 --fail-rate 0.01 ...]
+    python -m tools.ortto_sim --port 0 --rate 30 --api-key KEY [--plan business --try-in-seconds 1 ...]
 
 It prints `ortto-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT; `OrttoSimProcess`
-starts it and reads it back. The request pipeline, the rate limit (a sliding one-second window per key), the
-faults and the admin endpoints are tools.sim_base's. `GET /_sim/state` answers `{"people": {lower-case email:
-{"id", "fields", "tags": sorted}}, "custom_fields": {id: {"name", "display_type"}}, "bans", "consent_writes",
-"subscribe_calls"}`; `POST /_sim/config` also takes `try_in_seconds`, `contact_limit` (null: unlimited) and
-`suppressed` (a list of emails).
+starts it and reads it back. The request pipeline, the faults and the admin endpoints are tools.sim_base's.
+`GET /_sim/state` answers `{"people": {lower-case email: {"id", "fields" (bol::p and bol::sp included), "tags":
+sorted}}, "custom_fields": {id: {"name", "display_type", "track_changes"}}, "bans", "consent_writes",
+"subscribe_calls"}`; `POST /_sim/config` also takes `try_in_seconds`, `suppressed` (a list of emails) and `plan`.
 
 Endpoints: `POST /v1/person/merge`, `POST /v1/person/get`, `POST /v1/person/custom-field/create`,
 `POST /v1/person/custom-field/get`, and `PUT /v1/audience/subscribe`, which applies nothing, answers `{}` and is
-counted in `subscribe_calls` (a sync must never call it). Errors answer `{"code", "error", "request_id"}`;
-a missing or wrong `X-Api-Key` is 401. A throttled request (rate or burst) gets 429 `{"error": {"code":
-"rate-limit", "message": "rate limit", "try-in-seconds": try_in_seconds}}` with no Retry-After header.
+counted in `subscribe_calls` (a sync must never call it). Every error answers `{"request_id": uuid, "code": the
+HTTP status as a number, "error": text}`, plus `"details"` for a merge with no valid person; a missing or wrong
+`X-Api-Key` is 401. There is no contact limit (the contract: Ortto keeps accepting people, nothing answers 507).
+
+Rate limit, by plan (PLANS: free 1/s, campaigns 5, professional 10, business 30): `rate` is the plan's sustained
+rate (`plan` sets it, and wins over a `rate` given with it: constructor, CLI, /_sim/config), and a key
+may make 20 x rate requests in any sliding 10 s and 60 x rate in any sliding 60 s (WINDOWS; sim_base's one-second
+window is not used). Only accepted requests count; `rate` None or 0 is unthrottled. A throttled request (windows
+or burst fault) gets 429 `{"error": {"code": "rate-limit", "message": "rate limit", "try-in-seconds":
+try_in_seconds}}` with no Retry-After header; try_in_seconds is a setting (default 1), not the time the windows
+need. The per-IP limits (2,000 per 10 s, 6,000 per 60 s) are not simulated.
 
 Bad-request ban: once BAN_AFTER requests were answered 400 within BAN_WINDOW seconds, every /v1 request for the
-next BAN_SECONDS is answered 403 `ip-banned` before routing, auth and throttling, and applies nothing; `bans`
-counts the bans. There is one client (loopback), so the ban is simulator-wide.
+next BAN_SECONDS is answered 403 (the error shape above) before routing, auth and throttling, and applies
+nothing; `bans` counts the bans. There is one client (loopback), so the ban is simulator-wide. Every 400 counts,
+a merge's "No valid contacts provided" included: the contract does not say which 400s Ortto counts.
 
-Choices where the contract is silent:
-  - merge: the whole request is validated before anything is applied; one invalid person refuses it (400 naming
-    `people[i]`, the field and why). `merge_by` must be `["str::email"]`; `merge_strategy` defaults to 2,
-    `find_strategy` to 0 (0, 1 or 2 accepted, ignored); unknown keys at the top, in a person, in a `dtz`, `phn` or
-    `geo` value are 400. `phn` needs both `phone` and `parse_with_country_code`. `str::email` must be a
-    plausible address (tools.sim_base.plausible_email) and cannot be null; any other field may be null, which
-    clears it under strategy 2 and does nothing under 1. A body over 2,000,000 bytes is 413.
-  - people are matched by email case-insensitively and keep the email last sent. Strategy 1 fills only absent
-    fields, 2 overwrites, 3 leaves existing people untouched (status `ignored`, with their `person_id`); tags
-    and unset_tags apply under 1 and 2, and to people created. `skip_non_existing` answers `ignored` (no
-    person_id) for people not found. A person created gets `bol::p` true and `bol::sp` false unless sent;
-    each person in an accepted merge that carries `bol::p` or `bol::sp` adds one to `consent_writes`.
-  - a merge that would take the number of people above `contact_limit` is 507 `contact-limit`, nothing applied.
-  - person ids are 24 lower-case hex digits, a creation counter then seeded random digits.
-  - custom-field/create: the name must give a non-empty kebab and be at most 255 characters; other keys of
-    `field` are ignored. person/get: `fields` is required and every id must exist; `limit` 1 to 500 (default
-    500), `offset` from 0; a person's `fields` holds only the asked ids it has a value for.
-  - the request log's `n` is the number of people sent in a merge, whatever the status.
+Merge (the contract: people are validated one by one):
+  - the request as a whole is checked first, and a fault there is a plain 400 (no details) applying nothing: the
+    body is an object with only the documented keys, `people` a list of 1 to 100, `merge_by` exactly
+    `["str::email"]`, `merge_strategy` 1-3 (default 2), `find_strategy` 0-2 (default 0, ignored), `async` and
+    `skip_non_existing` booleans, `suppression_list_field_id` (if sent) `"str::email"`. A body over 2,000,000
+    bytes is 413.
+  - then each person. A person's first problem makes their result `{"status": "invalid", "error": "failed to
+    validate field <id> in schema: <why>"}` ("failed to validate person ..." or "... tags ..." when no field is
+    at fault): not an object with a `fields` object, or a key other than fields/tags/unset_tags (person); no
+    plausible `str::email` of at most 255 characters (tools.sim_base.plausible_email); a field id that is neither
+    standard nor created ("Object not found", as recorded); a value of the wrong type (null is allowed, except
+    for the email); tags or unset_tags not lists of 1-255 character strings, or a tag in both (tags).
+    Values: `str` 255 characters, `txt` 4,000, `int` a JSON integer within int64, `bol` true/false, `dtz` exactly
+    year, month, day (integers forming a real date) and timezone (a non-empty string, not checked against a zone
+    database), so hour/minute/second are invalid; `geo` exactly `{"name": string}`; `phn` exactly `{"phone":
+    string, "parse_with_country_code": true}` with the number in international form: an optional "+", then 8 to
+    15 digits, the first not 0, nothing else ("not a number in international form"). The contract documents
+    only `true` and says local numbers must be made international first, so `false` is refused too.
+  - a new person whose email is in `suppressed` is `{"status": "suppressed", "error": "Email is suppressed"}` when
+    the call sends `suppression_list_field_id`; an existing one is merged as usual.
+  - if no person is valid (each invalid or suppressed) the call is 400 `{"request_id", "code": 400, "error": "No
+    valid contacts provided (<the first person's error>)", "details": [{"status", "error"} per person, in
+    order]}` and applies nothing. Otherwise it is 200 and applies the valid people only: with `async: false`
+    `{"people": [...]}`, one result per person in order, `{"status", "person_id"}` or, for an invalid or
+    suppressed person, `{"status", "error"}`; with `async: true` `{}` (validated and applied at once).
+  - people are matched by email case-insensitively and keep the email last sent; a repeated email in one call
+    merges into the first. Strategy 1 writes only fields the person has no value for (null does nothing), 2
+    overwrites (null clears), 3 leaves existing people untouched (status `ignored`, with their `person_id`).
+    A new person has no values, so under any strategy gets every non-null field sent, then `bol::p` true and
+    `bol::sp` false unless sent with a value. Tags and unset_tags apply under 1 and 2, and to people created.
+    `skip_non_existing` answers `ignored` (no person_id) for people not found. Each accepted person (not invalid
+    or suppressed) carrying `bol::p` or `bol::sp` adds one to `consent_writes`.
+  - person ids are 24 lower-case hex digits, a creation counter then seeded random digits. The request log's
+    `n` is the number of people sent, whatever the answer.
+
+Custom fields:
+  - create takes a flat `{"name", "type", "track_changes" (optional boolean)}`; any other key is 400 (the old
+    nested `{"field": {...}}` included). Types and prefixes: text str, large_text txt, integer int, decimal int,
+    date dtz, bool bol, phone phn. `boolean` (and `geo`) are not types: 400. single_select and multi_select are
+    refused with 400 as not supported by the simulator: the contract gives neither their id prefix nor the form
+    of their values. The name must give a non-empty kebab (lower-case letters and digits joined by "-") and be
+    at most 255 characters; the id is `<prefix>:cm:<kebab>`. A name whose kebab any field already has, of any
+    type, is 400 naming that field, nothing created (undocumented; names are unique across types). At most
+    MAX_CUSTOM_FIELDS (100, Professional). The answer is `{"name", "field_id", "display_type"}`.
+  - get takes no body or `{}` (any key is 400) and answers `{"fields": [{"field": {"id", "name", "display_type",
+    "liquid_name": "people.custom.<kebab>"}, "tracked_value": track_changes as created}]}`, in creation order,
+    custom fields only.
+  - person/get: `fields` is required and every id must exist; `limit` 1 to 500 (default 500), `offset` from 0; a
+    person's `fields` holds only the asked ids they have a value for.
 """
 
 from __future__ import annotations
@@ -74,14 +115,18 @@ STANDARD_FIELDS = frozenset({
     EMAIL, "str::first", "str::last", "phn::phone", "geo::city", "geo::country", "geo::region", "str::postal",
     "str::ei", *CONSENT_DEFAULTS,
 })
-FIELD_TYPES = {"text": "str", "large_text": "txt", "integer": "int", "decimal": "int", "boolean": "bol",
-               "date": "dtz", "phone": "phn", "geo": "geo"}
+FIELD_TYPES = {"text": "str", "large_text": "txt", "integer": "int", "decimal": "int", "date": "dtz", "bool": "bol",
+               "phone": "phn"}
+UNSUPPORTED_TYPES = ("single_select", "multi_select")  # documented, but with no id prefix or value form given
+FIELD_KEYS = frozenset({"name", "type", "track_changes"})
+PLANS = {"free": 1, "campaigns": 5, "professional": 10, "business": 30}  # sustained requests/s
 MERGE_KEYS = frozenset({"people", "merge_by", "merge_strategy", "find_strategy", "async", "skip_non_existing",
                         "suppression_list_field_id"})
 PERSON_KEYS = frozenset({"fields", "tags", "unset_tags"})
 GET_KEYS = frozenset({"limit", "offset", "fields", "filter"})
-DTZ_REQUIRED = frozenset({"year", "month", "day", "timezone"})
-DTZ_CLOCK = {"hour": 23, "minute": 59, "second": 59}
+DTZ_KEYS = frozenset({"year", "month", "day", "timezone"})
+INTERNATIONAL = re.compile(r"\+?[1-9][0-9]{7,14}")  # [0-9], not \d: other scripts' digits are not a number
+SUPPRESSED = "Email is suppressed"  # the recorded text
 MAX_PEOPLE = 100
 MAX_CUSTOM_FIELDS = 100
 MAX_PAGE = 500
@@ -89,17 +134,25 @@ MAX_STRING = 255
 MAX_TEXT = 4000
 MAX_PAYLOAD = 2_000_000
 INT64 = range(-(2**63), 2**63)
-ERROR_CODES = {400: "bad-request", 401: "unauthorized", 403: "ip-banned", 404: "not-found",
-               405: "method-not-allowed", 409: "field-exists", 411: "length-required", 413: "payload-too-large",
-               500: "internal-error", 507: "contact-limit"}
 
 
-def _error_reply(status: int, message: str) -> _Reply:
-    return _Reply(status, {"code": ERROR_CODES[status], "error": message, "request_id": str(uuid.uuid4())})
+def _error_reply(status: int, message: str, details: list | None = None) -> _Reply:
+    body = {"request_id": str(uuid.uuid4()), "code": status, "error": message}  # the recorded order
+    if details is not None:
+        body["details"] = details
+    return _Reply(status, body)
 
 
 def _bad(message: str) -> SimError:
     return SimError(_error_reply(400, message))
+
+
+class _Invalid(Exception):
+    """One person's problem: their result is `invalid` with this text, and the rest of the call goes on."""
+
+
+def _invalid(subject: str, why: str) -> _Invalid:
+    return _Invalid(f"failed to validate {subject} in schema: {why}")
 
 
 # --- validation (pure: runs before anything is written, so a refused call changes nothing) ----------------------
@@ -111,74 +164,88 @@ def _is_string(value: object, limit: int = MAX_STRING) -> bool:
     return isinstance(value, str) and len(value) <= limit
 
 
-def _is_dtz(value: object) -> bool:
-    if not isinstance(value, dict) or not DTZ_REQUIRED <= value.keys() <= DTZ_REQUIRED | DTZ_CLOCK.keys():
-        return False
-    if not isinstance(value["timezone"], str) or not all(type(value[k]) is int for k in ("year", "month", "day")):
-        return False
-    if not all(_is_int(value.get(k, 0), 0, high) for k, high in DTZ_CLOCK.items()):
-        return False
+def _dtz_problem(value: object) -> str | None:
+    if not isinstance(value, dict) or value.keys() != DTZ_KEYS:
+        return 'expected exactly "year", "month", "day" and "timezone" (a dtz has no time of day)'
+    if not all(type(value[k]) is int for k in ("year", "month", "day")):
+        return "year, month and day must be integers"
+    if not (isinstance(value["timezone"], str) and 0 < len(value["timezone"]) <= MAX_STRING):
+        return "timezone must be a non-empty string"
     try:
         date(value["year"], value["month"], value["day"])
     except (ValueError, OverflowError):
-        return False
-    return True
+        return "year, month and day do not form a date"
+    return None
 
 
-def _is_phone(value: object) -> bool:
-    return (isinstance(value, dict) and value.keys() == {"phone", "parse_with_country_code"}
-            and _is_string(value["phone"]) and isinstance(value["parse_with_country_code"], bool))
+def _phone_problem(value: object) -> str | None:
+    if not (isinstance(value, dict) and value.keys() == {"phone", "parse_with_country_code"}
+            and isinstance(value["phone"], str) and isinstance(value["parse_with_country_code"], bool)):
+        return 'expected {"phone": string, "parse_with_country_code": boolean}'
+    if not value["parse_with_country_code"]:
+        # The contract shows no other form: a local number is to be made international first.
+        return "parse_with_country_code false is not supported: send the number in international form with true"
+    if not INTERNATIONAL.fullmatch(value["phone"]):
+        return "not a number in international form"
+    return None
 
 
-def _is_geo(value: object) -> bool:
-    return isinstance(value, dict) and value.keys() == {"name"} and _is_string(value["name"])
+def _checked(check: Callable[[object], bool], wanted: str) -> Callable[[object], str | None]:
+    return lambda value: None if check(value) else f"expected {wanted} or null, got {json.dumps(value)[:100]}"
 
 
-# Per type prefix: the check and what it asks for (the 400's "why").
-VALUE_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "str": (_is_string, f"a string of at most {MAX_STRING} characters"),
-    "txt": (lambda v: _is_string(v, MAX_TEXT), f"a string of at most {MAX_TEXT:,} characters"),
-    "int": (lambda v: type(v) is int and v in INT64, "a JSON integer within int64"),
-    "bol": (lambda v: isinstance(v, bool), "true or false"),
-    "dtz": (_is_dtz, 'an object with integer "year", "month", "day" forming a real date, a string "timezone" '
-                     'and optional integer "hour" (0-23), "minute" and "second" (0-59)'),
-    "phn": (_is_phone, 'an object {"phone": string, "parse_with_country_code": boolean}'),
-    "geo": (_is_geo, 'an object {"name": string}'),
+# Per type prefix: what is wrong with a (non-null) value, or None.
+VALUE_PROBLEMS: dict[str, Callable[[object], str | None]] = {
+    "str": _checked(_is_string, f"a string of at most {MAX_STRING} characters"),
+    "txt": _checked(lambda v: _is_string(v, MAX_TEXT), f"a string of at most {MAX_TEXT:,} characters"),
+    "int": _checked(lambda v: type(v) is int and v in INT64, "a JSON integer within int64"),
+    "bol": _checked(lambda v: isinstance(v, bool), "true or false"),
+    "geo": _checked(lambda v: isinstance(v, dict) and v.keys() == {"name"} and _is_string(v["name"]),
+                    'an object {"name": string}'),
+    "dtz": _dtz_problem,
+    "phn": _phone_problem,
 }
 
 
-def _check_tags(where: str, person: dict) -> None:
+def _check_field(field_id: str, value: object, custom_fields: dict) -> None:
+    if field_id not in STANDARD_FIELDS and field_id not in custom_fields:
+        raise _invalid(f"field {field_id}", "Object not found")  # the recorded text
+    problem = None if value is None else VALUE_PROBLEMS[field_id.split(":", 1)[0]](value)
+    if problem:
+        raise _invalid(f"field {field_id}", problem)
+
+
+def _check_tags(person: dict) -> None:
     for key in ("tags", "unset_tags"):
         tags = person.get(key, [])
         if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= MAX_STRING for t in tags):
-            raise _bad(f"{where}.{key} must be a list of non-empty strings of at most {MAX_STRING} characters.")
+            raise _invalid("tags", f"{key} must be a list of non-empty strings of at most {MAX_STRING} characters")
     both = set(person.get("tags", [])) & set(person.get("unset_tags", []))
     if both:
-        raise _bad(f"{where}: tag {min(both)!r} is in both tags and unset_tags; the order would be undefined.")
+        raise _invalid("tags", f"tag {min(both)!r} is in both tags and unset_tags; the order would be undefined")
 
 
-def _check_field(where: str, field_id: str, value: object, custom_fields: dict) -> None:
-    if field_id not in STANDARD_FIELDS and field_id not in custom_fields:
-        raise _bad(f"{where}: unknown field {field_id}; create custom fields with /v1/person/custom-field/create.")
-    check, wanted = VALUE_CHECKS[field_id.split(":", 1)[0]]
-    if value is not None and not check(value):
-        raise _bad(f"{where}: field {field_id} must be {wanted} or null, got {json.dumps(value)[:100]}.")
-
-
-def _check_person(index: int, person: object, custom_fields: dict) -> None:
-    where = f"people[{index}]"
+def _check_person(person: object, custom_fields: dict) -> None:
     if not isinstance(person, dict) or not isinstance(person.get("fields"), dict):
-        raise _bad(f"{where} must be an object with a fields object.")
+        raise _invalid("person", "expected an object with a fields object")
     unknown = sorted(person.keys() - PERSON_KEYS)
     if unknown:
-        raise _bad(f"{where}: unknown key(s) {', '.join(unknown)}.")
+        raise _invalid("person", f"unknown key(s) {', '.join(unknown)}")
     email = person["fields"].get(EMAIL)
     if not (plausible_email(email) and _is_string(email)):
-        raise _bad(f"{where}: field {EMAIL} must be an email address of at most {MAX_STRING} characters, "
-                   f"got {json.dumps(email)[:100]}.")
+        raise _invalid(f"field {EMAIL}", f"expected an email address of at most {MAX_STRING} characters, "
+                                         f"got {json.dumps(email)[:100]}")
     for field_id, value in person["fields"].items():
-        _check_field(where, field_id, value, custom_fields)
-    _check_tags(where, person)
+        _check_field(field_id, value, custom_fields)
+    _check_tags(person)
+
+
+def _person_error(person: object, custom_fields: dict) -> str | None:
+    try:
+        _check_person(person, custom_fields)
+    except _Invalid as exc:
+        return str(exc)
+    return None
 
 
 def _check_merge_options(payload: object) -> None:
@@ -198,6 +265,27 @@ def _check_merge_options(payload: object) -> None:
         raise _bad("async and skip_non_existing must be booleans.")
     if payload.get("suppression_list_field_id", EMAIL) != EMAIL:
         raise _bad(f"suppression_list_field_id must be {EMAIL}.")
+
+
+def _field_request(payload: object) -> tuple[str, str, bool]:
+    """The name, type and track_changes of a custom-field/create body."""
+    if not isinstance(payload, dict):
+        raise _bad("The body must be a JSON object.")
+    if payload.get("type") in UNSUPPORTED_TYPES:
+        raise _bad(f"Type {payload['type']} is not supported by the simulator: the contract gives neither its field "
+                   "id prefix nor the form of its values.")
+    unknown = sorted(payload.keys() - FIELD_KEYS)
+    if unknown:
+        raise _bad(f'Unknown key(s) {", ".join(unknown)}: the body is flat, {{"name": string, "type": string, '
+                   f'"track_changes": boolean (optional)}}.')
+    name, kind, track = payload.get("name"), payload.get("type"), payload.get("track_changes", False)
+    if not isinstance(kind, str) or kind not in FIELD_TYPES:  # a list would not even hash
+        raise _bad(f"type must be one of {', '.join(FIELD_TYPES)}, got {json.dumps(kind)[:100]}.")
+    if not isinstance(track, bool):
+        raise _bad("track_changes must be a boolean.")
+    if not (isinstance(name, str) and _kebab(name) and len(name) <= MAX_STRING):
+        raise _bad(f"name must be a string holding a letter or digit, of at most {MAX_STRING} characters.")
+    return name, kind, track
 
 
 def _page_options(payload: object, custom_fields: dict) -> tuple[int, int, list[str]]:
@@ -221,6 +309,12 @@ def _whole(seconds: float) -> float:
     return int(seconds) if float(seconds).is_integer() else seconds
 
 
+def _plan_rate(plan: object) -> int:
+    if not isinstance(plan, str) or plan not in PLANS:
+        raise ValueError(f"plan must be one of {', '.join(PLANS)}")
+    return PLANS[plan]
+
+
 # --- state --------------------------------------------------------------------------------------------------
 class _Store:
     """People (by lower-case email, in creation order) and custom fields. Only used under the simulator's lock."""
@@ -229,7 +323,7 @@ class _Store:
         self._ids = random.Random(seed)  # its own generator: fault draws must not depend on how many ids were made
         self._counter = 0
         self.people: dict[str, dict] = {}  # lower-case email -> {"id", "fields", "tags": set}
-        self.custom_fields: dict[str, dict] = {}  # id -> {"name", "display_type"}
+        self.custom_fields: dict[str, dict] = {}  # id -> {"name", "display_type", "track_changes"}
         self.consent_writes = 0
         self.subscribe_calls = 0
 
@@ -237,37 +331,46 @@ class _Store:
         self._counter += 1  # leads, so ids sort by creation
         return f"{self._counter:08x}{self._ids.getrandbits(64):016x}"
 
-    def outcomes(self, options: dict, suppressed: frozenset[str]) -> list[str]:
-        """What a merge would do to each person, in order, without doing it."""
+    def outcomes(self, options: dict, errors: list[str | None], suppressed: frozenset[str]) -> list[dict]:
+        """What a merge would do to each person, in order, without doing it: {"status"} or {"status", "error"}."""
         strategy, created, out = options.get("merge_strategy", 2), set(), []
-        for person in options["people"]:
-            key = person["fields"][EMAIL].lower()
-            if key in self.people or key in created:
-                out.append("ignored" if strategy == 3 else "merged")
+        for person, error in zip(options["people"], errors, strict=True):
+            key = None if error else person["fields"][EMAIL].lower()
+            if error:
+                out.append({"status": "invalid", "error": error})
+            elif key in self.people or key in created:
+                out.append({"status": "ignored" if strategy == 3 else "merged"})
             elif options.get("skip_non_existing"):
-                out.append("ignored")
+                out.append({"status": "ignored"})
             elif "suppression_list_field_id" in options and key in suppressed:
-                out.append("suppressed")
+                out.append({"status": "suppressed", "error": SUPPRESSED})
             else:
                 created.add(key)
-                out.append("created")
+                out.append({"status": "created"})
         return out
 
-    def apply(self, person: dict, outcome: str, strategy: int) -> dict:
+    def apply(self, person: dict, outcome: dict, strategy: int) -> dict:
+        if "error" in outcome:
+            return outcome  # invalid or suppressed: nothing written, no person_id
         key = person["fields"][EMAIL].lower()
         record = self.people.get(key)
-        if outcome == "suppressed":
-            return {"status": outcome, "error": "Email is suppressed"}
-        if outcome == "ignored":
-            return {"status": outcome, **({"person_id": record["id"]} if record else {})}
+        if outcome["status"] == "ignored":
+            return {**outcome, **({"person_id": record["id"]} if record else {})}
         if record is None:
-            record = {"id": self.new_id(), "fields": dict(CONSENT_DEFAULTS), "tags": set()}
-            self.people[key] = record
-            strategy = 2  # a new person takes every field sent
-        _write_fields(record["fields"], person["fields"], strategy)
+            record = self._create(key, person["fields"])
+        else:
+            _write_fields(record["fields"], person["fields"], strategy)
         record["fields"][EMAIL] = person["fields"][EMAIL]  # the merge key: always the last one sent
         record["tags"] = (record["tags"] | set(person.get("tags", []))) - set(person.get("unset_tags", []))
-        return {"status": outcome, "person_id": record["id"]}
+        return {**outcome, "person_id": record["id"]}
+
+    def _create(self, key: str, sent: dict) -> dict:
+        record = {"id": self.new_id(), "fields": {}, "tags": set()}
+        _write_fields(record["fields"], sent, 1)  # a new person has no values: every non-null one sent is written
+        for field_id, default in CONSENT_DEFAULTS.items():
+            record["fields"].setdefault(field_id, default)  # Ortto's defaults: subscribed to email, not to SMS
+        self.people[key] = record
+        return record
 
     def snapshot(self) -> dict:
         people = {key: {"id": r["id"], "fields": copy.deepcopy(r["fields"]), "tags": sorted(r["tags"])}
@@ -287,27 +390,30 @@ def _write_fields(stored: dict, sent: dict, strategy: int) -> None:
 
 # --- the simulator --------------------------------------------------------------------------------------------
 class OrttoSim(SimBase):
-    """The Ortto v1 API on 127.0.0.1. `rate`, `faults`, `try_in_seconds`, `contact_limit`, `suppressed` and the
-    key may be changed while it runs."""
+    """The Ortto v1 API on 127.0.0.1. `rate`, `faults`, `try_in_seconds`, `suppressed` and the key may be changed
+    while it runs; `plan` sets `rate` to the plan's sustained figure."""
 
     NAME = "ortto-sim"
     KEY_HEADER = "X-Api-Key"
     MISSING_KEY_STATUS = 401
-    CONFIG_KEYS = (*SimBase.CONFIG_KEYS, "try_in_seconds", "contact_limit", "suppressed")
+    CONFIG_KEYS = (*SimBase.CONFIG_KEYS, "try_in_seconds", "suppressed", "plan")
+    # Ortto's two sliding windows: (seconds, requests allowed per unit of the sustained rate). A test may scale
+    # the seconds down; the proportions are the contract's.
+    WINDOWS: tuple[tuple[float, float], ...] = ((10.0, 20), (60.0, 60))
     BAN_AFTER = 15  # 400s ...
     BAN_WINDOW = 15.0  # ... within this many seconds ...
     BAN_SECONDS = 15.0  # ... ban the client this long
 
     def __init__(self, api_key: str, rate: float | None = 10.0, port: int = 0, faults: Faults | None = None,
-                 seed: int = 0, *, try_in_seconds: float = 1, contact_limit: int | None = None,
+                 seed: int = 0, *, plan: str | None = None, try_in_seconds: float = 1,
                  suppressed: tuple[str, ...] = ()):
-        super().__init__(api_key, rate, port, faults, seed)
+        super().__init__(api_key, _plan_rate(plan) if plan is not None else rate, port, faults, seed)
         self.try_in_seconds = _whole(try_in_seconds)
-        self.contact_limit = contact_limit
         self.suppressed = frozenset(email.lower() for email in suppressed)
         self.bans = 0
         self._bad_requests: deque[float] = deque()  # when recent 400s were answered (front-door lock)
         self._banned_until = 0.0
+        self._plan_windows: dict[str, tuple[deque[float], ...]] = {}  # per key, one deque of stamps per window
         self._store = _Store(seed)
 
     # state accessors (snapshots, safe from any thread)
@@ -334,6 +440,26 @@ class OrttoSim(SimBase):
         if time.monotonic() < self._banned_until:
             return _error_reply(403, "Too many bad requests: this IP address is banned for a while.")
         return super()._admit(method, path, api_key, record)
+
+    def _throttle(self, key: str, faults: Faults, record: dict) -> _Reply | None:
+        # Replaces sim_base's, whose one-second window Ortto does not have; its burst fault is kept as it is there.
+        # Runs under the front-door lock.
+        if self._burst_left or (faults.burst_rate and self._rng.random() < faults.burst_rate):
+            self._burst_left = (self._burst_left or faults.burst_length) - 1
+            record["fault"] = "burst"
+            return self._throttled(burst=True)
+        if not self.rate:
+            return None
+        now = time.monotonic()
+        windows = self._plan_windows.setdefault(key, tuple(deque() for _ in self.WINDOWS))
+        for (seconds, per_rate), stamps in zip(self.WINDOWS, windows, strict=True):
+            while stamps and stamps[0] <= now - seconds:
+                stamps.popleft()
+            if len(stamps) >= per_rate * self.rate:
+                return self._throttled(burst=False)
+        for stamps in windows:
+            stamps.append(now)  # only accepted requests count toward the windows
+        return None
 
     def _call(self, action: Callable, args: tuple, faults: Faults, body: bytes, record: dict) -> _Reply:
         reply = super()._call(action, args, faults, body, record)
@@ -369,15 +495,16 @@ class OrttoSim(SimBase):
             if not (isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0):
                 raise self._bad_config("try_in_seconds must be a non-negative number.")
             extra["try_in_seconds"] = _whole(seconds)
-        if "contact_limit" in config:
-            if not (config["contact_limit"] is None or _is_int(config["contact_limit"], 0, INT64.stop)):
-                raise self._bad_config("contact_limit must be a non-negative integer or null.")
-            extra["contact_limit"] = config["contact_limit"]
         if "suppressed" in config:
             emails = config["suppressed"]
             if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
                 raise self._bad_config("suppressed must be a list of emails.")
             extra["suppressed"] = frozenset(e.lower() for e in emails)
+        if "plan" in config:
+            try:
+                extra["rate"] = _plan_rate(config["plan"])  # set after `rate`, so the plan wins
+            except ValueError as exc:
+                raise self._bad_config(f"{exc}.") from None
         return extra
 
     def _route(self, segments: list[str]) -> Route | None:
@@ -397,16 +524,15 @@ class OrttoSim(SimBase):
     # --- API calls (run under the store lock) -----------------------------------------------------------------
     def _merge(self, payload: object) -> _Reply:
         _check_merge_options(payload)
-        store = self._store
-        for index, person in enumerate(payload["people"]):
-            _check_person(index, person, store.custom_fields)
-        outcomes = store.outcomes(payload, self.suppressed)
-        limit = self.contact_limit
-        if limit is not None and len(store.people) + outcomes.count("created") > limit:
-            raise SimError(_error_reply(507, f"The account's contact limit ({limit:,}) is reached."))
-        store.consent_writes += sum(1 for p in payload["people"] if CONSENT_DEFAULTS.keys() & p["fields"].keys())
+        store, people = self._store, payload["people"]
+        errors = [_person_error(p, store.custom_fields) for p in people]
+        outcomes = store.outcomes(payload, errors, self.suppressed)
+        if all("error" in o for o in outcomes):
+            raise SimError(_error_reply(400, f"No valid contacts provided ({outcomes[0]['error']})", outcomes))
+        store.consent_writes += sum(1 for p, o in zip(people, outcomes, strict=True)
+                                    if "error" not in o and CONSENT_DEFAULTS.keys() & p["fields"].keys())
         strategy = payload.get("merge_strategy", 2)
-        results = [store.apply(p, o, strategy) for p, o in zip(payload["people"], outcomes, strict=True)]
+        results = [store.apply(p, o, strategy) for p, o in zip(people, outcomes, strict=True)]
         return _Reply(200, {} if payload.get("async") else {"people": results})
 
     def _get_people(self, payload: object) -> _Reply:
@@ -419,25 +545,25 @@ class OrttoSim(SimBase):
                             "next_offset": offset + len(page)})
 
     def _create_field(self, payload: object) -> _Reply:
-        field = payload.get("field") if isinstance(payload, dict) else None
-        if not (isinstance(field, dict) and isinstance(field.get("name"), str) and field.get("type") in FIELD_TYPES):
-            raise _bad(f'Expected {{"field": {{"name": string, "type": one of {", ".join(FIELD_TYPES)}}}}}.')
-        name, display_type = field["name"], field["type"]
-        if not _kebab(name) or len(name) > MAX_STRING:
-            raise _bad(f"name must hold a letter or digit and be at most {MAX_STRING} characters.")
-        field_id = f"{FIELD_TYPES[display_type]}:cm:{_kebab(name)}"
-        fields = self._store.custom_fields
-        if field_id in fields:
-            raise SimError(_error_reply(409, f"Field {field_id} already exists."))
+        name, kind, track = _field_request(payload)
+        fields, kebab = self._store.custom_fields, _kebab(name)
+        taken = next((fid for fid in fields if fid.split(":cm:", 1)[1] == kebab), None)
+        if taken:
+            raise _bad(f"A custom field named {name!r} cannot be created: {taken} ({fields[taken]['name']!r}) has "
+                       "that name; names are unique across types. Nothing was created.")
         if len(fields) >= MAX_CUSTOM_FIELDS:
-            raise _bad(f"At most {MAX_CUSTOM_FIELDS} custom fields can be created.")
-        fields[field_id] = {"name": name, "display_type": display_type}
-        return _Reply(200, {"field": {"id": field_id, **fields[field_id]}})
+            raise _bad(f"At most {MAX_CUSTOM_FIELDS} custom fields can be created; {name!r} was not.")
+        field_id = f"{FIELD_TYPES[kind]}:cm:{kebab}"
+        fields[field_id] = {"name": name, "display_type": kind, "track_changes": track}
+        return _Reply(200, {"name": name, "field_id": field_id, "display_type": kind})
 
     def _get_fields(self, payload: object) -> _Reply:
-        if not isinstance(payload, dict):
-            raise _bad("The body must be a JSON object.")
-        fields = [{"field": {"id": fid, **field}} for fid, field in self._store.custom_fields.items()]
+        if payload != {}:
+            raise _bad("The body must be empty or {}.")
+        fields = [{"field": {"id": fid, "name": f["name"], "display_type": f["display_type"],
+                             "liquid_name": f"people.custom.{fid.split(':cm:', 1)[1]}"},
+                   "tracked_value": f["track_changes"]}
+                  for fid, f in self._store.custom_fields.items()]
         return _Reply(200, {"fields": fields})
 
     def _subscribe(self) -> _Reply:
@@ -452,8 +578,11 @@ class OrttoSimProcess(sim_base.SimProcess):
     MODULE = "tools.ortto_sim"
 
     def __init__(self, api_key: str, rate: float | None = 10.0, faults: Faults | None = None, seed: int = 0,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, *, plan: str | None = None):
         super().__init__(api_key, rate, faults, seed, log_path)
+        if plan is not None:
+            _plan_rate(plan)  # a bad plan fails here, not as a process that never says it listens
+            self._argv += ["--plan", plan]
 
     def people(self) -> dict[str, dict]:
         return self.state()["people"]
@@ -464,10 +593,11 @@ class OrttoSimProcess(sim_base.SimProcess):
 
 def main(argv: list[str] | None = None) -> int:
     parser = sim_base.arg_parser("tools.ortto_sim", __doc__, rate=10.0)
+    parser.add_argument("--plan", choices=PLANS, help="sets the rate to the plan's sustained figure (wins over --rate)")
     parser.add_argument("--try-in-seconds", type=float, default=1.0, help="the 429 body's try-in-seconds")
     args = sim_base.parse_args(parser, argv)
     sim = OrttoSim(args.api_key, rate=args.rate or None, port=args.port, faults=args.faults, seed=args.seed,
-                   try_in_seconds=args.try_in_seconds)
+                   plan=args.plan, try_in_seconds=args.try_in_seconds)
     return sim_base.serve(sim, args.state_dump)
 
 
