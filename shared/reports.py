@@ -40,6 +40,9 @@ def finish_if_complete(svc: Services, run_id: str) -> bool:
     return True
 
 
+CREATED_WITH = "created with email permission "  # a batch's count of people created with that permission
+
+
 def delivery_totals(outcomes: list[dict]) -> dict:
     keys = ("contacts", "accepted", "rejected", "failed")
     totals = {k: sum(int(o.get(k, 0)) for o in outcomes) for k in keys}
@@ -49,8 +52,12 @@ def delivery_totals(outcomes: list[dict]) -> dict:
     results = Counter()
     for outcome in outcomes:
         results.update(outcome.get("results") or {})
+    permissions = {key.removeprefix(CREATED_WITH): results.pop(key) for key in list(results)
+                   if key.startswith(CREATED_WITH)}
     if results:  # what the destination said of each person it was sent (Ortto: created, merged, suppressed)
         totals["results"] = dict(sorted(results.items()))
+    if permissions:  # and the email permission each person it created got
+        totals["created_with_email_permission"] = dict(sorted(permissions.items()))
     return totals
 
 

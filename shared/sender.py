@@ -23,6 +23,7 @@ from shared.contacts import mask_email
 from shared.ortto_client import OrttoClient
 from shared.planner import PERMISSION
 from shared.rate_budget import Deferred, Pacer
+from shared.reports import CREATED_WITH
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
@@ -132,7 +133,7 @@ class BatchSender:
         self.progress.results[status] += 1
         if status == "created":
             permission = item["d"].get(PERMISSION, "true (Ortto's default)")
-            self.progress.results[f"created with email permission {str(permission).lower()}"] += 1
+            self.progress.results[f"{CREATED_WITH}{str(permission).lower()}"] += 1
 
     def _single(self, item: dict, call) -> None:
         try:
