@@ -105,6 +105,7 @@ class Plan:
     # unchanged members acknowledged from another form of their row (an older app's state, a mapping change that
     # left the document as it was), whose new source digest lets the next run skip them.
     settled: Callable[[], Iterator[Acked]] = lambda: iter(())
+    new_people: dict = field(default_factory=dict)  # what email permission people the run creates get, at what cost
 
 
 _SORTED = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) would build one per call
@@ -326,9 +327,11 @@ class Planner:
         plan.counts["unchanged"] = plan.counts["profiles"] - plan.counts["joiners"] - plan.counts["changed"]
         keep = self.export.on_leave == "keep"
         plan.counts["kept_leavers"] = plan.counts["leavers"] if keep else 0
+        chosen = self.export.email_permission != "ortto-default"
         plan.requests = expected_requests(
             self.bulk_only, plan.counts["joiners"], plan.counts["changed"], 0 if keep else plan.counts["leavers"],
-            list_ops=self.list_ops, permission=self.export.email_permission != "ortto-default")
+            list_ops=self.list_ops, permission=chosen)
+        plan.new_people = new_people(self.export, plan.counts["joiners"] if chosen else 0)
 
     def _rows(self, kind: str) -> Iterator[tuple]:
         return self.db.execute("SELECT d.key, d.fp, docs.doc, d.source FROM diff d LEFT JOIN docs ON docs.id = d.doc "
@@ -457,6 +460,20 @@ def expected_requests(bulk_only: bool, joiners: int, changed: int, leavers: int,
         return math.ceil((joiners + changed + leavers) / BULK_LIMIT) + (math.ceil(joiners / BULK_LIMIT)
                                                                          if permission else 0)
     return joiners + math.ceil(joiners / list_ops) + leavers + math.ceil(changed / BULK_LIMIT)
+
+
+def new_people(export: ExportDefinition, joiners: int) -> dict:
+    """The email permission of the people a run creates (joiners the destination does not hold yet), stated in
+    the plan, and the requests it adds (`joiners`: those given a chosen permission)."""
+    if not export.account.ortto:
+        given = "true: Autopilot gives a contact created without 'unsubscribed' email permission"
+    else:
+        given = {"ortto-default": "true: Ortto subscribes a person created without 'bol::p' (its default)",
+                 "false": "false (destination.newPeople.emailPermission)",
+                 "column": f"from column {export.email_permission_column} (destination.newPeople.emailPermission)"
+                 }[export.email_permission]
+    return {"emailPermission": given, "existingPeopleKeepTheirs": True,
+            "addedRequests": math.ceil(joiners / BULK_LIMIT)}
 
 
 def list_ops_for(rate: float) -> int:

@@ -331,7 +331,8 @@ def _summary(budget: RateBudget, plan, target: dict, **more) -> dict:
     seconds = plan.requests * budget.interval
     return {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
             "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
-                     "estimated_duration": _duration(seconds), "destination": target, **more}}
+                     "estimated_duration": _duration(seconds), "destination": target, "newPeople": plan.new_people,
+                     **more}}
 
 
 def _duration(seconds: float) -> str:

@@ -190,6 +190,8 @@ def test_new_people_get_the_email_permission_the_export_chose_and_existing_peopl
     world.snapshot(rows)
     dry = world.run("perm", dryRun=True)
     assert dry["plannedRequests"] == 2 * math.ceil(149 / 100)
+    assert dry["plan"]["newPeople"]["addedRequests"] == math.ceil(149 / 100)
+    assert dry["plan"]["newPeople"]["emailPermission"].startswith("false")
     mark = len(ortto.request_log())
     report = world.run("perm")
     assert report["status"] == "succeeded" and len(merges(ortto, mark)) == dry["plannedRequests"]
