@@ -39,9 +39,13 @@ ORTTO_TAG = "High value customers"
 
 def ortto_export(base_url: str, rate: float) -> dict:
     """The same export sent to an Ortto account: membership is a tag; Company, which Ortto has no person field for,
-    becomes a custom field."""
+    becomes a custom field; people it creates get no email permission (the export's choice: Ortto's own default
+    would subscribe them); phones are read as US numbers where they carry no country code."""
     export = json.loads(json.dumps(EXPORT))
-    export["destination"] = {"connection": "ortto", "membership": "list", "list": ORTTO_TAG, "onLeave": "remove"}
+    export["destination"] = {"connection": "ortto", "membership": "list", "list": ORTTO_TAG, "onLeave": "remove",
+                             "newPeople": {"emailPermission": False}}
+    export["phoneRegion"] = "US"
+    export["fields"]["Phone"] = "Phone"
     export["customFields"].append({"name": "Company", "type": "string", "column": export["fields"].pop("Company")})
     connection = {"name": "ortto", "platform": "ortto", "secretName": ORTTO_SECRET, "baseUrl": base_url,
                   "requestsPerSecond": rate}
@@ -62,7 +66,18 @@ def summary(title: str, report: dict) -> str:
     started = " (started by the model.json event)" if report.get("trigger") == "event" else ""
     return (f"{title}: {report['status']}{started}; read {c['read']}, valid {c['valid']}, rejected {c['rejected']}; "
             f"joiners {c['joiners']}, changed {c['changed']}, leavers {c['leavers']}, unchanged {c['unchanged']}; "
-            f"requests {report['plannedRequests']}; accepted {c['accepted']}, failed {c['failed']}")
+            f"requests {report['plannedRequests']}; accepted {c['accepted']}, refused {c['refused']}, "
+            f"failed {c['failed']}" + _ortto_results(c))
+
+
+def _ortto_results(counts: dict) -> str:
+    """What Ortto said of the people sent, and the email permission of those it created."""
+    results = counts.get("results")
+    if not results:
+        return ""
+    said = ", ".join(f"{status} {n}" for status, n in results.items())
+    given = ", ".join(f"{n} {permission}" for permission, n in counts.get("created_with_email_permission", {}).items())
+    return f"\n  Ortto: {said}" + (f"; email permission of the people created: {given}" if given else "")
 
 
 def main(argv: list[str] | None = None) -> int:
