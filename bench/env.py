@@ -211,13 +211,14 @@ class BenchStack:
         while self.hosts:
             self.hosts.pop().stop()
 
-    def define(self, *exports: dict, rate: float | None = None) -> None:
+    def define(self, *exports: dict, rate: float | None = None, plan: str | None = None) -> None:
         """Write the export definitions where the app reads them (EXPORTS_BLOB = config/exports.json); on an
-        Ortto stack, each export sends through the connection "ortto" at `rate` requests per second."""
+        Ortto stack, each export sends through the connection "ortto" at its `plan`'s rate or `rate`."""
         document: dict = {"exports": list(exports)}
         if self.ortto:
+            pace = {"plan": plan} if plan else {"requestsPerSecond": rate}
             document["connections"] = [{"name": "ortto", "platform": "ortto", "secretName": ORTTO_SECRET,
-                                        "baseUrl": self.sim.base_url, "requestsPerSecond": rate}]
+                                        "baseUrl": self.sim.base_url, **pace}]
             for export in exports:
                 export["destination"]["connection"] = "ortto"
         self.blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps(document), overwrite=True)

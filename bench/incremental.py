@@ -8,7 +8,7 @@ from __future__ import annotations
 from bench.data import Churn, base_rows, export_doc, partitions_for
 from bench.env import BenchStack, say
 from bench.measure import Result, RunMeasure, accepted, throttled, timed_run
-from shared.planner import expected_requests
+from shared.planner import expected_requests, list_ops_for
 
 RATE = 5.0  # the churn run and the rerun: Autopilot's real limit
 # The initial syncs only set the scene, so they run faster, but no faster than one local host keeps up with on
@@ -74,7 +74,7 @@ def _run_at(stack: BenchStack, rate: float, export: str, write_snapshot, timeout
 def _figures(result: Result, mode: str, churn: Churn, initial: RunMeasure, changed: RunMeasure,
              rerun: RunMeasure) -> None:
     counts = changed.view["counts"]
-    expected = expected_requests(mode == "field", churn.joins, churn.changes, churn.leaves)
+    expected = expected_requests(mode == "field", churn.joins, churn.changes, churn.leaves, list_ops=list_ops_for(RATE))
     sent = changed.contact_requests
     ok = len(accepted(sent))
     plan_matches = (counts.get("joiners"), counts.get("changed"), counts.get("leavers")) == (

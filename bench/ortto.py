@@ -1,8 +1,9 @@
-"""Ortto in tag mode (issue 17's targets): a first sync of 100,000 profiles at 30 requests/s (Ortto's Business
-plan), then a 1% churn of them; and the same first sync with a 4% rate margin. The Ortto simulator allows exactly
-the configured rate, which the connection's requestsPerSecond is set to, and answers a 429 with try-in-seconds 1
-(Ortto's documented example says 10). Same measures as bench/throughput.py: the ceiling is accepted requests /
-rate, and the ratio ceiling / wall what the app makes of the API's capacity."""
+"""Ortto in tag mode (issue 17's targets, and issue 26's windows): a first sync of 100,000 profiles on Ortto's
+Business plan (30 requests/s), then a 1% churn of them; and the same first sync with a 4% rate margin. The
+connection names its plan ("business"); the Ortto simulator counts the plan's windows as Ortto does (600 requests
+in any 10 s, 1,800 in any 60 s) and answers a 429 with try-in-seconds 1 (Ortto's documented example says 10).
+Same measures as bench/throughput.py: the ceiling is accepted requests / rate, and the ratio ceiling / wall what
+the app makes of the API's capacity; plus the most requests sent in any 10-s and 60-s window against the plan's."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import time
 
 from bench.data import Churn, base_rows, export_doc, partitions_for
 from bench.env import BenchStack, say
-from bench.measure import Result, accepted, throttled, timed_run
+from bench.measure import Result, accepted, max_in_window, throttled, timed_run
 from bench.throughput import COUNTED, POLL, Case, _ratio_figures
 from shared.planner import expected_requests
 
-RATE = 30.0
+PLAN, RATE = "business", 30.0
+WINDOWS = ((10.0, 600), (60.0, 1800))  # Business: per 10 s and per 60 s
 SYNC = Case("tag mode, 30 r/s", RATE, 0.95)
 WIDE = Case("tag mode, 30 r/s, AUTOPILOT_RATE_MARGIN 0.04", RATE, 0.95)
 CHURN_S = 4.0
@@ -27,7 +29,7 @@ def ortto_tags(quick: bool) -> Result:
     result = Result("ortto_tags", "Ortto, tag mode: first sync at 30 requests/s, then a 1% churn")
     churn = Churn.of(profiles)
     result.inputs = {"platform": "ortto (tools.ortto_sim, its own process, try-in-seconds 1)",
-                     "membership": "list (a tag)", "profiles": profiles, "rate_rps": RATE, "simulator_rate_rps": RATE,
+                     "membership": "list (a tag)", "profiles": profiles, "plan": PLAN, "rate_rps": RATE, "simulator_rate_rps": RATE,
                      "churn": churn.as_dict(), "hosts": 1, "host": COUNTED, "cores": os.cpu_count()}
     with BenchStack(result.name, sim_rate=RATE, ortto=True) as stack:
         result.inputs["PYTHON_THREADPOOL_THREAD_COUNT"] = stack.worker_threads
@@ -41,13 +43,14 @@ def ortto_tags(quick: bool) -> Result:
 def _first_sync(result: Result, stack: BenchStack, profiles: int, case: Case, **settings: str):
     definition = export_doc("ortto", SEGMENT, "list", max_profiles=2 * profiles)
     definition["fields"].pop("Company")  # not an Ortto person field
-    stack.define(definition, rate=RATE)
+    stack.define(definition, plan=PLAN)
     stack.snapshot(base_rows(profiles), SEGMENT, partitions_for(profiles))
     host = stack.host(RATE, module=COUNTED, **settings)
     say(f"ortto_tags: first sync of {profiles} profiles, {case.label}")
     load = os.getloadavg()[0]
     run = timed_run(stack, host, "ortto", timeout=2 * profiles / 100 / RATE + 300, poll=POLL)
     _ratio_figures(result, run, case)
+    _window_figures(result, case.label, run.log)
     merges = len(accepted(run.contact_requests))
     result.add(f"{case.label}: merges accepted", merges, "", f"= {profiles // 100}", merges == profiles // 100)
     result.details.setdefault("runs", {})[case.label] = {
@@ -67,9 +70,18 @@ def _churn(result: Result, stack: BenchStack, host, profiles: int, churn: Churn)
     result.add("1% churn: run start → finished", took, "s", f"≤ {CHURN_S:g} s", took <= CHURN_S)
     result.add("1% churn: merges accepted", sent, "", f"= formula ceil((j+c+l)/100) = {expected}", sent == expected)
     result.add("1% churn: 429s received", throttled(changed.contact_requests))
+    _window_figures(result, "1% churn", changed.log)
     tagged = sum(1 for p in stack.sim.people().values() if "Bench ortto" in p["tags"])
     members = profiles - churn.leaves + churn.joins
     result.add("people tagged after the churn / segment size", f"{tagged} / {members}", "", "equal",
                tagged == members)
     result.details["runs"]["1% churn"] = {"runId": changed.view["runId"], "counts": changed.view["counts"],
                                           "timings": changed.view["timings"]}
+
+
+def _window_figures(result: Result, label: str, log: list[dict]) -> None:
+    """The most requests sent (answered or not) in any 10-s and 60-s window, against the plan's caps."""
+    sent = [r["t"] for r in log if r["path"].startswith("/v1/")]
+    for width, cap in WINDOWS:
+        most = max_in_window(sent, width)
+        result.add(f"{label}: most requests in any {width:g}-s window", most, "", f"≤ {cap}", most <= cap)

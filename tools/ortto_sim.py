@@ -413,7 +413,6 @@ class OrttoSim(SimBase):
         self.bans = 0
         self._bad_requests: deque[float] = deque()  # when recent 400s were answered (front-door lock)
         self._banned_until = 0.0
-        self._plan_windows: dict[str, tuple[deque[float], ...]] = {}  # per key, one deque of stamps per window
         self._store = _Store(seed)
 
     # state accessors (snapshots, safe from any thread)
@@ -440,26 +439,6 @@ class OrttoSim(SimBase):
         if time.monotonic() < self._banned_until:
             return _error_reply(403, "Too many bad requests: this IP address is banned for a while.")
         return super()._admit(method, path, api_key, record)
-
-    def _throttle(self, key: str, faults: Faults, record: dict) -> _Reply | None:
-        # Replaces sim_base's, whose one-second window Ortto does not have; its burst fault is kept as it is there.
-        # Runs under the front-door lock.
-        if self._burst_left or (faults.burst_rate and self._rng.random() < faults.burst_rate):
-            self._burst_left = (self._burst_left or faults.burst_length) - 1
-            record["fault"] = "burst"
-            return self._throttled(burst=True)
-        if not self.rate:
-            return None
-        now = time.monotonic()
-        windows = self._plan_windows.setdefault(key, tuple(deque() for _ in self.WINDOWS))
-        for (seconds, per_rate), stamps in zip(self.WINDOWS, windows, strict=True):
-            while stamps and stamps[0] <= now - seconds:
-                stamps.popleft()
-            if len(stamps) >= per_rate * self.rate:
-                return self._throttled(burst=False)
-        for stamps in windows:
-            stamps.append(now)  # only accepted requests count toward the windows
-        return None
 
     def _call(self, action: Callable, args: tuple, faults: Faults, body: bytes, record: dict) -> _Reply:
         reply = super()._call(action, args, faults, body, record)

@@ -3,8 +3,9 @@
 
 Request pipeline, in order: routing (unknown path 404, wrong method 405), auth (missing key
 `MISSING_KEY_STATUS`, wrong key 401), throttling, faults, then the call itself. Only authorised, routable
-requests count toward the rate limit: at most `rate` accepted requests per key in any sliding one-second window;
-a throttled request gets 429 (the subclass's body) and does not count. `rate` None or 0 means unthrottled.
+requests count toward the rate limit: at most `rate` accepted requests per key in any sliding one-second window
+(WINDOWS: a subclass may count other windows, as (seconds, requests per unit of rate) pairs); a throttled request
+gets 429 (the subclass's body) and does not count. `rate` None or 0 means unthrottled.
 
 Faults (`Faults`, drawn from a `random.Random(seed)` under the state lock, so a sequential client sees the same
 faults on every run with the same seed and configuration):
@@ -114,6 +115,7 @@ class SimBase:
     KEY_HEADER = "x-api-key"
     MISSING_KEY_STATUS = 401
     CONFIG_KEYS: tuple[str, ...] = ("api_key", "rate", "faults")
+    WINDOWS: tuple[tuple[float, float], ...] = ((1.0, 1),)  # (seconds, accepted requests per unit of rate)
 
     def __init__(self, api_key: str, rate: float | None, port: int = 0, faults: Faults | None = None,
                  seed: int = 0):
@@ -127,7 +129,7 @@ class SimBase:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()  # the subclass's store, and the fault generator
         self._rng = random.Random(seed)
-        self._windows: dict[str, deque[float]] = {}
+        self._windows: dict[str, tuple[deque[float], ...]] = {}  # per key, the stamps of each of WINDOWS
         self._burst_left = 0
         self._log: list[dict] = []
         self._stopping = threading.Event()
@@ -266,12 +268,14 @@ class SimBase:
         if not self.rate:
             return None
         now = time.monotonic()
-        window = self._windows.setdefault(key, deque())
-        while window and window[0] <= now - 1.0:
-            window.popleft()
-        if len(window) >= self.rate:
-            return self._throttled(burst=False)
-        window.append(now)  # only accepted requests count toward the window
+        windows = self._windows.setdefault(key, tuple(deque() for _ in self.WINDOWS))
+        for (seconds, per_rate), stamps in zip(self.WINDOWS, windows, strict=True):
+            while stamps and stamps[0] <= now - seconds:
+                stamps.popleft()
+            if len(stamps) >= per_rate * self.rate:
+                return self._throttled(burst=False)
+        for stamps in windows:
+            stamps.append(now)  # only accepted requests count toward the windows
         return None
 
     def _draw_fault(self, faults: Faults) -> str | None:
