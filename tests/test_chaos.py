@@ -152,7 +152,7 @@ def chaos_run(world, export: str, rows, faults: Faults, timeout: float) -> tuple
 # --- Autopilot faults at scale ---------------------------------------------------------------------
 CHAOS_RUNS = {  # membership: (profiles, seed, partitions, faults, planned requests)
     "field": (20_000, 31, 4, FIELD_CHAOS, 200),
-    "list": (1000, 32, 1, LIST_CHAOS, 1000),
+    "list": (1000, 32, 1, LIST_CHAOS, 1000 + 10),  # a list call a joiner, and a merge a message of 100 joiners
 }
 
 
