@@ -46,7 +46,7 @@ gc.set_threshold(50000, 20, 20)
 
 
 def _answer(req: func.HttpRequest, call, *args) -> func.HttpResponse:
-    status, body = http_api.guarded(req.headers, call, *args)
+    status, body = http_api.guarded(req.method, req.headers, call, *args)
     return func.HttpResponse(json.dumps(body, default=str), status_code=status, mimetype="application/json")
 
 

@@ -235,7 +235,7 @@ class Api:
     def __init__(self, host: Host):
         self.base_url = host.base_url
         self.http = requests.Session()
-        self.http.headers["x-functions-key"] = host.function_key
+        self.http.headers.update({"x-functions-key": host.function_key, "Content-Type": "application/json"})
         self.views: list[tuple[float, float, int]] = []  # (epoch seconds, seconds the GET took, batches settled)
 
     def start(self, export: str, **options) -> dict:

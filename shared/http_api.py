@@ -22,9 +22,14 @@ Answer = tuple[int, dict]
 
 MAX_BODY = 16 * 1024
 EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")  # (not \d: it matches any script's digits)
+WHOLE_NUMBER = re.compile(r"[0-9]{1,6}")
 RUN_OPTIONS = {"dryRun", "force"}
 PRINCIPAL_HEADER = "x-ms-client-principal-id"  # set by the platform's authentication; it drops one a client sends
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
 def _error(status: int, message: str, **extra) -> Answer:
@@ -108,10 +113,11 @@ def list_runs(svc: Services, name: str, params: dict) -> Answer:
     if not EXPORT_NAME.fullmatch(name or "") or not any(e.name == name for e in svc.exports()):
         return _error(404, f"no export named {name[:80]!r}")
     limit, before = params.get("limit", "20"), params.get("before") or None
-    if not limit.isdigit() or not 1 <= int(limit) <= HISTORY_LIMIT:
-        return _error(400, f"limit must be a whole number from 1 to {HISTORY_LIMIT}, not {limit[:20]!r}")
+    if not WHOLE_NUMBER.fullmatch(limit) or not 1 <= int(limit) <= HISTORY_LIMIT:
+        return _error(400, f"query parameter limit must be a whole number from 1 to {HISTORY_LIMIT} in ASCII digits, "
+                           f"given once; not {limit[:20]!r}")
     if before is not None and not RUN_ID.fullmatch(before):
-        return _error(400, f"before must be a run id, not {before[:40]!r}")
+        return _error(400, f"query parameter before must be a run id, given once; not {before[:40]!r}")
     found = svc.records.for_export(name, limit=int(limit), before=before)
     views = [reports.run_view(svc, run["RowKey"], run) for run in found]
     history = [{k: view[k] for k in HISTORY_FIELDS} for view in views]
@@ -148,10 +154,15 @@ def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[
         return _error(409, str(exc))
 
 
-def guarded(headers: Mapping[str, str], call, *args) -> Answer:
+def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     """Run one API call with the process's services; a configuration problem becomes a 500 that says what to
     fix, never a stack trace. With Entra ID authentication the platform has checked the caller's token and
-    forwards who it is; a request without that principal (the platform's authentication is off?) is refused."""
+    forwards who it is; a request without that principal (the platform's authentication is off?) is refused.
+    A POST must say its body is JSON (body or none): a browser sends a form or text cross-site without asking,
+    but asks the API first (CORS) before it sends JSON, so no page can start, cancel or replay a run."""
+    if method == "POST" and not _is_json(headers.get("content-type", "")):
+        return _error(415, "a POST to this API must carry Content-Type: application/json (its body, if any, is "
+                           f"JSON), not {headers.get('content-type', 'none')[:60]!r}")
     try:
         svc = services.current()
         if api_authentication(svc.settings.env) == "entra" and not headers.get(PRINCIPAL_HEADER):

@@ -62,7 +62,7 @@ class World:
         self.sim = stack.sim
         self.blobs = BlobServiceClient.from_connection_string(stack.storage)
         self.api = requests.Session()
-        self.api.headers["x-functions-key"] = host.function_key
+        self.api.headers.update({"x-functions-key": host.function_key, "Content-Type": "application/json"})
         self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)
 
     def define(self, *exports: dict) -> None:

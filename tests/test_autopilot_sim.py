@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tools.autopilot_sim import AutopilotSim, Faults
+from tools.autopilot_sim import AutopilotSim, Faults, SimProcess
 
 KEY = "test-key"
 ROOT = Path(__file__).resolve().parent.parent
@@ -411,8 +412,8 @@ def test_faults_validate_their_rates():
 def test_cli_serves_until_sigterm(tmp_path):
     dump = tmp_path / "state.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", "0", "--api-key", "cli-key",
-         "--state-dump", str(dump)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "tools.autopilot_sim", "--port", "0", "--rate", "0", "--state-dump", str(dump)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "SIM_API_KEY": "cli-key"})
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("autopilot-sim listening on http://127.0.0.1:") and line.endswith("/v1")
@@ -429,3 +430,18 @@ def test_cli_serves_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_cli_takes_its_key_from_the_environment_never_the_command_line():
+    missing = subprocess.run([sys.executable, "-m", "tools.autopilot_sim", "--port", "0"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30, env={k: v for k, v in os.environ.items()
+                                                                               if k != "SIM_API_KEY"})
+    assert missing.returncode == 2 and "SIM_API_KEY" in missing.stderr
+    sim = SimProcess("a-secret-key-0123", rate=0).start()
+    try:
+        command_line = Path(f"/proc/{sim.pid}/cmdline").read_bytes()  # what ps shows
+        assert b"a-secret-key-0123" not in command_line and b"tools.autopilot_sim" in command_line
+        assert requests.post(sim.base_url + "/contacts", json={"contacts": [{"Email": "a@x.io"}]},
+                             headers={"autopilotapikey": "a-secret-key-0123"}, timeout=5).status_code == 200
+    finally:
+        sim.stop()

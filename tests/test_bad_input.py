@@ -15,11 +15,13 @@ cases.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -492,6 +494,31 @@ HTTP = {
     "unknown route": ("GET", "/api/secrets", b"", {}, 404, "no function serves this route"),
     "admin API without its key": ("POST", "/admin/functions/scheduled_sync", b"", {"x-functions-key": None}, 401,
                                   "the admin API needs POST and the key"),
+    # The probe's four 500s and an Arabic-Indic digit: a query value is ASCII digits in range, given once.
+    "limit ²": ("GET", "/api/exports/hv/runs?limit=%C2%B2", b"", {}, 400, "query parameter limit"),
+    "limit ①": ("GET", "/api/exports/hv/runs?limit=%E2%91%A0", b"", {}, 400, "query parameter limit"),
+    "limit of 10,000 nines": ("GET", "/api/exports/hv/runs?limit=" + "9" * 10_000, b"", {}, 400,
+                              "query parameter limit"),
+    "limit given twice": ("GET", "/api/exports/hv/runs?limit=5&limit=%C2%B2", b"", {}, 400,
+                          "query parameter limit"),
+    "limit ٣": ("GET", "/api/exports/hv/runs?limit=%D9%A3", b"", {}, 400, "query parameter limit"),
+    "before in another script's digits": ("GET", "/api/exports/hv/runs?before=%D9%A3" * 1, b"", {}, 400,
+                                          "query parameter before"),
+    # A state-changing POST that a browser form could send cross-site is refused.
+    "form-encoded POST": ("POST", "/api/exports/hv/runs", b"dryRun=true",
+                          {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+    "text/plain POST": ("POST", "/api/exports/hv/runs", b'{"dryRun": true}', {"Content-Type": "text/plain"}, 415,
+                        "application/json"),
+    "POST without a Content-Type": ("POST", "/api/runs/20990101T000000Z-00000000/cancel", b"",
+                                    {"Content-Type": None}, 415, "application/json"),
+    # Every method is answered in JSON, the key checked first.
+    "PUT": ("PUT", "/api/exports/hv/runs", b"", {}, 405, "PUT is not allowed here"),
+    "PATCH": ("PATCH", "/api/exports/hv/runs", b"", {}, 405, "PATCH is not allowed here"),
+    "OPTIONS": ("OPTIONS", "/api/runs/20990101T000000Z-00000000", b"", {}, 405, "OPTIONS is not allowed here"),
+    "TRACE": ("TRACE", "/api/exports", b"", {}, 405, "TRACE is not allowed here"),
+    "DELETE without the key": ("DELETE", "/api/exports/hv/runs", b"", {"x-functions-key": None}, 401,
+                               "function key"),
+    "PATCH without the key": ("PATCH", "/api/exports", b"", {"x-functions-key": None}, 401, "function key"),
 }
 
 
@@ -514,6 +541,79 @@ def test_hostile_http_request_gets_a_clear_json_answer(case, method, path, body,
     assert "Traceback" not in answer.text and world.stack.api_key not in answer.text
     assert case.requests == []
     case.no_function_failed()
+
+
+def _runs(case) -> list[str]:
+    """The run ids of export "hv" (defined here), newest first, through the API."""
+    case.world.define(case.export("hv"))
+    answer = case.world.api.get(f"{case.world.host.base_url}/api/exports/hv/runs?limit=100", timeout=30)
+    return [run["runId"] for run in answer.json()["runs"]]
+
+
+def _raw_request(world, head: str, body: bytes = b"", timeout: float = 30) -> tuple[int, dict, dict]:
+    """Send a hand-framed request to the local host; its status, headers and JSON body."""
+    connection = http.client.HTTPConnection("127.0.0.1", urlsplit(world.host.base_url).port, timeout=timeout)
+    try:
+        connection.connect()
+        key = world.api.headers["x-functions-key"]
+        connection.sock.sendall(head.replace("{key}", key).encode() + body)
+        response = http.client.HTTPResponse(connection.sock, method=head.split(" ", 1)[0])
+        response.begin()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("length,status,fragment", [("-1", 400, "Content-Length must be a whole number"),
+                                                    ("abc", 400, "Content-Length must be a whole number"),
+                                                    ("\u0663", 400, "Content-Length must be a whole number")])
+def test_a_bad_content_length_is_answered_at_once(case, length, status, fragment):
+    before = _runs(case)
+    head = (f"POST /api/exports/hv/runs HTTP/1.1\r\nHost: x\r\nx-functions-key: {{key}}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    started = time.monotonic()
+    answer, headers, body = _raw_request(case.world, head, b'{"dryRun": true}', timeout=5)
+    assert (answer, headers["Content-Type"]) == (status, "application/json") and fragment in body["error"]
+    assert time.monotonic() - started < 2 and _runs(case) == before
+
+
+def test_a_body_shorter_than_its_length_is_refused_after_the_read_timeout(case, monkeypatch):
+    from tools import local_host
+
+    monkeypatch.setattr(local_host, "BODY_TIMEOUT", 1.0)
+    before = _runs(case)
+    head = ("POST /api/exports/hv/runs HTTP/1.1\r\nHost: x\r\nx-functions-key: {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n")
+    answer, _, body = _raw_request(case.world, head, b'{"dryRun": true}', timeout=10)
+    assert answer == 408 and "did not arrive within 1 s" in body["error"]
+    assert _runs(case) == before
+
+
+def test_a_chunked_dry_run_is_a_dry_run(case):
+    """Python's requests sends a generator body chunked: it must be read, not taken as no options."""
+    world = case.world
+    world.define(case.export("hv", list(sample_profiles(4, seed=47, start=410_000))))
+    answer = world.api.post(f"{world.host.base_url}/api/exports/hv/runs", data=iter([b'{"dryRun"', b": true}"]),
+                            timeout=30)
+    assert answer.status_code == 202 and answer.json()["dryRun"] is True, answer.text[:300]
+    assert world.wait(answer.json()["runId"], timeout=60)["status"] == "dry run"
+    assert case.requests == []
+
+
+def test_a_malformed_chunk_is_refused(case):
+    head = ("POST /api/exports/hv/runs HTTP/1.1\r\nHost: x\r\nx-functions-key: {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    answer, _, body = _raw_request(case.world, head, b"zz\r\n{}\r\n0\r\n\r\n", timeout=5)
+    assert answer == 400 and "size in hexadecimal" in body["error"]
+
+
+def test_every_answer_is_json_and_names_no_python_version(case):
+    answer, headers, body = _raw_request(case.world, "BREW /api/exports HTTP/1.1\r\nHost: x\r\n"
+                                                     "x-functions-key: {key}\r\n\r\n")
+    assert answer == 405 and headers["Content-Type"] == "application/json" and "BREW" in body["error"]
+    answer, headers, body = _raw_request(case.world, "GET /api/exports HTTP/1.1 extra\r\n\r\n")
+    assert answer == 400 and headers["Content-Type"] == "application/json" and body["error"]
+    assert "Python" not in headers["Server"]
 
 
 # === configuration the product does not handle yet ===================================================

@@ -289,7 +289,7 @@ class HostProcess:
 
     @property
     def headers(self) -> dict:
-        return {"x-functions-key": self.key}
+        return {"x-functions-key": self.key, "Content-Type": "application/json"}
 
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)

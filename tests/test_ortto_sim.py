@@ -660,7 +660,7 @@ def test_admin_config_validates_and_applies(sim):
 
 # --- as a process -----------------------------------------------------------------------------------------------
 def test_process_wrapper_starts_answers_and_is_configurable():
-    sim = OrttoSimProcess(KEY, rate=30).start()  # python -m tools.ortto_sim --port 0 --rate 30 --api-key KEY
+    sim = OrttoSimProcess(KEY, rate=30).start()  # SIM_API_KEY=KEY python -m tools.ortto_sim --port 0 --rate 30
     try:
         assert sim.configure()["rate"] == 30
         api = Api(sim.base_url)

@@ -11,7 +11,7 @@ In process (tests)::
 
 As a process (benchmarks, demo)::
 
-    python -m tools.autopilot_sim --port 8765 --rate 5 --api-key KEY [--fail-rate 0.01 ...]
+    SIM_API_KEY=KEY python -m tools.autopilot_sim --port 8765 --rate 5 [--fail-rate 0.01 ...]
 
 It prints `autopilot-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT. The request
 pipeline, the rate limit, the faults and the admin endpoints are tools.sim_base's; `GET /_sim/state` answers
@@ -28,8 +28,8 @@ contact to the list only when the upsert creates it (the contract's strict readi
 contact that exists); the request log's `path` is the raw path
 without query string and `n` counts the contacts sent in contact writes, whatever the status.
 
-Measuring throughput (no timing assertions in the tests): start `python -m tools.autopilot_sim --port 8765
---rate 0 --api-key k`, then run N threads, each with its own `requests.Session`, posting
+Measuring throughput (no timing assertions in the tests): start `SIM_API_KEY=k python -m tools.autopilot_sim
+--port 8765 --rate 0`, then run N threads, each with its own `requests.Session`, posting
 `{"contacts": [{"Email": "tN-i@example.com"}]}` to /v1/contacts for a few seconds, and divide the number of
 200s by the elapsed time (or count the `GET /_sim/log` entries). Expect well over 500 requests/s on 2 cores.
 """

@@ -29,6 +29,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -40,6 +41,7 @@ from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 
 from shared.storage import pooled_transport
+from tools.http_framing import FramingError, read_body
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("local_host")
@@ -301,6 +303,13 @@ class QueuePoller:
 
 # --- HTTP -----------------------------------------------------------------------------------------
 MAX_BODY = 100 * 1024 * 1024  # the real host's request size limit
+BODY_TIMEOUT = 10.0  # seconds of silence after which a request body that has not all come is refused (408)
+
+
+def _query(query: str) -> dict[str, str]:
+    """The query's parameters as the real host hands them over: a name given twice has its values joined with a
+    comma (ASP.NET's reading), blank values kept."""
+    return {name: ",".join(values) for name, values in parse_qs(query, keep_blank_values=True).items()}
 
 
 def _routes(host: LocalHost) -> list[tuple[re.Pattern, set[str], str, str, str]]:
@@ -321,39 +330,39 @@ def _handler_for(host: LocalHost):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        server_version, sys_version = "local-functions-host", ""  # never Python's version
+        default_request_version = "HTTP/1.1"  # a refused request line is answered with a status line and headers
 
         def log_message(self, *args) -> None:  # quiet: the functions log what matters
             pass
 
-        def do_GET(self) -> None:
-            self._dispatch()
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a bad request line, an unknown method) in JSON, as every answer."""
+            self._send(code, {"error": message or HTTPStatus(code).phrase}, close=True)
 
-        def do_POST(self) -> None:
-            self._dispatch()
-
-        def do_PUT(self) -> None:
-            self._dispatch()
-
-        def do_DELETE(self) -> None:
-            self._dispatch()
+        def __getattr__(self, name: str):
+            # Every method (PATCH, OPTIONS, TRACE, any token) is dispatched: the key first, then 405 in JSON.
+            if name.startswith("do_"):
+                return self._dispatch
+            raise AttributeError(name)
 
         def _dispatch(self) -> None:
             url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                return self._send(413, {"error": "request body too large"}, close=True)
-            body = self.rfile.read(length) if length else b""
-            params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            try:
+                body = read_body(self.headers, self.rfile, self.connection, MAX_BODY, BODY_TIMEOUT)
+            except FramingError as exc:
+                return self._send(exc.status, {"error": str(exc)}, close=True)
+            params = _query(url.query)
             if url.path.startswith("/admin/functions/"):
                 return self._admin(url.path.rsplit("/", 1)[-1], params)
             if url.path == "/runtime/webhooks/eventgrid":
                 return self._event_grid(params, body)
             matched = [(route, match) for route in routes if (match := route[0].fullmatch(url.path))]
-            for (_, methods, name, arg, auth), match in matched:  # one route may be served per method by several
+            if any(auth != "anonymous" for (_, _, _, _, auth), _ in matched) and not self._authorised(params):
+                return self._send(401, {"error": "a function key is required (?code=... or x-functions-key)"})
+            for (_, methods, name, arg, _), match in matched:  # one route may be served per method by several
                 if self.command not in methods:
                     continue
-                if auth != "anonymous" and not self._authorised(params):
-                    return self._send(401, {"error": "a function key is required (?code=... or x-functions-key)"})
                 request = func.HttpRequest(self.command, f"{host.base_url}{self.path}", headers=dict(self.headers),
                                            params=params, route_params=match.groupdict(), body=body)
                 try:
@@ -363,7 +372,9 @@ def _handler_for(host: LocalHost):
                     return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
                 return self._raw(response.status_code, response.get_body(), response.mimetype)
             if matched:
-                return self._send(405, {"error": f"{self.command} is not allowed here"})
+                allowed = sorted({m for (_, methods, *_), _ in matched for m in methods})
+                return self._send(405, {"error": f"{self.command[:20]} is not allowed here; allowed: "
+                                                 f"{', '.join(allowed)}"}, allow=", ".join(allowed))
             self._send(404, {"error": "no function serves this route"})
 
         def _authorised(self, params: dict) -> bool:
@@ -402,18 +413,21 @@ def _handler_for(host: LocalHost):
                 return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
             self._send(202, {"delivered": len(events)})
 
-        def _send(self, status: int, body: dict, close: bool = False) -> None:
-            self._raw(status, json.dumps(body).encode(), "application/json", close)
+        def _send(self, status: int, body: dict, close: bool = False, allow: str = "") -> None:
+            self._raw(status, json.dumps(body).encode(), "application/json", close, allow)
 
-        def _raw(self, status: int, body: bytes, mimetype: str | None, close: bool = False) -> None:
+        def _raw(self, status: int, body: bytes, mimetype: str | None, close: bool = False, allow: str = "") -> None:
             self.send_response(status)
             self.send_header("Content-Type", mimetype or "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if allow:
+                self.send_header("Allow", allow)
             if close:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
     return Handler
 

@@ -159,7 +159,7 @@ def upload_folder(connection: str, container: str, folder: Path) -> list[tuple[s
 
 def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool, announced: bool) -> dict:
     api = requests.Session()
-    api.headers["x-functions-key"] = host.function_key
+    api.headers.update({"x-functions-key": host.function_key, "Content-Type": "application/json"})
     body = {"dryRun": args.dry_run, "force": args.force}
     started = api.post(f"{host.base_url}/api/exports/{args.export}/runs", json=body, timeout=600)
     view = started.json()

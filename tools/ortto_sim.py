@@ -14,7 +14,7 @@ In process (tests)::
 
 As a process::
 
-    python -m tools.ortto_sim --port 0 --rate 30 --api-key KEY [--plan business --try-in-seconds 1 ...]
+    SIM_API_KEY=KEY python -m tools.ortto_sim --port 0 --rate 30 [--plan business --try-in-seconds 1 ...]
 
 It prints `ortto-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT; `OrttoSimProcess`
 starts it and reads it back. The request pipeline, the faults and the admin endpoints are tools.sim_base's.

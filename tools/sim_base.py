@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import re
 import signal
@@ -450,7 +451,6 @@ def arg_parser(module: str, doc: str, rate: float) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
     parser.add_argument("--rate", type=float, default=rate, help="requests/s per key; 0 = unthrottled")
-    parser.add_argument("--api-key", required=True, help="the key the simulator accepts")
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--timeout-rate", type=float, default=0.0)
     parser.add_argument("--timeout-seconds", type=float, default=12.0)
@@ -462,8 +462,14 @@ def arg_parser(module: str, doc: str, rate: float) -> argparse.ArgumentParser:
     return parser
 
 
+KEY_VARIABLE = "SIM_API_KEY"  # the key the simulator accepts: from the environment, never on a command line `ps` shows
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    args.api_key = os.environ.get(KEY_VARIABLE, "")
+    if not args.api_key:
+        parser.error(f"set the environment variable {KEY_VARIABLE} to the API key the simulator accepts")
     try:
         args.faults = Faults(args.fail_rate, args.timeout_rate, args.drop_rate, args.burst_rate, args.burst_length,
                              args.timeout_seconds)
@@ -501,8 +507,8 @@ class SimProcess:
 
     def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0,
                  log_path: Path | None = None):
-        self._argv = [sys.executable, "-m", self.MODULE, "--port", "0", "--rate", str(rate or 0),
-                      "--api-key", api_key, "--seed", str(seed)]
+        self._argv = [sys.executable, "-m", self.MODULE, "--port", "0", "--rate", str(rate or 0), "--seed", str(seed)]
+        self._env = {**os.environ, KEY_VARIABLE: api_key}
         self._faults = faults or Faults()
         self._proc: subprocess.Popen | None = None
         self._log_path = log_path  # where its log lines go (default: this process's stderr)
@@ -524,8 +530,8 @@ class SimProcess:
             log = open(self._log_path, "wb")  # the child keeps its own copy of the descriptor
         # A session of its own: Ctrl-C in a terminal reaches only the caller, which stops the simulator itself
         # (or its death does: tied_to_parent).
-        self._proc = subprocess.Popen(self._argv, cwd=root, stdout=subprocess.PIPE, stderr=log, text=True,
-                                      start_new_session=True, preexec_fn=tied_to_parent)
+        self._proc = subprocess.Popen(self._argv, cwd=root, env=self._env, stdout=subprocess.PIPE, stderr=log,
+                                      text=True, start_new_session=True, preexec_fn=tied_to_parent)
         if log:
             log.close()
         ready = threading.Timer(timeout, self._proc.kill)  # bounds the wait for the "listening" line
