@@ -217,6 +217,7 @@ module storage 'app/storage.bicep' = {
     queues: hostStorage.queues
     tables: hostStorage.tables
     retentionDays: retentionDays
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
   }
 }
 
@@ -229,6 +230,7 @@ module keyVault 'app/keyvault.bicep' = {
     tags: tags
     apiKeySecretName: apiKeySecretName
     autopilotApiKey: autopilotApiKey
+    logAnalyticsId: monitoring.outputs.logAnalyticsId
   }
 }
 

@@ -36,12 +36,31 @@ def reads(query: str) -> dict[str, set[str]]:
 
 def test_every_rule_reads_known_events_and_filters_on_real_statuses():
     queries = rules()
-    assert set(queries) == {"run-failed", "dead-batches", "export-not-synced", "throttled"}
+    assert set(queries) == {"run-failed", "dead-batches", "export-not-synced", "throttled", "timer-silent"}
     for name, query in queries.items():
         assert reads(query), f"{name} reads no event"
         assert set(reads(query)) <= set(EVENTS), name
         for status in re.findall(r'"([a-z ]+)"', query.split("r.status")[-1])[:2] if "r.status" in query else []:
             assert status in FINISHED, f"{name} filters on a status no run ends with: {status!r}"
+
+
+def test_the_heartbeat_fires_when_the_timer_writes_nothing_and_the_others_on_any_row():
+    template = BicepParser().parse(file_path=ALERTS)
+    fires = {rule["name"]: (rule["operator"], rule["threshold"]) for rule in template["variables"]["rules"]["value"]}
+    assert fires.pop("timer-silent") == ("LessThan", 1)  # no exports_enabled record in its window
+    assert set(fires.values()) == {("GreaterThan", 0)}
+    assert "exports_enabled" in reads(rules()["timer-silent"])
+    criteria = template["resources"]["alertRules"]["config"]["config"]["properties"]["criteria"]["allOf"][0]
+    for key in ("operator", "threshold"):  # each rule's own, not one for all
+        assert criteria[key]["operator"]["operands"] == {"operand_1": "rule", "operand_2": key}
+
+
+def test_the_records_alerts_count_are_never_sampled_away():
+    """Application Insights' adaptive sampling drops a share of each type it samples: a run_ended or batch_dead
+    record dropped is a failure no alert sees, an exports_enabled dropped a heartbeat missed. They are traces."""
+    host = json.loads((Path(__file__).resolve().parents[1] / "host.json").read_text())
+    sampling = host["logging"]["applicationInsights"]["samplingSettings"]
+    assert not sampling["isEnabled"] or "Trace" in sampling["excludedTypes"].split(";")
 
 
 class Signals(logging.Handler):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pycep import BicepParser
 
 from shared.batch_messages import BATCH_CONTAINER
@@ -295,16 +296,25 @@ def test_azure_yaml_requires_an_azd_whose_down_leaves_the_export_accounts_group_
     assert "azd {}.{}.{}".format(*AZD_MIN_VERSION) in readme_section("Deploy and operate")
 
 
+def postdeploy_hooks() -> dict[str, dict[str, Any]]:
+    """azure.yaml's postdeploy hook per platform, read as azd reads the file (YAML)."""
+    return yaml.safe_load((ROOT / "azure.yaml").read_text())["hooks"]["postdeploy"]
+
+
 def test_model_json_writes_reach_the_event_grid_trigger_through_the_hook_azd_runs_after_deploy(templates):
     from tools.event_grid import BLOB_CREATED, SUBJECT_ENDS_WITH
 
-    lines = (ROOT / "azure.yaml").read_text().splitlines()
-    text = "\n".join(line for line in lines if not line.strip().startswith("#"))
-    hook = re.search(r"^hooks:\n  postdeploy:\n    posix:\n      shell: sh\n      run: (\S+)$", text, re.MULTILINE)
-    assert hook, "azure.yaml must run the Event Grid hook after deploy"
-    script = (ROOT / hook[1]).read_text()
-    assert os.access(ROOT / hook[1], os.X_OK) and "--template-file infra/app/events.bicep" in script
+    hooks = postdeploy_hooks()
+    # azd refuses, on Windows without WSL, a hook that has no windows variant.
+    assert {name: (hook["shell"], hook["continueOnError"]) for name, hook in hooks.items()} == {
+        "posix": ("sh", False), "windows": ("pwsh", False)}
     events = templates["app/events.bicep"]
+    required = {name for name, p in events["parameters"].items() if p["default"] is None}
+    for hook in hooks.values():
+        script = (ROOT / hook["run"]).read_text()
+        assert "--template-file infra/app/events.bicep" in script
+        assert required and required <= set(re.findall(r"(\w+)=\"", script))  # every parameter without a default
+    assert os.access(ROOT / hooks["posix"]["run"], os.X_OK)
     subscription = only(events, "Microsoft.EventGrid/systemTopics/eventSubscriptions")["properties"]
     assert subscription["filter"]["includedEventTypes"] == [BLOB_CREATED]
     assert subscription["filter"]["subjectEndsWith"] == SUBJECT_ENDS_WITH  # what tools.event_grid filters locally
@@ -317,9 +327,119 @@ def test_model_json_writes_reach_the_event_grid_trigger_through_the_hook_azd_run
 
     [trigger] = [f for f in index(app) if f.get_trigger().get_binding_name() == "eventGridTrigger"]
     assert events["variables"]["functionName"]["value"] == trigger.get_function_name()
-    # The hook passes every parameter events.bicep has no default for.
-    required = {name for name, p in events["parameters"].items() if p["default"] is None}
-    assert required and required <= set(re.findall(r"(\w+)=\"", script))
+
+
+BUILT_IN_NAMESPACES = {"az", "sys", "subscription", "resourceGroup", "tenant", "managementGroup", "deployment",
+                       "environment"}
+DECLARATION = re.compile(r"^(?:param|var|resource|module|output)\s+(\w+)", re.MULTILINE)
+
+
+def test_no_symbol_hides_a_built_in_function_the_compiler_would_then_refuse():
+    """A symbol named like a built-in (a resource called `subscription`) hides the function of that name in its
+    file, and the compiler stops with BCP265 where the function is called."""
+    for path in sorted(INFRA.rglob("*.bicep")):
+        text = path.read_text()
+        hidden = set(DECLARATION.findall(text)) & BUILT_IN_NAMESPACES
+        called = {name for name in hidden if re.search(rf"(?<![\w.]){name}\(", text)}
+        assert not hidden, f"{path.relative_to(ROOT)} declares {sorted(hidden)} (called as functions: {sorted(called)})"
+
+
+def test_the_export_accounts_own_system_topic_is_referenced_never_redeclared(templates):
+    events = templates["app/events.bicep"]
+    [name] = resources(events, "Microsoft.EventGrid/systemTopics", existing=True)
+    new = events["resources"]["newTopic"]
+    assert unwrap(new)[1] is not None and "createTopic" in json.dumps(unwrap(new)[1])  # only when it has none
+    subscription = only(events, "Microsoft.EventGrid/systemTopics/eventSubscriptions")
+    assert subscription["parent"] == name and "newTopic" in json.dumps(subscription.get("dependsOn"))
+    assert param_default(events, "createTopic") is False
+
+
+# --- the postdeploy hook, run with a stand-in `az` --------------------------------------------------------------
+ACCOUNT_ID = "/subscriptions/1111/resourceGroups/CI-Exports/providers/Microsoft.Storage/storageAccounts/ciexport"
+TOPIC_ID = "/subscriptions/1111/resourceGroups/events-rg/providers/Microsoft.EventGrid/systemTopics/ci-topic"
+FAKE_AZ = """#!/bin/sh
+echo "$*" >> "$AZ_LOG"
+case "$1 $2" in
+  "account show") [ -n "$FAKE_TENANT" ] && echo "$FAKE_TENANT" || { echo "Please run az login" >&2; exit 1; } ;;
+  "eventgrid system-topic") printf '%s' "$FAKE_TOPICS" ;;
+  "deployment group")
+    tries=$(grep -c '^deployment group' "$AZ_LOG")
+    [ "$tries" -gt "${FAKE_FAILURES:-0}" ] || { echo "the function did not answer the validation" >&2; exit 1; } ;;
+esac
+"""
+
+
+def run_hook(tmp_path: Path, az: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "az.log"
+    bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    if az:
+        (bin_dir / "az").write_text(FAKE_AZ)
+        (bin_dir / "az").chmod(0o755)
+    environment = {"PATH": f"{bin_dir}:/usr/bin:/bin", "AZ_LOG": str(log), "EXPORT_STORAGE_ACCOUNT_ID": ACCOUNT_ID,
+                   "AZURE_TENANT_ID": "tenant-a", "FAKE_TENANT": "tenant-a", "AZURE_FUNCTION_NAME": "func-x",
+                   "AZURE_RESOURCE_GROUP": "rg-x", "AZURE_SUBSCRIPTION_ID": "2222", "EVENTS_RETRY_SECONDS": "0",
+                   "FAKE_TOPICS": "", **env}
+    done = subprocess.run(["sh", str(ROOT / postdeploy_hooks()["posix"]["run"])], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=60)
+    return done, log.read_text().splitlines()
+
+
+def test_the_hook_uses_the_accounts_topic_where_it_is_matching_its_id_without_case(tmp_path):
+    # Azure wrote the account's group in lower case in the topic's source; the topic lives in another group.
+    done, calls = run_hook(tmp_path, FAKE_TOPICS=f"{TOPIC_ID}\t{ACCOUNT_ID.lower()}\n")
+    assert done.returncode == 0, done.stderr
+    [deploy] = [c for c in calls if c.startswith("deployment group create")]
+    assert "--resource-group events-rg" in deploy and "topicName=ci-topic" in deploy and "createTopic=false" in deploy
+
+
+def test_the_hook_creates_a_topic_in_the_accounts_group_when_it_has_none(tmp_path):
+    done, calls = run_hook(tmp_path, FAKE_TOPICS=f"{TOPIC_ID}\t/subscriptions/1111/other\n")
+    assert done.returncode == 0, done.stderr
+    [deploy] = [c for c in calls if c.startswith("deployment group create")]
+    assert "--resource-group CI-Exports" in deploy and "topicName=ciexport-events" in deploy
+    assert "createTopic=true" in deploy
+
+
+def test_the_hook_tries_the_subscription_again_and_gives_up_saying_what_to_run(tmp_path):
+    done, calls = run_hook(tmp_path, FAKE_FAILURES="2")
+    assert done.returncode == 0 and sum(c.startswith("deployment group") for c in calls) == 3, done.stderr
+    done, calls = run_hook(tmp_path, FAKE_FAILURES="9", EVENTS_DEPLOY_ATTEMPTS="3")
+    assert done.returncode == 1 and sum(c.startswith("deployment group") for c in calls) == 3
+    assert "azd hooks run postdeploy" in done.stderr
+
+
+@pytest.mark.parametrize("case, env, az, says", [
+    ("no az", {}, False, "Azure CLI (az) is needed"),
+    ("not signed in", {"FAKE_TENANT": ""}, True, "az login --tenant tenant-a"),
+    ("another tenant", {"FAKE_TENANT": "tenant-b"}, True, "signed in to tenant tenant-b"),
+])
+def test_the_hook_checks_az_and_its_tenant_before_acting(tmp_path, case, env, az, says):
+    done, calls = run_hook(tmp_path, az=az, **env)
+    assert done.returncode == 1 and says in done.stderr and "azd hooks run postdeploy" in done.stderr
+    assert not [c for c in calls if c.startswith(("eventgrid", "deployment"))]
+
+
+def test_the_hook_does_nothing_without_an_export_account(tmp_path):
+    done, calls = run_hook(tmp_path, EXPORT_STORAGE_ACCOUNT_ID="")
+    assert done.returncode == 0 and "runs start on the timer" in done.stdout and calls == []
+
+
+def test_key_vault_audit_and_storage_access_are_logged_to_the_workspace(templates):
+    main = templates["main.bicep"]
+    for module in ("keyVault", "storage"):
+        params = unwrap(main["modules"][module])[0]["params"]
+        assert dotted(params["logAnalyticsId"]) == "monitoring.outputs.logAnalyticsId", module
+    vault = resources(templates["app/keyvault.bicep"], "Microsoft.Insights/diagnosticSettings")
+    assert [(d["scope"], d["properties"]["logs"]) for d in vault.values()] == [
+        ("vault", [{"categoryGroup": "audit", "enabled": True}])]
+    storage = templates["app/storage.bicep"]
+    logged = {d["scope"]: d["properties"] for d in resources(storage, "Microsoft.Insights/diagnosticSettings").values()}
+    assert set(logged) == {"blobService", "queueService", "tableService"}
+    for properties in logged.values():
+        assert properties["workspaceId"] == "logAnalyticsId" and properties["logs"] == "storageLogs"
+    categories = {entry["category"] for entry in storage["variables"]["storageLogs"]["value"] if entry["enabled"]}
+    assert categories == {"StorageRead", "StorageWrite", "StorageDelete"}
 
 
 def test_funcignore_leaves_tooling_out_of_the_package():

@@ -32,6 +32,8 @@ var rules = [
     frequency: 'PT5M'
     window: 'PT15M'
     query: 'traces | where message startswith "run_ended " | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | where tostring(r.status) in ("failed", "partially succeeded") | project timestamp, runId = tostring(r.runId), export = tostring(r.export), connection = tostring(r.connection), status = tostring(r.status), failed = toint(r.failed), deadBatches = toint(r.deadBatches)'
+    operator: 'GreaterThan'
+    threshold: 0
   }
   {
     name: 'dead-batches'
@@ -40,6 +42,8 @@ var rules = [
     frequency: 'PT5M'
     window: 'PT15M'
     query: 'traces | where message startswith "batch_dead " | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | project timestamp, runId = tostring(r.runId), export = tostring(r.export), connection = tostring(r.connection), batch = toint(r.batch), contacts = toint(r.contacts)'
+    operator: 'GreaterThan'
+    threshold: 0
   }
   {
     name: 'export-not-synced'
@@ -48,6 +52,8 @@ var rules = [
     frequency: 'PT1H'
     window: 'P2D'
     query: 'let enabled = traces | where timestamp > ago(1h) and message startswith "exports_enabled " | top 1 by timestamp desc | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | mv-expand export = r.exports to typeof(string) | project export; let synced = traces | where timestamp > ago(26h) and message startswith "run_ended " | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | where tostring(r.status) == "succeeded" | project export = tostring(r.export); enabled | join kind=leftanti synced on export'
+    operator: 'GreaterThan'
+    threshold: 0
   }
   {
     name: 'throttled'
@@ -56,6 +62,21 @@ var rules = [
     frequency: 'PT5M'
     window: 'PT15M'
     query: 'traces | where message startswith "batch_sent " | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | summarize requests = sum(toint(r.requests)), throttled = sum(toint(r.throttled)) by connection = tostring(r.connection) | where requests > 0 and 100.0 * throttled / requests > 5'
+    operator: 'GreaterThan'
+    threshold: 0
+  }
+  {
+    // The heartbeat: every timer tick writes exports_enabled. Without it export-not-synced sees no enabled export
+    // and stays silent, so a timer that stopped (app stopped, deployment broken, host failing to start) would
+    // otherwise go unnoticed.
+    name: 'timer-silent'
+    description: 'The timer has not ticked for 2 hours: no scheduled run starts (is the app running?).'
+    severity: 1
+    frequency: 'PT30M'
+    window: 'PT2H'
+    query: 'traces | where message startswith "exports_enabled " | extend r = parse_json(substring(message, indexof(message, " ") + 1)) | project timestamp, exports = r.exports'
+    operator: 'LessThan'
+    threshold: 1
   }
 ]
 
@@ -79,8 +100,9 @@ resource alertRules 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = [
           {
             query: rule.query
             timeAggregation: 'Count'
-            operator: 'GreaterThan'
-            threshold: 0
+            // Most rules fire on any row; the heartbeat on none.
+            operator: rule.operator
+            threshold: rule.threshold
             failingPeriods: {
               numberOfEvaluationPeriods: 1
               minFailingPeriodsToAlert: 1

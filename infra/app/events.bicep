@@ -1,17 +1,22 @@
 // Runs that start when Customer Insights writes a model.json: the export account's Event Grid system topic sends its
-// BlobCreated events for .../model.json to the app's Event Grid-triggered function snapshot_written. Deployed by
-// infra/hooks/postdeploy.sh into the export account's resource group after `azd deploy`: the subscription names the
-// function, which exists only once the code is deployed.
+// BlobCreated events for .../model.json to the app's Event Grid-triggered function snapshot_written. Deployed by the
+// postdeploy hook (infra/hooks/postdeploy.sh, .ps1) after `azd deploy`, into the resource group of the account's
+// system topic: the one it has (an account has at most one, in any group of its subscription), referenced as it is,
+// never re-PUT (that would reset its tags and identity); or a new one in the account's own group. The subscription
+// names the function, which exists only once the code is deployed.
 //
 // An Event Grid trigger, not a blob trigger with the EventGrid source: a blob trigger needs Storage Blob Data Owner
 // and Storage Queue Data Contributor on the account it watches (it writes its poison queue there), and this account
 // is the customer's export account, on which the app holds Storage Blob Data Reader only.
 
-@description('Name of the Customer Insights export storage account, in this resource group.')
-param exportStorageAccountName string
+@description('Resource id of the Customer Insights export storage account.')
+param exportStorageAccountId string
 
-@description('The export account\'s Event Grid system topic: its existing one (an account has at most one), or a new one of this name.')
+@description('The account\'s Event Grid system topic, in this resource group: its existing one, or the one to create.')
 param topicName string
+
+@description('True when the account has no system topic yet: it is created here, in the account\'s resource group.')
+param createTopic bool = false
 
 @description('The Function App, and where it lives.')
 param functionAppName string
@@ -19,9 +24,11 @@ param functionAppResourceGroup string
 param functionAppSubscriptionId string = subscription().subscriptionId
 
 var functionName = 'snapshot_written'
+var accountPath = split(exportStorageAccountId, '/')
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
-  name: exportStorageAccountName
+  name: accountPath[8]
+  scope: resourceGroup(accountPath[2], accountPath[4])
 }
 
 resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
@@ -29,7 +36,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' existing = {
   scope: resourceGroup(functionAppSubscriptionId, functionAppResourceGroup)
 }
 
-resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
+resource newTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = if (createTopic) {
   name: topicName
   location: account.location
   properties: {
@@ -38,9 +45,16 @@ resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
   }
 }
 
-resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
+resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' existing = {
+  name: topicName
+}
+
+resource modelJsonSubscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
   parent: topic
   name: '${functionAppName}-model-json'
+  dependsOn: [
+    newTopic
+  ]
   properties: {
     destination: {
       // Event Grid calls the function through its resource id: no key in a URL.

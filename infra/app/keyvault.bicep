@@ -4,6 +4,8 @@ param name string
 param location string
 param tags object
 param apiKeySecretName string
+@description('Resource id of the Log Analytics workspace the audit log goes to.')
+param logAnalyticsId string
 @secure()
 @description('Autopilot API key; empty: the secret is not created here (set it with az keyvault secret set).')
 param autopilotApiKey string = ''
@@ -43,6 +45,21 @@ resource apiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empt
   properties: {
     value: autopilotApiKey
     contentType: 'text/plain'
+  }
+}
+
+// Key Vault's audit log (every secret read, by which identity) in the Log Analytics workspace.
+resource audit 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'audit-to-log-analytics'
+  scope: vault
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: [
+      {
+        categoryGroup: 'audit'
+        enabled: true
+      }
+    ]
   }
 }
 

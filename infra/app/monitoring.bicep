@@ -35,3 +35,4 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
 
 output appInsightsName string = appInsights.name
 output appInsightsId string = appInsights.id
+output logAnalyticsId string = logAnalytics.id

@@ -12,6 +12,8 @@ param tables array
 @description('Days after which run reports, batch pages and dead batches are deleted (they hold contact data).')
 @minValue(1)
 param retentionDays int = 30
+@description('Resource id of the Log Analytics workspace the storage logs go to.')
+param logAnalyticsId string
 @description('Containers whose blobs the retention applies to (never the acknowledged state or the definitions).')
 param retainedContainers array = [
   'reports'
@@ -128,5 +130,49 @@ resource storageTables 'Microsoft.Storage/storageAccounts/tableServices/tables@2
     name: table
   }
 ]
+
+// Every read, write and delete of the blobs, queues and tables (who, from where, with which identity) in the Log
+// Analytics workspace: the account holds contact data in run reports and queued batches.
+var storageLogs = [
+  {
+    category: 'StorageRead'
+    enabled: true
+  }
+  {
+    category: 'StorageWrite'
+    enabled: true
+  }
+  {
+    category: 'StorageDelete'
+    enabled: true
+  }
+]
+
+resource blobDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'storage-to-log-analytics'
+  scope: blobService
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: storageLogs
+  }
+}
+
+resource queueDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'storage-to-log-analytics'
+  scope: queueService
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: storageLogs
+  }
+}
+
+resource tableDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'storage-to-log-analytics'
+  scope: tableService
+  properties: {
+    workspaceId: logAnalyticsId
+    logs: storageLogs
+  }
+}
 
 output name string = storage.name
