@@ -94,11 +94,8 @@ param exportStorageAccountResourceId string = ''
 @description('Blob endpoint of the export account, https://<account>.blob.core.windows.net/ (EXPORT_STORAGE_BLOB_URI); used only without exportStorageAccountResourceId, and then the account owner grants the read role.')
 param exportStorageBlobUri string = ''
 
-@description('Client id of an Entra ID app registration: when set, the HTTP API takes Entra ID tokens for it instead of function keys.')
-param apiEntraClientId string = ''
-
-@description('Object id of the Entra ID group whose members may call the API (with apiEntraClientId).')
-param apiEntraGroupId string = ''
+@description('True: the HTTP API takes Entra ID tokens instead of function keys; the deployment declares its app registration with the roles Exports.Admin, Exports.Operator and Exports.Reader, assignment required (infra/app/entra.bicep).')
+param apiEntraAuth bool = false
 
 @description('Email addresses the alerts go to, separated by commas; none by default (the alerts still fire and show in the portal).')
 param alertEmails string = ''
@@ -234,6 +231,15 @@ module keyVault 'app/keyvault.bicep' = {
   }
 }
 
+module apiRegistration 'app/entra.bicep' = if (apiEntraAuth) {
+  name: 'api-registration'
+  scope: rg
+  params: {
+    uniqueName: 'ci-autopilot-api-${resourceToken}'
+    displayName: 'Customer Insights sync API (${environmentName})'
+  }
+}
+
 module functionApp 'app/function.bicep' = {
   name: 'function'
   scope: rg
@@ -257,8 +263,8 @@ module functionApp 'app/function.bicep' = {
     autopilotBaseUrl: autopilotBaseUrl
     autopilotRequestsPerSecond: autopilotRequestsPerSecond
     exportStorageBlobServiceUri: exportStorageBlobServiceUri
-    apiEntraClientId: apiEntraClientId
-    apiEntraGroupId: apiEntraGroupId
+    apiEntraClientId: apiRegistration.?outputs.clientId ?? ''
+    apiIdentifierUri: apiRegistration.?outputs.identifierUri ?? ''
   }
 }
 
@@ -298,3 +304,7 @@ output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_URL string = keyVault.outputs.uri
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AUTOPILOT_API_KEY_SECRET_NAME string = apiKeySecretName
+// With apiEntraAuth: what a caller asks a token for (`az account get-access-token --resource ...`), and the service
+// principal roles are assigned on.
+output API_IDENTIFIER_URI string = apiRegistration.?outputs.identifierUri ?? ''
+output API_SERVICE_PRINCIPAL_ID string = apiRegistration.?outputs.servicePrincipalId ?? ''

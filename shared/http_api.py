@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 
-from shared import cancels, delivery, reports, runs, services
+from shared import api_roles, cancels, delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
 from shared.services import Services
@@ -25,7 +25,6 @@ EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")  # (not \d: it matches any script's digits)
 WHOLE_NUMBER = re.compile(r"[0-9]{1,6}")
 RUN_OPTIONS = {"dryRun", "force"}
-PRINCIPAL_HEADER = "x-ms-client-principal-id"  # set by the platform's authentication; it drops one a client sends
 
 
 def _is_json(content_type: str) -> bool:
@@ -157,7 +156,7 @@ def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[
 def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     """Run one API call with the process's services; a configuration problem becomes a 500 that says what to
     fix, never a stack trace. With Entra ID authentication the platform has checked the caller's token and
-    forwards who it is; a request without that principal (the platform's authentication is off?) is refused.
+    forwards who it is and its app roles: the call runs only for a principal holding the role it needs.
     A POST must say its body is JSON (body or none): a browser sends a form or text cross-site without asking,
     but asks the API first (CORS) before it sends JSON, so no page can start, cancel or replay a run."""
     if method == "POST" and not _is_json(headers.get("content-type", "")):
@@ -165,11 +164,29 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
                            f"JSON), not {headers.get('content-type', 'none')[:60]!r}")
     try:
         svc = services.current()
-        if api_authentication(svc.settings.env) == "entra" and not headers.get(PRINCIPAL_HEADER):
-            return _error(401, "this API takes Entra ID tokens (API_AUTHENTICATION is entra) and the request "
-                               "carries no authenticated principal: call it with a token for the app's registration, "
-                               "through the app's built-in authentication")
+        if api_authentication(svc.settings.env) == "entra":
+            refused = _role_refusal(headers, call.__name__)
+            if refused is not None:
+                return refused
         return call(svc, *args)
     except (SettingsError, ExportConfigError) as exc:
         log.error("configuration problem: %s", exc)
         return _error(500, f"the app is misconfigured: {exc}")
+
+
+def _role_refusal(headers: Mapping[str, str], operation: str) -> Answer | None:
+    """401 or 403 unless the principal the platform forwards holds the app role the operation needs (the
+    platform drops any principal header a client sends and sets its own: see shared/api_roles.py). An
+    operation with no declared role is refused too, so a route added without one opens to nobody."""
+    try:
+        refused = api_roles.refusal(headers, operation)
+    except api_roles.UndeclaredOperation as exc:
+        log.error("%s", exc)
+        return _error(500, str(exc))
+    if refused is None:
+        return None
+    status, message = refused
+    # The object id names who was refused (no token, no name: the name may be an email address).
+    log.warning("refused %s (%s) to principal %s", operation, status,
+                headers.get(api_roles.PRINCIPAL_ID_HEADER, "none")[:40])
+    return _error(status, message)

@@ -1,16 +1,50 @@
 """Entra ID for the HTTP API: with API_AUTHENTICATION=entra the platform's built-in authentication checks the
-token (infra/app/function.bicep) and the app refuses any request without the principal it forwards."""
+token (infra/app/function.bicep) and forwards the principal; the app runs a call only for a principal holding the
+app role it needs (shared/api_roles.py). The local host stands in for the platform: tests send the principal
+headers as it would."""
 
 from __future__ import annotations
+
+import base64
+import json
 
 import azure.functions as func
 import pytest
 
 import function_app
-from shared.http_api import PRINCIPAL_HEADER
-from tests.support import close_world, definition, open_world
+from shared import api_roles, http_api
+from shared.api_roles import ADMIN, OPERATOR, READER
+from tests.support import close_world, definition, open_world, wait_until
+from tools.generate_export import sample_profiles
+from tools.local_host import index
+
+ROLE_URI = "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"
+OBJECT_ID = "6e4a1b3c-0000-4000-8000-000000000001"
+NO_RUN = "20990101T000000Z-00000000"
 
 
+def encode(principal) -> str:
+    return base64.b64encode(json.dumps(principal).encode()).decode()
+
+
+def principal(*roles: str, typ: str = "roles", name: str | None = "ops@contoso.example") -> dict:
+    """What Easy Auth forwards for an Entra ID token carrying these app roles (claims of type `typ`); an app-only
+    token (a script's client credentials) has no name."""
+    claims = [{"typ": "aud", "val": "api://autopilot-sync"}, {"typ": "http://schemas.microsoft.com/identity/claims/"
+                                                              "objectidentifier", "val": OBJECT_ID}]
+    claims += [{"typ": typ, "val": role} for role in roles]
+    if name:
+        claims.append({"typ": "name", "val": name})
+    return {"auth_typ": "aad", "claims": claims, "name_typ": "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/"
+            "name", "role_typ": ROLE_URI}
+
+
+def headers(*roles: str, typ: str = "roles") -> dict[str, str]:
+    return {"X-MS-CLIENT-PRINCIPAL": encode(principal(*roles, typ=typ)), "X-MS-CLIENT-PRINCIPAL-ID": OBJECT_ID,
+            "X-MS-CLIENT-PRINCIPAL-NAME": "ops@contoso.example"}
+
+
+# === the app setting ===========================================================================================
 @pytest.mark.parametrize("value, level", [
     ("entra", func.AuthLevel.ANONYMOUS), ("Entra", func.AuthLevel.ANONYMOUS), ("function-key", func.AuthLevel.FUNCTION),
     ("", func.AuthLevel.FUNCTION), ("oauth", func.AuthLevel.FUNCTION),  # a bad value keeps the keys
@@ -20,22 +54,6 @@ def test_the_routes_take_function_keys_unless_the_platform_checks_entra_tokens(m
     assert function_app._auth_level() == level
 
 
-@pytest.fixture
-def entra_world():
-    world = open_world(settings={"API_AUTHENTICATION": "entra"})
-    yield world
-    close_world(world)
-
-
-def test_with_entra_a_request_without_the_platforms_principal_is_refused(entra_world):
-    entra_world.define(definition("hv"))
-    url = f"{entra_world.host.base_url}/api/exports"
-    refused = entra_world.api.get(url, timeout=30)
-    assert refused.status_code == 401 and "Entra ID" in refused.json()["error"]
-    allowed = entra_world.api.get(url, headers={PRINCIPAL_HEADER: "6e4a1b3c-0000-4000-8000-000000000001"}, timeout=30)
-    assert allowed.status_code == 200 and [e["name"] for e in allowed.json()["exports"]] == ["hv"]
-
-
 def test_a_bad_authentication_setting_answers_500_naming_it():
     world = open_world(settings={"API_AUTHENTICATION": "oauth"})
     try:
@@ -43,3 +61,190 @@ def test_a_bad_authentication_setting_answers_500_naming_it():
     finally:
         close_world(world)
     assert answer.status_code == 500 and "API_AUTHENTICATION" in answer.json()["error"]
+
+
+# === the route -> role table ===================================================================================
+def _http_routes() -> dict[str, list[str]]:
+    return {f.get_function_name(): [str(m.value) for m in f.get_trigger().get_dict_repr()["methods"]]
+            for f in index(function_app.app) if f.get_trigger().get_dict_repr()["type"] == "httpTrigger"}
+
+
+def test_every_route_declares_its_role_reads_need_reader_and_runs_need_operator():
+    assert {name: api_roles.required_role(name) for name in _http_routes()} == {
+        name: READER if methods == ["GET"] else OPERATOR for name, methods in _http_routes().items()}
+    assert set(api_roles.OPERATION_ROLES) == set(_http_routes())  # no stale line either
+
+
+def test_each_route_hands_over_the_http_api_call_its_role_is_declared_for(monkeypatch):
+    """The table is keyed by the http_api function's name: each route must call the function of its own name."""
+    called = {}
+    monkeypatch.setattr(http_api, "guarded", lambda method, hdrs, call, *args: called.setdefault("call", call) and
+                        (200, {}))
+    for f in index(function_app.app):
+        if f.get_function_name() in _http_routes():
+            called.clear()
+            f.get_user_function()(func.HttpRequest("GET", "http://h/api/x", body=b"", route_params={"name": "hv"}))
+            assert called["call"].__name__ == f.get_function_name()
+
+
+def test_an_operation_without_a_declared_role_is_refused_naming_the_table():
+    with pytest.raises(api_roles.UndeclaredOperation, match=r"OPERATION_ROLES in shared/api_roles\.py"):
+        api_roles.refusal(headers(ADMIN), "delete_everything")
+    status, body = http_api._role_refusal(_lower(headers(ADMIN)), "delete_everything")  # the host answers 500
+    assert status == 500 and "no app role is declared for the API operation 'delete_everything'" in body["error"]
+
+
+def test_a_future_admin_route_can_ask_for_admin(monkeypatch):
+    monkeypatch.setitem(api_roles.OPERATION_ROLES, "put_export", ADMIN)
+    status, message = api_roles.refusal(_lower(headers(OPERATOR)), "put_export")
+    assert status == 403 and message.startswith("this call needs the app role Exports.Admin;")
+    assert api_roles.refusal(_lower(headers(ADMIN)), "put_export") is None
+
+
+def _lower(hdrs: dict) -> dict:
+    """The host's headers are looked up in lower case."""
+    return {k.lower(): v for k, v in hdrs.items()}
+
+
+# === decoding the principal ====================================================================================
+@pytest.mark.parametrize("roles, needed, allowed", [
+    ((READER,), READER, True), ((READER,), OPERATOR, False), ((READER,), ADMIN, False),
+    ((OPERATOR,), READER, True), ((OPERATOR,), OPERATOR, True), ((OPERATOR,), ADMIN, False),
+    ((ADMIN,), READER, True), ((ADMIN,), OPERATOR, True), ((ADMIN,), ADMIN, True),
+    ((), READER, False), (("Exports.Auditor", "Other.Admin"), READER, False), ((READER, OPERATOR), OPERATOR, True),
+    (("exports.operator",), OPERATOR, False), (("EXPORTS.READER",), READER, False),  # values are case-sensitive
+])
+def test_each_role_includes_the_ones_below_it(roles, needed, allowed):
+    assert api_roles.allows(roles, needed) is allowed
+
+
+def test_roles_are_read_from_the_roles_claim_and_from_the_claim_type_role_typ_names():
+    assert api_roles.principal_roles(encode(principal(OPERATOR))) == {OPERATOR}
+    assert api_roles.principal_roles(encode(principal(READER, typ=ROLE_URI))) == {READER}
+    both = principal(READER)
+    both["claims"].append({"typ": ROLE_URI, "val": ADMIN})
+    assert api_roles.principal_roles(encode(both)) == {READER, ADMIN}
+
+
+def test_an_app_only_token_has_its_roles_in_the_same_claim():
+    assert api_roles.principal_roles(encode(principal(OPERATOR, name=None))) == {OPERATOR}
+
+
+def test_other_claims_and_malformed_claims_grant_nothing():
+    value = principal(READER)
+    value["claims"] += [{"typ": "groups", "val": ADMIN}, {"typ": "scp", "val": OPERATOR}, "Exports.Admin",
+                        {"typ": "roles", "val": ["Exports.Admin"]}, {"typ": ["roles"], "val": ADMIN}, {"val": ADMIN},
+                        {"typ": "roles"}, None]
+    value["role_typ"] = ["roles"]  # not text: only `roles` counts
+    assert api_roles.principal_roles(encode(value)) == {READER}
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("not base64!", "is not base64 of JSON"),
+    ("é", "is not base64 of JSON"),
+    (base64.b64encode(b"\xff\xfe{not json").decode(), "is not base64 of JSON"),
+    (base64.b64encode(b"{\"claims\": [").decode(), "is not base64 of JSON"),
+    (encode([{"typ": "roles", "val": ADMIN}]), "holds no list of claims"),
+    (encode({"auth_typ": "aad"}), "holds no list of claims"),
+    (encode({"claims": {"roles": ADMIN}}), "holds no list of claims"),
+    (encode({"claims": "Exports.Admin"}), "holds no list of claims"),
+    (base64.b64encode(b"[" * 100_000 + b"]" * 100_000).decode(), "characters long"),
+    (base64.b64encode(b"[" * 20_000 + b"]" * 20_000).decode(), "is not base64 of JSON"),  # too deep to parse
+])
+def test_a_garbled_principal_says_what_is_wrong(value, fragment):
+    with pytest.raises(api_roles.PrincipalError, match=fragment):
+        api_roles.principal_roles(value)
+
+
+def test_the_403_names_the_role_needed_the_roles_held_and_how_to_assign_one_and_nothing_else():
+    hdrs = _lower(headers(READER, "exports.operator"))
+    status, message = api_roles.refusal(hdrs, "start_run")
+    assert status == 403
+    assert message.startswith("this call needs the app role Exports.Operator (or Exports.Admin); the caller (object "
+                              f"id {OBJECT_ID}) holds Exports.Reader, exports.operator (role values are "
+                              "case-sensitive): an admin assigns app roles in Entra ID > Enterprise applications > ")
+    assert "Users and groups" in message and "appRoleAssignedTo" in message
+    assert "ops@contoso.example" not in message and hdrs["x-ms-client-principal"] not in message
+
+
+# === through the host, as the platform forwards the principal =================================================
+@pytest.fixture(scope="module")
+def entra_world():
+    world = open_world(settings={"API_AUTHENTICATION": "entra"})
+    world.define(definition("hv"), definition("adm", target="In Admin Segment"))
+    world.snapshot(list(sample_profiles(4, seed=48, start=420_000)))
+    yield world
+    close_world(world)
+
+
+def _call(world, method: str, path: str, hdrs: dict, **options):
+    return world.api.request(method, world.host.base_url + path, headers=hdrs, timeout=60, **options)
+
+
+def _dry_run(world, export: str, hdrs: dict) -> str:
+    """Start a dry run as this principal, wait (reading as it) until it ends; its id."""
+    started = _call(world, "POST", f"/api/exports/{export}/runs", hdrs, json={"dryRun": True})
+    assert started.status_code == 202, started.text[:300]
+    run_id = started.json()["runId"]
+    wait_until(lambda: _call(world, "GET", f"/api/runs/{run_id}", hdrs).json()["status"] == "dry run", timeout=60)
+    return run_id
+
+
+def test_a_reader_reads_exports_and_runs_but_may_not_start_cancel_or_replay(entra_world):
+    run_id = _dry_run(entra_world, "hv", headers(OPERATOR))  # an Operator may start one
+    reader = headers(READER)
+    exports = _call(entra_world, "GET", "/api/exports", reader)
+    assert exports.status_code == 200 and [e["name"] for e in exports.json()["exports"]] == ["hv", "adm"]
+    history = _call(entra_world, "GET", "/api/exports/hv/runs", reader)
+    assert history.status_code == 200 and [r["runId"] for r in history.json()["runs"]] == [run_id]
+    view = _call(entra_world, "GET", f"/api/runs/{run_id}", reader)
+    assert view.status_code == 200 and view.json()["status"] == "dry run"
+    for path, body in [("/api/exports/hv/runs", {"dryRun": True}), (f"/api/runs/{run_id}/cancel", None),
+                       (f"/api/runs/{run_id}/replay", None), (f"/api/runs/{NO_RUN}/cancel", None)]:
+        refused = _call(entra_world, "POST", path, reader, json=body)
+        assert refused.status_code == 403, (path, refused.text[:300])
+        assert "needs the app role Exports.Operator" in refused.json()["error"]
+        assert "holds Exports.Reader" in refused.json()["error"]
+    assert [r["runId"] for r in _call(entra_world, "GET", "/api/exports/hv/runs", reader).json()["runs"]] == [run_id]
+
+
+def test_an_admin_may_do_what_an_operator_may(entra_world):
+    run_id = _dry_run(entra_world, "adm", headers(ADMIN))
+    assert _call(entra_world, "GET", f"/api/runs/{run_id}", headers(ADMIN)).status_code == 200
+
+
+def test_roles_in_the_claim_type_role_typ_names_count(entra_world):
+    assert _call(entra_world, "GET", "/api/exports", headers(READER, typ=ROLE_URI)).status_code == 200
+    refused = _call(entra_world, "POST", f"/api/runs/{NO_RUN}/replay", headers(READER, typ=ROLE_URI))
+    assert refused.status_code == 403 and "holds Exports.Reader" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("roles, held", [((), "holds no app role"), (("exports.reader",), "case-sensitive"),
+                                         (("Exports.Auditor",), "holds Exports.Auditor")])
+def test_a_principal_without_the_role_is_refused_403_saying_how_to_get_it(entra_world, roles, held):
+    refused = _call(entra_world, "GET", "/api/exports", headers(*roles))
+    assert refused.status_code == 403 and refused.headers["Content-Type"].startswith("application/json")
+    error = refused.json()["error"]
+    assert "needs the app role Exports.Reader (or Exports.Operator or Exports.Admin)" in error and held in error
+    assert "Enterprise applications" in error
+
+
+@pytest.mark.parametrize("hdrs", [{}, {"X-MS-CLIENT-PRINCIPAL-ID": OBJECT_ID}, {"X-MS-CLIENT-PRINCIPAL": ""}],
+                         ids=["no principal", "only the object id", "empty principal"])
+def test_a_request_without_the_platforms_principal_is_refused_401(entra_world, hdrs):
+    refused = _call(entra_world, "GET", "/api/exports", hdrs)
+    assert refused.status_code == 401
+    assert "carries no authenticated principal" in refused.json()["error"]
+    assert "Easy Auth" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("value", [
+    "not base64!", base64.b64encode(b"<xml/>").decode(), encode(["Exports.Admin"]), encode({"claims": "roles"}),
+    encode({"claims": None, "role_typ": ROLE_URI}), base64.b64encode(b"[" * 5000 + b"]" * 5000).decode(),
+], ids=["not base64", "not JSON", "not an object", "claims not a list", "claims null", "deeply nested"])
+def test_a_garbled_principal_is_refused_401_never_500(entra_world, value):
+    refused = _call(entra_world, "POST", "/api/exports/hv/runs", {"X-MS-CLIENT-PRINCIPAL": value}, json={})
+    assert refused.status_code == 401, refused.text[:300]
+    assert refused.json()["error"].startswith("the authenticated principal forwarded to the app "
+                                              "(X-MS-CLIENT-PRINCIPAL) ")
+    assert "Traceback" not in refused.text and value not in refused.text

@@ -19,6 +19,7 @@ import requests
 from shared.runs import BLOB_CREATED
 
 SUBJECT_ENDS_WITH = "/model.json"  # the subscription's filter: nothing else reaches the app
+WEBHOOK_PATH = "/runtime/webhooks/eventgrid"  # the real host's route for Event Grid deliveries
 
 
 def blob_created(blob_url: str, length: int) -> dict:
@@ -50,7 +51,7 @@ def deliver(host_url: str, key: str, function: str, events: list[dict], timeout:
     The host answers once the function has run for each (a failure raises here, where Event Grid would retry)."""
     events = [e for e in events if wanted(e)]
     if events:
-        answer = requests.post(f"{host_url}/runtime/webhooks/eventgrid", params={"functionName": function, "code": key},
+        answer = requests.post(f"{host_url}{WEBHOOK_PATH}", params={"functionName": function, "code": key},
                                json=events, timeout=timeout, headers={"aeg-event-type": "Notification"})
         answer.raise_for_status()
     return len(events)

@@ -41,6 +41,7 @@ from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 
 from shared.storage import pooled_transport
+from tools.event_grid import WEBHOOK_PATH
 from tools.http_framing import FramingError, read_body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +356,7 @@ def _handler_for(host: LocalHost):
             params = _query(url.query)
             if url.path.startswith("/admin/functions/"):
                 return self._admin(url.path.rsplit("/", 1)[-1], params)
-            if url.path == "/runtime/webhooks/eventgrid":
+            if url.path == WEBHOOK_PATH:
                 return self._event_grid(params, body)
             matched = [(route, match) for route in routes if (match := route[0].fullmatch(url.path))]
             if any(auth != "anonymous" for (_, _, _, _, auth), _ in matched) and not self._authorised(params):

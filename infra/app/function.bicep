@@ -39,8 +39,8 @@ param autopilotRequestsPerSecond string
 param exportStorageBlobServiceUri string
 @description('Client id of the Entra ID app registration the HTTP API accepts tokens for; empty keeps function keys.')
 param apiEntraClientId string = ''
-@description('Object id of the Entra ID group whose members may call the API (with apiEntraClientId).')
-param apiEntraGroupId string = ''
+@description('The API registration\'s application id URI, the audience of its tokens (with apiEntraClientId).')
+param apiIdentifierUri string = ''
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -256,7 +256,10 @@ output name string = site.name
 output uri string = 'https://${site.properties.defaultHostName}'
 
 // Built-in authentication (Easy Auth), on when apiEntraClientId is given: every HTTP request needs an Entra ID
-// token issued for that app registration to a member of apiEntraGroupId; others get 401 before any function runs.
+// token issued for that app registration (infra/app/entra.bicep), which only a principal assigned one of its app
+// roles can get; others get 401 before any function runs. The app checks each route's role itself (the platform
+// does not read the roles claim). Event Grid's deliveries are excluded: Event Grid calls the host's webhook with
+// the host's own system key, not a token, and would otherwise get 401 on validation and on every event.
 // The app's HTTP functions then take no function key (API_AUTHENTICATION 'entra') and refuse a request without
 // the authenticated principal the platform forwards.
 resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
@@ -276,6 +279,9 @@ resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
     globalValidation: {
       requireAuthentication: true
       unauthenticatedClientAction: 'Return401'
+      excludedPaths: [
+        '/runtime/webhooks/eventgrid'
+      ]
     }
     identityProviders: {
       azureActiveDirectory: {
@@ -286,16 +292,9 @@ resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
         }
         validation: {
           allowedAudiences: [
-            'api://${apiEntraClientId}'
+            apiIdentifierUri
             apiEntraClientId
           ]
-          defaultAuthorizationPolicy: {
-            allowedPrincipals: {
-              groups: empty(apiEntraGroupId) ? [] : [
-                apiEntraGroupId
-              ]
-            }
-          }
         }
       }
     }
