@@ -316,6 +316,12 @@ def test_model_json_writes_reach_the_event_grid_trigger_through_the_hook_azd_run
         assert "--template-file infra/app/events.bicep" in script
         assert required and required <= set(re.findall(r"(\w+)=\"", script))  # every parameter without a default
     assert os.access(ROOT / hooks["posix"]["run"], os.X_OK)
+    # PowerShell cannot be installed here to run the Windows twin as the tests below run the POSIX hook: it must at
+    # least take the same steps (az present, its tenant azd's, the topic matched without case, the retry loop).
+    windows = (ROOT / hooks["windows"]["run"]).read_text()
+    for step in ("Get-Command az", "az account show --query tenantId", "$env:AZURE_TENANT_ID", "-ieq $accountId",
+                 "createTopic=", "for ($attempt = 1;", "azd hooks run postdeploy"):
+        assert step in windows, step
     subscription = only(events, "Microsoft.EventGrid/systemTopics/eventSubscriptions")["properties"]
     assert subscription["filter"]["includedEventTypes"] == [BLOB_CREATED]
     assert subscription["filter"]["subjectEndsWith"] == SUBJECT_ENDS_WITH  # what tools.event_grid filters locally
