@@ -14,8 +14,18 @@ from shared import batch_messages, signals
 from shared.api_client import ApiKeyRejected
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
-from shared.reports import after_batch, conclude, delivery_totals, is_synced
-from shared.run_records import ACTIVE, CANCELLING, REPLAYING, REQUEUED, UNSETTLED, BatchOutcome, run_log, utcnow
+from shared.reports import after_batch, conclude, delivery_totals
+from shared.run_records import (
+    ACTIVE,
+    CANCELLING,
+    REPLAYING,
+    REQUEUED,
+    UNSETTLED,
+    BatchOutcome,
+    RunInProgress,
+    run_log,
+    utcnow,
+)
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
@@ -218,40 +228,76 @@ def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
 
 
 class ReplayRefused(Exception):
-    """A replay that would send older data over what a newer run of the export synced."""
+    """A replay that would revive what was ended on purpose, run beside another run of the export, or send older
+    data over what a newer run did."""
 
 
 def replay(svc: Services, run_id: str) -> int:
-    """Put a run's dead batches back on the queue; returns how many. Each is marked as being replayed first (its
-    run cannot finish without it), then the run is running again, then each is queued and marked as queued: a
-    fast sender cannot settle one as belonging to an ended run, and a crash between the steps loses none (replay
-    again: what was marked but not queued is queued). Raises ReplayRefused when a newer run of the export has
-    synced since (its data would be overwritten with older data)."""
+    """Put an ended run's dead batches back on the queue; returns how many. Refused (ReplayRefused) for a run still
+    active, cancelled, or that ended before queueing its whole plan (only dead batches are ever sent again, never a
+    page the run did not queue), and once any newer run of the export exists (its acknowledgements would be folded
+    under the replay's older ones). The export's lock is taken as a run takes it, and the run is claimed from its
+    ended status before anything else (one replay wins a race); then each dead batch is marked as being replayed
+    (the run cannot finish without it), queued, and marked queued. A crash between the steps loses nothing: a run
+    claimed but not marked is finished again by the timer; one marked but not queued is taken over (runs.take_over
+    queues its replays again)."""
     outcomes = svc.records.batch_outcomes(run_id)
     dead = [o for o in outcomes if o.get("status") in ("dead", REPLAYING)]
     if not dead:
         return 0
     run = svc.records.get(run_id)
-    newer = [r["RowKey"] for r in svc.records.for_export(run["export"], limit=20)
-             if r["RowKey"] > run_id and is_synced(r)]
-    if newer:
-        raise ReplayRefused(f"run {newer[-1]} of export {run['export']!r} synced a newer snapshot since; replaying "
-                            f"the {len(dead)} dead batches of {run_id} would send older data over it: start a new run "
-                            "instead")
+    if not (run.get("status") == "running" and run.get("replay_started")):  # (else: finish a half-done replay)
+        _claim(svc, run, outcomes, len(dead))
     for outcome in dead:
         svc.records.mark_replay(run_id, int(outcome["RowKey"]), REPLAYING)
     if run.get("destination"):  # what the replay acknowledges is folded when the run ends again
         svc.state(run["export"]).register(run_id, Destination.from_public(run["destination"]),
                                           entry=f"{run_id}/replay {utcnow()}")
+    requeue_dead(svc, run_id, [int(o["RowKey"]) for o in dead], None)
+    return len(dead)
+
+
+def _claim(svc: Services, run: dict, outcomes: list[dict], dead: int) -> None:
+    """Make an ended run running again for its replay, holding its export's lock; ReplayRefused if it may not."""
+    run_id = run["RowKey"]
+    _check_replayable(svc, run, dead)
+    try:
+        svc.records.acquire(run["export"], run_id)
+    except RunInProgress as exc:
+        raise ReplayRefused(f"export {run['export']!r} has run {exc.run_id} in progress: replay once it has "
+                            "ended") from None
     kept = delivery_totals([o for o in outcomes if o.get("status") not in UNSETTLED])
-    svc.records.update(run_id, status="running", finished="", done=len(outcomes) - len(dead), delivery="",
-                       c_sent=kept["sent"], c_accepted=kept["accepted"], c_refused=kept["refused"],
-                       c_failed=kept["failed"], c_dead=0)
-    for outcome in dead:
-        batch = int(outcome["RowKey"])
+    if not svc.records.advance(run_id, (run["status"],), status="running", finished="", delivery="",
+                               replay_started=utcnow(), done=len(outcomes) - dead, c_sent=kept["sent"],
+                               c_accepted=kept["accepted"], c_refused=kept["refused"], c_failed=kept["failed"],
+                               c_dead=0):
+        raise ReplayRefused(f"run {run_id} changed while the replay began (another replay?): look at it again")
+
+
+def _check_replayable(svc: Services, run: dict, dead: int) -> None:
+    run_id, status = run["RowKey"], run.get("status")
+    if status in (*ACTIVE, CANCELLING):
+        raise ReplayRefused(f"run {run_id} is still {status}: replay its dead batches once it has ended")
+    if status == "cancelled" or run.get("cancel_requested"):
+        raise ReplayRefused(f"run {run_id} was cancelled: what it did not send was cancelled on purpose; start a new "
+                            "run to send the export's newest snapshot")
+    if int(run.get("queued_pages", 0) or 0) < int(run.get("pages", 0) or 0):
+        raise ReplayRefused(f"run {run_id} ended before it had queued all of its plan: a replay would send more than "
+                            "its dead batches; start a new run instead")
+    newer = [r for r in svc.records.for_export(run["export"], limit=20) if r["RowKey"] > run_id]
+    started = [r["RowKey"] for r in newer if not r.get("dry_run")]
+    if started or len(newer) == 20:  # (20 newer runs, dry runs all: a real one may be among the older)
+        raise ReplayRefused(f"run {(started or [newer[-1]['RowKey']])[0]} of export {run['export']!r} started after "
+                            f"it: replaying the {dead} dead batches of {run_id} would put older data over what that "
+                            "run did; start a new run instead")
+
+
+def requeue_dead(svc: Services, run_id: str, batches: list[int], visible_at: float | None) -> None:
+    """Queue dead batches being replayed again, each from its dead message (its unsettled rest and what earlier
+    attempts settled), and mark them queued. `maybe_settled`: a copy queued twice (a replay repeated, a take-over)
+    finds its batch settled and sends nothing."""
+    for batch in batches:
         data = json.loads(svc.host.blob.get_blob_client(DEAD, f"{run_id}/{batch:06d}.json").download_blob().readall())
         data.pop("at", None), data.pop("slots", None)  # dead batches kept by versions that booked slots
-        # maybe_settled: a replay repeated after a crash may queue it twice; a copy that finds it settled stops
-        queue_message(svc, BatchMessage(**dict(data, attempt=0, maybe_settled=True)), None)
+        queue_message(svc, BatchMessage(**dict(data, attempt=0, maybe_settled=True)), visible_at)
         svc.records.mark_replay(run_id, batch, REQUEUED)
-    return len(dead)

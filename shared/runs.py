@@ -23,12 +23,12 @@ from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage
 from shared.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.contacts import MappingError, mask_emails_in
-from shared.delivery import queue_delay, queue_message
+from shared.delivery import queue_delay, queue_message, requeue_dead
 from shared.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
 from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
-from shared.run_records import ACTIVE, CANCELLING, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
+from shared.run_records import ACTIVE, CANCELLING, REPLAYS, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
 from shared.services import Services
 from shared.settings import SettingsError
@@ -521,7 +521,9 @@ def take_over(svc: Services, run: dict) -> int:
         svc.plan_queue.send_message(json.dumps({"run": run_id}).encode())
         svc.records.update(run_id, taken_over=utcnow())
         return 0
-    settled = {int(o["RowKey"]) for o in svc.records.batch_outcomes(run_id)}
+    outcomes = svc.records.batch_outcomes(run_id)
+    settled = {int(o["RowKey"]) for o in outcomes}  # (a batch being replayed is queued from its dead message below)
+    replays = [int(o["RowKey"]) for o in outcomes if o.get("status") in REPLAYS]
     queued = min(int(run.get("queued_pages", 0)), int(run.get("pages", 0)))
     try:
         unsettled = [(number, batch) for page in range(queued)
@@ -538,7 +540,10 @@ def take_over(svc: Services, run: dict) -> int:
     for number, batch in unsettled:
         queue_message(svc, BatchMessage(run_id, run["export"], number, batch["kind"], batch["items"],
                                         run.get("list_id") or None, maybe_settled=True), after)
-    again = len(unsettled)
+    # A replay that died before queueing its batches, or whose copies were lost: queued again from their dead
+    # messages, which carry what earlier attempts settled (the plan's copy would resend that).
+    requeue_dead(svc, run_id, replays, after)
+    again = len(unsettled) + len(replays)
     if queued < int(run.get("pages", 0)):  # its next window job may be lost too (a duplicate finds it queued)
         svc.plan_queue.send_message(json.dumps({"run": run_id, "page": queued}).encode())
     svc.records.update(run_id, taken_over=utcnow())

@@ -250,15 +250,99 @@ def test_a_replay_that_dies_half_way_is_repeated_and_settles_every_batch_once(mo
         close_world(world)
 
 
-def test_replay_is_refused_once_a_newer_run_of_the_export_has_synced():
+def test_a_replay_that_dies_before_queueing_is_finished_by_the_take_over(monkeypatch):
+    """The instance dies after marking the dead batches as being replayed, before queueing any: the run is running
+    with nothing on the queue. The timer's take-over queues them from their dead messages; the run ends."""
+    from shared import delivery, runs, services
+
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        rows = list(sample_profiles(150, seed=14))
+        report = _failed_run_with_dead_batches(world, rows, 2)
+        mark = len(world.contact_requests())
+
+        def dying(*args):
+            raise SystemError("killed while replaying")
+
+        monkeypatch.setattr(delivery, "requeue_dead", dying)
+        with pytest.raises(SystemError):
+            delivery.replay(services.current(), report["runId"])
+        monkeypatch.undo()
+        svc = services.current()
+        assert svc.records.get(report["runId"])["status"] == "running" and world.contact_requests()[mark:] == []
+        assert runs.take_over(svc, svc.records.get(report["runId"])) == 2
+        again = world.wait(report["runId"], timeout=120)
+        assert again["status"] == "succeeded" and again["counts"]["accepted"] == 150
+        assert sum(r["n"] for r in world.contact_requests()[mark:] if r["status"] == 200) == 150  # each one once
+    finally:
+        close_world(world)
+
+
+def _replay(world, run_id: str):
+    return world.api.post(f"{world.host.base_url}/api/runs/{run_id}/replay", timeout=30)
+
+
+def test_replay_is_refused_once_any_newer_run_of_the_export_started():
+    """A newer run, even one that failed, did what it did after the dead batches: their older data must not be
+    folded over it (a member it removed would be recorded as a member again)."""
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
     try:
         rows = list(sample_profiles(30, seed=13))
         old = _failed_run_with_dead_batches(world, rows, 1)
-        assert world.run("hv")["status"] == "succeeded"  # the same snapshot, synced by a newer run
-        answer = world.api.post(f"{world.host.base_url}/api/runs/{old['runId']}/replay", timeout=30)
-        assert answer.status_code == 409 and "synced a newer snapshot" in answer.json()["error"]
-        assert world.view(old["runId"])["status"] == "failed"  # not reopened
+        world.sim.faults = Faults(fail_rate=1.0)
+        assert world.run("hv", force=True)["status"] == "failed"  # a newer run, failed too
+        world.sim.faults = Faults()
+        world.run("hv", dryRun=True)  # a dry run changes nothing: it does not count
+        answer = _replay(world, old["runId"])
+        assert answer.status_code == 409 and "started after it" in answer.json()["error"]
+        assert world.view(old["runId"])["status"] == "failed" and world.sim.contacts() == {}  # not reopened
+    finally:
+        close_world(world)
+
+
+@pytest.mark.parametrize("status", ["cancelled", "cancelling"])
+def test_a_cancelled_or_cancelling_run_is_never_revived_by_a_replay(status):
+    from shared import services
+
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        old = _failed_run_with_dead_batches(world, list(sample_profiles(30, seed=15)), 1)
+        services.current().records.update(old["runId"], status=status, cancel_requested="2026-03-02T04:20:00Z")
+        answer = _replay(world, old["runId"])
+        error = answer.json()["error"]
+        assert answer.status_code == 409 and ("was cancelled" in error or "is still cancelling" in error), error
+        assert world.view(old["runId"])["status"] == status and world.sim.contacts() == {}
+    finally:
+        close_world(world)
+
+
+def test_a_run_that_ended_before_queueing_its_plan_is_not_replayed():
+    from shared import services
+
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        old = _failed_run_with_dead_batches(world, list(sample_profiles(30, seed=16)), 1)
+        services.current().records.update(old["runId"], pages=3)  # two pages it never queued
+        answer = _replay(world, old["runId"])
+        assert answer.status_code == 409 and "before it had queued all of its plan" in answer.json()["error"]
+        assert world.view(old["runId"])["status"] == "failed" and world.sim.contacts() == {}
+    finally:
+        close_world(world)
+
+
+def test_two_replays_at_once_queue_each_dead_batch_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
+    try:
+        old = _failed_run_with_dead_batches(world, list(sample_profiles(250, seed=17)), 3)
+        mark = len(world.contact_requests())
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: _replay(world, old["runId"]), range(2)))
+        assert {a.status_code for a in answers} <= {200, 409}, [a.text for a in answers]
+        assert sum(a.json()["replayedBatches"] for a in answers if a.ok) == 3  # each dead batch queued once
+        assert world.wait(old["runId"], timeout=120)["counts"]["accepted"] == 250
+        assert sum(r["n"] for r in world.contact_requests()[mark:] if r["status"] == 200) == 250
     finally:
         close_world(world)
 
