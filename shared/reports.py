@@ -9,7 +9,7 @@ from itertools import chain
 
 from shared import signals
 from shared.export_config import Connection
-from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, run_log, utcnow
+from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, problems, run_log, utcnow
 from shared.services import Services
 from shared.state_store import Destination, ExportState
 
@@ -62,7 +62,7 @@ def delivery_totals(outcomes: list[dict]) -> dict:
 
 
 def _problems(outcomes: list[dict]) -> list[dict]:
-    return [d for o in outcomes for d in o.get("outcome", [])]
+    return [d for o in outcomes for d in problems(o)]
 
 
 def run_view(svc: Services, run_id: str, run: dict | None = None) -> dict | None:

@@ -264,7 +264,7 @@ class RunRecords:
         entity = _encode({
             "PartitionKey": run_id, "RowKey": f"{outcome.batch:06d}", "kind": outcome.kind, "status": outcome.status,
             "contacts": outcome.contacts, "accepted": outcome.accepted, "rejected": outcome.rejected,
-            "failed": outcome.failed, "outcome": outcome.detail[:200], "error": outcome.error[:2000],
+            "failed": outcome.failed, "outcome": grouped(outcome.detail), "error": outcome.error[:ERROR_MAX],
             "results": outcome.results, "acks": encode_acks(acks),
         })
         try:
@@ -323,12 +323,32 @@ def _index_entry(export: str, run_id: str) -> dict:
     return {"PartitionKey": _index_partition(export), "RowKey": _newest_first(run_id), "run": run_id}
 
 
+def grouped(detail: list[dict]) -> list[dict]:
+    """A batch's per-contact problems as stored: one entry per reason, with the masked addresses it applies to.
+    A reason (up to 500 characters of an answer) is kept once, not once a contact, so an outcome of 100 contacts
+    stays far inside a Table property's 64 KiB whatever the reasons."""
+    reasons: dict[str, list[str]] = {}
+    for problem in detail:
+        reasons.setdefault(str(problem.get("reason", ""))[:REASON_MAX], []).append(str(problem.get("email", ""))[:40])
+    return [{"reason": reason, "emails": emails} for reason, emails in list(reasons.items())[:REASONS_MAX]]
+
+
+def problems(outcome: dict) -> list[dict]:
+    """A stored outcome's problems, one per contact ({"email", "reason"}), from either form it was stored in."""
+    stored = outcome.get("outcome") or []
+    return [{"email": email, "reason": entry["reason"]} if "emails" in entry else entry
+            for entry in stored for email in (entry.get("emails") or [None])] if stored else []
+
+
 def _planning_stopped(run: dict) -> bool:
     """A run still planning long after it started: the instance planning it is gone (planning is one call)."""
     if run.get("status") not in ("queued", "planning"):
         return False
     started = datetime.fromisoformat(run["created"].replace("Z", "+00:00"))
     return (datetime.now(UTC) - started).total_seconds() > STALE_PLANNING
+
+
+REASON_MAX, REASONS_MAX, ERROR_MAX = 500, 20, 2000
 
 
 def _encode(entity: dict) -> dict:

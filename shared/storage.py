@@ -18,6 +18,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
 
 from shared.settings import SettingsError
+from shared.table_limits import TableLimits
 
 # The well-known Azurite endpoints that "UseDevelopmentStorage=true" stands for.
 _DEV_ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -84,8 +85,15 @@ class StorageConnection:
     @cached_property
     def tables(self) -> TableServiceClient:
         if self._connection_string:
-            return TableServiceClient.from_connection_string(self._connection_string, transport=pooled_transport())
-        return TableServiceClient(self._endpoint("table"), credential=self._credential, transport=pooled_transport())
+            client = TableServiceClient.from_connection_string(self._connection_string, transport=pooled_transport())
+        else:
+            client = TableServiceClient(self._endpoint("table"), credential=self._credential,
+                                        transport=pooled_transport())
+        # Every table client it makes checks Azure's size limits first (Azurite enforces some only). The SDK gives
+        # per_call_policies to the service client's own pipeline alone; get_table_client() builds each table's
+        # pipeline from this list (tests/test_table_limits.py fails if that changes).
+        client._policies.insert(0, TableLimits())
+        return client
 
     def queue(self, name: str) -> QueueClient:
         """A queue client speaking base64, as the Functions queue trigger expects."""
