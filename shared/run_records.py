@@ -341,10 +341,12 @@ def problems(outcome: dict) -> list[dict]:
 
 
 def _planning_stopped(run: dict) -> bool:
-    """A run still planning long after it started: the instance planning it is gone (planning is one call)."""
+    """A run still planning long after its planning began (or queued long after it was created): the instance
+    planning it is gone (planning is one call)."""
     if run.get("status") not in ("queued", "planning"):
         return False
-    started = datetime.fromisoformat(run["created"].replace("Z", "+00:00"))
+    # Measured from when its planning began: a run queued behind others for a while is not stale once it plans.
+    started = datetime.fromisoformat((run.get("planning_started") or run["created"]).replace("Z", "+00:00"))
     return (datetime.now(UTC) - started).total_seconds() > STALE_PLANNING
 
 

@@ -452,11 +452,10 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: b
 def scheduled_tick(svc: Services) -> list[str]:
     """Finish runs whose last batch was settled by a crashed instance, then start runs for new snapshots."""
     for run in svc.records.active((*ACTIVE, CANCELLING)):
-        if run.get("status") == "running":
-            if not finish_if_complete(svc, run["RowKey"]) and time.time() - run["modified"] > STUCK_AFTER:
-                take_over(svc, run)
-        elif run.get("status") == CANCELLING:  # (its conclusion job may be lost)
-            cancels.conclude_cancelled(svc, run["RowKey"], wait=False)
+        try:
+            _look_after(svc, run)
+        except Exception:  # one run's trouble must not stop the tick for every other run and export
+            log.exception("the timer could not look after run %s; it tries again on the next tick", run["RowKey"])
     try:
         exports = svc.exports()
     except ExportConfigError as exc:  # the timer must not fail on every tick: say what to fix, once a tick
@@ -465,6 +464,16 @@ def scheduled_tick(svc: Services) -> list[str]:
     enabled = [e for e in exports if e.enabled]
     signals.emit("exports_enabled", exports=[e.name for e in enabled])  # what the stale-export alert expects
     return _start_new(svc, enabled, "timer")
+
+
+def _look_after(svc: Services, run: dict) -> None:
+    """Finish a running run whose last batch was settled by a crashed instance, or take over one that is stuck;
+    conclude a cancelled run whose conclusion job may be lost."""
+    if run.get("status") == "running":
+        if not finish_if_complete(svc, run["RowKey"]) and time.time() - run["modified"] > STUCK_AFTER:
+            take_over(svc, run)
+    elif run.get("status") == CANCELLING:
+        cancels.conclude_cancelled(svc, run["RowKey"], wait=False)
 
 
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"

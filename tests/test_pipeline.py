@@ -432,6 +432,33 @@ def test_timer_starts_runs_only_for_enabled_exports_with_an_unsynced_snapshot(wo
     assert again["hv"]["lastRun"]["runId"] == first["runId"]
 
 
+def test_a_run_the_timer_cannot_look_after_does_not_stop_it_starting_the_others(world):
+    from shared import runs, services
+
+    svc = services.current()
+    # A run record the timer cannot read (damaged by hand, or written by a future version).
+    svc.records.create("20260302T041500Z-0000dead", "ghost", status="running", planned_batches="n/a")
+    world.define(definition("hv"))
+    world.snapshot(sample_profiles(10, seed=18))
+    started = runs.scheduled_tick(svc)  # the ghost's take-over fails; the tick goes on
+    assert len(started) == 1 and world.wait(started[0])["status"] == "succeeded"
+
+
+def test_stale_planning_is_measured_from_when_planning_began():
+    from datetime import UTC, datetime, timedelta
+
+    from shared.run_records import STALE_PLANNING, _planning_stopped
+
+    def ago(seconds: float) -> str:
+        return (datetime.now(UTC) - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    long_ago = ago(STALE_PLANNING + 60)
+    assert _planning_stopped({"status": "queued", "created": long_ago})  # its job never came
+    assert not _planning_stopped({"status": "planning", "created": long_ago, "planning_started": ago(5)})
+    assert _planning_stopped({"status": "planning", "created": long_ago, "planning_started": long_ago})
+    assert not _planning_stopped({"status": "running", "created": long_ago})
+
+
 def _exports(world) -> dict:
     return {e["name"]: e for e in world.api.get(f"{world.host.base_url}/api/exports", timeout=10).json()["exports"]}
 
