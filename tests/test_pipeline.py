@@ -300,32 +300,21 @@ def test_replay_is_refused_once_any_newer_run_of_the_export_started():
         close_world(world)
 
 
-@pytest.mark.parametrize("status", ["cancelled", "cancelling"])
-def test_a_cancelled_or_cancelling_run_is_never_revived_by_a_replay(status):
+@pytest.mark.parametrize("damage, status, refusal", [
+    ({"status": "cancelled", "cancel_requested": "2026-03-02T04:20:00Z"}, "cancelled", "was cancelled"),
+    ({"status": "cancelling", "cancel_requested": "2026-03-02T04:20:00Z"}, "cancelling", "is still cancelling"),
+    ({"pages": 3}, "failed", "before it had queued all of its plan"),  # two pages it never queued
+])
+def test_a_replay_never_revives_a_cancelled_run_or_pages_never_queued(damage, status, refusal):
     from shared import services
 
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
     try:
         old = _failed_run_with_dead_batches(world, list(sample_profiles(30, seed=15)), 1)
-        services.current().records.update(old["runId"], status=status, cancel_requested="2026-03-02T04:20:00Z")
+        services.current().records.update(old["runId"], **damage)
         answer = _replay(world, old["runId"])
-        error = answer.json()["error"]
-        assert answer.status_code == 409 and ("was cancelled" in error or "is still cancelling" in error), error
+        assert answer.status_code == 409 and refusal in answer.json()["error"], answer.text
         assert world.view(old["runId"])["status"] == status and world.sim.contacts() == {}
-    finally:
-        close_world(world)
-
-
-def test_a_run_that_ended_before_queueing_its_plan_is_not_replayed():
-    from shared import services
-
-    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
-    try:
-        old = _failed_run_with_dead_batches(world, list(sample_profiles(30, seed=16)), 1)
-        services.current().records.update(old["runId"], pages=3)  # two pages it never queued
-        answer = _replay(world, old["runId"])
-        assert answer.status_code == 409 and "before it had queued all of its plan" in answer.json()["error"]
-        assert world.view(old["runId"])["status"] == "failed" and world.sim.contacts() == {}
     finally:
         close_world(world)
 
