@@ -43,7 +43,12 @@ class Transient(ApiError):
 
 
 class Refused(ApiError):
-    """400: the destination refused the request's content."""
+    """400 (or 413, a body too large): the destination refused the request's content; a smaller request may pass."""
+
+
+class Permanent(ApiError):
+    """Another 4xx (403, 404, 409, 422...): the destination refuses the request as it is, and sending it again
+    cannot change that; the batch's rest fails with the reason instead of being delivered again."""
 
 
 class Pace(Protocol):
@@ -164,8 +169,10 @@ class ApiClient:
     def _error(self, status: int, message: str) -> ApiError:
         if status >= 500:
             return Transient(status, message, self.SERVICE)
-        if status == 400:
+        if status in (400, 413):
             return Refused(status, message, self.SERVICE)
+        if 400 <= status < 500:
+            return Permanent(status, message, self.SERVICE)
         return ApiError(status, message, self.SERVICE)
 
     def _retry_after(self, response: requests.Response) -> float | None:

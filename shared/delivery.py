@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 
 from shared import batch_messages, signals
-from shared.api_client import ApiKeyRejected
+from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, conclude, delivery_totals
@@ -102,6 +102,10 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         return True  # settled with what was sent; the rest counts as cancelled
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
+    except Permanent as exc:  # sending it again cannot change the answer: fail the rest now, saying why
+        fail_rest(message, progress, f"{exc} (not sent again: the destination refuses it as it is)")
+        rlog.error("batch %d refused for good: %s", message.batch, exc)
+        return True
     except (ApiKeyRejected, SecretUnavailable) as exc:
         problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:

@@ -16,7 +16,7 @@ from collections import deque
 import requests
 
 from shared import ortto_fields
-from shared.api_client import ApiClient, ApiError, Pace, Refused, no_pace
+from shared.api_client import ApiClient, ApiError, Pace, Refused, Throttled, no_pace
 from shared.contacts import mask_emails_in
 from shared.export_config import ExportDefinition
 from shared.planner import PERMISSION
@@ -142,6 +142,11 @@ class OrttoClient(ApiClient):
             if details is not None:
                 raise PeopleRefused(mask_emails_in(self._message(response)[:500]), details, self.SERVICE)
         return super()._result(response)
+
+    def _error(self, status: int, message: str) -> ApiError:
+        if status == 403:  # Ortto bans an address for a while after too many bad requests: wait it out
+            return Throttled(f"{message} (Ortto's bad-request ban)", BAN_WINDOW, self.SERVICE)
+        return super()._error(status, message)
 
     def _retry_after(self, response: requests.Response) -> float | None:
         try:

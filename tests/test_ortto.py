@@ -302,6 +302,21 @@ def test_splitting_merges_refused_as_a_whole_never_gets_the_app_banned(world, mo
         sim.stop()
 
 
+def test_ortto_s_ban_is_waited_out(world, monkeypatch):
+    """A 403 from Ortto is its bad-request ban: the senders hold off and try again (here 0.5 s, not 15)."""
+    monkeypatch.setattr(ortto_client, "BAN_WINDOW", 0.5)
+    sim = start_ortto(world, rate=None, faults=Faults(fail_rate=0.3, fail_status=403))
+    try:
+        define(world, sim, ortto_definition("ban", "field"))
+        rows = list(sample_profiles(300, seed=42))
+        world.snapshot(rows)
+        report = world.run("ban")
+        assert report["status"] == "succeeded" and report["counts"]["accepted"] == 300
+        assert any(r["status"] == 403 for r in merges(sim))
+    finally:
+        sim.stop()
+
+
 def test_a_429_holds_every_sender_for_its_try_in_seconds(world):
     sim = start_ortto(world, rate=None, faults=Faults(burst_rate=0.3, burst_length=1), try_in_seconds=2)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import ortto_client
 from shared.api_client import ApiError, Refused, Throttled
 from shared.export_config import parse_exports
 from shared.ortto_client import OrttoClient
@@ -145,3 +146,13 @@ def test_the_429_s_try_in_seconds_is_the_wait(client, replay):
     with pytest.raises(Throttled) as throttled:
         client.merge([item("a@x.io")], None)
     assert throttled.value.retry_after == RECORDED["rate_limited"]["body"]["error"]["try-in-seconds"]
+
+
+def test_a_merge_too_large_is_refused_to_be_split_and_a_ban_is_waited_out(client, replay):
+    replay.answers += [(413, {"request_id": "r", "code": 413, "error": "payload too large"}),
+                       (403, {"request_id": "r", "code": 403, "error": "banned"})]
+    with pytest.raises(Refused):  # the sender splits a refused merge: halves of under 2 MB pass
+        client.merge([item("a@x.io"), item("b@x.io")], None)
+    with pytest.raises(Throttled) as banned:
+        client.merge([item("a@x.io")], None)
+    assert banned.value.retry_after == ortto_client.BAN_WINDOW

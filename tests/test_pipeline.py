@@ -210,6 +210,18 @@ def test_batch_that_fails_every_try_is_dead_recorded_and_replayable():
         close_world(world)
 
 
+@pytest.mark.parametrize("status", [403, 404, 409, 422])
+def test_a_refusal_that_cannot_change_fails_the_batch_at_once_instead_of_redelivering_it(world, status):
+    world.sim.faults = Faults(fail_rate=1.0, fail_status=status)
+    world.define(definition("hv"))
+    world.snapshot(sample_profiles(40, seed=19))
+    report = world.run("hv")
+    assert report["status"] == "failed" and report["counts"]["failed"] == 40 and report["batches"]["dead"] == 0
+    assert [r["status"] for r in world.contact_requests()] == [status]  # one request: not delivered again
+    assert all(f"answered {status}" in p["reason"] and "not sent again" in p["reason"]
+               for p in report["deliveryProblems"])
+
+
 def _failed_run_with_dead_batches(world, rows, batches: int) -> dict:
     world.sim.faults = Faults(fail_rate=1.0)
     world.define(definition("hv"))

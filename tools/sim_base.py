@@ -11,7 +11,7 @@ Faults (`Faults`, drawn from a `random.Random(seed)` under the state lock, so a 
 faults on every run with the same seed and configuration):
   - burst_rate: chance that a request starts a run of `burst_length` 429s (itself being the first of them);
     a burst in progress runs to its end even if `faults` is replaced.
-  - fail_rate: 500 without applying the call.
+  - fail_rate: 500 (or `fail_status`) without applying the call.
   - timeout_rate: the call IS applied, then the answer waits `timeout_seconds`, so a client with a shorter read
     timeout times out after the commit.
   - drop_rate: the connection is reset (TCP RST) without any response and without applying the call.
@@ -61,6 +61,7 @@ class Faults:
     burst_rate: float = 0.0
     burst_length: int = 5
     timeout_seconds: float = 12.0
+    fail_status: int = 500  # what a `fail` answers: 500 by default; a 4xx to see how the client treats a refusal
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "timeout_rate", "drop_rate", "burst_rate"):
@@ -70,6 +71,8 @@ class Faults:
             raise ValueError("fail_rate + timeout_rate + drop_rate must not exceed 1")
         if self.burst_length < 1 or self.timeout_seconds < 0:
             raise ValueError("burst_length must be at least 1 and timeout_seconds not negative")
+        if not 400 <= self.fail_status <= 599 or self.fail_status in (401, 429):
+            raise ValueError("fail_status must be a 4xx or 5xx other than 401 and 429 (those are the key and the rate)")
 
     @property
     def outcome_total(self) -> float:
@@ -250,7 +253,8 @@ class SimBase:
             if fault:
                 record["fault"] = fault
             if fault == "fail":
-                return self._error(500, "Simulated internal error; nothing was applied.")
+                what = "internal error" if faults.fail_status == 500 else str(faults.fail_status)
+                return self._error(faults.fail_status, f"Simulated {what}; nothing was applied.")
             if fault == "drop":
                 return _Reply(0, drop=True)
             try:
