@@ -47,12 +47,12 @@ def removal_guard(export: ExportDefinition, counts: dict) -> str | None:
     the list (list mode) or unmarked (field mode); kept leavers are not removed."""
     removals = 0 if export.on_leave == "keep" else counts["leavers"]
     members = counts["members_before"]
-    if not removals:
+    if counts["profiles"] == 0 and counts["leavers"]:  # (kept leavers too: each would be a joiner again next time)
+        what = "remove" if removals else "take as having left (onLeave keep)"
+        why = f"the snapshot has no valid profile, so the run would {what} all {counts['leavers']} members"
+    elif not removals:
         return None
-    share = 100 * removals / members if members else 100.0
-    if counts["profiles"] == 0:
-        why = f"the snapshot has no valid profile, so the run would remove all {removals} members"
-    elif share > export.max_removal_percent:
+    elif (share := 100 * removals / members if members else 100.0) > export.max_removal_percent:
         why = (f"the run would remove {removals} of the {members} members acknowledged so far ({share:.1f}%), "
                f"more than maxRemovalPercent {export.max_removal_percent:g}")
     else:

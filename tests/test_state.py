@@ -483,6 +483,20 @@ def test_a_refresh_that_would_empty_the_audience_stops_before_sending_until_forc
     assert (world.list_members() if membership == "list" else world.field_members()) == set()
 
 
+def test_a_refresh_with_no_valid_profile_stops_in_keep_mode_too(world):
+    """onLeave keep removes nobody, but a broken refresh would still record every member as having left, and the
+    next refresh would send them all again as joiners."""
+    world.define(definition("seg", on_leave="keep"))
+    world.snapshot(list(sample_profiles(30, seed=74)))
+    assert world.run("seg")["status"] == "succeeded"
+    world.snapshot([])
+    mark = len(world.contact_requests())
+    stopped = world.run("seg")
+    assert stopped["status"] == "failed" and "no valid profile" in stopped["error"]
+    assert "take as having left (onLeave keep) all 30 members" in stopped["error"]
+    assert world.contact_requests()[mark:] == []
+
+
 def test_removing_more_than_max_removal_percent_names_both_numbers_and_a_raised_limit_lets_it_run(world):
     rows = list(sample_profiles(50, seed=71))
     world.define(definition("seg"))
