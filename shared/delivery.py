@@ -231,6 +231,9 @@ def _unwrap(svc: Services, body: bytes) -> tuple[str, bytes]:
     return str(data["poison_reason"]), str(data.get("body", "")).encode()
 
 
+REPLAY_LEASE = 120.0  # seconds a replay holds its run: far more than queueing its dead batches takes
+
+
 class ReplayRefused(Exception):
     """A replay that would revive what was ended on purpose, run beside another run of the export, or send older
     data over what a newer run did."""
@@ -250,18 +253,23 @@ def replay(svc: Services, run_id: str) -> int:
     if not dead:
         return 0
     run = svc.records.get(run_id)
-    if not (run.get("status") == "running" and run.get("replay_started")):  # (else: finish a half-done replay)
-        _claim(svc, run, outcomes, len(dead))
+    lease = time.time() + REPLAY_LEASE
+    if not (run.get("status") == "running" and run.get("replay_started")):
+        _claim(svc, run, outcomes, len(dead), lease)
+    elif not svc.records.take_replay_lease(run_id, lease):  # a half-done replay is finished, a live one left alone
+        raise ReplayRefused(f"a replay of run {run_id} is under way; if it died, replay again in "
+                            f"{REPLAY_LEASE:g} s (or the timer finishes it)")
     for outcome in dead:
         svc.records.mark_replay(run_id, int(outcome["RowKey"]), REPLAYING)
     if run.get("destination"):  # what the replay acknowledges is folded when the run ends again
         svc.state(run["export"]).register(run_id, Destination.from_public(run["destination"]),
                                           entry=f"{run_id}/replay {utcnow()}")
     requeue_dead(svc, run_id, [int(o["RowKey"]) for o in dead], None)
+    svc.records.update(run_id, replay_lease=0)
     return len(dead)
 
 
-def _claim(svc: Services, run: dict, outcomes: list[dict], dead: int) -> None:
+def _claim(svc: Services, run: dict, outcomes: list[dict], dead: int, lease: float) -> None:
     """Make an ended run running again for its replay, holding its export's lock; ReplayRefused if it may not."""
     run_id = run["RowKey"]
     _check_replayable(svc, run, dead)
@@ -272,7 +280,8 @@ def _claim(svc: Services, run: dict, outcomes: list[dict], dead: int) -> None:
                             "ended") from None
     kept = delivery_totals([o for o in outcomes if o.get("status") not in UNSETTLED])
     if not svc.records.advance(run_id, (run["status"],), status="running", finished="", delivery="",
-                               replay_started=utcnow(), done=len(outcomes) - dead, c_sent=kept["sent"],
+                               replay_started=utcnow(), replay_lease=lease, done=len(outcomes) - dead,
+                               c_sent=kept["sent"],
                                c_accepted=kept["accepted"], c_refused=kept["refused"], c_failed=kept["failed"],
                                c_dead=0):
         raise ReplayRefused(f"run {run_id} changed while the replay began (another replay?): look at it again")

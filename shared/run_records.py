@@ -155,6 +155,17 @@ class RunRecords:
             if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, **fields}, entity.metadata["etag"]):
                 return True
 
+    def take_replay_lease(self, run_id: str, until: float) -> bool:
+        """Hold the right to queue a running run's replayed batches until `until` (epoch seconds); False while
+        another replay holds it (two replays at once would queue every batch twice) or the run is not running."""
+        while True:
+            entity = self.runs.get_entity("run", run_id)
+            if entity.get("status") != "running" or float(entity.get("replay_lease") or 0) > time.time():
+                return False
+            if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, "replay_lease": until},
+                                        entity.metadata["etag"]):
+                return True
+
     def count_done(self, run_id: str, outcome: BatchOutcome | None = None) -> tuple[int, int]:
         """Bump the run's count of settled batches (a hint of when to finish: a redelivered batch may count
         twice) and, given the batch's outcome, the running totals the run view shows. Returns the count with this
