@@ -1,4 +1,4 @@
-"""The Ortto v1 REST client (`../shared/ortto-api.md`): people merged 100 at a time, membership as a tag or a
+"""The Ortto v1 REST client (`docs/api-contracts.md`): people merged 100 at a time, membership as a tag or a
 boolean field in the same merge, custom fields created before the first merge that needs them.
 
 Merges are synchronous (`async: false`): the answer says, person by person, whether Ortto created, merged or

@@ -1,5 +1,5 @@
 """Ortto's person fields: which of the export's fields Ortto has, the id each custom field gets, the limits a
-value must keep to, and the person object a planned contact becomes (`../shared/ortto-api.md`).
+value must keep to, and the person object a planned contact becomes (`docs/api-contracts.md`).
 
 Planning keeps one form of a contact for every platform (Autopilot's field names, custom values under their
 typed keys), so state, fingerprints and messages stay one code path; a contact becomes an Ortto person only

@@ -502,7 +502,7 @@ HTTP = {
     "limit given twice": ("GET", "/api/exports/hv/runs?limit=5&limit=%C2%B2", b"", {}, 400,
                           "query parameter limit"),
     "limit ٣": ("GET", "/api/exports/hv/runs?limit=%D9%A3", b"", {}, 400, "query parameter limit"),
-    "before in another script's digits": ("GET", "/api/exports/hv/runs?before=%D9%A3" * 1, b"", {}, 400,
+    "before in another script's digits": ("GET", "/api/exports/hv/runs?before=%D9%A3", b"", {}, 400,
                                           "query parameter before"),
     # A state-changing POST that a browser form could send cross-site is refused.
     "form-encoded POST": ("POST", "/api/exports/hv/runs", b"dryRun=true",
