@@ -10,7 +10,7 @@ import sys
 
 import azure.functions as func
 
-from shared import delivery, http_api, runs, services
+from shared import delivery, http_api, retention, runs, services
 from shared.settings import (
     BATCH_QUEUE,
     HOST_CONNECTION,
@@ -52,10 +52,16 @@ def _answer(req: func.HttpRequest, call, *args) -> func.HttpResponse:
 
 @app.timer_trigger(arg_name="timer", schedule="%EXPORT_SCHEDULE%", run_on_startup=False, use_monitor=True)
 def scheduled_sync(timer: func.TimerRequest) -> None:
-    """Queue a planning job for every enabled export with a snapshot not yet synced."""
+    """Queue a planning job for every enabled export with a snapshot not yet synced; once an hour, delete what is
+    past retention."""
     if timer.past_due:
         log.warning("the export schedule is past due; running now")
-    runs.scheduled_tick(services.current())
+    svc = services.current()
+    runs.scheduled_tick(svc)
+    try:
+        retention.sweep_if_due(svc)
+    except Exception:  # the tick's own work is done: a later sweep tries again
+        log.exception("the retention sweep failed")
 
 
 @app.event_grid_trigger(arg_name="event")

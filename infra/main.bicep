@@ -100,7 +100,7 @@ param apiEntraAuth bool = false
 @description('Email addresses the alerts go to, separated by commas; none by default (the alerts still fire and show in the portal).')
 param alertEmails string = ''
 
-@description('Days after which run reports, batch pages and dead batches (they hold contact data) are deleted.')
+@description('Days after which run reports, batch pages, dead batches and the records of finished runs (they hold contact data) are deleted.')
 @minValue(1)
 param retentionDays int = 30
 
@@ -262,6 +262,7 @@ module functionApp 'app/function.bicep' = {
     apiKeySecretName: apiKeySecretName
     autopilotBaseUrl: autopilotBaseUrl
     autopilotRequestsPerSecond: autopilotRequestsPerSecond
+    retentionDays: retentionDays
     exportStorageBlobServiceUri: exportStorageBlobServiceUri
     apiEntraClientId: apiRegistration.?outputs.clientId ?? ''
     apiIdentifierUri: apiRegistration.?outputs.identifierUri ?? ''

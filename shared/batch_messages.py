@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from dataclasses import dataclass, field, replace
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -57,7 +58,8 @@ def encode(message: BatchMessage, blobs: BlobServiceClient) -> bytes:
     body = json.dumps(message.fields(), separators=(",", ":")).encode()
     if len(base64.b64encode(body)) <= MAX_ENCODED:
         return body
-    name = f"{message.run}/{message.batch:06d}-{message.attempt}.json"
+    # Unique: a rest re-queued after a 429 and a replay's copy may carry the same batch and attempt at once.
+    name = f"{message.run}/{message.batch:06d}-{message.attempt}-{uuid.uuid4().hex[:12]}.json"
     blobs.get_blob_client(BATCH_CONTAINER, name).upload_blob(json.dumps(message.items), overwrite=True)
     pointer = dict(message.fields(), items=None, blob=f"{BATCH_CONTAINER}/{name}")
     return json.dumps(pointer, separators=(",", ":")).encode()

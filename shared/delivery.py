@@ -10,11 +10,11 @@ import time
 import uuid
 from collections import Counter
 
-from shared import batch_messages, signals
+from shared import batch_messages, cancels, signals
 from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
-from shared.reports import after_batch, conclude, delivery_totals
+from shared.reports import after_batch, delivery_totals
 from shared.run_records import (
     ACTIVE,
     CANCELLING,
@@ -61,22 +61,28 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
     if status is None:
         poison(svc, body, f"unknown run {message.run!r}")
         return
-    if (dequeue_count > 1 or message.maybe_settled) and svc.records.has_batch(message.run, message.batch):
+    maybe_settled = dequeue_count > 1 or message.maybe_settled or svc.records.was_taken_over(message.run)
+    if maybe_settled and svc.records.has_batch(message.run, message.batch):
         # Already settled: a redelivered message. Its instance may have died before counting it toward the
         # run's `done` hint, so count it (again): an over-count only makes finishing check the outcomes sooner.
-        # (A first delivery of a message queued once cannot find its batch settled: no other message has it.)
+        # (A first delivery of a message queued once cannot find its batch settled: no other message has it,
+        # unless its run was taken over: then a copy of it, or of a rest re-queued from it, may have settled it.)
         after_batch(svc, message.run)
         return
     rlog = run_log(message.run, message.export)
     progress = _carried(message)
-    if status in (CANCELLING, "cancelled"):
-        pass  # nothing is sent: its contacts are counted as cancelled
-    elif status not in ACTIVE:
-        run = svc.records.get(message.run) or {}
-        fail_rest(message, progress, f"run already ended ({status}: {run.get('error', '')})")
+    if status not in ACTIVE:
+        _not_sent(svc, message, progress)
     elif not _send(svc, message, progress, rlog):
         return
     _settle(svc, message, progress, rlog)
+
+
+def _not_sent(svc: Services, message: BatchMessage, progress: Progress) -> None:
+    """The batch's run stopped: its unsent contacts count as cancelled after a cancel, else as failed, saying why."""
+    reason = cancels.unsent_reason(svc.records.get(message.run) or {})
+    if reason:
+        fail_rest(message, progress, reason)
 
 
 def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
@@ -98,8 +104,9 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         sender.run()
         return True
     except Stopped:
-        rlog.info("batch %d stopped: its run was cancelled", message.batch)
-        return True  # settled with what was sent; the rest counts as cancelled
+        rlog.info("batch %d stopped: its run was cancelled or is ending", message.batch)
+        _not_sent(svc, message, progress)
+        return True  # settled with what was sent
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
     except Permanent as exc:  # sending it again cannot change the answer: fail the rest now, saying why
@@ -110,7 +117,7 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
             fail_rest(message, progress, problem)
-            conclude(svc, message.run, "failed", error=problem)
+            cancels.end_run(svc, message.run, "failed", problem)
             rlog.error("no usable API key on every attempt; run failed: %s", problem)
             return True
         # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated), or Key Vault

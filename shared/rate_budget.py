@@ -229,8 +229,7 @@ class Pacer:
 
     def __call__(self) -> None:
         """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
-        if not self.go_on():
-            raise Stopped
+        checked = self._check()
         while True:
             booked = self.budget.take(self._lead, self.max_wait)
             slot = self._wait(booked)
@@ -238,6 +237,11 @@ class Pacer:
                 continue
             late = self.budget.clock() - slot
             if late <= TOLERANCE or (late <= LATE_MOST and self.budget.movable(slot)):
+                if self.budget.clock() - checked > self.max_wait:
+                    # A 429 hold or a late wake-up kept it waiting longer than a slot may be waited for: the
+                    # run may have been cancelled meanwhile, and a cancel's answer promises no request starts
+                    # max_wait (plus the status's age) after it.
+                    checked = self._check()
                 if late > TOLERANCE:
                     self.budget.owe(late - TOLERANCE, after=booked)
                 self._booked, self._owed_from = booked, max(slot + TOLERANCE, self.budget.clock())
@@ -246,6 +250,11 @@ class Pacer:
             # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
             # next request); take the next free one, further ahead so as to be on time for it.
             self._lead = min(0.5, 2 * self._lead)
+
+    def _check(self) -> float:
+        if not self.go_on():
+            raise Stopped
+        return self.budget.clock()
 
     def left(self, at: float) -> None:
         """The request let go last was written at `at`: its lateness past the tolerance that the check before it

@@ -89,9 +89,10 @@ class RunRecords:
     def __init__(self, tables: TableServiceClient):
         self.runs = tables.get_table_client(RUNS_TABLE)
         self.batches = tables.get_table_client(BATCHES_TABLE)
-        # run id -> (status, when read, its connection): senders' cheap status check, and the connection it was
-        # planned for (written before any batch was queued, never changed after)
-        self._seen: dict[str, tuple[str, float, str]] = {}
+        # run id -> (status, when read, its connection, taken over): senders' cheap status check, the connection
+        # it was planned for (written before any batch was queued, never changed after), and whether it was taken
+        # over
+        self._seen: dict[str, tuple[str, float, str, bool]] = {}
         self._counters: dict[str, Combiner] = {}  # run id -> the combiner of this instance's count_done calls
         self._indexed: set[str] = set()  # exports whose runs from before the run index are known to be in it
 
@@ -115,7 +116,14 @@ class RunRecords:
     def _saw(self, entity) -> None:
         if len(self._seen) > 1000:
             self._seen.clear()
-        self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic(), entity.get("account", ""))
+        self._seen[entity["RowKey"]] = (entity.get("status"), time.monotonic(), entity.get("account", ""),
+                                        bool(entity.get("taken_over")))
+
+    def was_taken_over(self, run_id: str) -> bool:
+        """Whether the run was taken over, as last read (status() reads it again when old): copies of its batches
+        may be on the queue, so every delivery checks whether its batch settled."""
+        seen = self._seen.get(run_id)
+        return bool(seen and seen[3])
 
     # --- runs -------------------------------------------------------------------------------------
     def create(self, run_id: str, export: str, **fields) -> dict:
@@ -153,6 +161,20 @@ class RunRecords:
             if entity.get("status") not in allowed:
                 return False
             if self._merge_if_unchanged({"PartitionKey": "run", "RowKey": run_id, **fields}, entity.metadata["etag"]):
+                return True
+
+    def claim_page(self, run_id: str, page: int, again: bool = False) -> bool:
+        """Take the right to queue page `page` of a running run's batches: one job wins (a window job and a
+        take-over's for the same page would both queue it). It is marked queued at once, `queued_at` cleared
+        until it is all on the queue. `again` (a redelivered job): also a page whose claimer died half way."""
+        while True:
+            entity = self.runs.get_entity("run", run_id)
+            queued = int(entity.get("queued_pages", 0))
+            died = again and queued == page + 1 and not entity.get("queued_at")
+            if entity.get("status") != "running" or not (queued == page or died):
+                return False
+            patch = {"PartitionKey": "run", "RowKey": run_id, "queued_pages": page + 1, "queued_at": ""}
+            if self._merge_if_unchanged(patch, entity.metadata["etag"]):
                 return True
 
     def take_replay_lease(self, run_id: str, until: float) -> bool:
@@ -209,6 +231,10 @@ class RunRecords:
     def for_export(self, export: str, limit: int = 1, before: str | None = None) -> list[dict]:
         """The newest runs of one export (older than run `before`, if given), from the export's index: reads
         `limit` runs, whatever the number of runs of this export and the others."""
+        return [run for run in map(self.get, self.newest(export, limit, before)) if run is not None]
+
+    def newest(self, export: str, limit: int = 1, before: str | None = None) -> list[str]:
+        """The ids of the runs for_export reads, from the index alone."""
         if export not in self._indexed:
             try:
                 self.runs.get_entity(_index_partition(export), INDEXED)
@@ -218,8 +244,7 @@ class RunRecords:
         after = " and RowKey gt @b" if before else ""
         found = self.runs.query_entities(f"PartitionKey eq @p{after}", results_per_page=limit, select=["run"],
                                          parameters={"p": _index_partition(export), "b": _newest_first(before or "")})
-        ids = [e["run"] for e in islice(found, limit + 1) if e.get("run")][:limit]  # (the mark has no run)
-        return [run for run in map(self.get, ids) if run is not None]
+        return [e["run"] for e in islice(found, limit + 1) if e.get("run")][:limit]  # (the mark has no run)
 
     def _index_older_runs(self, export: str) -> None:
         for run in self.runs.query_entities("PartitionKey eq 'run' and export eq @e", parameters={"e": export},
@@ -232,6 +257,12 @@ class RunRecords:
         filters = " or ".join(f"status eq '{s}'" for s in statuses)
         return [{**_decode(e), "modified": e.metadata["timestamp"].timestamp()}
                 for e in self.runs.query_entities(f"PartitionKey eq 'run' and ({filters})")]
+
+    def finished_before(self, when: str):
+        """Runs that finished before `when` (an ISO time as utcnow() writes it), oldest first: only their id,
+        export, status and finish time (a run's whole record can be tens of KiB)."""
+        return self.runs.query_entities("PartitionKey eq 'run' and finished gt '' and finished lt @w",
+                                        parameters={"w": when}, select=["RowKey", "export", "status", "finished"])
 
     # --- one run at a time per export -------------------------------------------------------------
     def acquire(self, export: str, run_id: str, take_over: bool = False) -> tuple[str, str] | None:
@@ -261,11 +292,13 @@ class RunRecords:
             return held["run"], f"abandoned: its planning stopped (no progress for {STALE_PLANNING // 60} minutes)"
         return held["run"], f"cancelled: superseded by forced run {run_id}"
 
-    def delete(self, run_id: str) -> None:
-        run = self.get(run_id)
+    def delete(self, run_id: str, export: str | None = None) -> None:
+        """Delete the run's record and its index entry (none of its outcomes). The record goes last: a delete cut
+        short is found, and done, again (a missing entity is no error)."""
+        export = export or (self.get(run_id) or {}).get("export")
+        if export:
+            self.runs.delete_entity(_index_partition(export), _newest_first(run_id))
         self.runs.delete_entity("run", run_id)
-        if run:
-            self.runs.delete_entity(_index_partition(run["export"]), _newest_first(run_id))
 
     # --- batch outcomes ---------------------------------------------------------------------------
     def record_batch(self, run_id: str, outcome: BatchOutcome, acks: list[Acked] = ()) -> bool:
@@ -308,6 +341,15 @@ class RunRecords:
     def batch_outcomes(self, run_id: str) -> list[dict]:
         found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=OUTCOME_FIELDS)
         return [_decode(e) for e in found]
+
+    def delete_outcomes(self, run_id: str) -> int:
+        """Delete the run's batch outcomes, a transaction of at most 100 at a time; returns how many."""
+        found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=["RowKey"])
+        count = 0
+        while chunk := [("delete", {"PartitionKey": run_id, "RowKey": e["RowKey"]}) for e in islice(found, 100)]:
+            self.batches.submit_transaction(chunk)
+            count += len(chunk)
+        return count
 
     def acknowledged(self, run_id: str):
         """What the run's settled batches acknowledged, batch by batch."""

@@ -93,7 +93,7 @@ def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = 
         raise
     try:
         if taken_over:
-            conclude(svc, taken_over[0], "failed", error=taken_over[1])
+            cancels.end_run(svc, taken_over[0], "failed", taken_over[1])
         svc.plan_queue.send_message(json.dumps({"run": run_id}).encode())
     except Exception as exc:
         run_log(run_id, export.name).exception("run could not be queued for planning")
@@ -129,7 +129,7 @@ def fail_planning(svc: Services, body: bytes) -> None:
     job = _plan_job(body)
     if job is not None and (run := svc.records.get(job["run"])) and run.get("status") in ACTIVE:
         what = f"queueing window {job['page']} of its batches" if "page" in job else "planning"
-        conclude(svc, job["run"], "failed", error=f"{what} failed on every delivery (see the function's logs)")
+        cancels.end_run(svc, job["run"], "failed", f"{what} failed on every delivery (see the function's logs)")
 
 
 def _plan_job(body: bytes) -> dict | None:
@@ -157,7 +157,7 @@ def plan_run(svc: Services, run: dict) -> None:
         _plan_and_queue(svc, export, run, rlog)
     except (*USER_ERRORS, UnknownExport) as exc:
         rlog.error("run failed while planning: %s", exc)
-        conclude(svc, run_id, "failed", error=str(exc))
+        cancels.end_run(svc, run_id, "failed", str(exc))  # (a streamed first sync may have requests in flight)
     # Anything else (storage unreachable, a crash) propagates: the job is delivered again and plans the same
     # run the same way; after maxDequeueCount deliveries fail_planning fails the run.
 
@@ -170,6 +170,13 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     destination, state = svc.destination(export), svc.state(export.name)
     target = _destination_summary(state, destination, export)
     rebuild = _prepare_state(svc, state, destination, force, rlog)
+    list_id = None
+    if export.membership == "list" and not dry_run:  # (a dry run asks the destination nothing)
+        list_id = _prepare_destination(svc, export)
+        if _list_replaced(svc, run, destination, list_id, target) and not rebuild:
+            rlog.warning("%s", target["note"])
+            rebuild = True
+        run = {**run, "list_id": list_id}
     target["firstSync"] = rebuild or not state.has_snapshot(destination)
     svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "",
                        state=destination.id, destination=target, account=export.account.text())
@@ -202,7 +209,7 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
                 conclude(svc, run_id, "dry run")
             rlog.info("dry run: %s", plan.counts)
             return
-        list_id = _prepare_destination(svc, export)
+        list_id = list_id if list_id is not None else _prepare_destination(svc, export)
         state.save_planned(run_id, plan.settled())
         pages = write_pages(svc, run_id, plan.batches())
     finally:
@@ -310,6 +317,21 @@ def _destination_summary(state, destination, export: ExportDefinition) -> dict:
     return summary
 
 
+def _list_replaced(svc: Services, run: dict, destination, list_id: str, target: dict) -> bool:
+    """True when the export's last run on this destination sent to another list than `list_id`: the list was
+    deleted (this run created it again, empty) or replaced in Autopilot since. Its state then says who is on a list
+    that is gone: the run rebuilds it, sending every member again (a join is harmless to a member already there)."""
+    for earlier in svc.records.for_export(run["export"], limit=20):
+        if earlier["RowKey"] != run["RowKey"] and earlier.get("state") == destination.id and earlier.get("list_id"):
+            if earlier["list_id"] == list_id:
+                return False
+            target["note"] = (f"the list {destination.target!r} is not the one the last run sent to (its id was "
+                              f"{earlier['list_id']}, now {list_id}): it was deleted or replaced in Autopilot, so "
+                              "every member is sent to it again")
+            return True
+    return False
+
+
 def _prepare_state(svc: Services, state, destination, force: bool, rlog) -> bool:
     """Fold what ended runs acknowledged into the snapshot planning reads; True when a forced run must rebuild
     a snapshot that cannot be read (an unforced run fails on it, naming it)."""
@@ -415,17 +437,19 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
     while run.get("streaming") and page >= int(run.get("pages", 0)) and time.monotonic() < deadline:
         time.sleep(0.25)  # a streamed first sync is writing this page: it comes in a moment
         run = svc.records.get(run_id) or {}
-    if run.get("status") != "running" or int(run.get("queued_pages", 0)) > page:
+    if run.get("status") != "running":
         return
     if page >= int(run.get("pages", 0)):
         if run.get("streaming"):  # (planning is slow or was cut short: look again later)
             svc.plan_queue.send_message(json.dumps({"run": run_id, "page": page}).encode(), visibility_timeout=1)
         return
+    if not svc.records.claim_page(run_id, page, again):
+        return  # another job queues it, or did
     ends = _enqueue(svc, run, _read_page(svc, run_id, page), first=page * PAGE + 1, again=again)
     if page + 1 < int(run["pages"]) or run.get("streaming"):
         job = json.dumps({"run": run_id, "page": page + 1}).encode()
         svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
-    svc.records.update(run_id, queued_pages=page + 1, queued_at=utcnow())
+    svc.records.update(run_id, queued_at=utcnow())
 
 
 def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: bool) -> float:

@@ -13,6 +13,9 @@ BATCH_QUEUE = "autopilot-batches"
 POISON_QUEUE = f"{BATCH_QUEUE}-poison"
 PLAN_QUEUE = "autopilot-plans"  # planning jobs and the windows of batches a run queues as it sends
 PLAN_POISON_QUEUE = f"{PLAN_QUEUE}-poison"
+# Where the host moves a message whose poison handler failed on every delivery: nothing is triggered by them, so
+# retention.sweep keeps each in the `dead` container and empties them.
+UNHANDLED_QUEUES = (f"{POISON_QUEUE}-poison", f"{PLAN_POISON_QUEUE}-poison")
 HOST_CONNECTION = "AzureWebJobsStorage"
 # Threads of the Python worker (PYTHON_THREADPOOL_THREAD_COUNT, set by infra/ and the local stack). A sender holds
 # one while it waits for its request slot and for Autopilot's answer: 16 keep 50 requests/s going with answers of up
@@ -32,6 +35,7 @@ class Settings:
     request_timeout: float = 10.0  # seconds to wait for Autopilot's answer before retrying
     max_attempts: int = 8  # deliveries of a batch before its rest is parked as a dead batch
     rate_margin: float = MARGIN  # requests are spaced (1 + margin) / rate apart
+    retention_days: int = 30  # days a finished run's records and outcomes are kept (infra's lifecycle rule: blobs)
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -44,6 +48,7 @@ class Settings:
             request_timeout=_positive_float(env, "AUTOPILOT_TIMEOUT_SECONDS", 10.0),
             max_attempts=_positive_int(env, "AUTOPILOT_MAX_ATTEMPTS", 8),
             rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", MARGIN),
+            retention_days=_positive_int(env, "RETENTION_DAYS", 30),
             env=env,
         )
 

@@ -6,7 +6,8 @@ acknowledgements of runs not yet folded into it.
   planning skip unchanged rows unmapped; empty in version 1) sorted by key, then `#end<TAB><count>`. Replaced
   whole, with an If-Match on the blob it was folded from, so two folders can never interleave.
 - Acknowledgements since: each settled batch's acknowledgements are written in its outcome entity, in the same
-  write (run_records.record_batch); what a run settles while planning (kept leavers) goes to a blob of its own.
+  write (run_records.record_batch); what a run settles while planning (kept leavers) goes to a blob of its own,
+  `state/<export>/runs/<run>.acks`, deleted once the run has no entry left pending.
 - Head: entity (`~head`, <export>) in the `contactstate` table: the destination of the export's last run and
   `pending`, the runs whose acknowledgements are not yet in a snapshot.
 
@@ -180,7 +181,8 @@ class ExportState:
             "pending": head["pending"] + ([] if any(p["entry"] == entry for p in head["pending"])
                                           else [{"entry": entry, "run": run_id, "state": destination.id}])})
 
-    def _change_head(self, change: Callable[[dict], dict]) -> None:
+    def _change_head(self, change: Callable[[dict], dict]) -> dict:
+        """Apply `change` to the head, read again until no other instance changed it meanwhile; the new head."""
         while True:
             head, etag = self.head()
             new = change(head)
@@ -192,7 +194,7 @@ class ExportState:
                 else:
                     self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag,
                                              match_condition=MatchConditions.IfNotModified)
-                return
+                return new
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another instance changed the head: read it again
 
@@ -292,11 +294,13 @@ class ExportState:
                 done = self._fold_entries(destination, entries, acks_of, rebuild)
             except (ResourceModifiedError, ResourceExistsError):
                 continue  # another instance folded first: start again from its snapshot
-            self._forget(done)
+            left = {p["run"] for p in self._forget(done)["pending"]}
+            for run_id in {p["run"] for p in entries if p["entry"] in done} - left:
+                self.drop_planned(run_id)
             return len(done)
 
-    def _forget(self, entries: set[str]) -> None:
-        self._change_head(lambda h: {**h, "pending": [p for p in h["pending"] if p["entry"] not in entries]})
+    def _forget(self, entries: set[str]) -> dict:
+        return self._change_head(lambda h: {**h, "pending": [p for p in h["pending"] if p["entry"] not in entries]})
 
     def _fold_entries(self, destination, entries, acks_of, rebuild) -> set[str]:
         name = self.blob_name(destination)
@@ -368,6 +372,16 @@ class ExportState:
                     yield from _acks(unpacked[:cut - 1] if cut else b"")
                     tail = unpacked[cut:]
                 yield from _acks(tail + unpacker.flush())
+
+    def drop_planned(self, run_id: str) -> None:
+        """Delete them once the run has no entry left pending: they are in the snapshot. A later replay of the run
+        folds its batches' acknowledgements without them, which changes nothing: they were folded before the
+        batches' (which win on a shared key), no newer run can have folded since (a replay is refused once one
+        exists), and a run that rebuilds the snapshot planned against none, so it has no such blob."""
+        try:
+            self._planned_blob(run_id).delete_blob()
+        except ResourceNotFoundError:
+            pass
 
     def _planned_blob(self, run_id: str):
         return self.container.get_blob_client(f"{self.export}/runs/{run_id}.acks")

@@ -95,13 +95,13 @@ class StorageConnection:
         client._policies.insert(0, TableLimits())
         return client
 
-    def queue(self, name: str) -> QueueClient:
-        """A queue client speaking base64, as the Functions queue trigger expects."""
-        policies = {
-            "message_encode_policy": BinaryBase64EncodePolicy(),
-            "message_decode_policy": BinaryBase64DecodePolicy(),
-            "transport": pooled_transport(),
-        }
+    def queue(self, name: str, base64: bool = True) -> QueueClient:
+        """A queue client speaking base64, as the Functions queue trigger expects (`base64` False: message texts as
+        they are, for messages that may not be base64)."""
+        policies = {"transport": pooled_transport()}
+        if base64:
+            policies.update(message_encode_policy=BinaryBase64EncodePolicy(),
+                            message_decode_policy=BinaryBase64DecodePolicy())
         if self._connection_string:
             return QueueClient.from_connection_string(self._connection_string, name, **policies)
         return QueueClient(self._endpoint("queue"), name, credential=self._credential, **policies)

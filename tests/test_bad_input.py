@@ -737,3 +737,28 @@ def test_messages_whose_documents_could_change_a_subscription_or_identity_are_re
     missing = [markers[m] for m in markers if m not in dead]
     assert not missing, f"not refused: {missing}"
 
+
+
+def test_two_oversized_messages_of_one_batch_and_attempt_keep_their_own_items(storage_connection):
+    """A rest re-queued after a 429 and a replay's copy of the same batch can be queued at once: each message's
+    blob is its own."""
+    from azure.storage.blob import BlobServiceClient
+
+    from shared import batch_messages
+    from shared.batch_messages import BATCH_CONTAINER, BatchMessage
+
+    blobs = BlobServiceClient.from_connection_string(storage_connection)
+    try:
+        blobs.create_container(BATCH_CONTAINER)
+    except ResourceExistsError:
+        pass
+
+    def message(letter: str) -> BatchMessage:
+        emails = [f"{letter}{n}@example.com" for n in range(100)]
+        items = [{"k": e, "f": "x", "m": True, "r": "", "d": {"Email": e, "FirstName": letter * 900}} for e in emails]
+        return BatchMessage("20260101T000000Z-0000abcd", "seg", 7, "upsert", items)
+
+    first, second = (batch_messages.encode(message(letter), blobs) for letter in "ab")
+    assert b'"blob"' in first and b'"blob"' in second
+    assert batch_messages.decode(first, blobs).items[0]["k"] == "a0@example.com"
+    assert batch_messages.decode(second, blobs).items[0]["k"] == "b0@example.com"

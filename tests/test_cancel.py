@@ -102,3 +102,84 @@ def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_
     assert report["status"] == "succeeded" and report["counts"]["accepted"] == 40
     assert world.list_members() == segment_emails(rows)
     assert len([r for r in world.contact_requests() if r["status"] == 200]) <= 40 + 16  # at most in flight twice
+
+
+def test_a_run_that_fails_while_sending_stops_like_a_cancel_and_the_next_run_sends_only_the_rest(slow_world):
+    """A run ended as failed mid-flight (its window job given up on; a forced run, a refused key and a streamed
+    sync cut short end it the same way) is concluded once its requests in flight have settled: what they got
+    acknowledged is folded, so the next run does not send it again."""
+    from shared import runs, services
+
+    world, rows = slow_world, list(sample_profiles(60, seed=74))
+    world.define(definition("seg", "list"))
+    world.snapshot(rows)
+    run_id = world.start("seg").json()["runId"]
+    wait_until(lambda: len(world.contact_requests()) >= 5, timeout=30)
+    runs.fail_planning(services.current(), f'{{"run": "{run_id}", "page": 1}}'.encode())
+    assert world.view(run_id)["status"] == "cancelling"  # its senders stop as for a cancel
+    report = world.wait(run_id, timeout=60)
+    assert report["status"] == "failed" and "failed on every delivery" in report["error"]
+    counts = report["counts"]
+    assert 5 <= counts["accepted"] < 60 and counts["refused"] == 0
+
+    mark = len(world.contact_requests())
+    rest = world.wait(world.start("seg").json()["runId"], timeout=120)
+    sent = world.contact_requests()[mark:]
+    assert rest["status"] == "succeeded" and rest["counts"]["joiners"] == 60 - counts["accepted"]
+    joins = [r for r in sent if r["status"] == 200 and r["path"].startswith("/v1/list/")]
+    assert len(joins) == 60 - counts["accepted"]  # nothing acknowledged resent
+    assert world.list_members() == segment_emails(rows)
+
+
+def _run_held_after_first_page(world, monkeypatch, rows: int, page: int) -> str:
+    """A field-mode run whose first page of `page` batches is sent while the job queueing its next page waits
+    for 60 s: the state two jobs of the same page, or a take-over, meet."""
+    from shared import runs
+
+    monkeypatch.setattr(runs, "PAGE", page)
+    monkeypatch.setattr(runs, "WINDOW_LEAD", -60.0)
+    world.define(definition("seg"))
+    world.snapshot(sample_profiles(rows, seed=75))
+    run_id = world.start("seg").json()["runId"]
+    wait_until(lambda: world.view(run_id)["batches"]["settled"] == page, timeout=30)
+    return run_id
+
+
+def sent_contacts(world) -> int:
+    return sum(r["n"] for r in world.contact_requests() if r["status"] == 200 and r["path"] == "/v1/contacts")
+
+
+def test_two_jobs_that_read_a_page_as_unqueued_queue_it_once(slow_world, monkeypatch):
+    """A window job and a take-over's job for the same page, both reading the run before either queued it: the
+    page is claimed with the run record's ETag, so one queues it."""
+    from shared import runs, services
+
+    world = slow_world
+    run_id = _run_held_after_first_page(world, monkeypatch, 400, page=2)
+    svc = services.current()
+    run = svc.records.get(run_id)
+    assert run["queued_pages"] == 1 and run["pages"] == 2
+    runs.queue_window(svc, run, 1)
+    runs.queue_window(svc, run, 1)  # (the record it read says page 1 is not queued yet)
+    report = world.wait(run_id, timeout=60)
+    assert report["status"] == "succeeded" and report["counts"]["accepted"] == 400
+    assert sent_contacts(world) == 400  # each batch sent once
+
+
+def test_every_delivery_of_a_taken_over_run_checks_whether_its_batch_settled(slow_world, monkeypatch):
+    """After a take-over, copies of a run's batches are on the queue beside its originals and the rests they
+    re-queue: a first delivery of any of them finds its batch settled and sends nothing."""
+    from shared import batch_messages, delivery, runs, services
+    from shared.batch_messages import BatchMessage
+    from shared.run_records import utcnow
+
+    world = slow_world
+    run_id = _run_held_after_first_page(world, monkeypatch, 300, page=1)
+    svc = services.current()
+    svc.records.update(run_id, taken_over=utcnow())
+    assert svc.records.get(run_id)["status"] == "running"
+    sent = sent_contacts(world)
+    first = runs._read_page(svc, run_id, 0)[0]
+    again = BatchMessage(run_id, "seg", 1, first["kind"], first["items"])  # queued once, never delivered before
+    delivery.process_batch(svc, batch_messages.encode(again, svc.host.blob), dequeue_count=1)
+    assert sent_contacts(world) == sent == 100

@@ -262,8 +262,8 @@ HOST_BOOT = "import sys, tools.local_host as h; h.LEASE_SECONDS = 15; h.main(sys
 
 
 class HostProcess:
-    def __init__(self, settings_file: Path, log_file: Path, key: str):
-        self.settings_file, self.log_file, self.key = settings_file, log_file, key
+    def __init__(self, settings_file: Path, log_file: Path, key: str, boot: str = HOST_BOOT):
+        self.settings_file, self.log_file, self.key, self.boot = settings_file, log_file, key, boot
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -274,7 +274,7 @@ class HostProcess:
     def start(self) -> HostProcess:
         log = open(self.log_file, "ab")  # handed to the child, which keeps its own descriptor
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOST_BOOT, "--settings", str(self.settings_file), "--port", str(self.port),
+            [sys.executable, "-c", self.boot, "--settings", str(self.settings_file), "--port", str(self.port),
              "--function-key", self.key], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_until(self._answers, timeout=60)
@@ -440,3 +440,113 @@ def test_key_rotated_in_autopilot_then_in_key_vault_mid_run_the_run_goes_on():
         exposure.assert_clean()
     finally:
         close_world(world)
+
+
+# --- cancel, replay, take-over after a kill and a forced rerun on one export --------------------------------
+# The host restarted after the kill takes over a run whose record has not changed for 2 s (30 min in production),
+# so the take-over's copies meet the originals the killed host held, which come back after its 15-s lease.
+TAKING_OVER_BOOT = HOST_BOOT.replace("h.LEASE_SECONDS = 15;", "h.LEASE_SECONDS = 15; import shared.runs as r; "
+                                                               "r.STUCK_AFTER = 2;")
+
+
+class Operator:
+    """What an operator does over the HTTP API of the host process."""
+
+    def __init__(self, host: HostProcess):
+        self.host = host
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        answer = requests.post(f"{self.host.base}{path}", headers=self.host.headers, json=body or {}, timeout=120)
+        assert answer.status_code in (200, 202), (path, answer.status_code, answer.text)
+        return answer.json()
+
+    def fire_timer(self) -> None:
+        admin = self.host.base.removesuffix("/api") + "/admin/functions/scheduled_sync"
+        assert requests.post(admin, headers=self.host.headers, timeout=120).status_code == 202
+
+    def view(self, run_id: str) -> dict:
+        return requests.get(f"{self.host.base}/runs/{run_id}", headers=self.host.headers, timeout=30).json()
+
+    def settled(self, run_id: str) -> int:
+        return self.view(run_id)["batches"]["settled"]
+
+    def wait(self, run_id: str, timeout: float = 90) -> dict:
+        wait_until(lambda: self.view(run_id)["status"] in FINISHED, timeout=timeout)
+        return self.view(run_id)
+
+
+def test_cancel_replay_take_over_after_a_kill_and_a_forced_rerun_leave_the_destination_exact(tmp_path):
+    key = "mixed-key-" + "4" * 22
+    sim = RecordingSim(key).start()
+    stack = LocalStack(tmp_path / "stack", api_key=key, rate=5, autopilot_url=sim.base_url).start()
+    host = None
+    try:
+        blobs = BlobServiceClient.from_connection_string(stack.storage)
+        for name in ("config", CONTAINER):
+            try:
+                blobs.create_container(name)
+            except ResourceExistsError:
+                pass
+        blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps({"exports": [definition("hv")]}))
+        first_rows = list(sample_profiles(3000, seed=37))
+        write_export(blobs.get_container_client(CONTAINER), first_rows, time="2026-03-02T04:30:00Z")
+        settings = tmp_path / "local.settings.json"
+        values = stack.settings(None, AUTOPILOT_MAX_ATTEMPTS="1", AUTOPILOT_TIMEOUT_SECONDS="1")
+        settings.write_text(json.dumps({"IsEncrypted": False, "Values": values}))
+        host = HostProcess(settings, tmp_path / "host.log", "fk-" + "8" * 20).start()
+        op = Operator(host)
+        records = RunRecords(TableServiceClient.from_connection_string(stack.storage))
+
+        # 1. A run cancelled part way.
+        cancelled = op.post("/exports/hv/runs")["runId"]
+        wait_until(lambda: op.settled(cancelled) >= 3, timeout=30)
+        op.post(f"/runs/{cancelled}/cancel")
+        assert op.wait(cancelled)["status"] == "cancelled"
+
+        # 2. The rest fails on every delivery (its batches dead), then is replayed; the host is killed while the
+        # replay sends, and the restarted host takes the run over while the killed one's messages come back.
+        sim.faults = Faults(fail_rate=1.0)
+        dead = op.post("/exports/hv/runs")["runId"]
+        failed = op.wait(dead)
+        assert failed["status"] == "failed" and failed["batches"]["dead"] >= 3, failed
+        sim.faults = Faults()
+        assert op.post(f"/runs/{dead}/replay")["replayedBatches"] == failed["batches"]["dead"]
+        wait_until(lambda: sum(o["status"] == "done" for o in records.batch_outcomes(dead)) >= 1, timeout=30)
+        host.kill()
+        host = HostProcess(settings, tmp_path / "host.log", host.key, boot=TAKING_OVER_BOOT).start()
+        op = Operator(host)
+        time.sleep(2.5)
+        op.fire_timer()  # the run is taken over
+        assert records.get(dead).get("taken_over")
+        assert op.wait(dead, timeout=120)["status"] == "succeeded"
+
+        # 3. A new snapshot (leavers, joiners, changes); its run is superseded by a forced rerun part way.
+        rows = first_rows[300:] + list(sample_profiles(3300, seed=38))[3000:]
+        write_export(blobs.get_container_client(CONTAINER), rows, time="2026-03-03T04:30:00Z")
+        superseded = op.post("/exports/hv/runs")["runId"]
+        wait_until(lambda: op.settled(superseded) >= 2, timeout=60)
+        forced = op.post("/exports/hv/runs", {"force": True})["runId"]
+        assert op.wait(superseded)["status"] == "failed"
+        final = op.wait(forced, timeout=120)
+        assert final["status"] == "succeeded", final
+
+        # The destination is the newest snapshot; nobody was sent more than once beyond what was acknowledged;
+        # the state is what the destination holds.
+        want, contacts = expected_contacts(rows), sim.contacts()
+        assert {e for e, c in contacts.items() if c.get("custom", {}).get(FIELD_KEY) is True} == set(want)
+        assert held({e: contacts[e] for e in want}) == want
+        assert set(contacts) == emails_of(first_rows) | set(want)  # the leavers kept, no longer members
+        acknowledged = Counter(a.key for run in (cancelled, dead, superseded, forced)
+                               for a in records.acknowledged(run))
+        applied = Counter(sim.applied)
+        assert not {e: n for e, n in applied.items() if n > acknowledged[e] + 1}
+        state = {a.key: a.member for a in acknowledged_state(stack.storage, "hv")}
+        assert state == {e: c.get("custom", {}).get(FIELD_KEY) is True for e, c in contacts.items()}
+        assert_nothing_harmful_sent(sim.request_log())
+        records.runs.close()
+        blobs.close()
+    finally:
+        if host:
+            host.stop()
+        stack.stop()
+        sim.stop()

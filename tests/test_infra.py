@@ -28,7 +28,7 @@ from shared.delivery import DEAD
 from shared.reports import REPORTS
 from shared.run_records import BATCHES_TABLE, RUNS_TABLE
 from shared.services import BUDGET_TABLE, CONTAINERS
-from shared.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE
+from shared.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.state_store import STATE_CONTAINER, STATE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ APP_SETTINGS = {
     "AUTOPILOT_TIMEOUT_SECONDS",
     "AUTOPILOT_MAX_ATTEMPTS",
     "AUTOPILOT_RATE_MARGIN",
+    "RETENTION_DAYS",
     "API_AUTHENTICATION",
 }
 # Set in Azure only: they name the identity and the telemetry sink, which a local run does not have.
@@ -554,6 +555,15 @@ def test_run_data_is_deleted_after_the_retention_and_the_state_never(templates):
     assert dotted(unwrap(main["modules"]["storage"])[0]["params"]["retentionDays"]) == "retentionDays"
 
 
+def test_the_app_deletes_run_records_after_the_same_retention_as_the_blobs(templates, app_settings):
+    main, function = templates["main.bicep"], templates["app/function.bicep"]
+    assert dotted(unwrap(main["modules"]["functionApp"])[0]["params"]["retentionDays"]) == "retentionDays"
+    assert param_default(function, "retentionDays") is None  # always given by main.bicep: one value for both
+    assert decorators(function, "retentionDays")["min_value"] == 1  # as Settings.retention_days requires
+    assert app_settings["RETENTION_DAYS"] == {"function": {"type": "string",
+                                                           "parameters": {"value_to_convert": "retentionDays"}}}
+
+
 # --- function app ----------------------------------------------------------------------------------------------
 
 
@@ -742,6 +752,7 @@ def test_deployment_defaults_match_the_code_defaults(templates):
     assert param_default(main, "exportSchedule") == sample["EXPORT_SCHEDULE"]
     assert param_default(main, "autopilotRequestsPerSecond") == sample["AUTOPILOT_REQUESTS_PER_SECOND"]
     assert param_default(main, "autopilotBaseUrl") == "https://api2.autopilothq.com/v1"
+    assert param_default(main, "retentionDays") == int(sample["RETENTION_DAYS"]) == Settings.retention_days
     assert main["variables"]["apiKeySecretName"]["value"] == sample["AUTOPILOT_API_KEY_SECRET_NAME"]
     params = unwrap(main["modules"]["functionApp"])[0]["params"]
     assert params["exportsBlob"].replace("${configContainerName}", "config") == sample["EXPORTS_BLOB"]

@@ -586,3 +586,20 @@ def test_refused_start_leaves_no_run_behind():
         assert world.wait(first)["status"] == "succeeded"
     finally:
         close_world(world)
+
+
+def test_a_list_deleted_in_autopilot_is_filled_again_by_the_next_run(world):
+    """Someone deleted the export's list in Autopilot: the next run creates it again, empty, while the state says
+    everyone is a member. It sees that the list is not the one it sent to last time, and sends every member."""
+    rows = list(sample_profiles(40, seed=16))
+    world.define(definition("lv", membership="list"))
+    world.snapshot(rows)
+    first = world.run("lv")
+    emails = {r[COLUMN["PrimaryEmail"]].lower() for r in rows}
+    assert world.list_members() == emails
+    world.sim.delete_list(next(iter(world.sim.lists())))
+    again = world.run("lv")  # the same snapshot, started on demand
+    assert again["status"] == "succeeded" and again["counts"]["joiners"] == 40
+    assert "deleted or replaced" in again["destination"]["note"]
+    assert world.list_members() == emails
+    assert world.run("lv")["counts"]["joiners"] == 0 and first["counts"]["joiners"] == 40  # in step again

@@ -341,6 +341,32 @@ def test_a_sender_asleep_on_its_slot_when_a_429_comes_waits_for_the_hold(budget)
     assert sent and sent[0] >= until - 0.005  # not at its slot, 0.2 s later, inside the hold
 
 
+def test_a_run_cancelled_while_its_sender_waits_out_a_429_hold_sends_nothing_after_it(budget):
+    """A cancel's answer promises no request of the run starts max_wait (plus the status's age) after it: a sender
+    that asked go_on() before its slot and then waited out a hold longer than max_wait asks again."""
+    budget.reserve(2)  # the next free slot is 0.1 s away: the sender books it and sleeps
+    running = threading.Event()
+    running.set()
+    outcome: list = []
+
+    def send():
+        try:
+            _send_times(Pacer(budget, max_wait=0.5, go_on=running.is_set), 1)
+            outcome.append("sent")
+        except rate_budget.Stopped:
+            outcome.append("stopped")
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.05)
+    budget.throttled(retry_after=0.4)  # each hold shorter than max_wait, the two longer
+    time.sleep(0.3)
+    until = budget.throttled(retry_after=0.4)
+    running.clear()  # cancelled during the second hold
+    sender.join(5)
+    assert outcome == ["stopped"] and time.time() >= until - 0.05
+
+
 class Clock:
     def __init__(self):
         self.now = 1_000_000.0

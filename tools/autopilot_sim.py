@@ -291,6 +291,20 @@ class AutopilotSim(SimBase):
         with self._store_lock:
             return self._store.member_emails(list_id)
 
+    def _admin_more(self, method: str, path: str, body: bytes) -> _Reply | None:
+        """`POST /_sim/delete-list {"list_id"}`: what a user deleting a list in Autopilot's app does (the API has no
+        call for it)."""
+        if (method, path) != ("POST", "/_sim/delete-list"):
+            return None
+        data = self._json(body)
+        list_id = data.get("list_id") if isinstance(data, dict) else None
+        with self._store_lock:
+            if list_id not in self._store.lists:
+                return self._error(404, "List could not be found.")
+            del self._store.lists[list_id]
+            self._store.members.pop(list_id, None)
+        return _Reply(200, {})
+
     def state(self) -> dict:
         with self._store_lock:
             store = self._store
@@ -459,6 +473,9 @@ class SimProcess(sim_base.SimProcess):
 
     def members(self, list_id: str) -> set[str]:
         return set(self.state()["members"][list_id])
+
+    def delete_list(self, list_id: str) -> None:
+        self._admin("POST", "/_sim/delete-list", {"list_id": list_id})
 
 
 def main(argv: list[str] | None = None) -> int:

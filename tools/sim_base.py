@@ -315,7 +315,11 @@ class SimBase:
                 except SimError as exc:
                     return exc.reply
                 return _Reply(200, {"rate": self.rate, "faults": asdict(self.faults)})
-        return self._error(404, f"{method} {path} does not exist.")
+        return self._admin_more(method, path, body) or self._error(404, f"{method} {path} does not exist.")
+
+    def _admin_more(self, method: str, path: str, body: bytes) -> _Reply | None:
+        """A subclass's own admin endpoints (what a user does in the service's app); None: no such endpoint."""
+        return None
 
     def _configure(self, config: object) -> None:
         if not isinstance(config, dict) or config.keys() - set(self.CONFIG_KEYS):

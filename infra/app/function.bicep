@@ -32,6 +32,9 @@ param keyVaultUrl string
 param apiKeySecretName string
 param autopilotBaseUrl string
 param autopilotRequestsPerSecond string
+@description('Days after which the records and batch outcomes of finished runs are deleted (the lifecycle rule in storage.bicep deletes their blobs).')
+@minValue(1)
+param retentionDays int
 // No default and at least one character: when neither EXPORT_STORAGE_ACCOUNT_ID nor EXPORT_STORAGE_BLOB_URI is set,
 // the deployment stops on this parameter instead of creating an app whose every run fails on a missing setting.
 @minLength(1)
@@ -156,6 +159,12 @@ var appSettings = [
     // Requests are spaced (1 + margin) / rate apart: raise it if Autopilot answers 429 to on-time requests.
     name: 'AUTOPILOT_RATE_MARGIN'
     value: '0.025'
+  }
+  {
+    // Days a finished run's records, batch outcomes and planned acknowledgements are kept (the timer deletes them;
+    // the lifecycle rule in storage.bicep deletes the run's blobs after as many days).
+    name: 'RETENTION_DAYS'
+    value: string(retentionDays)
   }
   {
     // How HTTP callers authenticate: 'function-key', or 'entra' when built-in authentication (authSettings
