@@ -114,9 +114,11 @@ def record_failed_plan(msg: func.QueueMessage) -> None:
 
 
 @app.queue_trigger(arg_name="msg", queue_name=BATCH_QUEUE, connection=HOST_CONNECTION)
-def send_batch(msg: func.QueueMessage) -> None:
-    """Send one batch to Autopilot; an exception makes the host retry it, then poison it."""
-    delivery.process_batch(services.current(), msg.get_body(), msg.dequeue_count or 1)
+async def send_batch(msg: func.QueueMessage) -> None:
+    """Send one batch to its destination; an exception makes the host retry it, then poison it. Asynchronous: the
+    worker runs invocations on its event loop, so one instance keeps as many requests in flight as the rate and the
+    API's answer time need (host.json's batchSize + newBatchThreshold at most), each holding no thread."""
+    await delivery.process_batch(services.current(), msg.get_body(), msg.dequeue_count or 1)
 
 
 @app.queue_trigger(arg_name="msg", queue_name=POISON_QUEUE, connection=HOST_CONNECTION)

@@ -1,24 +1,29 @@
-"""What the destinations' REST clients share: one pooled `requests` session, timeouts, the key read again on a
-401, and errors the sender can act on. Pacing is the caller's: every request first calls `pace()`, which waits
-for a slot of the connection's shared budget, and `pace.left(at)` once it has been written."""
+"""What the destinations' REST clients share: an asynchronous HTTP client (httpx) with pooled keep-alive
+connections, timeouts, the key read again on a 401, and errors the sender can act on. Requests are awaited, not
+waited for on a thread: one instance keeps as many in flight as the rate and the API's answer time need (50 a
+second answered in 0.5 s is 25 at once). Pacing is the caller's: every request first awaits `pace()`, which waits
+for a slot of the connection's shared budget, and `pace.left(at)` once it has been written.
+
+Synchronous code (planning readies the destination) runs a call with `run_sync`, on an event loop of its own."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError
+import httpx
 
+from shared.blocking import off
 from shared.contacts import mask_emails_in
 from shared.secrets import ApiKeyProvider
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
+WRITTEN = "http11.send_request_body.complete"  # httpcore's trace event: the request has left
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -52,15 +57,15 @@ class Permanent(ApiError):
 
 
 class Pace(Protocol):
-    """Waits for a request's slot (the call), then learns when the request was written (`left`)."""
+    """Waits for a request's slot (awaited), then learns when the request was written (`left`)."""
 
-    def __call__(self) -> None: ...
+    async def __call__(self) -> None: ...
 
     def left(self, at: float) -> None: ...
 
 
 class _NoPace:
-    def __call__(self) -> None:
+    async def __call__(self) -> None:
         return None
 
     def left(self, at: float) -> None:
@@ -70,30 +75,6 @@ class _NoPace:
 no_pace: Pace = _NoPace()
 
 
-class _Written(threading.local):
-    at: float | None = None  # when the current thread's connection last finished writing a request
-
-
-_written = _Written()
-
-
-class _TimedConnection:
-    """Notes when a request has been written: the time that counts toward the API's rate window, after work the
-    pacer cannot see (the request's headers and body written, the thread switched out between them)."""
-
-    def request(self, *args, **kwargs) -> None:
-        super().request(*args, **kwargs)
-        _written.at = time.time()
-
-
-class _TimedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = type("TimedHTTPConnection", (_TimedConnection, HTTPConnection), {})
-
-
-class _TimedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = type("TimedHTTPSConnection", (_TimedConnection, HTTPSConnection), {})
-
-
 class ApiClient:
     """A destination's transport. Subclasses name the service and its key header, and may read their own error
     bodies (`_message`, `_retry_after`) and statuses (`_error`)."""
@@ -101,63 +82,58 @@ class ApiClient:
     SERVICE = "the destination"
     KEY_HEADER = ""
 
-    def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 32):
+    def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 64):
         self.base_url = base_url.rstrip("/")
-        self.timeout = (CONNECT_TIMEOUT, read_timeout)
+        self.timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT)
+        self.limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self.api_key = api_key
-        self.session = requests.Session()
-        self.session.trust_env = False  # no .netrc or proxy look-up on every request
-        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-        adapter.poolmanager.pool_classes_by_scheme = {"http": _TimedHTTPPool, "https": _TimedHTTPSPool}
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        # An httpx client belongs to the event loop it first ran on: one per loop (the worker's, a run_sync's).
+        self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def call(self, method: str, path: str, body: dict | None, pace: Pace = no_pace) -> dict:
-        response = self._send(method, path, body, pace)
+    def _session(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None:
+            # trust_env off: no .netrc or proxy look-up on every request
+            session = self._sessions[loop] = httpx.AsyncClient(timeout=self.timeout, limits=self.limits,
+                                                               trust_env=False)
+        return session
+
+    async def call(self, method: str, path: str, body: dict | None, pace: Pace = no_pace) -> dict:
+        response = await self._send(method, path, body, pace)
         if response.status_code == 401:  # the key may have been rotated: re-read it once
-            self.api_key.refresh()
-            response = self._send(method, path, body, pace)
+            await off(self.api_key.refresh)
+            response = await self._send(method, path, body, pace)
             if response.status_code == 401:
                 raise ApiKeyRejected(401, f"{self.SERVICE} rejected the API key from Key Vault; update the secret",
                                      self.SERVICE)
         return self._result(response)
 
-    def _send(self, method: str, path: str, body: dict | None, pace: Pace) -> requests.Response:
-        # Everything but the write is done before pacing (the key read, the JSON encoding, the connection): the
-        # request leaves as soon as its slot comes, never late for it because of work that could have been done.
-        headers = {self.KEY_HEADER: self.api_key.get()}
-        request = self.session.prepare_request(requests.Request(method, self.base_url + path, json=body,
-                                                                headers=headers))
-        self._connect_ahead(request)
-        pace()
+    async def _send(self, method: str, path: str, body: dict | None, pace: Pace) -> httpx.Response:
+        # Everything but the write is done before pacing (the key read, the JSON encoding): the request leaves as
+        # soon as its slot comes, never late for it because of work that could have been done before.
+        written: list[float] = []
+
+        async def trace(event: str, info: dict) -> None:
+            if event == WRITTEN:
+                written.append(time.time())
+
+        session = self._session()
+        request = session.build_request(method, self.base_url + path, json=body, extensions={"trace": trace},
+                                        headers={self.KEY_HEADER: await off(self.api_key.get)})
+        await pace()
         shown = f"{method} {mask_emails_in(path)}"  # Autopilot's list membership paths hold the address
-        _written.at = None
         try:
-            return self.session.send(request, timeout=self.timeout)
-        except requests.Timeout:
+            return await session.send(request)
+        except httpx.TimeoutException:
             raise Transient(None, f"{shown} timed out (the write may have been applied)") from None
-        except requests.ConnectionError as exc:
+        except httpx.TransportError as exc:
             raise Transient(None, f"{shown}: connection failed ({type(exc).__name__})") from None
         finally:
-            if _written.at is not None:
-                pace.left(_written.at)
+            if written:
+                pace.left(written[0])
 
-    def _connect_ahead(self, request: requests.PreparedRequest) -> None:
-        """Open the connection the request will take before its slot, not after it: a new connection costs the
-        API's round trips (TCP, then TLS), and spent after the slot they would make the request late, which the
-        pacer owes from the whole schedule after it. A failure here is left for the send to meet and report."""
-        pool = self.session.get_adapter(request.url).get_connection_with_tls_context(request, self.session.verify)
-        connection = pool._get_conn()  # the idle connection the send takes next (the pool is last in, first out)
-        try:
-            if connection.is_closed:
-                connection.timeout = CONNECT_TIMEOUT
-                connection.connect()
-        except (OSError, HTTPError):
-            connection.close()
-        finally:
-            pool._put_conn(connection)
-
-    def _result(self, response: requests.Response) -> dict:
+    def _result(self, response: httpx.Response) -> dict:
         status = response.status_code
         if status < 300:
             return response.json() if response.content else {}
@@ -175,18 +151,35 @@ class ApiClient:
             return Permanent(status, message, self.SERVICE)
         return ApiError(status, message, self.SERVICE)
 
-    def _retry_after(self, response: requests.Response) -> float | None:
+    def _retry_after(self, response: httpx.Response) -> float | None:
         return retry_after(response.headers.get("Retry-After"))
 
-    def _message(self, response: requests.Response) -> str:
+    def _message(self, response: httpx.Response) -> str:
         try:
             body = response.json()
         except ValueError:
-            return response.text or response.reason or ""
+            return response.text or response.reason_phrase or ""
         return str(body.get("message") or body.get("error") or body) if isinstance(body, dict) else str(body)
 
+    def run_sync(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call()` (one of this client's coroutines) from synchronous code, on an event loop of its own."""
+        async def once() -> T:
+            try:
+                return await call()
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())
+
+    async def aclose(self) -> None:
+        """Close the running loop's connections."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.aclose()
+
     def close(self) -> None:
-        self.session.close()
+        """Forget every loop's connections (a stopped worker's); those of a closed loop are gone with it."""
+        self._sessions.clear()
 
 
 def retry_after(value: str | None) -> float | None:

@@ -13,6 +13,7 @@ from collections import Counter
 from shared import batch_messages, cancels, signals
 from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
+from shared.blocking import off
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, delivery_totals
 from shared.run_records import (
@@ -49,18 +50,35 @@ def queue_message(svc: Services, message: BatchMessage, visible_at: float | None
     svc.queue.send_message(batch_messages.encode(message, svc.host.blob), visibility_timeout=delay)
 
 
-def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
-    """The queue trigger's work. Malformed messages go to the poison queue with their reason."""
+async def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
+    """The queue trigger's work. Malformed messages go to the poison queue with their reason. Awaited on the
+    worker's event loop: its storage calls run on the blocking pool, its requests hold no thread."""
+    received = await off(_received, svc, body, dequeue_count)
+    if received is None:
+        return
+    message, status = received
+    rlog = run_log(message.run, message.export)
+    progress = _carried(message)
+    if status not in ACTIVE:
+        await off(_not_sent, svc, message, progress)
+    elif not await _send(svc, message, progress, rlog):
+        return
+    await off(_settle, svc, message, progress, rlog)
+
+
+def _received(svc: Services, body: bytes, dequeue_count: int) -> tuple[BatchMessage, str] | None:
+    """The message's batch and its run's status; None when there is nothing to do (a malformed message, put on
+    the poison queue; a batch settled already)."""
     try:
         message = batch_messages.decode(body, svc.host.blob)
     except MessageError as exc:
         log.error("rejected queue message: %s", exc)
         poison(svc, body, str(exc))
-        return
+        return None
     status = svc.records.status(message.run)
     if status is None:
         poison(svc, body, f"unknown run {message.run!r}")
-        return
+        return None
     maybe_settled = dequeue_count > 1 or message.maybe_settled or svc.records.was_taken_over(message.run)
     if maybe_settled and svc.records.has_batch(message.run, message.batch):
         # Already settled: a redelivered message. Its instance may have died before counting it toward the
@@ -68,14 +86,8 @@ def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
         # (A first delivery of a message queued once cannot find its batch settled: no other message has it,
         # unless its run was taken over: then a copy of it, or of a rest re-queued from it, may have settled it.)
         after_batch(svc, message.run)
-        return
-    rlog = run_log(message.run, message.export)
-    progress = _carried(message)
-    if status not in ACTIVE:
-        _not_sent(svc, message, progress)
-    elif not _send(svc, message, progress, rlog):
-        return
-    _settle(svc, message, progress, rlog)
+        return None
+    return message, status
 
 
 def _not_sent(svc: Services, message: BatchMessage, progress: Progress) -> None:
@@ -85,27 +97,27 @@ def _not_sent(svc: Services, message: BatchMessage, progress: Progress) -> None:
         fail_rest(message, progress, reason)
 
 
-def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
+async def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
-    account = svc.run_account(message.run)
+    account = await off(svc.run_account, message.run)
     pacer = Pacer(account.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
     sender = BatchSender(account.client, pacer, message, progress)
     try:
-        return _sent(svc, message, progress, sender, rlog)
+        return await _sent(svc, message, progress, sender, rlog)
     finally:
         if pacer.sent:  # what the 429 alert counts, per connection
             signals.emit("batch_sent", runId=message.run, export=message.export, connection=account.connection.name,
                          requests=pacer.sent, throttled=sender.throttled)
 
 
-def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: BatchSender, rlog) -> bool:
+async def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: BatchSender, rlog) -> bool:
     settled_before = len(progress.done)
     try:
-        sender.run()
+        await sender.run()
         return True
     except Stopped:
         rlog.info("batch %d stopped: its run was cancelled or is ending", message.batch)
-        _not_sent(svc, message, progress)
+        await off(_not_sent, svc, message, progress)
         return True  # settled with what was sent
     except Requeue as exc:
         reason, at, failed = exc.reason, exc.at, exc.failed
@@ -117,13 +129,14 @@ def _sent(svc: Services, message: BatchMessage, progress: Progress, sender: Batc
         problem = _key_problem(sender.client.api_key.secret_name, exc)
         if message.attempt + 1 >= svc.settings.max_attempts:
             fail_rest(message, progress, problem)
-            cancels.end_run(svc, message.run, "failed", problem)
+            await off(cancels.end_run, svc, message.run, "failed", problem)
             rlog.error("no usable API key on every attempt; run failed: %s", problem)
             return True
         # A rotation may be half done (Autopilot revoked the old key, Key Vault not yet updated), or Key Vault
         # may be briefly unreachable: try later.
         reason, at, failed = problem, time.time() + backoff(message.attempt), True
-    return _retry_later(svc, message, progress, rlog, reason, at, failed and len(progress.done) == settled_before)
+    return await off(_retry_later, svc, message, progress, rlog, reason, at,
+                     failed and len(progress.done) == settled_before)
 
 
 def _key_problem(secret_name: str, exc: Exception) -> str:

@@ -9,11 +9,12 @@ keeps the number of merges in flight low, which is why Ortto advises async for l
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
 
-import requests
+import httpx
 
 from shared import ortto_fields
 from shared.api_client import ApiClient, ApiError, Pace, Refused, Throttled, no_pace
@@ -37,10 +38,10 @@ class BadRequests:
         self._times: deque[float] = deque()
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
+    async def wait(self) -> None:
         """Sleep until one more refused request would still keep below the limit (at most one window)."""
         while (delay := self._delay()) > 0:
-            time.sleep(delay)
+            await asyncio.sleep(delay)
 
     def _delay(self) -> float:
         with self._lock:
@@ -70,34 +71,35 @@ class OrttoClient(ApiClient):
         super().__init__(*args, **kwargs)
         self.bad_requests = BadRequests()
 
-    def prepare(self, export: ExportDefinition, pace: Pace = no_pace) -> str:
+    async def prepare(self, export: ExportDefinition, pace: Pace = no_pace) -> str:
         """Create the custom fields the run writes that the account lacks (once per run, before any merge; its
         calls take slots of the connection's budget like every other); returns the tag in tag mode."""
         wanted = ortto_fields.custom_fields(export)
         if wanted:
-            have = self._fields(pace)
+            have = await self._fields(pace)
             for ident, (name, display_type) in wanted.items():
                 if ident not in have:
-                    self._create_field(ident, name, display_type, have, pace)
+                    await self._create_field(ident, name, display_type, have, pace)
         return export.list if export.membership == "list" else ""
 
-    def _fields(self, pace: Pace) -> dict[str, str]:
+    async def _fields(self, pace: Pace) -> dict[str, str]:
         """The account's custom fields: id → name."""
-        found = self.call("POST", "/person/custom-field/get", {}, pace).get("fields", [])
+        found = (await self.call("POST", "/person/custom-field/get", {}, pace)).get("fields", [])
         return {entry["field"]["id"]: entry["field"].get("name", "") for entry in found
                 if isinstance(entry, dict) and isinstance(entry.get("field"), dict) and "id" in entry["field"]}
 
-    def _create_field(self, ident: str, name: str, display_type: str, have: dict[str, str], pace: Pace) -> None:
+    async def _create_field(self, ident: str, name: str, display_type: str, have: dict[str, str],
+                            pace: Pace) -> None:
         # Names are unique across types and a field cannot be changed: one of another type blocks ours for good.
         clash = [other for other in have if other.split(":cm:")[-1] == ident.split(":cm:")[-1]]
         if clash:
             raise ApiError(None, f"Ortto has a custom field {have[clash[0]]!r} of another type ({clash[0]}); the "
                                  f"export writes {name!r} as {ident}: rename the export's field", self.SERVICE)
         try:
-            created = self.call("POST", "/person/custom-field/create",
+            created = await self.call("POST", "/person/custom-field/create",
                                 {"name": name, "type": display_type, "track_changes": False}, pace)
         except ApiError as exc:
-            if ident in self._fields(pace):  # created meanwhile by another run (Ortto's answer is undocumented)
+            if ident in await self._fields(pace):  # created meanwhile by another run (Ortto's answer is undocumented)
                 return
             raise ApiError(exc.status, f"Ortto refused to create the custom field {name!r} ({display_type}): "
                                        f"{exc.message}", self.SERVICE) from None
@@ -106,26 +108,26 @@ class OrttoClient(ApiClient):
             raise ApiError(None, f"Ortto created the custom field {name!r} as {given!r}, not {ident!r}: rename the "
                                  "field in the export definitions", self.SERVICE)
 
-    def merge(self, items: list[dict], target: str | None, pace: Pace = no_pace) -> list[tuple[str, str, str]]:
+    async def merge(self, items: list[dict], target: str | None, pace: Pace = no_pace) -> list[tuple[str, str, str]]:
         """Merge a batch's people in one request (overwrite): (outcome, reason, Ortto's status) per item."""
         people = [ortto_fields.person(_without_permission(item["d"]), bool(item.get("m", True)), target)
                   for item in items]
-        return self._merge(people, strategy=2, pace=pace)
+        return await self._merge(people, strategy=2, pace=pace)
 
-    def create_new(self, items: list[dict], pace: Pace = no_pace) -> list[tuple[str, str, str]]:
+    async def create_new(self, items: list[dict], pace: Pace = no_pace) -> list[tuple[str, str, str]]:
         """Give new people the email permission their export chose: an append-only merge (merge_strategy 1)
         writes `bol::p` only where a person has none, so a person it creates gets it and an existing one keeps
         theirs. Without it Ortto creates every new person subscribed."""
         people = [{"fields": {"str::email": item["d"]["Email"], "bol::p": item["d"][PERMISSION]}}
                   for item in items]
-        return self._merge(people, strategy=1, pace=pace)
+        return await self._merge(people, strategy=1, pace=pace)
 
-    def _merge(self, people: list[dict], strategy: int, pace: Pace) -> list[tuple[str, str, str]]:
+    async def _merge(self, people: list[dict], strategy: int, pace: Pace) -> list[tuple[str, str, str]]:
         body = {"people": people, "merge_by": ["str::email"], "merge_strategy": strategy, "find_strategy": 0,
                 "async": False, "suppression_list_field_id": "str::email"}  # never re-create someone suppressed
-        self.bad_requests.wait()
+        await self.bad_requests.wait()
         try:
-            results = self.call("POST", "/person/merge", body, pace).get("people", [])
+            results = (await self.call("POST", "/person/merge", body, pace)).get("people", [])
         except PeopleRefused as exc:
             if len(exc.details) != len(people):
                 raise Refused(400, exc.message, self.SERVICE) from None  # not one reason a person: split it
@@ -135,7 +137,7 @@ class OrttoClient(ApiClient):
             return [("failed", reason, "") for _ in people]
         return [_outcome(person) for person in results]
 
-    def _result(self, response: requests.Response) -> dict:
+    def _result(self, response: httpx.Response) -> dict:
         if response.status_code == 400:
             self.bad_requests.add()  # (an all-refused merge too: whether Ortto counts it toward the ban is unknown)
             details = _details(response)
@@ -148,19 +150,19 @@ class OrttoClient(ApiClient):
             return Throttled(f"{message} (Ortto's bad-request ban)", BAN_WINDOW, self.SERVICE)
         return super()._error(status, message)
 
-    def _retry_after(self, response: requests.Response) -> float | None:
+    def _retry_after(self, response: httpx.Response) -> float | None:
         try:
             seconds = response.json()["error"]["try-in-seconds"]
         except (ValueError, KeyError, TypeError):
             return None
         return max(0.0, float(seconds)) if isinstance(seconds, int | float) else None
 
-    def _message(self, response: requests.Response) -> str:
+    def _message(self, response: httpx.Response) -> str:
         """Ortto's reason, with its request id for Ortto's support."""
         try:
             body = response.json()
         except ValueError:
-            return response.text or response.reason or ""
+            return response.text or response.reason_phrase or ""
         if not isinstance(body, dict):
             return str(body)
         error = body.get("error")
@@ -173,7 +175,7 @@ def _without_permission(document: dict) -> dict:
     return {k: v for k, v in document.items() if k != PERMISSION} if PERMISSION in document else document
 
 
-def _details(response: requests.Response) -> list | None:
+def _details(response: httpx.Response) -> list | None:
     """The per-person entries of a 400 (Ortto's "No valid contacts provided"), or None if it has none."""
     try:
         details = response.json().get("details")

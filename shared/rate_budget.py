@@ -17,6 +17,7 @@ read and a write); when another instance wrote since, the update fails on its ET
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from shared.blocking import off
 from shared.combiner import Combiner
 
 # N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
@@ -217,7 +219,8 @@ class Stopped(Exception):
 
 class Pacer:
     """Takes a slot for each request of one batch, right before it is sent. `go_on()` is asked first: False
-    (the run was cancelled) raises Stopped, so no request of a stopped run waits for a slot."""
+    (the run was cancelled) raises Stopped, so no request of a stopped run waits for a slot. Awaited: a request
+    waiting for its slot holds no thread (taking the slot, a storage write, runs on the blocking pool)."""
 
     def __init__(self, budget: RateBudget, max_wait: float, go_on: Callable[[], bool] = lambda: True):
         self.budget = budget
@@ -227,12 +230,12 @@ class Pacer:
         self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
         self._booked, self._owed_from = 0.0, 0.0  # the last request's slot as booked; lateness past `_owed_from`
 
-    def __call__(self) -> None:
-        """Block until this request may be sent; raise Deferred if that is more than `max_wait` away."""
-        checked = self._check()
+    async def __call__(self) -> None:
+        """Wait until this request may be sent; raise Deferred if that is more than `max_wait` away."""
+        checked = await self._check()
         while True:
-            booked = self.budget.take(self._lead, self.max_wait)
-            slot = self._wait(booked)
+            booked = await off(self.budget.take, self._lead, self.max_wait)
+            slot = await self._wait(booked)
             if self.budget.held(slot):  # a 429 came while it slept: take a slot after the hold
                 continue
             late = self.budget.clock() - slot
@@ -241,7 +244,7 @@ class Pacer:
                     # A 429 hold or a late wake-up kept it waiting longer than a slot may be waited for: the
                     # run may have been cancelled meanwhile, and a cancel's answer promises no request starts
                     # max_wait (plus the status's age) after it.
-                    checked = self._check()
+                    checked = await self._check()
                 if late > TOLERANCE:
                     self.budget.owe(late - TOLERANCE, after=booked)
                 self._booked, self._owed_from = booked, max(slot + TOLERANCE, self.budget.clock())
@@ -251,8 +254,8 @@ class Pacer:
             # next request); take the next free one, further ahead so as to be on time for it.
             self._lead = min(0.5, 2 * self._lead)
 
-    def _check(self) -> float:
-        if not self.go_on():
+    async def _check(self) -> float:
+        if not await off(self.go_on):
             raise Stopped
         return self.budget.clock()
 
@@ -264,11 +267,11 @@ class Pacer:
             self.budget.owe(at - self._owed_from, after=self._booked)
             self._owed_from = at
 
-    def _wait(self, booked: float) -> float:
+    async def _wait(self, booked: float) -> float:
         """Sleep until the slot booked at `booked`, moved on by any lateness owed meanwhile; returns its time."""
         while True:
             slot = booked + self.budget.moved(booked)
             wait = slot - self.budget.clock()
             if wait <= 0:
                 return slot
-            time.sleep(wait)
+            await asyncio.sleep(wait)

@@ -378,7 +378,7 @@ def _prepare_destination(svc: Services, export: ExportDefinition) -> str:
     try:
         for attempt in range(1, PREPARE_TRIES + 1):
             try:
-                return account.client.prepare(export, pacer)
+                return account.client.run_sync(lambda: account.client.prepare(export, pacer))
             except Throttled as exc:  # the whole app holds off; the next slot comes after the hold
                 account.budget.throttled(exc.retry_after)
                 if attempt == PREPARE_TRIES:

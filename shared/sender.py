@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from shared.api_client import Refused, Throttled, Transient
 from shared.autopilot_client import AutopilotClient
 from shared.batch_messages import BatchMessage
+from shared.blocking import off
 from shared.contacts import mask_email
 from shared.ortto_client import OrttoClient
 from shared.planner import PERMISSION
@@ -73,51 +74,52 @@ class BatchSender:
     progress: Progress = field(default_factory=Progress)
     throttled: int = 0  # requests answered 429 (of the pacer's `sent`), for the 429 alert's share
 
-    def run(self) -> None:
+    async def run(self) -> None:
         """Send every unsettled item; raises Requeue or ApiKeyRejected to stop early."""
         items = [i for i in self.message.items if i["k"] not in self.progress.done]
         if not items:
             return  # a redelivered batch whose every contact was already acknowledged
         if self.message.kind == "upsert":
-            self._upsert(items)
+            await self._upsert(items)
         elif self.message.kind == "join":
-            self._join(items)
+            await self._join(items)
         else:
             for item in items:
-                self._single(item, lambda i=item: self.client.remove_from_list(self.message.list_id, i["k"],
-                                                                                self.pacer))
+                await self._single(item, lambda i=item: self.client.remove_from_list(self.message.list_id, i["k"],
+                                                                                      self.pacer))
 
-    def _upsert(self, items: list[dict]) -> None:
+    async def _upsert(self, items: list[dict]) -> None:
         """One merge of the batch; on Ortto, new people whose email permission the export chose are created with
         it first (OrttoClient.create_new), so the merge never gives them Ortto's default."""
         chosen = [i for i in items if PERMISSION in i["d"] and not i.get(MERGED)]
         if chosen:
-            self._merge(chosen, self.client.create_new, first_step=True)
+            await self._merge(chosen, self.client.create_new, first_step=True)
         rest = [i for i in items if i["k"] not in self.progress.done]
         if rest:
-            self._merge(rest, lambda part, pace: self.client.merge(part, self.message.list_id, pace))
+            await self._merge(rest, lambda part, pace: self.client.merge(part, self.message.list_id, pace))
 
-    def _join(self, items: list[dict]) -> None:
+    async def _join(self, items: list[dict]) -> None:
         """Autopilot's list mode: the joiners' data in one bulk upsert, then each joined through the list."""
         fresh = [i for i in items if not i.get(MERGED)]
         if fresh:
-            self._merge(fresh, lambda part, pace: self.client.merge(part, None, pace), first_step=True)
+            await self._merge(fresh, lambda part, pace: self.client.merge(part, None, pace), first_step=True)
         for item in items:
             if item["k"] not in self.progress.done:
-                self._single(item, lambda i=item: self.client.add_to_list(self.message.list_id, i["k"], self.pacer))
+                await self._single(item, lambda i=item: self.client.add_to_list(self.message.list_id, i["k"],
+                                                                                 self.pacer))
 
-    def _merge(self, items: list[dict], call, first_step: bool = False) -> None:
+    async def _merge(self, items: list[dict], call, first_step: bool = False) -> None:
         """Send `items` in one call; a request refused as a whole is split until the refused contact is isolated.
         `first_step`: an item the destination took is marked (MERGED, carried across re-queues), not settled."""
         try:
-            results = self._with_retries(lambda: call(items, self.pacer))
+            results = await self._with_retries(lambda: call(items, self.pacer))
         except Refused as exc:
             if len(items) == 1:
                 self.progress.settle(items[0], "refused", exc.message)
                 return
             half = len(items) // 2
-            self._merge(items[:half], call, first_step)
-            self._merge(items[half:], call, first_step)
+            await self._merge(items[:half], call, first_step)
+            await self._merge(items[half:], call, first_step)
             return
         for item, (outcome, reason, status) in zip(items, results, strict=True):
             if first_step and outcome == "acked":
@@ -135,24 +137,24 @@ class BatchSender:
             permission = item["d"].get(PERMISSION, "true (Ortto's default)")
             self.progress.results[f"{CREATED_WITH}{str(permission).lower()}"] += 1
 
-    def _single(self, item: dict, call) -> None:
+    async def _single(self, item: dict, call) -> None:
         try:
-            self._with_retries(call)
+            await self._with_retries(call)
             self.progress.settle(item, "acked")
         except Refused as exc:
             self.progress.settle(item, "refused", exc.message)
 
-    def _with_retries(self, call):
+    async def _with_retries(self, call):
         """A transient failure is tried again at once, up to TRIES_IN_PROCESS times; a 429 (not a failure: the whole
         app holds off) up to THROTTLED_IN_PROCESS times when the hold is short. Then the batch is re-queued."""
         failures = throttles = 0
         while True:
             try:
-                return call()
+                return await call()
             except Deferred as exc:
                 raise Requeue(exc.at, "waiting for a request slot", failed=False) from None
             except Throttled as exc:
-                until = self.pacer.budget.throttled(exc.retry_after)
+                until = await off(self.pacer.budget.throttled, exc.retry_after)
                 throttles += 1
                 self.throttled += 1
                 reason = f"throttled (429): every sender holds off for {until - time.time():.2f} s"

@@ -3,6 +3,7 @@ next run sends the rest without resending what the cancelled run got acknowledge
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -181,5 +182,5 @@ def test_every_delivery_of_a_taken_over_run_checks_whether_its_batch_settled(slo
     sent = sent_contacts(world)
     first = runs._read_page(svc, run_id, 0)[0]
     again = BatchMessage(run_id, "seg", 1, first["kind"], first["items"])  # queued once, never delivered before
-    delivery.process_batch(svc, batch_messages.encode(again, svc.host.blob), dequeue_count=1)
+    asyncio.run(delivery.process_batch(svc, batch_messages.encode(again, svc.host.blob), dequeue_count=1))
     assert sent_contacts(world) == sent == 100

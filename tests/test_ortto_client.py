@@ -67,9 +67,19 @@ def client(replay) -> Iterator[OrttoClient]:
         provider = ApiKeyProvider(vault.url, SECRET, credential_factory=LocalStandInCredential, client_options={
             "connection_verify": str(vault.ca_file), "verify_challenge_resource": False})
         api = OrttoClient(f"http://127.0.0.1:{replay.server_address[1]}/v1", provider)
-        yield api
+        yield Blocking(api)
         api.close()
         provider.close()
+
+
+class Blocking:
+    """The client's coroutines called as planning calls them, each on a loop of its own (ApiClient.run_sync)."""
+
+    def __init__(self, api: OrttoClient):
+        self.api = api
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.api.run_sync(lambda: getattr(self.api, name)(*args, **kwargs))
 
 
 def item(email: str, **extra) -> dict:

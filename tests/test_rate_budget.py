@@ -3,6 +3,7 @@ sender served by the next free slot, no 1-s window over the rate across threads 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -41,10 +42,22 @@ def budget(storage_connection):
     tables.close()
 
 
+ASYNC_SLEEP = asyncio.sleep
+run = asyncio.run
+
+
+def sleeping(blocking):
+    """asyncio.sleep made of a blocking sleep (a sender that wakes late, as a busy process makes it)."""
+    async def sleep(seconds: float) -> None:
+        blocking(seconds)
+
+    return sleep
+
+
 def _send_times(pacer: Pacer, count: int) -> list[float]:
     times = []
     for _ in range(count):
-        pacer()
+        run(pacer())
         times.append(time.time())
     return times
 
@@ -73,11 +86,11 @@ def test_a_sender_that_wakes_late_takes_the_next_free_slot_instead_of_losing_its
 
     late = Pacer(budget, max_wait=5)
     budget.reserve(1, ahead=0.2)  # another sender's slot comes first: the late one has to wait for its own
-    monkeypatch.setattr(time, "sleep", oversleeping)
-    late()
+    monkeypatch.setattr(asyncio, "sleep", sleeping(oversleeping))
+    run(late())
     sent_late = time.time()
-    monkeypatch.setattr(time, "sleep", real_sleep)
-    other()
+    monkeypatch.setattr(asyncio, "sleep", ASYNC_SLEEP)
+    run(other())
     sent_other = time.time()
     # The late sender did not send on its passed slot, nor behind a long booked schedule: on the next free one.
     assert overslept and sent_other - sent_late >= budget.interval - TOLERANCE
@@ -98,9 +111,9 @@ def test_a_sender_a_little_late_still_sends_and_moves_the_schedule_after_it_on(b
     take = budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
-    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + late_by))
-    pacer()
-    monkeypatch.setattr(time, "sleep", real_sleep)
+    monkeypatch.setattr(asyncio, "sleep", sleeping(lambda seconds: real_sleep(seconds + late_by)))
+    run(pacer())
+    monkeypatch.setattr(asyncio, "sleep", ASYNC_SLEEP)
     assert pacer.sent == 1 and len(slots) == 1  # sent on its own slot: no other was taken for it
     booked = slots[0] + budget.interval  # where the schedule stood after it
     following = budget.reserve(1)
@@ -116,11 +129,11 @@ def test_a_request_written_late_moves_the_schedule_after_it_on_by_what_its_check
     slots, take = [], budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     pacer = Pacer(budget, max_wait=5)
-    pacer()
+    run(pacer())
     booked = slots[0] + budget.interval  # where the schedule stood after it
     pacer.left(slots[0] + TOLERANCE - 0.002)  # written within the tolerance: nothing owed
     assert budget.reserve(1) == pytest.approx(booked)
-    pacer()
+    run(pacer())
     booked = slots[1] + budget.interval
     pacer.left(slots[1] + TOLERANCE + 0.03)
     pacer.left(slots[1] + TOLERANCE + 0.03)  # (told twice: owed once)
@@ -137,7 +150,7 @@ def test_a_late_write_moves_the_slots_booked_already_a_second_after_it(budget, m
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     first, second = Pacer(budget, max_wait=5), Pacer(budget, max_wait=5)
     budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
-    first()
+    run(first())
     within = budget.reserve(int(RATE) - 1)  # other senders' slots, all in the second after the first's
     sent: list[float] = []
     waiting = threading.Thread(target=lambda: sent.extend(_send_times(second, 1)))  # books the N-th, sleeps
@@ -174,7 +187,7 @@ class _Told:
     def __init__(self):
         self.paced, self.written = [], []
 
-    def __call__(self):
+    async def __call__(self):
         self.paced.append(time.time())
 
     def left(self, at):
@@ -203,30 +216,10 @@ def slow_client():
 def test_the_client_tells_its_pace_when_a_request_was_written_not_when_it_was_answered(slow_client):
     """ApiClient reports the moment the request left (what the API's rate window counts), before the answer."""
     told = _Told()
-    slow_client.call("POST", "/x", {"people": ["a"] * 1000}, told)
+    slow_client.run_sync(lambda: slow_client.call("POST", "/x", {"people": ["a"] * 1000}, told))
     answered = time.time()
     assert len(told.paced) == 1 and len(told.written) == 1
     assert told.paced[0] <= told.written[0] <= told.paced[0] + 0.1 and answered - told.written[0] >= 0.25
-
-
-def test_a_new_connection_is_opened_before_the_slot_not_after_it(slow_client, monkeypatch):
-    """Opening a connection costs the network's round trips (a TLS handshake: several): spent after the slot they
-    would make the request late, and its lateness would be owed from the whole schedule after it."""
-    from urllib3.connection import HTTPConnection
-
-    opened, open_connection = [], HTTPConnection._new_conn
-
-    def far_away(connection):  # the round trips to a distant API, which loopback does not have
-        time.sleep(0.2)
-        opened.append(time.time())
-        return open_connection(connection)
-
-    monkeypatch.setattr(HTTPConnection, "_new_conn", far_away)
-    told = _Told()
-    for _ in range(2):  # a new connection, then the same one again
-        slow_client.call("POST", "/x", {"people": ["a"]}, told)
-    assert len(opened) == 1 and opened[0] < told.paced[0]  # opened before the first asked for its slot
-    assert all(written - paced < 0.1 for paced, written in zip(told.paced, told.written, strict=True))
 
 
 def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_already(budget, monkeypatch, watched):
@@ -241,8 +234,8 @@ def test_a_late_sender_loses_its_slot_when_the_schedule_after_it_may_be_booked_a
         real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1 else 0))
 
     budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
-    monkeypatch.setattr(time, "sleep", booked_then_late)
-    pacer()
+    monkeypatch.setattr(asyncio, "sleep", sleeping(booked_then_late))
+    run(pacer())
     # The request RATE slots after its own was booked before it woke: no shift could reach it, so the slot passed.
     assert len(slots) == 2 and slots[1] >= slots[0] + (RATE + 1) * budget.interval
 
@@ -253,9 +246,9 @@ def _late_once(budget: RateBudget, monkeypatch) -> list[float]:
     take = budget.take
     monkeypatch.setattr(budget, "take", lambda *args: slots.append(take(*args)) or slots[-1])
     budget.reserve(1, ahead=SLOWEST_WRITE)  # another sender's slot first: the pacer's turn is a sleep away
-    monkeypatch.setattr(time, "sleep", lambda seconds: real_sleep(seconds + (TOLERANCE + 0.002 if len(slots) == 1
-                                                                             else 0)))
-    Pacer(budget, max_wait=5)()
+    monkeypatch.setattr(asyncio, "sleep", sleeping(lambda seconds: real_sleep(
+        seconds + (TOLERANCE + 0.002 if len(slots) == 1 else 0))))
+    run(Pacer(budget, max_wait=5)())
     return slots
 
 
@@ -290,7 +283,7 @@ def test_many_threads_on_several_budget_clients_never_exceed_the_rate_and_none_s
     def send(client: RateBudget) -> None:
         pacer = Pacer(client, max_wait=5)
         while time.time() < stop:
-            pacer()
+            run(pacer())
             with lock:
                 times.append(time.time())
                 sent_by_thread[threading.get_ident()] = sent_by_thread.get(threading.get_ident(), 0) + 1
@@ -401,7 +394,7 @@ def test_a_slot_further_away_than_the_wait_allowed_defers_and_takes_nothing(budg
     budget.reserve(1, ahead=30)  # other senders hold the next 30 seconds
     before = budget.next_free()
     with pytest.raises(Deferred) as deferred:
-        Pacer(budget, max_wait=2)()
+        run(Pacer(budget, max_wait=2)())
     assert deferred.value.at >= time.time() + 29
     assert budget.next_free() == pytest.approx(before)
 

@@ -16,8 +16,10 @@ its function key): the subscription handshake answered, then each event one invo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
+import inspect
 import json
 import logging
 import os
@@ -108,6 +110,7 @@ class LocalHost:
         # Python worker's PYTHON_THREADPOOL_THREAD_COUNT threads.
         self.threads = worker_threads(settings)
         self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._loops: dict[str, tuple[asyncio.AbstractEventLoop, threading.Thread]] = {}
         self._pools_lock = threading.Lock()
         self._started = False
         self._replaced: dict[str, str | None] = {}  # environment values start() replaced
@@ -147,6 +150,11 @@ class LocalHost:
             thread.join(timeout=30)
         for worker in self._workers.values():
             worker.shutdown(wait=True, cancel_futures=True)
+        for loop, thread in self._loops.values():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
+        self._loops.clear()
         self._started = False
         from shared import services
 
@@ -169,19 +177,38 @@ class LocalHost:
 
     # --- invoking functions -----------------------------------------------------------------------
     def call(self, name: str, **arguments):
-        """Run one invocation on the worker's thread pool and wait for it (the host's dispatcher waits too)."""
+        """Run one invocation as the Python worker does and wait for it (the host's dispatcher waits too): a
+        coroutine function on the worker's event loop, any other on its thread pool."""
         self.invocations += 1
         function = self.functions[name].get_user_function()
+        coroutine = inspect.iscoroutinefunction(function)
         if not self._started:  # not started: tests that call a function directly
-            return function(**arguments)
+            return asyncio.run(function(**arguments)) if coroutine else function(**arguments)
+        if coroutine:
+            return asyncio.run_coroutine_threadsafe(function(**arguments), self._loop(name)).result()
         return self._worker(name).submit(function, **arguments).result()
 
+    def _group(self, name: str) -> str:
+        """The function's scale group on Flex Consumption: HTTP functions share instances, the others have their own."""
+        return "http" if _trigger_type(self.functions[name]) == "httpTrigger" else name
+
     def _worker(self, name: str) -> ThreadPoolExecutor:
-        group = "http" if _trigger_type(self.functions[name]) == "httpTrigger" else name
+        group = self._group(name)
         with self._pools_lock:
             if group not in self._workers:
                 self._workers[group] = ThreadPoolExecutor(self.threads, thread_name_prefix=f"worker-{group}")
             return self._workers[group]
+
+    def _loop(self, name: str) -> asyncio.AbstractEventLoop:
+        """The event loop of the function's worker, on a thread of its own (the worker's main thread in Azure)."""
+        group = self._group(name)
+        with self._pools_lock:
+            if group not in self._loops:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"loop-{group}", daemon=True)
+                thread.start()
+                self._loops[group] = (loop, thread)
+            return self._loops[group][0]
 
     def fire_timer(self, name: str | None = None, past_due: bool = False) -> None:
         """Fire a timer-triggered function now (the first one when no name is given)."""
