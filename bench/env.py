@@ -142,16 +142,19 @@ ORTTO_SECRET = "ortto-api-key"
 class BenchStack:
     """Azurite + Key Vault stand-in + simulator process for one benchmark; hosts are added on demand. With
     `ortto`, the simulator is Ortto's and every export defined sends to it through an Ortto connection whose rate
-    is the host's AUTOPILOT_REQUESTS_PER_SECOND (the app settings' Autopilot account is then left unused)."""
+    is the host's AUTOPILOT_REQUESTS_PER_SECOND (the app settings' Autopilot account is then left unused). The
+    simulator holds every answer `latency` + uniform(0, `jitter`) seconds (a remote API's; `sim.set_latency`
+    changes it)."""
 
-    def __init__(self, name: str, sim_rate: float, ortto: bool = False):
+    def __init__(self, name: str, sim_rate: float, ortto: bool = False, latency: float = 0.0, jitter: float = 0.0):
         self.name = name
         self.out = OUT / name
         self.api_key = secrets.token_hex(16)
         self.function_key = secrets.token_urlsafe(24)
         self.ortto = ortto
         simulator = OrttoSimProcess if ortto else SimProcess
-        self.sim = simulator(self.api_key, sim_rate, log_path=self.out / "simulator.log")
+        self.sim = simulator(self.api_key, sim_rate, log_path=self.out / "simulator.log", latency=latency,
+                             jitter=jitter)
         self.stack: LocalStack | None = None
         self.hosts: list[Host] = []
         self._clock = datetime(2026, 3, 2, 4, 15, tzinfo=UTC)

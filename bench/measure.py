@@ -117,8 +117,10 @@ class RunMeasure:
 
     @property
     def last_ack(self) -> float:
+        """When the last accepted contact request was answered: its arrival, plus the latency the simulator held
+        its answer (the log's `latency`; none on loopback)."""
         acks = accepted(self.contact_requests)
-        return max(r["t"] for r in acks) if acks else self.posted
+        return max(r["t"] + r.get("latency", 0.0) for r in acks) if acks else self.posted
 
     @property
     def first_request(self) -> float:

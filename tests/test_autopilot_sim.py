@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -387,9 +388,9 @@ def test_burst_fault_throttles_a_run_of_requests(sim, api):
     assert [r.get("fault") for r in sim.request_log()] == ["burst"] * 3 + [None]
 
 
-def _fault_pattern(seed: int) -> list[int]:
+def _fault_pattern(seed: int, jitter: float = 0.0) -> list[int]:
     faults = Faults(fail_rate=0.3, burst_rate=0.1, burst_length=2)
-    with AutopilotSim(KEY, rate=None, faults=faults, seed=seed) as sim:
+    with AutopilotSim(KEY, rate=None, faults=faults, seed=seed, jitter=jitter) as sim:
         api = Api(sim)
         return [api("GET", "/lists").status_code for _ in range(40)]
 
@@ -406,6 +407,89 @@ def test_faults_validate_their_rates():
         Faults(fail_rate=0.6, drop_rate=0.6)
     with pytest.raises(ValueError):
         Faults(burst_rate=1.5)
+
+
+# --- latency ------------------------------------------------------------------------------------------------
+def _timed(api: Api, method: str, path: str, body: object = None) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = api(method, path, body)
+    return response, time.monotonic() - started
+
+
+def test_latency_delays_the_answer_by_latency_plus_jitter():
+    with AutopilotSim(KEY, rate=None, latency=0.3, jitter=0.1) as sim:
+        response, took = _timed(Api(sim), "GET", "/lists")
+        assert response.status_code == 200
+        [record] = sim.request_log()
+        assert 0.3 <= record["latency"] <= 0.4
+        assert record["latency"] <= took < 0.4 + 0.15
+
+
+def test_concurrent_answers_wait_side_by_side_not_one_after_the_other():
+    with AutopilotSim(KEY, rate=None, latency=0.3) as sim, ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        answers = list(pool.map(lambda _: _timed(Api(sim), "GET", "/lists"), range(2)))
+        took = time.monotonic() - started
+    assert [r.status_code for r, _ in answers] == [200, 200]
+    assert all(0.3 <= each < 0.5 for _, each in answers) and took < 0.55
+
+
+def test_a_request_counts_toward_the_rate_and_is_applied_when_it_arrives_not_when_answered():
+    with AutopilotSim(KEY, rate=2, latency=0.5) as sim, ThreadPoolExecutor(3) as pool:
+        started = time.time()
+        first = [pool.submit(_timed, Api(sim), "POST", "/contacts", {"contacts": [{"Email": f"c{i}@x.io"}]})
+                 for i in range(2)]
+        time.sleep(0.15)
+        # Both writes arrived and were applied; neither is answered yet.
+        assert set(sim.contacts()) == {"c0@x.io", "c1@x.io"} and not any(f.done() for f in first)
+        third = pool.submit(_timed, Api(sim), "GET", "/lists")
+        # Counted at arrival, the two unanswered requests fill the 1-s window at 2 r/s: the third is refused,
+        # and its 429 waits the latency too.
+        assert [f.result()[0].status_code for f in (*first, third)] == [200, 200, 429]
+        assert 0.5 <= third.result()[1] < 0.7
+        assert [r["status"] for r in sim.request_log()] == [200, 200, 429]
+        assert all(r["t"] - started < 0.3 for r in sim.request_log())  # logged as they arrived
+
+
+def test_admin_endpoints_and_dropped_connections_do_not_wait(sim, api):
+    sim.latency = 1.0
+    started = time.monotonic()
+    assert requests.get(f"http://127.0.0.1:{sim.port}/_sim/state", timeout=5).status_code == 200
+    sim.faults = Faults(drop_rate=1.0)
+    with pytest.raises(requests.ConnectionError):
+        api.upsert({"Email": "a@x.io"})
+    assert time.monotonic() - started < 0.5
+    assert "latency" not in sim.request_log()[-1]
+
+
+def test_jitter_has_a_generator_of_its_own_so_fault_draws_do_not_change():
+    def waits(seed: int) -> list[float]:
+        with AutopilotSim(KEY, rate=None, seed=seed, jitter=0.01) as sim:
+            api = Api(sim)
+            for _ in range(5):
+                api("GET", "/lists")
+            return [r["latency"] for r in sim.request_log()]
+
+    assert _fault_pattern(7, jitter=0.005) == _fault_pattern(7)
+    assert waits(3) == waits(3) != waits(4)
+    assert all(0 < wait <= 0.01 for wait in waits(3))
+
+
+@pytest.mark.parametrize("bad", [{"latency": -0.1}, {"jitter": -1}, {"latency": "0.3"}, {"latency": True},
+                                 {"jitter": None}])
+def test_latency_config_must_be_a_non_negative_number(sim, bad):
+    refused = requests.post(f"http://127.0.0.1:{sim.port}/_sim/config", json=bad, timeout=5)
+    assert refused.status_code == 400
+    assert "must be a non-negative number of seconds" in refused.json()["message"]
+    assert (sim.latency, sim.jitter) == (0, 0)
+
+
+def test_latency_config_applies_at_run_time(sim, api):
+    answer = requests.post(f"http://127.0.0.1:{sim.port}/_sim/config", json={"latency": 0.2, "jitter": 0}, timeout=5)
+    assert answer.status_code == 200 and (answer.json()["latency"], answer.json()["jitter"]) == (0.2, 0)
+    assert _timed(api, "GET", "/lists")[1] >= 0.2
+    with pytest.raises(ValueError):
+        AutopilotSim(KEY, latency=-1)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -445,3 +529,24 @@ def test_cli_takes_its_key_from_the_environment_never_the_command_line():
                              headers={"autopilotapikey": "a-secret-key-0123"}, timeout=5).status_code == 200
     finally:
         sim.stop()
+
+
+def test_process_wrapper_takes_latency_on_its_command_line_and_at_run_time():
+    sim = SimProcess(KEY, rate=0, latency=0.25).start()  # ... python -m tools.autopilot_sim --latency 0.25 --jitter 0.0
+    try:
+        assert b"--latency\x000.25" in Path(f"/proc/{sim.pid}/cmdline").read_bytes()
+        api = requests.Session()
+        api.headers["autopilotapikey"] = KEY
+        started = time.monotonic()
+        assert api.get(sim.base_url + "/lists", timeout=5).status_code == 200
+        assert time.monotonic() - started >= 0.25
+        sim.set_latency(0)
+        started = time.monotonic()
+        assert api.get(sim.base_url + "/lists", timeout=5).status_code == 200
+        assert time.monotonic() - started < 0.2
+        assert [r.get("latency") for r in sim.request_log()] == [0.25, None]
+        assert sim.configure(jitter=0.05)["jitter"] == 0.05
+    finally:
+        sim.stop()
+    with pytest.raises(ValueError):
+        SimProcess(KEY, latency=-0.5)

@@ -658,6 +658,20 @@ def test_admin_config_validates_and_applies(sim):
     assert state == {"people": {}, "custom_fields": {}, "bans": 0, "consent_writes": 0, "subscribe_calls": 0}
 
 
+def test_latency_holds_every_answer_and_is_validated_with_the_numeric_code(sim, api):
+    origin = sim.base_url.removesuffix("/v1")
+    for bad in ({"latency": -1}, {"jitter": "0.1"}):
+        refused = requests.post(origin + "/_sim/config", json=bad, timeout=5)
+        assert refused.status_code == 400 and refused.json()["code"] == 400, bad
+        assert "non-negative number of seconds" in refused.json()["error"]
+    assert requests.post(origin + "/_sim/config", json={"latency": 0.2, "rate": 0.05}, timeout=5).status_code == 200
+    started = time.monotonic()
+    assert api.statuses(person("a@example.com")) == ["created"]
+    assert api.merge(person("a@example.com")).status_code == 429  # rate 0.05: one request per 10 s window
+    assert time.monotonic() - started >= 0.4  # the 429 waits too
+    assert [(r["status"], r["latency"]) for r in sim.request_log()] == [(200, 0.2), (429, 0.2)]
+
+
 # --- as a process -----------------------------------------------------------------------------------------------
 def test_process_wrapper_starts_answers_and_is_configurable():
     sim = OrttoSimProcess(KEY, rate=30).start()  # SIM_API_KEY=KEY python -m tools.ortto_sim --port 0 --rate 30
@@ -689,3 +703,15 @@ def test_process_wrapper_takes_a_plan():
         sim.stop()
     with pytest.raises(ValueError):
         OrttoSimProcess(KEY, plan="gold")
+
+
+def test_process_wrapper_takes_latency():
+    sim = OrttoSimProcess(KEY, rate=30, latency=0.2).start()  # ... python -m tools.ortto_sim --latency 0.2
+    try:
+        started = time.monotonic()
+        assert Api(sim.base_url).statuses(person("a@example.com")) == ["created"]
+        assert time.monotonic() - started >= 0.2
+        sim.set_latency(0.1, jitter=0.1)
+        assert (sim.configure()["latency"], sim.configure()["jitter"]) == (0.1, 0.1)
+    finally:
+        sim.stop()

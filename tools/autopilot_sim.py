@@ -11,13 +11,13 @@ In process (tests)::
 
 As a process (benchmarks, demo)::
 
-    SIM_API_KEY=KEY python -m tools.autopilot_sim --port 8765 --rate 5 [--fail-rate 0.01 ...]
+    SIM_API_KEY=KEY python -m tools.autopilot_sim --port 8765 --rate 5 [--fail-rate 0.01 ...] [--latency 0.3]
 
 It prints `autopilot-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT. The request
-pipeline, the rate limit, the faults and the admin endpoints are tools.sim_base's; `GET /_sim/state` answers
-contacts, lists and members. Here a missing key is 400 (a wrong one 401), and a 429 has no Retry-After header
-(none was ever observed live). A timeout fault applies the call before the answer waits, as the contract says:
-"your request will still be completed".
+pipeline, the rate limit, the faults, the latency (`--latency`, `--jitter`) and the admin endpoints are
+tools.sim_base's; `GET /_sim/state` answers contacts, lists and members. Here a missing key is 400 (a wrong one
+401), and a 429 has no Retry-After header (none was ever observed live). A timeout fault applies the call before
+the answer waits, as the contract says: "your request will still be completed".
 
 Choices where the contract is silent: a custom field's type is fixed by its first write (a later write with
 another type is 400); custom values must not be null; standard fields take JSON scalars; `+` in a path decodes to
@@ -274,8 +274,8 @@ class AutopilotSim(SimBase):
     MISSING_KEY_STATUS = 400
 
     def __init__(self, api_key: str, rate: float | None = 5.0, port: int = 0, faults: Faults | None = None,
-                 seed: int = 0):
-        super().__init__(api_key, rate, port, faults, seed)
+                 seed: int = 0, *, latency: float = 0.0, jitter: float = 0.0):
+        super().__init__(api_key, rate, port, faults, seed, latency=latency, jitter=jitter)
         self._store = _Store(seed)
 
     # state accessors (snapshots, safe from any thread)
@@ -480,7 +480,8 @@ class SimProcess(sim_base.SimProcess):
 
 def main(argv: list[str] | None = None) -> int:
     args = sim_base.parse_args(sim_base.arg_parser("tools.autopilot_sim", __doc__, rate=5.0), argv)
-    sim = AutopilotSim(args.api_key, rate=args.rate or None, port=args.port, faults=args.faults, seed=args.seed)
+    sim = AutopilotSim(args.api_key, rate=args.rate or None, port=args.port, faults=args.faults, seed=args.seed,
+                       latency=args.latency, jitter=args.jitter)
     return sim_base.serve(sim, args.state_dump)
 
 

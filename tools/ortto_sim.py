@@ -9,18 +9,19 @@ In process (tests)::
     with OrttoSim("key", plan="professional") as sim:  # port 0 picks a free loopback port; rate=10 is the same
         requests.post(sim.base_url + "/person/merge", json={...}, headers={"X-Api-Key": "key"})
         sim.people(); sim.custom_fields(); sim.state(); sim.request_log()
-        sim.faults = Faults(fail_rate=0.1)           # replaceable at runtime, as are rate, try_in_seconds and
-                                                     # suppressed
+        sim.faults = Faults(fail_rate=0.1)           # replaceable at runtime, as are rate, try_in_seconds,
+                                                     # suppressed, latency and jitter
 
 As a process::
 
-    SIM_API_KEY=KEY python -m tools.ortto_sim --port 0 --rate 30 [--plan business --try-in-seconds 1 ...]
+    SIM_API_KEY=KEY python -m tools.ortto_sim --port 0 --rate 30 [--plan business --latency 0.3 ...]
 
 It prints `ortto-sim listening on http://127.0.0.1:PORT/v1` and runs until SIGTERM/SIGINT; `OrttoSimProcess`
-starts it and reads it back. The request pipeline, the faults and the admin endpoints are tools.sim_base's.
-`GET /_sim/state` answers `{"people": {lower-case email: {"id", "fields" (bol::p and bol::sp included), "tags":
-sorted}}, "custom_fields": {id: {"name", "display_type", "track_changes"}}, "bans", "consent_writes",
-"subscribe_calls"}`; `POST /_sim/config` also takes `try_in_seconds`, `suppressed` (a list of emails) and `plan`.
+starts it and reads it back. The request pipeline, the faults, the latency (`--latency`, `--jitter`) and the admin
+endpoints are tools.sim_base's. `GET /_sim/state` answers `{"people": {lower-case email: {"id", "fields" (bol::p
+and bol::sp included), "tags": sorted}}, "custom_fields": {id: {"name", "display_type", "track_changes"}}, "bans",
+"consent_writes", "subscribe_calls"}`; `POST /_sim/config` also takes `try_in_seconds`, `suppressed` (a list of
+emails) and `plan`.
 
 Endpoints: `POST /v1/person/merge`, `POST /v1/person/get`, `POST /v1/person/custom-field/create`,
 `POST /v1/person/custom-field/get`, and `PUT /v1/audience/subscribe`, which applies nothing, answers `{}` and is
@@ -406,8 +407,9 @@ class OrttoSim(SimBase):
 
     def __init__(self, api_key: str, rate: float | None = 10.0, port: int = 0, faults: Faults | None = None,
                  seed: int = 0, *, plan: str | None = None, try_in_seconds: float = 1,
-                 suppressed: tuple[str, ...] = ()):
-        super().__init__(api_key, _plan_rate(plan) if plan is not None else rate, port, faults, seed)
+                 suppressed: tuple[str, ...] = (), latency: float = 0.0, jitter: float = 0.0):
+        super().__init__(api_key, _plan_rate(plan) if plan is not None else rate, port, faults, seed,
+                         latency=latency, jitter=jitter)
         self.try_in_seconds = _whole(try_in_seconds)
         self.suppressed = frozenset(email.lower() for email in suppressed)
         self.bans = 0
@@ -557,8 +559,9 @@ class OrttoSimProcess(sim_base.SimProcess):
     MODULE = "tools.ortto_sim"
 
     def __init__(self, api_key: str, rate: float | None = 10.0, faults: Faults | None = None, seed: int = 0,
-                 log_path: Path | None = None, *, plan: str | None = None):
-        super().__init__(api_key, rate, faults, seed, log_path)
+                 log_path: Path | None = None, *, plan: str | None = None, latency: float = 0.0,
+                 jitter: float = 0.0):
+        super().__init__(api_key, rate, faults, seed, log_path, latency=latency, jitter=jitter)
         if plan is not None:
             _plan_rate(plan)  # a bad plan fails here, not as a process that never says it listens
             self._argv += ["--plan", plan]
@@ -576,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--try-in-seconds", type=float, default=1.0, help="the 429 body's try-in-seconds")
     args = sim_base.parse_args(parser, argv)
     sim = OrttoSim(args.api_key, rate=args.rate or None, port=args.port, faults=args.faults, seed=args.seed,
-                   plan=args.plan, try_in_seconds=args.try_in_seconds)
+                   plan=args.plan, try_in_seconds=args.try_in_seconds, latency=args.latency, jitter=args.jitter)
     return sim_base.serve(sim, args.state_dump)
 
 

@@ -17,9 +17,20 @@ faults on every run with the same seed and configuration):
   - drop_rate: the connection is reset (TCP RST) without any response and without applying the call.
   fail, timeout and drop share one draw per request, so their rates must add up to at most 1.
 
-Admin endpoints, outside /v1, need no key, are never throttled or faulted and are not logged: `GET /_sim/state`,
-`GET /_sim/log`, `POST /_sim/reset-log`, `POST /_sim/config` with any of `{"api_key": ..., "rate": ...,
-"faults": {...Faults fields...}}` and the subclass's own keys.
+Latency (a remote API answers 100-500 ms after the request, where loopback answers in about 1 ms): every answer
+to a /v1 request is held `latency + uniform(0, jitter)` seconds (both default 0) before it is written. Only the
+answer waits: the request is logged, counted toward the rate windows, faulted and applied when it arrives, as a
+remote API's gateway and store see it; a request that arrives while another's answer waits is not held behind it
+(each connection has a thread of its own, so the waits overlap). The wait is the one a timeout fault uses (the
+two add up); a dropped connection is reset at once; admin endpoints never wait. The jitter is drawn, as the
+request arrives, from a `random.Random` of its own seeded from `seed`, so fault draws do not depend on it and a
+sequential client sees the same waits on every run. A request's log record has `latency`, the seconds its answer
+was held, when that is not 0.
+
+Admin endpoints, outside /v1, need no key, are never throttled, faulted or delayed and are not logged:
+`GET /_sim/state`, `GET /_sim/log`, `POST /_sim/reset-log`, `POST /_sim/config` with any of `{"api_key": ...,
+"rate": ..., "faults": {...Faults fields...}, "latency": seconds, "jitter": seconds}` (latency and jitter
+non-negative numbers; it answers the rate, faults, latency and jitter now in force) and the subclass's own keys.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import re
@@ -108,9 +120,18 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def check_latency(latency: object, jitter: object) -> None:
+    """Raises ValueError unless both are finite non-negative numbers (seconds)."""
+    for name, value in (("latency", latency), ("jitter", jitter)):
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= 0):
+            raise ValueError(f"{name} must be a non-negative number of seconds, got {json.dumps(value, default=repr)}")
+
+
 # --- the simulator --------------------------------------------------------------------------------------------
 class SimBase:
-    """An API on 127.0.0.1 behind the shared front door. `rate`, `faults` and the key may change while it runs.
+    """An API on 127.0.0.1 behind the shared front door. `rate`, `faults`, `latency`, `jitter` and the key may
+    change while it runs.
 
     A subclass names itself (NAME), its key header (KEY_HEADER), answers errors in its API's shape (`_error`,
     `_throttled`), routes (`_route`), turns a body into call arguments (`_prepare`) and reports `state()`."""
@@ -118,13 +139,16 @@ class SimBase:
     NAME = "sim"
     KEY_HEADER = "x-api-key"
     MISSING_KEY_STATUS = 401
-    CONFIG_KEYS: tuple[str, ...] = ("api_key", "rate", "faults")
+    CONFIG_KEYS: tuple[str, ...] = ("api_key", "rate", "faults", "latency", "jitter")
     WINDOWS: tuple[tuple[float, float], ...] = ((1.0, 1),)  # (seconds, accepted requests per unit of rate)
 
     def __init__(self, api_key: str, rate: float | None, port: int = 0, faults: Faults | None = None,
-                 seed: int = 0):
+                 seed: int = 0, *, latency: float = 0.0, jitter: float = 0.0):
+        check_latency(latency, jitter)
         self.rate = rate
         self.faults = faults or Faults()
+        self.latency = latency  # seconds every answer waits, plus uniform(0, jitter): see the module docstring
+        self.jitter = jitter
         self._api_key = api_key
         self._requested_port = port
         # The front door (log, key, limiter, bursts, config) has a lock of its own, apart from the store's: a
@@ -133,6 +157,7 @@ class SimBase:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()  # the subclass's store, and the fault generator
         self._rng = random.Random(seed)
+        self._jitter_rng = random.Random(f"{seed}:jitter")  # its own: fault draws must not depend on the jitter's
         self._windows: dict[str, tuple[deque[float], ...]] = {}  # per key, the stamps of each of WINDOWS
         self._burst_left = 0
         self._log: list[dict] = []
@@ -220,8 +245,12 @@ class SimBase:
             record: dict = {"t": time.time(), "method": method, "path": path}
             self._log.append(record)
             admitted = self._admit(method, path, api_key, record)
+            latency = self.latency + (self._jitter_rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
         reply = admitted if isinstance(admitted, _Reply) else self._call(*admitted, body, record)
         record["status"] = None if reply.drop else reply.status
+        if latency and not reply.drop:
+            reply.delay += latency  # the handler holds the answer (applied, counted and logged already)
+            record["latency"] = latency
         return reply
 
     def _admit(self, method: str, path: str, api_key: str | None, record: dict) -> _Reply | tuple:
@@ -314,7 +343,8 @@ class SimBase:
                     self._configure(self._json(body))
                 except SimError as exc:
                     return exc.reply
-                return _Reply(200, {"rate": self.rate, "faults": asdict(self.faults)})
+                return _Reply(200, {"rate": self.rate, "faults": asdict(self.faults), "latency": self.latency,
+                                    "jitter": self.jitter})
         return self._admin_more(method, path, body) or self._error(404, f"{method} {path} does not exist.")
 
     def _admin_more(self, method: str, path: str, body: bytes) -> _Reply | None:
@@ -331,10 +361,16 @@ class SimBase:
             faults = Faults(**config["faults"]) if "faults" in config else self.faults
         except (TypeError, ValueError) as exc:
             raise self._bad_config(f"Invalid faults: {exc}") from None
+        latency, jitter = config.get("latency", self.latency), config.get("jitter", self.jitter)
+        try:
+            check_latency(latency, jitter)
+        except ValueError as exc:
+            raise self._bad_config(f"{exc}.") from None
         extra = self._check_config(config)
         with self._lock:
             self.faults = faults
             self.rate = rate
+            self.latency, self.jitter = latency, jitter
             self._api_key = config.get("api_key", self._api_key)
             for name, value in extra.items():
                 setattr(self, name, value)
@@ -376,7 +412,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset()
             return
         if reply.delay:
-            sim._stopping.wait(reply.delay)  # the call is already applied: a "timeout after commit"
+            # The call is already applied: the simulated latency, and a timeout fault's "timeout after commit".
+            # Only this connection's thread waits; stopping the simulator wakes it.
+            sim._stopping.wait(reply.delay)
         self._send(reply)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
@@ -466,6 +504,9 @@ def arg_parser(module: str, doc: str, rate: float) -> argparse.ArgumentParser:
     parser.add_argument("--burst-rate", type=float, default=0.0)
     parser.add_argument("--burst-length", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every /v1 answer waits (default 0)")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="plus a uniform random 0..JITTER seconds, drawn per request (default 0)")
     parser.add_argument("--state-dump", type=Path, help="write the final state as JSON here on exit")
     return parser
 
@@ -481,6 +522,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     try:
         args.faults = Faults(args.fail_rate, args.timeout_rate, args.drop_rate, args.burst_rate, args.burst_length,
                              args.timeout_seconds)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        check_latency(args.latency, args.jitter)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -514,8 +559,11 @@ class SimProcess:
     MODULE = ""
 
     def __init__(self, api_key: str, rate: float | None = 5.0, faults: Faults | None = None, seed: int = 0,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, *, latency: float = 0.0, jitter: float = 0.0):
+        check_latency(latency, jitter)  # here, not as a process that never says it listens
         self._argv = [sys.executable, "-m", self.MODULE, "--port", "0", "--rate", str(rate or 0), "--seed", str(seed)]
+        if latency or jitter:
+            self._argv += ["--latency", repr(float(latency)), "--jitter", repr(float(jitter))]
         self._env = {**os.environ, KEY_VARIABLE: api_key}
         self._faults = faults or Faults()
         self._proc: subprocess.Popen | None = None
@@ -596,6 +644,10 @@ class SimProcess:
     def set_rate(self, rate: float) -> None:
         """Requests per second per key; 0 means unthrottled."""
         self.configure(rate=rate)
+
+    def set_latency(self, latency: float, jitter: float = 0.0) -> None:
+        """Every answer waits `latency` + uniform(0, `jitter`) seconds from now on (0, 0: answer at once)."""
+        self.configure(latency=latency, jitter=jitter)
 
     def state(self) -> dict:
         return self._admin("GET", "/_sim/state")
