@@ -14,9 +14,9 @@ worker thread, and the trigger's own delete of the message after it on the polle
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
-import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +28,7 @@ from tools import local_host
 from tools.local_host import LocalHost, QueuePoller, host_parser, load_app, serve
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(invocation)s] %(message)s"
-_current = threading.local()
+_invocation = contextvars.ContextVar("invocation", default="-")
 sdk_log = logging.getLogger("sdk")
 
 
@@ -47,35 +47,29 @@ def _counted(send):
 
 class _Tag(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.invocation = getattr(_current, "invocation", "-")
+        record.invocation = _invocation.get()
         return True
 
 
 def _tagged(invoke):
     def wrapper(poller: QueuePoller, message) -> None:
-        _current.invocation = f"{poller.name}#{message.id}"
+        token = _invocation.set(f"{poller.name}#{message.id}")
         try:
             invoke(poller, message)
         finally:
-            _current.invocation = "-"
+            _invocation.reset(token)
 
     return wrapper
 
 
-def _carry(tag: str, fn, args, kwargs):
-    _current.invocation = tag
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _current.invocation = "-"
-
-
 class TagCarryingPool(ThreadPoolExecutor):
     """A pool whose tasks carry the submitting thread's invocation tag: the poller hands the function to a
-    worker pool (LocalHost.call), and what the function logs there belongs to the poller's invocation."""
+    worker pool (LocalHost.call), and what the function logs there belongs to the poller's invocation. (An
+    asynchronous function's task, and what it runs on the blocking pool, carry it by themselves: a task and
+    shared.blocking.off run in a copy of the context they were started from.)"""
 
     def submit(self, fn, /, *args, **kwargs):
-        return super().submit(_carry, getattr(_current, "invocation", "-"), fn, args, kwargs)
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,8 @@
 
 Same CLI and behaviour as `python -m tools.local_host` (real host.json queue options, worker pools of
 PYTHON_THREADPOOL_THREAD_COUNT threads). Every invocation run on a worker pool (or only those of --only) runs
-under cProfile on its worker thread, and the merged statistics go to --stats when the host stops (SIGTERM).
+under cProfile on its worker thread, an asynchronous function's event loop under one profiler for its life (one
+"invocation" in the counts), and the merged statistics go to --stats when the host stops (SIGTERM).
 
 --timer cpu (the default) times each function by its thread's CPU time (time.thread_time): concurrent
 invocations then add up to the CPU they cost, without the waits (Table round trips, the Autopilot call, the
@@ -80,6 +81,18 @@ def _profiling_pool(profiles: Profiles):
     return Pool
 
 
+class ProfiledHost(LocalHost):
+    """Coroutine functions (send_batch) run on an event loop per function: that loop's thread runs under one
+    profiler for its whole life (the storage calls they hand to shared.blocking's pool are not profiled)."""
+
+    def __init__(self, profiles: Profiles, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.profiles = profiles
+
+    def _run_loop(self, loop) -> None:
+        self.profiles.wrap(loop.run_forever)()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = host_parser(__doc__.splitlines()[0])
     parser.add_argument("--stats", required=True, type=Path)
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     options = QueueOptions.from_host_json()
     if args.one_at_a_time:
         options = replace(options, batch_size=1, new_batch_threshold=0)
-    host = LocalHost(app, values, port=args.port, function_key=args.function_key, options=options)
+    host = ProfiledHost(profiles, app, values, port=args.port, function_key=args.function_key, options=options)
     serve(host, "local host listening on {url}/api (profiling " + (args.only or "every invocation") +
           f", {args.timer} timer, worker threads {host.threads})")
     times = os.times()

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import big_segments, incremental, ortto, overhead, planning, rate_discipline, throughput
+from bench import big_segments, incremental, ortto, overhead, planning, rate_discipline, scale_out, throughput
 from bench.env import OUT, ROOT, say
 from bench.measure import Result
 from bench.report import document, write
@@ -29,6 +29,7 @@ BENCHMARKS = {
     "planning": planning.planning,
     "overhead": overhead.overhead,
     "rate_discipline": rate_discipline.rate_discipline,
+    "scale_out": scale_out.scale_out,
     "big_segments": big_segments.big_segments,
     "ortto_tags": ortto.ortto_tags,
 }

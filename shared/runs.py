@@ -37,8 +37,12 @@ from shared.state_store import Snapshot, StateUnreadable
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot
 PREPARE_TRIES = 5  # a destination's preparation met with 5xx, timeouts or 429s is tried again this many times
-PAGE = 50  # batches queued together; the next page is queued WINDOW_LEAD s before this one is estimated to end
-# (a streamed first sync's first page is queued once its first PAGE batches are planned)
+# Batches are queued a page at a time, each visible shortly before its estimated turn; the next page is queued when
+# this one starts to be sent, or WINDOW_LEAD s before it ends if it lasts longer (list mode), its turns following on
+# from this page's. So the queue holds about two pages: the length Flex Consumption's target-based scaling divides
+# by host.json's batchSize (docs/architecture: one or two instances per run, not one per 16 batches of the whole
+# run). (A streamed first sync's first page is queued once its first PAGE batches are planned.)
+PAGE = 50
 WINDOW_LEAD = 20.0
 STUCK_AFTER = 30 * 60  # seconds a running run may go without any change to its record before it is taken over
 TAKE_OVER_MARGIN = 20.0  # seconds more than its queued originals need before a taken-over batch's copy shows
@@ -117,7 +121,7 @@ def handle_plan_message(svc: Services, body: bytes, dequeue_count: int = 1) -> N
         log.info("planning job for run %s skipped: %s", job["run"], (run and run.get("status")) or "no such run")
         return
     if "page" in job:
-        queue_window(svc, run, job["page"], again=dequeue_count > 1)
+        queue_window(svc, run, job["page"], again=dequeue_count > 1, start=job.get("at", 0.0))
     elif run["status"] == "running" and not run.get("streaming"):  # planned before a crash: its first window
         queue_window(svc, run, 0, again=True)
     else:  # (a streamed first sync cut short is planned again, the same way: its pages are the same)
@@ -136,8 +140,9 @@ def _plan_job(body: bytes) -> dict | None:
     try:
         job = json.loads(body)
         valid = (isinstance(job, dict) and isinstance(job.get("run"), str) and RUN_ID_RE.fullmatch(job["run"])
-                 and set(job) <= {"run", "page", "conclude"} and job.get("conclude", "cancelled") == "cancelled"
-                 and (type(job.get("page", 0)) is int and job.get("page", 0) >= 0))
+                 and set(job) <= {"run", "page", "at", "conclude"} and job.get("conclude", "cancelled") == "cancelled"
+                 and (type(job.get("page", 0)) is int and job.get("page", 0) >= 0)
+                 and type(job.get("at", 0.0)) in (int, float))
     except ValueError:
         valid = False
     if not valid:
@@ -428,10 +433,11 @@ def _read_page(svc: Services, run_id: str, page: int) -> list[dict]:
     return [json.loads(line) for line in gzip.decompress(data).decode().split("\n")]
 
 
-def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> None:
-    """Queue one page of the run's batches, each shown shortly before its estimated turn on the budget, then the
-    job that queues the next page shortly before this one is sent. A page already queued (redelivery) is not
-    queued again; `again`: it may have been queued in part by a job that died."""
+def queue_window(svc: Services, run: dict, page: int, again: bool = False, start: float = 0.0) -> None:
+    """Queue one page of the run's batches, each shown shortly before its estimated turn on the budget (from
+    `start`, the end of the page before, at the soonest), then the job that queues the next page once this one
+    starts to be sent (see PAGE). A page already queued (redelivery) is not queued again; `again`: it may have
+    been queued in part by a job that died."""
     run_id = run["RowKey"]
     deadline = time.monotonic() + PAGE_WAIT
     while run.get("streaming") and page >= int(run.get("pages", 0)) and time.monotonic() < deadline:
@@ -445,19 +451,19 @@ def queue_window(svc: Services, run: dict, page: int, again: bool = False) -> No
         return
     if not svc.records.claim_page(run_id, page, again):
         return  # another job queues it, or did
-    ends = _enqueue(svc, run, _read_page(svc, run_id, page), first=page * PAGE + 1, again=again)
+    begins = max(svc.run_account(run_id).budget.next_free(), start)
+    ends = _enqueue(svc, run, _read_page(svc, run_id, page), first=page * PAGE + 1, again=again, turn=begins)
     if page + 1 < int(run["pages"]) or run.get("streaming"):
-        job = json.dumps({"run": run_id, "page": page + 1}).encode()
-        svc.plan_queue.send_message(job, visibility_timeout=queue_delay(ends - WINDOW_LEAD))
+        job = json.dumps({"run": run_id, "page": page + 1, "at": ends}).encode()
+        svc.plan_queue.send_message(job, visibility_timeout=queue_delay(max(begins, ends - WINDOW_LEAD)))
     svc.records.update(run_id, queued_at=utcnow())
 
 
-def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: bool) -> float:
-    """Queue the batches, each visible shortly before its turn if the budget were the run's alone (slots are
-    taken when the requests go, so a turn that comes later only keeps the message waiting in the queue).
-    Returns the estimated end of the page."""
-    budget = svc.run_account(run["RowKey"]).budget
-    interval, number, turn = budget.interval, first, budget.next_free()
+def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: bool, turn: float) -> float:
+    """Queue the batches, each visible shortly before its turn (the first at `turn`) if the budget were the run's
+    alone (slots are taken when the requests go, so a turn that comes later only keeps the message waiting in the
+    queue). Returns the estimated end of the page."""
+    interval, number = svc.run_account(run["RowKey"]).budget.interval, first
     list_id = run.get("list_id") or None
     with ThreadPoolExecutor(8) as pool:
         futures = []

@@ -17,9 +17,9 @@ PLAN_POISON_QUEUE = f"{PLAN_QUEUE}-poison"
 # retention.sweep keeps each in the `dead` container and empties them.
 UNHANDLED_QUEUES = (f"{POISON_QUEUE}-poison", f"{PLAN_POISON_QUEUE}-poison")
 HOST_CONNECTION = "AzureWebJobsStorage"
-# Threads of the Python worker (PYTHON_THREADPOOL_THREAD_COUNT, set by infra/ and the local stack). A sender holds
-# one while it waits for its request slot and for Autopilot's answer: 16 keep 50 requests/s going with answers of up
-# to 300 ms; Azure's default for Python 3.11 is min(32, cores + 4), 5 or 6 on a Flex instance.
+# Threads of the Python worker (PYTHON_THREADPOOL_THREAD_COUNT, set by infra/ and the local stack) for its
+# synchronous functions: planning, the timer, the HTTP API, dead batches. Sending is asynchronous (an awaited request
+# holds no thread); Azure's default for Python 3.11 is min(32, cores + 4), 5 or 6 on a Flex instance.
 WORKER_THREADS = 16
 
 

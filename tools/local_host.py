@@ -205,10 +205,13 @@ class LocalHost:
         with self._pools_lock:
             if group not in self._loops:
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name=f"loop-{group}", daemon=True)
+                thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"loop-{group}", daemon=True)
                 thread.start()
                 self._loops[group] = (loop, thread)
             return self._loops[group][0]
+
+    def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_forever()
 
     def fire_timer(self, name: str | None = None, past_due: bool = False) -> None:
         """Fire a timer-triggered function now (the first one when no name is given)."""
