@@ -250,6 +250,10 @@ class RunRecords:
         for run in self.runs.query_entities("PartitionKey eq 'run' and export eq @e", parameters={"e": export},
                                             select=["RowKey"]):
             self.runs.upsert_entity(_index_entry(export, run["RowKey"]))
+        legacy = _LEGACY_PARTITION.format(export)
+        found = self.runs.query_entities("PartitionKey eq @p", parameters={"p": legacy}, select=["RowKey"])
+        while chunk := [("delete", {"PartitionKey": legacy, "RowKey": e["RowKey"]}) for e in islice(found, 100)]:
+            self.runs.submit_transaction(chunk)
         self.runs.upsert_entity({"PartitionKey": _index_partition(export), "RowKey": INDEXED})
 
     def active(self, statuses: tuple[str, ...] = ACTIVE) -> list[dict]:
@@ -359,9 +363,12 @@ class RunRecords:
 
 
 # Each export's runs are also listed in a partition of their own, newest first (Table storage returns a partition
-# in RowKey order): a run's id with every digit inverted.
+# in RowKey order): a run's id with every hex digit inverted (0 <-> f), so a later id sorts first.
 INDEXED = "~indexed"  # the mark that the export's runs before the index were added to it (sorts after every run)
-_INVERT = str.maketrans("0123456789abcdef", "9876543210fedcba")
+_INVERT = str.maketrans("0123456789abcdef", "fedcba9876543210")
+# The index of versions before 2026-12 inverted the digits and the letters apart ("9" -> "0", "a" -> "f"), which
+# kept "9" before "a": runs started in the same second out of order. Its partition is emptied as the new one is built.
+_LEGACY_PARTITION = "export~{}"
 
 
 def _newest_first(run_id: str) -> str:
@@ -369,7 +376,7 @@ def _newest_first(run_id: str) -> str:
 
 
 def _index_partition(export: str) -> str:
-    return f"export~{export}"  # export names are [a-z0-9-]: never "run"
+    return f"runs~{export}"  # export names are [a-z0-9-]: never "run"
 
 
 def _index_entry(export: str, run_id: str) -> dict:

@@ -603,3 +603,20 @@ def test_a_list_deleted_in_autopilot_is_filled_again_by_the_next_run(world):
     assert "deleted or replaced" in again["destination"]["note"]
     assert world.list_members() == emails
     assert world.run("lv")["counts"]["joiners"] == 0 and first["counts"]["joiners"] == 40  # in step again
+
+
+def test_runs_of_one_second_are_listed_newest_first_whatever_their_hex_digits(world):
+    """Run ids end in the millisecond as 3 hex digits: 0x09f is earlier than 0x0a0, so it must be listed after it.
+    An index partition written by the version that sorted "9" before "a" is emptied as the new index is built."""
+    from azure.data.tables import TableServiceClient
+
+    from shared.run_records import RunRecords
+
+    ids = [f"20260101T000000Z-{ms:03x}00000" for ms in (0x099, 0x09f, 0x0a0, 0x0af, 0x100, 0x3df)]
+    records = RunRecords(TableServiceClient.from_connection_string(world.stack.storage))
+    for run_id in ids:  # as the version before wrote them: the record and its entry in the old index
+        records.runs.create_entity({"PartitionKey": "run", "RowKey": run_id, "export": "seconds", "status": "failed"})
+        records.runs.create_entity({"PartitionKey": "export~seconds", "RowKey": run_id, "run": run_id})
+    assert [r["RowKey"] for r in records.for_export("seconds", limit=10)] == ids[::-1]
+    assert records.for_export("seconds", limit=2, before=ids[3])[0]["RowKey"] == ids[2]
+    assert not list(records.runs.query_entities("PartitionKey eq 'export~seconds'"))
