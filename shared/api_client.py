@@ -1,4 +1,4 @@
-"""What the destinations' REST clients share: an asynchronous HTTP client (httpx) with pooled keep-alive
+"""What the destinations' REST clients share: an asynchronous HTTP client (aiohttp) with pooled keep-alive
 connections, timeouts, the key read again on a 401, and errors the sender can act on. Requests are awaited, not
 waited for on a thread: one instance keeps as many in flight as the rate and the API's answer time need (50 a
 second answered in 0.5 s is 25 at once). Pacing is the caller's: every request first awaits `pace()`, which waits
@@ -9,20 +9,21 @@ Synchronous code (planning readies the destination) runs a call with `run_sync`,
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
 
-import httpx
+import aiohttp
 
 from shared.blocking import off
 from shared.contacts import mask_emails_in
 from shared.secrets import ApiKeyProvider
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
-WRITTEN = "http11.send_request_body.complete"  # httpcore's trace event: the request has left
 T = TypeVar("T")
 
 
@@ -75,6 +76,28 @@ class _NoPace:
 no_pace: Pace = _NoPace()
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A destination's answer, read whole (its body is a few KB at most)."""
+
+    status_code: int
+    content: bytes
+    headers: dict
+    reason_phrase: str = ""
+
+    def json(self):
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+async def _on_sent(session, context, params) -> None:
+    """aiohttp's trace of a request body sent: when the request left (what the API's rate window counts)."""
+    context.trace_request_ctx["written"] = time.time()
+
+
 class ApiClient:
     """A destination's transport. Subclasses name the service and its key header, and may read their own error
     bodies (`_message`, `_retry_after`) and statuses (`_error`)."""
@@ -82,58 +105,61 @@ class ApiClient:
     SERVICE = "the destination"
     KEY_HEADER = ""
 
-    def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 64):
+    def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 100):
         self.base_url = base_url.rstrip("/")
-        self.timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT)
-        self.limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+        self.timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=read_timeout)
+        self.pool_size = pool_size
         self.api_key = api_key
-        # An httpx client belongs to the event loop it first ran on: one per loop (the worker's, a run_sync's).
+        # A client session belongs to the event loop it was made on: one per loop (the worker's, a run_sync's).
         self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _session(self) -> httpx.AsyncClient:
+    def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)
         if session is None:
-            # trust_env off: no .netrc or proxy look-up on every request
-            session = self._sessions[loop] = httpx.AsyncClient(timeout=self.timeout, limits=self.limits,
-                                                               trust_env=False)
+            trace = aiohttp.TraceConfig()
+            trace.on_request_chunk_sent.append(_on_sent)
+            session = self._sessions[loop] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.pool_size), timeout=self.timeout, trace_configs=[trace],
+                trust_env=False)  # no .netrc or proxy look-up on every request
         return session
 
     async def call(self, method: str, path: str, body: dict | None, pace: Pace = no_pace) -> dict:
-        response = await self._send(method, path, body, pace)
+        key = self.api_key.peek() or await off(self.api_key.get)
+        response = await self._send(method, path, body, pace, key)
         if response.status_code == 401:  # the key may have been rotated: re-read it once
-            await off(self.api_key.refresh)
-            response = await self._send(method, path, body, pace)
+            await off(self.api_key.refresh, key)
+            response = await self._send(method, path, body, pace, await off(self.api_key.get))
             if response.status_code == 401:
                 raise ApiKeyRejected(401, f"{self.SERVICE} rejected the API key from Key Vault; update the secret",
                                      self.SERVICE)
         return self._result(response)
 
-    async def _send(self, method: str, path: str, body: dict | None, pace: Pace) -> httpx.Response:
+    async def _send(self, method: str, path: str, body: dict | None, pace: Pace, key: str) -> Answer:
         # Everything but the write is done before pacing (the key read, the JSON encoding): the request leaves as
         # soon as its slot comes, never late for it because of work that could have been done before.
-        written: list[float] = []
-
-        async def trace(event: str, info: dict) -> None:
-            if event == WRITTEN:
-                written.append(time.time())
-
         session = self._session()
-        request = session.build_request(method, self.base_url + path, json=body, extensions={"trace": trace},
-                                        headers={self.KEY_HEADER: await off(self.api_key.get)})
+        headers = {self.KEY_HEADER: key}
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        sent: dict = {}
         await pace()
         shown = f"{method} {mask_emails_in(path)}"  # Autopilot's list membership paths hold the address
         try:
-            return await session.send(request)
-        except httpx.TimeoutException:
+            async with session.request(method, self.base_url + path, data=data, headers=headers,
+                                       trace_request_ctx=sent) as response:
+                return Answer(response.status, await response.read(), dict(response.headers), response.reason or "")
+        except TimeoutError:
             raise Transient(None, f"{shown} timed out (the write may have been applied)") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise Transient(None, f"{shown}: connection failed ({type(exc).__name__})") from None
         finally:
-            if written:
-                pace.left(written[0])
+            if "written" in sent:
+                pace.left(sent["written"])
 
-    def _result(self, response: httpx.Response) -> dict:
+    def _result(self, response: Answer) -> dict:
         status = response.status_code
         if status < 300:
             return response.json() if response.content else {}
@@ -151,10 +177,10 @@ class ApiClient:
             return Permanent(status, message, self.SERVICE)
         return ApiError(status, message, self.SERVICE)
 
-    def _retry_after(self, response: httpx.Response) -> float | None:
+    def _retry_after(self, response: Answer) -> float | None:
         return retry_after(response.headers.get("Retry-After"))
 
-    def _message(self, response: httpx.Response) -> str:
+    def _message(self, response: Answer) -> str:
         try:
             body = response.json()
         except ValueError:
@@ -175,7 +201,7 @@ class ApiClient:
         """Close the running loop's connections."""
         session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None:
-            await session.aclose()
+            await session.close()
 
     def close(self) -> None:
         """Forget every loop's connections (a stopped worker's); those of a closed loop are gone with it."""

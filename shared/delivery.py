@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 
 from shared import batch_messages, cancels, signals
+from shared.accounts import Account
 from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
 from shared.blocking import off
@@ -56,19 +57,19 @@ async def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> N
     received = await off(_received, svc, body, dequeue_count)
     if received is None:
         return
-    message, status = received
+    message, status, account = received
     rlog = run_log(message.run, message.export)
     progress = _carried(message)
     if status not in ACTIVE:
         await off(_not_sent, svc, message, progress)
-    elif not await _send(svc, message, progress, rlog):
+    elif not await _send(svc, message, progress, rlog, account):
         return
     await off(_settle, svc, message, progress, rlog)
 
 
-def _received(svc: Services, body: bytes, dequeue_count: int) -> tuple[BatchMessage, str] | None:
-    """The message's batch and its run's status; None when there is nothing to do (a malformed message, put on
-    the poison queue; a batch settled already)."""
+def _received(svc: Services, body: bytes, dequeue_count: int) -> tuple[BatchMessage, str, Account | None] | None:
+    """The message's batch, its run's status and (a run still sending) the account it sends to; None when there
+    is nothing to do (a malformed message, put on the poison queue; a batch settled already)."""
     try:
         message = batch_messages.decode(body, svc.host.blob)
     except MessageError as exc:
@@ -87,7 +88,7 @@ def _received(svc: Services, body: bytes, dequeue_count: int) -> tuple[BatchMess
         # unless its run was taken over: then a copy of it, or of a rest re-queued from it, may have settled it.)
         after_batch(svc, message.run)
         return None
-    return message, status
+    return message, status, svc.run_account(message.run) if status in ACTIVE else None
 
 
 def _not_sent(svc: Services, message: BatchMessage, progress: Progress) -> None:
@@ -97,10 +98,13 @@ def _not_sent(svc: Services, message: BatchMessage, progress: Progress) -> None:
         fail_rest(message, progress, reason)
 
 
-async def _send(svc: Services, message: BatchMessage, progress: Progress, rlog) -> bool:
+async def _send(svc: Services, message: BatchMessage, progress: Progress, rlog, account: Account) -> bool:
     """Send the batch; False when its rest was re-queued or parked as dead (the batch is not settled here)."""
-    account = await off(svc.run_account, message.run)
-    pacer = Pacer(account.budget, MAX_WAIT, go_on=lambda: svc.records.status(message.run) in ACTIVE)
+    async def go_on() -> bool:  # (the status read within STATUS_MAX_AGE s is known: no storage call)
+        status = svc.records.known_status(message.run) or await off(svc.records.status, message.run)
+        return status in ACTIVE
+
+    pacer = Pacer(account.budget, MAX_WAIT, go_on=go_on)
     sender = BatchSender(account.client, pacer, message, progress)
     try:
         return await _sent(svc, message, progress, sender, rlog)

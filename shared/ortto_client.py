@@ -14,10 +14,8 @@ import threading
 import time
 from collections import deque
 
-import httpx
-
 from shared import ortto_fields
-from shared.api_client import ApiClient, ApiError, Pace, Refused, Throttled, no_pace
+from shared.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
 from shared.contacts import mask_emails_in
 from shared.export_config import ExportDefinition
 from shared.planner import PERMISSION
@@ -137,7 +135,7 @@ class OrttoClient(ApiClient):
             return [("failed", reason, "") for _ in people]
         return [_outcome(person) for person in results]
 
-    def _result(self, response: httpx.Response) -> dict:
+    def _result(self, response: Answer) -> dict:
         if response.status_code == 400:
             self.bad_requests.add()  # (an all-refused merge too: whether Ortto counts it toward the ban is unknown)
             details = _details(response)
@@ -150,14 +148,14 @@ class OrttoClient(ApiClient):
             return Throttled(f"{message} (Ortto's bad-request ban)", BAN_WINDOW, self.SERVICE)
         return super()._error(status, message)
 
-    def _retry_after(self, response: httpx.Response) -> float | None:
+    def _retry_after(self, response: Answer) -> float | None:
         try:
             seconds = response.json()["error"]["try-in-seconds"]
         except (ValueError, KeyError, TypeError):
             return None
         return max(0.0, float(seconds)) if isinstance(seconds, int | float) else None
 
-    def _message(self, response: httpx.Response) -> str:
+    def _message(self, response: Answer) -> str:
         """Ortto's reason, with its request id for Ortto's support."""
         try:
             body = response.json()
@@ -175,7 +173,7 @@ def _without_permission(document: dict) -> dict:
     return {k: v for k, v in document.items() if k != PERMISSION} if PERMISSION in document else document
 
 
-def _details(response: httpx.Response) -> list | None:
+def _details(response: Answer) -> list | None:
     """The per-person entries of a 400 (Ortto's "No valid contacts provided"), or None if it has none."""
     try:
         details = response.json().get("details")

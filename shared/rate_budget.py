@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from azure.core import MatchConditions
@@ -46,6 +47,7 @@ TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # schedule it last wrote ends less than MOVABLE s after the slot. Else its slot passes unused. On a loaded 2-core
 # machine at 50 r/s, 1 sender in 8 woke 10 to 20 ms late and lost its slot (20 ms); now about 5 ms.
 LATE_MOST, LATE_INTERVAL, MOVABLE = 0.02, 0.1, 0.5
+BOOKED_AHEAD = 0.8 * MOVABLE  # seconds of slots an instance's senders hold booked at most (RateBudget.gate)
 ALONE_FOR, WATCHED_FOR, IDLE_GAP = 10.0, 3.0, 1.0
 WINDOW = 1.0  # seconds: the API counts requests per second
 INF = float("inf")
@@ -82,6 +84,7 @@ class RateBudget:
         self._contended = -ALONE_FOR  # when another instance's write last came between two of this one's
         self._wrote, self._booking_since = float("-inf"), float("inf")  # its last write; since when it books
         self._held_until = 0.0  # the end of the last 429 hold this instance knows of (`held`)
+        self._gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its gate
 
     def movable(self, slot: float) -> bool:
         """Whether a request late for `slot` may still be sent (see LATE_MOST): a high rate, this instance booking
@@ -108,6 +111,16 @@ class RateBudget:
         with self._late_lock:
             return sum(late.seconds for late in self._late
                        if late.moves and late.after + WINDOW <= booked < late.starts)
+
+    def gate(self) -> asyncio.Semaphore:
+        """The running loop's limit on its senders holding a booked slot: about BOOKED_AHEAD s of slots. More
+        senders than that wait here, holding none: a late sender may keep its slot only while the schedule booked
+        after it is short (MOVABLE), and an instance awaiting many requests at once would book far ahead."""
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = asyncio.Semaphore(max(1, int(BOOKED_AHEAD / self.interval)))
+        return gate
 
     @property
     def interval(self) -> float:
@@ -217,22 +230,30 @@ class Stopped(Exception):
     """The batch's run is no longer active (cancelled, ended): its request is not sent."""
 
 
+async def _always() -> bool:
+    return True
+
+
 class Pacer:
-    """Takes a slot for each request of one batch, right before it is sent. `go_on()` is asked first: False
+    """Takes a slot for each request of one batch, right before it is sent. `go_on()` is awaited first: False
     (the run was cancelled) raises Stopped, so no request of a stopped run waits for a slot. Awaited: a request
     waiting for its slot holds no thread (taking the slot, a storage write, runs on the blocking pool)."""
 
-    def __init__(self, budget: RateBudget, max_wait: float, go_on: Callable[[], bool] = lambda: True):
+    def __init__(self, budget: RateBudget, max_wait: float, go_on: Callable[[], Awaitable[bool]] = _always):
         self.budget = budget
         self.max_wait = max_wait
         self.go_on = go_on
         self.sent = 0  # requests let go: each takes its slot right before it is sent
-        self._lead = 0.005  # slots start this far ahead, so taking one cannot make it already missed
+        self._lead = 0.05  # slots start this far ahead, so taking one cannot make it already missed
         self._booked, self._owed_from = 0.0, 0.0  # the last request's slot as booked; lateness past `_owed_from`
 
     async def __call__(self) -> None:
         """Wait until this request may be sent; raise Deferred if that is more than `max_wait` away."""
         checked = await self._check()
+        async with self.budget.gate():
+            await self._slot(checked)
+
+    async def _slot(self, checked: float) -> None:
         while True:
             booked = await off(self.budget.take, self._lead, self.max_wait)
             slot = await self._wait(booked)
@@ -255,7 +276,7 @@ class Pacer:
             self._lead = min(0.5, 2 * self._lead)
 
     async def _check(self) -> float:
-        if not await off(self.go_on):
+        if not await self.go_on():
             raise Stopped
         return self.budget.clock()
 

@@ -99,11 +99,16 @@ class RunRecords:
     def status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
         """The run's status as this instance last read it, read again when older than `max_age` seconds (every
         settled batch reads it anyway, so a busy run costs no extra read). None: no such run."""
-        seen = self._seen.get(run_id)
-        if seen and seen[0] in ACTIVE and time.monotonic() - seen[1] <= max_age:
-            return seen[0]  # an ended run is always read again: a replay may have reopened it
+        known = self.known_status(run_id, max_age)
+        if known:
+            return known  # an ended run is always read again: a replay may have reopened it
         run = self.get(run_id)
         return run.get("status") if run else None
+
+    def known_status(self, run_id: str, max_age: float = STATUS_MAX_AGE) -> str | None:
+        """The active run's status as last read, if read within `max_age` s; None when status() must read it."""
+        seen = self._seen.get(run_id)
+        return seen[0] if seen and seen[0] in ACTIVE and time.monotonic() - seen[1] <= max_age else None
 
     def account(self, run_id: str) -> str:
         """The connection the run was planned for (Connection.text; "" for the default), read once it is planned."""

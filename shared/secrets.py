@@ -104,6 +104,12 @@ class ApiKeyProvider:
         self._seen.generation = cached[1]
         return cached[0]
 
+    def peek(self) -> str | None:
+        """The cached key, or None when the next get() has to read Key Vault (asynchronous callers then call
+        get() on a thread: it blocks)."""
+        cached = self._cached
+        return cached[0] if cached else None
+
     def refresh(self, stale: str | None = None) -> None:
         """Drop the cached key so the next `get()` re-reads it, unless someone already replaced it.
 

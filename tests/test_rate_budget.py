@@ -203,6 +203,9 @@ def slow_client():
         def get(self):
             return "k"
 
+        def peek(self):
+            return "k"
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowAnswer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = type("Client", (ApiClient,), {"KEY_HEADER": "X-Api-Key"})(f"http://127.0.0.1:{server.server_address[1]}",
@@ -342,9 +345,12 @@ def test_a_run_cancelled_while_its_sender_waits_out_a_429_hold_sends_nothing_aft
     running.set()
     outcome: list = []
 
+    async def still_running() -> bool:
+        return running.is_set()
+
     def send():
         try:
-            _send_times(Pacer(budget, max_wait=0.5, go_on=running.is_set), 1)
+            _send_times(Pacer(budget, max_wait=0.5, go_on=still_running), 1)
             outcome.append("sent")
         except rate_budget.Stopped:
             outcome.append("stopped")
