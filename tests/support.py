@@ -35,7 +35,7 @@ def expected_contacts(rows) -> dict[str, dict]:
 
 CONTAINER = "ciexports"
 # Quick polling and retries, so a test's run takes seconds (the real host.json values are tested elsewhere).
-FAST_QUEUES = QueueOptions(batch_size=32, new_batch_threshold=16, max_dequeue_count=3, visibility_timeout=0.5,
+FAST_QUEUES = QueueOptions(batch_size=32, new_batch_threshold=48, max_dequeue_count=3, visibility_timeout=0.5,
                            max_polling_interval=0.2)
 
 

@@ -85,7 +85,7 @@ def test_options_come_from_host_json():
     options = QueueOptions.from_host_json()
     assert options.max_dequeue_count == 5
     assert options.batch_size == 32  # Flex's target executions per instance: about two pages of batches a host
-    assert options.new_batch_threshold == 16  # 48 sends in flight per instance: 50 r/s answered in up to 0.9 s
+    assert options.new_batch_threshold == 48  # 48 to 80 sends in flight per instance: 50 r/s answered in 0.5 s
     assert options.max_polling_interval == 0.1
 
 
