@@ -204,8 +204,12 @@ class ApiClient:
             await session.close()
 
     def close(self) -> None:
-        """Forget every loop's connections (a stopped worker's); those of a closed loop are gone with it."""
-        self._sessions.clear()
+        """Close every running loop's connections, from outside those loops (a worker stopping); those of a
+        closed loop went with it."""
+        sessions, self._sessions = list(self._sessions.items()), weakref.WeakKeyDictionary()
+        for loop, session in sessions:
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=10)
 
 
 def retry_after(value: str | None) -> float | None:

@@ -449,6 +449,13 @@ TAKING_OVER_BOOT = HOST_BOOT.replace("h.LEASE_SECONDS = 15;", "h.LEASE_SECONDS =
                                                                "r.STUCK_AFTER = 2;")
 
 
+def _unchanged_for(records: RunRecords, run_id: str, seconds: float) -> bool:
+    """Whether the run's record is the same `seconds` later (a run whose messages are all leased to a dead host)."""
+    before = records.runs.get_entity("run", run_id).metadata["etag"]
+    time.sleep(seconds)
+    return records.runs.get_entity("run", run_id).metadata["etag"] == before
+
+
 class Operator:
     """What an operator does over the HTTP API of the host process."""
 
@@ -510,12 +517,14 @@ def test_cancel_replay_take_over_after_a_kill_and_a_forced_rerun_leave_the_desti
         failed = op.wait(dead)
         assert failed["status"] == "failed" and failed["batches"]["dead"] >= 3, failed
         sim.faults = Faults()
+        sim.latency = 0.8  # (under the 1-s read timeout) requests in flight at the kill: their messages stay leased
         assert op.post(f"/runs/{dead}/replay")["replayedBatches"] == failed["batches"]["dead"]
         wait_until(lambda: sum(o["status"] == "done" for o in records.batch_outcomes(dead)) >= 1, timeout=30)
         host.kill()
+        sim.latency = 0.0
         host = HostProcess(settings, tmp_path / "host.log", host.key, boot=TAKING_OVER_BOOT).start()
         op = Operator(host)
-        time.sleep(2.5)
+        wait_until(lambda: _unchanged_for(records, dead, 2.5), timeout=30)  # the rest is with the dead host
         op.fire_timer()  # the run is taken over
         assert records.get(dead).get("taken_over")
         assert op.wait(dead, timeout=120)["status"] == "succeeded"

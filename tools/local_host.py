@@ -150,15 +150,15 @@ class LocalHost:
             thread.join(timeout=30)
         for worker in self._workers.values():
             worker.shutdown(wait=True, cancel_futures=True)
+        from shared import services
+
+        services.use(None)  # closes the worker's connections (its loops still run), as a stopped worker would
         for loop, thread in self._loops.values():
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=30)
             loop.close()
         self._loops.clear()
         self._started = False
-        from shared import services
-
-        services.use(None)  # closes the worker's connections, as a stopped worker process would
         for name, value in self._replaced.items():
             if value is None:
                 os.environ.pop(name, None)
