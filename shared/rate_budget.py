@@ -21,6 +21,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -112,14 +113,14 @@ class RateBudget:
             return sum(late.seconds for late in self._late
                        if late.moves and late.after + WINDOW <= booked < late.starts)
 
-    def gate(self) -> asyncio.Semaphore:
+    def gate(self) -> Gate:
         """The running loop's limit on its senders holding a booked slot: about BOOKED_AHEAD s of slots. More
         senders than that wait here, holding none: a late sender may keep its slot only while the schedule booked
         after it is short (MOVABLE), and an instance awaiting many requests at once would book far ahead."""
         loop = asyncio.get_running_loop()
         gate = self._gates.get(loop)
         if gate is None:
-            gate = self._gates[loop] = asyncio.Semaphore(max(1, int(BOOKED_AHEAD / self.interval)))
+            gate = self._gates[loop] = Gate(max(1, int(BOOKED_AHEAD / self.interval)))
         return gate
 
     @property
@@ -208,6 +209,44 @@ class RateBudget:
             self._booking_since = now  # booking again after a pause: others may have started meanwhile
         self._wrote = now
         return True
+
+
+class Gate:
+    """At most `size` holders. Waiters are let in half the size at a time, not one each time a holder leaves: they
+    then take their slots together, one budget write for all of them (`take`), not one a request."""
+
+    def __init__(self, size: int):
+        self.size, self.free = size, size
+        self._waiting: deque[asyncio.Future] = deque()
+        self._batch = max(1, size // 2)
+
+    async def __aenter__(self) -> None:
+        if self.free and not self._waiting:
+            self.free -= 1
+            return
+        entry = asyncio.get_running_loop().create_future()
+        self._waiting.append(entry)
+        try:
+            await entry
+        except asyncio.CancelledError:
+            if entry.done() and not entry.cancelled():
+                self._leave()  # let in, then cancelled: its place goes to the next
+            else:
+                self._waiting.remove(entry)
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        self.free += 1
+        if self.free < self._batch:
+            return
+        while self._waiting and self.free:
+            entry = self._waiting.popleft()
+            if not entry.done():
+                self.free -= 1
+                entry.set_result(None)
 
 
 @dataclass
