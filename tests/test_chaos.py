@@ -304,6 +304,21 @@ class HostProcess:
                 self.kill()
 
 
+def _stack_with_export(stack: LocalStack, tmp_path: Path, rows, **settings: str) -> tuple[BlobServiceClient, Path]:
+    """Export "hv" defined and a snapshot of `rows` on the stack; the local.settings.json a host process reads."""
+    blobs = BlobServiceClient.from_connection_string(stack.storage)
+    for name in ("config", CONTAINER):
+        try:
+            blobs.create_container(name)
+        except ResourceExistsError:
+            pass
+    blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps({"exports": [definition("hv")]}))
+    write_export(blobs.get_container_client(CONTAINER), rows, time="2026-03-02T04:30:00Z")
+    path = tmp_path / "local.settings.json"
+    path.write_text(json.dumps({"IsEncrypted": False, "Values": stack.settings(None, **settings)}))
+    return blobs, path
+
+
 def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_contacts(tmp_path):
     key = "crash-key-" + "3" * 22
     sim = RecordingSim(key).start()
@@ -311,16 +326,7 @@ def test_host_killed_mid_run_resumes_exactly_without_resending_acknowledged_cont
     host = None
     try:
         rows = list(sample_profiles(3000, seed=35))
-        blobs = BlobServiceClient.from_connection_string(stack.storage)
-        for name in ("config", CONTAINER):
-            try:
-                blobs.create_container(name)
-            except ResourceExistsError:
-                pass
-        blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps({"exports": [definition("hv")]}))
-        write_export(blobs.get_container_client(CONTAINER), rows, time="2026-03-02T04:30:00Z")
-        settings = tmp_path / "local.settings.json"
-        settings.write_text(json.dumps({"IsEncrypted": False, "Values": stack.settings(None)}))
+        blobs, settings = _stack_with_export(stack, tmp_path, rows)
         host = HostProcess(settings, tmp_path / "host.log", "fk-" + "9" * 20).start()
         started = requests.post(f"{host.base}/exports/hv/runs", headers=host.headers, json={}, timeout=60)
         run_id = started.json()["runId"]
@@ -488,18 +494,9 @@ def test_cancel_replay_take_over_after_a_kill_and_a_forced_rerun_leave_the_desti
     stack = LocalStack(tmp_path / "stack", api_key=key, rate=5, autopilot_url=sim.base_url).start()
     host = None
     try:
-        blobs = BlobServiceClient.from_connection_string(stack.storage)
-        for name in ("config", CONTAINER):
-            try:
-                blobs.create_container(name)
-            except ResourceExistsError:
-                pass
-        blobs.get_blob_client("config", "exports.json").upload_blob(json.dumps({"exports": [definition("hv")]}))
         first_rows = list(sample_profiles(3000, seed=37))
-        write_export(blobs.get_container_client(CONTAINER), first_rows, time="2026-03-02T04:30:00Z")
-        settings = tmp_path / "local.settings.json"
-        values = stack.settings(None, AUTOPILOT_MAX_ATTEMPTS="1", AUTOPILOT_TIMEOUT_SECONDS="1")
-        settings.write_text(json.dumps({"IsEncrypted": False, "Values": values}))
+        blobs, settings = _stack_with_export(stack, tmp_path, first_rows, AUTOPILOT_MAX_ATTEMPTS="1",
+                                             AUTOPILOT_TIMEOUT_SECONDS="1")
         host = HostProcess(settings, tmp_path / "host.log", "fk-" + "8" * 20).start()
         op = Operator(host)
         records = RunRecords(TableServiceClient.from_connection_string(stack.storage))

@@ -397,6 +397,18 @@ def RunRecords_for(world) -> RunRecords:
     return RunRecords(TableServiceClient.from_connection_string(world.stack.storage))
 
 
+def _watch_windows(monkeypatch) -> list[tuple[int, float]]:
+    """(page, when) for each window a job queues from now on."""
+    real, windows = runs.queue_window, []
+
+    def watched(svc, run, page, again=False, start=0.0):
+        windows.append((page, time.monotonic()))
+        return real(svc, run, page, again, start)
+
+    monkeypatch.setattr(runs, "queue_window", watched)
+    return windows
+
+
 def test_short_pages_are_queued_one_ahead_not_all_at_once(monkeypatch):
     """Pages far shorter than WINDOW_LEAD (a second each here; at 50 requests/s in field mode, too): the next page
     is queued as one starts to be sent, its turns following on, so the queue holds about two pages (the length
@@ -407,13 +419,7 @@ def test_short_pages_are_queued_one_ahead_not_all_at_once(monkeypatch):
         rows = list(sample_profiles(1000, seed=69))
         world.define(definition("seg"))
         world.snapshot(rows)
-        real, windows = runs.queue_window, []
-
-        def watched(svc, run, page, again=False, start=0.0):
-            windows.append((page, time.monotonic()))
-            return real(svc, run, page, again, start)
-
-        monkeypatch.setattr(runs, "queue_window", watched)
+        windows = _watch_windows(monkeypatch)
         report = world.wait(world.start("seg").json()["runId"])
         first = {page: at for page, at in reversed(windows)}  # when each page was first queued
         assert report["status"] == "succeeded" and set(first) >= {0, 1, 2, 3, 4}  # (5: a streamed sync's look)
@@ -431,13 +437,7 @@ def test_batches_are_queued_a_page_at_a_time_as_sending_advances(monkeypatch):
         rows = list(sample_profiles(1000, seed=67))
         world.define(definition("seg"))
         world.snapshot(rows)
-        real, windows = runs.queue_window, []
-
-        def watched(svc, run, page, again=False, start=0.0):  # when each window is queued
-            windows.append((page, time.monotonic()))
-            return real(svc, run, page, again, start)
-
-        monkeypatch.setattr(runs, "queue_window", watched)
+        windows = _watch_windows(monkeypatch)
         run_id = world.start("seg").json()["runId"]
         report = world.wait(run_id)
         assert report["status"] == "succeeded" and report["batches"]["settled"] == 10
