@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from azure.core.pipeline.transport import RequestsTransport
 
 from tools import local_host
-from tools.local_host import LocalHost, QueuePoller, host_parser, load_app, serve
+from tools.local_host import QueuePoller, host_from_args, host_parser, load_app, serve
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s %(invocation)s] %(message)s"
 _invocation = contextvars.ContextVar("invocation", default="-")
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
     QueuePoller._invoke = _tagged(QueuePoller._invoke)
     local_host.ThreadPoolExecutor = TagCarryingPool  # the host's pools (pollers' and the worker's)
-    host = LocalHost(app, values, port=args.port, function_key=args.function_key)
+    host = host_from_args(args, app, values, "bench.counted_host")
     serve(host, "local host listening on {url}/api (requests counted per invocation; worker threads "
-          f"{host.threads}; functions: " + ", ".join(host.functions) + ")")
+          f"{host.threads}; functions: " + ", ".join(host.functions) + ")", args)
 
 
 # --- reading the log back -------------------------------------------------------------------------

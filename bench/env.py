@@ -48,9 +48,22 @@ def say(message: str) -> None:
 
 # --- child processes ------------------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    """User + system CPU time of a process (all its threads) and of its running child processes (a host's scale
+    groups) so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass  # gone meanwhile
+    return children
 
 
 class Child:
@@ -97,14 +110,16 @@ class Host(Child):
     """A local Functions host process (`python -m tools.local_host`, or a module with the same CLI)."""
 
     def __init__(self, out: Path, name: str, settings: dict[str, str], function_key: str,
-                 module: str = "tools.local_host", extra: tuple[str, ...] = ()):
+                 module: str = "tools.local_host", extra: tuple[str, ...] = (), scale_groups: bool = True):
         settings_file = out / f"{name}.settings.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
         self.port = free_port()
+        # Each queue-triggered function in a process of its own, as Flex Consumption scales them (--scale-groups);
+        # a profiled host keeps them in one process, under its profiler.
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
                 f"--function-key={function_key}",  # a key may start with "-": one argument, never an option
-                *extra]
+                *(["--scale-groups"] if scale_groups else []), *extra]
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
         self.threads = int(settings[THREADS])
@@ -200,12 +215,12 @@ class BenchStack:
         return int(self.settings(1.0)[THREADS])
 
     def host(self, rate: float, module: str = "tools.local_host", extra: tuple[str, ...] = (),
-             **settings: str) -> Host:
+             scale_groups: bool = True, **settings: str) -> Host:
         """Start one more host process (real host.json queue options, `settings` over the stack's app settings) and
         wait until it serves HTTP."""
         self._host_count += 1
         host = Host(self.out, f"host{self._host_count}", self.settings(rate, **settings), self.function_key, module,
-                    extra)
+                    extra, scale_groups)
         self.hosts.append(host)
         host.start(r"local host listening on")
         return host

@@ -104,7 +104,8 @@ def _measure(result: Result, stack: BenchStack, contacts: int, rate: float) -> N
 def _profile(result: Result, stack: BenchStack, contacts: int) -> None:
     stats_path = stack.out / "invocations.prof"
     stats_path.unlink(missing_ok=True)
-    host = stack.host(PROFILE_RATE, module="bench.profiled_host", extra=("--stats", str(stats_path)))
+    host = stack.host(PROFILE_RATE, module="bench.profiled_host", extra=("--stats", str(stats_path)),
+                      scale_groups=False)
     say(f"overhead: profiled run of {contacts} contacts, budget {PROFILE_RATE:g}/s, every invocation under cProfile "
         "(CPU time)")
     run = timed_run(stack, host, "overhead-profiled", timeout=contacts / 10 + 300, stall=60, poll=0.5)

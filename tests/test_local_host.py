@@ -172,3 +172,68 @@ def test_http_functions_never_wait_for_threads_the_other_triggers_hold():
         release.set()
         holder.join(10)
         host.stop()
+
+
+def test_scale_groups_run_each_queue_function_in_a_process_of_its_own_and_die_with_their_host(tmp_path):
+    """As Flex Consumption runs each queue-triggered function on instances of its own: a run is planned and sent
+    by the scale groups' processes (the host itself polls no queue), and they never outlive it, even killed."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from shared import services
+    from tests.support import World, close_world, definition
+    from tools.generate_export import sample_profiles
+    from tools.local_host import ScaleGroups
+    from tools.local_stack import LocalStack
+
+    stack = LocalStack(rate=50.0).start()
+    settings = stack.settings(None)
+    from function_app import app
+
+    host = LocalHost(app, settings, port=0, groups=ScaleGroups()).start()
+    services.current()
+    world = World(stack, host)
+    try:
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("queue-")]
+        children = list(host.groups.pids)
+        assert len(children) == 4  # plan_run, record_failed_plan, send_batch, record_dead_batch
+        world.define(definition("grouped"))
+        world.snapshot(sample_profiles(250, seed=3))
+        view = world.wait(world.start("grouped").json()["runId"], timeout=60)
+        assert view["status"] == "succeeded" and view["counts"]["accepted"] == 250
+        assert len(world.sim.contacts()) == 250
+        # A killed host's scale groups stop too (they watch their parent).
+        settings_file = tmp_path / "settings.json"
+        settings_file.write_text(json.dumps({"Values": settings}))
+        parent = subprocess.Popen([sys.executable, "-m", "tools.local_host", "--settings", str(settings_file),
+                                   "--port", "0", "--scale-groups"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **settings})
+        _wait_for(lambda: "local host listening" in parent.stdout.readline(), timeout=60)
+        orphans = [int(p.name) for p in __import__("pathlib").Path("/proc").glob("[0-9]*")
+                   if _ppid(p) == parent.pid]
+        assert len(orphans) == 4
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        _wait_for(lambda: not any(_alive(pid) for pid in orphans), timeout=10)
+    finally:
+        close_world(world)
+    assert not any(_alive(pid) for pid in children)  # stopped with their host
+
+
+def _ppid(proc_dir) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

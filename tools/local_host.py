@@ -26,8 +26,13 @@ import os
 import re
 import secrets
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import weakref
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,13 +99,19 @@ class LocalHost:
     """Hosts one FunctionApp: queue pollers, an HTTP server and timer firing, on the app settings given."""
 
     def __init__(self, app: func.FunctionApp, settings: dict[str, str], *, port: int | None = None,
-                 function_key: str | None = None, options: QueueOptions | None = None):
+                 function_key: str | None = None, options: QueueOptions | None = None,
+                 only: Collection[str] | None = None, groups: ScaleGroups | None = None):
         self.app = app
         self.settings = settings
         self.port = port
         self.function_key = function_key or secrets.token_urlsafe(24)
         self.options = options or QueueOptions.from_host_json()
-        self.functions = {f.get_function_name(): f for f in index(app)}
+        self.functions = {f.get_function_name(): f for f in index(app) if only is None or f.get_function_name() in only}
+        if only is not None and set(only) - set(self.functions):
+            raise ValueError(f"no such function: {', '.join(sorted(set(only) - set(self.functions)))}")
+        # With `groups`, each queue-triggered function runs in a process of its own, as Flex Consumption runs each
+        # on instances of its own (per-function scaling): planning does not share the senders' interpreter.
+        self.groups = groups
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
@@ -125,10 +136,13 @@ class LocalHost:
         os.environ.update(self.settings)
         services.use(None)  # a fresh worker builds its clients from those settings
         self._started = True
-        for name, function in self.functions.items():
-            trigger = function.get_trigger()
-            if trigger.get_binding_name() == "queueTrigger":
-                self._spawn(QueuePoller(self, name, trigger.get_dict_repr()).run, f"queue-{name}")
+        queued = [name for name, f in self.functions.items() if _trigger_type(f) == "queueTrigger"]
+        if self.groups:
+            self.groups.start(queued, self.settings, self.function_key)
+        else:
+            for name in queued:
+                self._spawn(QueuePoller(self, name, self.functions[name].get_trigger().get_dict_repr()).run,
+                            f"queue-{name}")
         if self.port is not None:
             self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
             self._server.daemon_threads = True
@@ -143,6 +157,8 @@ class LocalHost:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.groups:
+            self.groups.stop()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -236,6 +252,53 @@ class LocalHost:
 
         value = self.settings.get(setting) or os.environ.get(setting, "")
         return DEV_STORAGE if value.lower() == "usedevelopmentstorage=true" else value
+
+
+class ScaleGroups:
+    """Runs each queue-triggered function in a host process of its own (`python -m <module> --functions NAME`),
+    as Flex Consumption runs each on instances of its own: the planner's CPU and the queue pollers' parsing do not
+    hold the senders' interpreter lock. The processes stop with their parent, even a killed one."""
+
+    READY_WITHIN = 60.0
+
+    def __init__(self, module: str = "tools.local_host"):
+        self.module = module
+        self._procs: list[subprocess.Popen] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def start(self, names: list[str], settings: dict[str, str], function_key: str) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="local-host-")  # private (0700): the settings go here
+        folder = Path(self._folder.name)
+        (folder / "settings.json").write_text(json.dumps({"IsEncrypted": False, "Values": settings}))
+        for name in names:
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-m", self.module, "--settings", str(folder / "settings.json"), "--no-http",
+                 f"--function-key={function_key}", "--functions", name, "--ready-file", str(folder / name),
+                 "--parent", str(os.getpid())], cwd=ROOT))
+        deadline = time.monotonic() + self.READY_WITHIN
+        while not all((folder / name).exists() for name in names):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self._procs):
+                self.stop()
+                raise RuntimeError(f"the hosts of {', '.join(names)} did not start (see their output above)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self._procs.clear()
+        if self._folder:
+            self._folder.cleanup()
+            self._folder = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
 
 
 def worker_threads(settings: dict[str, str]) -> int:
@@ -470,7 +533,21 @@ def host_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--settings", default="local.settings.json", help="local.settings.json-style file")
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--function-key", default=os.environ.get("LOCAL_FUNCTION_KEY"))
+    parser.add_argument("--scale-groups", action="store_true",
+                        help="run each queue-triggered function in a process of its own (Flex Consumption's "
+                             "per-function scaling)")
+    parser.add_argument("--functions", help="comma-separated: host only these functions")
+    parser.add_argument("--no-http", action="store_true", help="serve no HTTP (a scale group's process)")
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # touched once started
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # stop when this process is gone
     return parser
+
+
+def host_from_args(args: argparse.Namespace, app, values: dict[str, str], module: str) -> LocalHost:
+    """The LocalHost the command line asks for; `module` is run again for each scale group's process."""
+    return LocalHost(app, values, port=None if args.no_http else args.port, function_key=args.function_key,
+                     only=args.functions.split(",") if args.functions else None,
+                     groups=ScaleGroups(module) if args.scale_groups else None)
 
 
 def load_app(args: argparse.Namespace):
@@ -481,22 +558,31 @@ def load_app(args: argparse.Namespace):
     return app, json.loads(Path(args.settings).read_text())["Values"]
 
 
-def serve(host: LocalHost, banner: str) -> None:
-    """Run until SIGTERM or SIGINT, then stop the host cleanly."""
+def serve(host: LocalHost, banner: str, args: argparse.Namespace | None = None) -> None:
+    """Run until SIGTERM or SIGINT (or, for a scale group's process, until its parent is gone), then stop the host
+    cleanly."""
     host.start()
-    print(banner.format(url=host.base_url), flush=True)
+    if host.port is None:  # a scale group's process: its parent's output (tools.local_run's report) is stdout
+        print("local host process of " + ", ".join(host.functions) + " polling (no HTTP)", file=sys.stderr,
+              flush=True)
+    else:
+        print(banner.format(url=host.base_url), flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    if args and args.ready_file:
+        args.ready_file.touch()
+    while not done.wait(1.0):
+        if args and args.parent and os.getppid() != args.parent:
+            break  # the parent was killed: a scale group never outlives its host
     host.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = host_parser(__doc__.splitlines()[0]).parse_args(argv)
     app, values = load_app(args)
-    host = LocalHost(app, values, port=args.port, function_key=args.function_key)
-    serve(host, "local host listening on {url}/api (functions: " + ", ".join(host.functions) + ")")
+    host = host_from_args(args, app, values, "tools.local_host")
+    serve(host, "local host listening on {url}/api (functions: " + ", ".join(host.functions) + ")", args)
 
 
 if __name__ == "__main__":

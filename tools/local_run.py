@@ -31,7 +31,7 @@ from shared.export_config import SECRET_NAME_RE, ExportConfigError, parse_export
 from shared.run_records import ACTIVE, FINISHED
 from shared.settings import Settings, SettingsError
 from tools import event_grid
-from tools.local_host import LocalHost
+from tools.local_host import LocalHost, ScaleGroups
 from tools.local_stack import LocalStack
 from tools.state_lock import FolderInUse
 
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         # What Event Grid does in Azure: the model.json written starts the run. No event for a dry run or a forced
         # one (on-demand runs), nor when resuming (that model.json was there before).
         announce = not (args.dry_run or args.force or resume)
-        with LocalHost(_app(), settings, port=0) as host:
+        # Each queue-triggered function in a process of its own, as Flex Consumption runs them (tools.local_host).
+        with LocalHost(_app(), settings, port=0, groups=ScaleGroups()) as host:
             if announce:
                 event_grid.deliver(host.base_url, host.function_key, "snapshot_written",
                                    [event_grid.blob_created(url, size) for url, size in models])
