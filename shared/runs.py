@@ -11,7 +11,7 @@ import posixpath
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
@@ -232,14 +232,17 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
 
 def _stream(svc: Services, export: ExportDefinition, run: dict, planner: Planner, where: tuple, container,
             snapshot, rlog) -> None:
-    """Send a first sync while it is planned. Its records are counted meanwhile, on a thread of their own: the
-    first page is queued only once they are known not to outnumber maxProfiles (a streamed run cannot take back
-    what it sent). A run planned again after its planning died streamed already: it was counted then. The
-    destination is readied on another (the key read, Ortto's custom fields: 0.1 s less before the first merge)."""
+    """Send a first sync while it is planned. Its records are counted first: the first page is queued only once
+    they are known not to outnumber maxProfiles (a streamed run cannot take back what it sent). A run planned again
+    after its planning died streamed already: it was counted then. The destination is readied meanwhile, on a
+    thread of its own (the key read, Ortto's custom fields: 0.1 s less before the first merge)."""
     destination, rebuild, target = where
     with ThreadPoolExecutor(2) as pool:
         fits = pool.submit(lambda: bool(run.get("streaming")) or records_fit(container, snapshot, export.max_profiles))
         ready = pool.submit(lambda: run.get("list_id") or _prepare_destination(svc, export))
+        # Not planned meanwhile: the first page waits for the count anyway, and a planner running alongside keeps
+        # the interpreter lock from the count between its reads (0.6 s instead of 0.2 s for 100,000 rows).
+        wait([fits])
         try:
             Stream(svc, export, run, planner, destination, rebuild, rlog, fits=fits.result,
                    list_id=ready.result).send(read_records(container, snapshot), target)
