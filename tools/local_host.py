@@ -138,7 +138,7 @@ class LocalHost:
         self._started = True
         queued = [name for name, f in self.functions.items() if _trigger_type(f) == "queueTrigger"]
         if self.groups:
-            self.groups.start(queued, self.settings, self.function_key)
+            self.groups.start(queued, self.settings)
         else:
             for name in queued:
                 self._spawn(QueuePoller(self, name, self.functions[name].get_trigger().get_dict_repr()).run,
@@ -266,15 +266,15 @@ class ScaleGroups:
         self._procs: list[subprocess.Popen] = []
         self._folder: tempfile.TemporaryDirectory | None = None
 
-    def start(self, names: list[str], settings: dict[str, str], function_key: str) -> None:
+    def start(self, names: list[str], settings: dict[str, str]) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="local-host-")  # private (0700): the settings go here
         folder = Path(self._folder.name)
         (folder / "settings.json").write_text(json.dumps({"IsEncrypted": False, "Values": settings}))
         for name in names:
             self._procs.append(subprocess.Popen(
                 [sys.executable, "-m", self.module, "--settings", str(folder / "settings.json"), "--no-http",
-                 f"--function-key={function_key}", "--functions", name, "--ready-file", str(folder / name),
-                 "--parent", str(os.getpid())], cwd=ROOT))
+                 "--functions", name, "--ready-file", str(folder / name), "--parent", str(os.getpid())],
+                cwd=ROOT))  # (no function key: they serve no HTTP)
         deadline = time.monotonic() + self.READY_WITHIN
         while not all((folder / name).exists() for name in names):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self._procs):
