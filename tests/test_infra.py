@@ -234,11 +234,18 @@ def flex_rejections(site_properties: dict[str, Any], setting_names: set[str]) ->
     return found
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def doc_section(page: str, title: str) -> str:
+    """A `## title` section of a documentation page (README.md, docs/*.md)."""
+    text = (ROOT / page).read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else len(text)]
+
+
+def user_docs() -> dict[str, str]:
+    """The README and the pages of docs/, by path: what a user follows."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return {str(page.relative_to(ROOT)): page.read_text() for page in pages}
 
 
 # --- the files and their wiring ------------------------------------------------------------------------------
@@ -295,7 +302,9 @@ def test_azure_yaml_requires_an_azd_whose_down_leaves_the_export_accounts_group_
     found = re.search(r"^requiredVersions:\n  azd: \"?>= ?(\d+)\.(\d+)\.(\d+)\"?$", text, re.MULTILINE)
     assert found, "azure.yaml must set requiredVersions.azd to '>= x.y.z'"
     assert tuple(int(part) for part in found.groups()) >= AZD_MIN_VERSION
-    assert "azd {}.{}.{}".format(*AZD_MIN_VERSION) in readme_section("Deploy and operate")
+    wanted = "(`azd`) {}.{}.{} or later".format(*AZD_MIN_VERSION)
+    assert wanted in doc_section("docs/deploy-azure.md", "Prerequisites")
+    assert wanted in doc_section("README.md", "Prerequisites")
 
 
 def postdeploy_hooks() -> dict[str, dict[str, Any]]:
@@ -711,10 +720,10 @@ def test_the_export_account_comes_from_an_azd_value_or_the_deployment_stops(temp
     assert function["variables"]["exportStorageSettings"]["value"][2]["name"] == "EXPORT_STORAGE__blobServiceUri"
 
 
-def test_no_readme_step_writes_app_settings_by_hand():
+def test_no_documented_step_writes_app_settings_by_hand():
     # `azd provision` writes the whole app-settings list from the Bicep, so a setting written by hand is deleted by
     # the next provision. Every setting comes from an azd value instead.
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(user_docs().values())
     for pattern in (
         r"appsettings\s+(set|delete)",
         r"config\s+appsettings",
@@ -723,18 +732,20 @@ def test_no_readme_step_writes_app_settings_by_hand():
         r"az\s+functionapp\s+config\s+set",
         r"az\s+webapp\s+config",
     ):
-        assert not re.search(pattern, text, re.IGNORECASE), f"README.md sets app settings by hand: {pattern}"
+        assert not re.search(pattern, text, re.IGNORECASE), f"the docs set app settings by hand: {pattern}"
 
 
-def test_readme_optional_settings_table_shows_the_bicep_defaults(templates):
+def test_documented_azd_variables_show_the_bicep_defaults(templates):
     main = templates["main.bicep"]
     given = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
     by_variable = {entry["value"][2:-1]: name for name, entry in given.items()}
-    rows = re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", readme_section("Deploy and operate"), re.MULTILINE)
+    table = doc_section("docs/configuration.md", "azd variables")
+    rows = re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", table, re.MULTILINE)
     assert len(rows) >= 5
     for variable, default in rows:
-        assert variable in by_variable, f"README names {variable}, which main.parameters.json does not read"
-        assert str(param_default(main, by_variable[variable])) == default, variable
+        assert variable in by_variable, f"docs name {variable}, which main.parameters.json does not read"
+        value = param_default(main, by_variable[variable])
+        assert (str(value).lower() if isinstance(value, bool) else str(value)) == default, variable
     assert "AZURE_PRINCIPAL_TYPE" not in {variable for variable, _ in rows}, "azd ignores it (it reads the login)"
 
 
@@ -762,7 +773,7 @@ def test_location_allows_only_flex_regions_including_the_readmes_example(templat
     allowed = decorators(templates["main.bicep"], "location")["allowed"]
     assert "westeurope" in allowed and len(allowed) == len(set(allowed)) >= 30
     assert "eastus2euap" not in allowed, "a canary region only early-access subscriptions can use"
-    examples = re.findall(r"azd env set AZURE_LOCATION (\S+)", readme_section("Deploy and operate"))
+    examples = re.findall(r"azd env set AZURE_LOCATION (\S+)", "\n".join(user_docs().values()))
     assert examples and set(examples) <= set(allowed)
 
 

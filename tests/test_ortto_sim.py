@@ -1,6 +1,6 @@
-"""The Ortto simulator keeps the contract in shared/ortto-api.md: real HTTP on loopback, in process. Where the
-contract quotes a recorded answer, the simulator's answer in the same situation has its shape
-(tests/fixtures/ortto_recorded.json holds those answers verbatim)."""
+"""The Ortto simulator keeps the contract in docs/api-contracts.md: real HTTP on loopback, in process. Where Ortto's
+answer was recorded (tests/fixtures/ortto_recorded.json holds those answers verbatim), the simulator's answer in
+the same situation has its shape."""
 
 from __future__ import annotations
 
