@@ -21,6 +21,7 @@ from shared.run_records import RUN_ID_RE
 MAX_ENCODED = 64 * 1024
 BATCH_CONTAINER = "batches"
 KINDS = ("upsert", "join", "leave")
+WARM_UP = "warmUp"
 # The only document keys the planner writes. Anything else ('unsubscribed', '_NewEmail', '_autopilot_list'...)
 # could change a subscription, an identity or a list membership behind the plan's back: forged or corrupt.
 # PERMISSION is the export's choice for people it creates (Ortto), and only ever a boolean.
@@ -63,6 +64,23 @@ def encode(message: BatchMessage, blobs: BlobServiceClient) -> bytes:
     blobs.get_blob_client(BATCH_CONTAINER, name).upload_blob(json.dumps(message.items), overwrite=True)
     pointer = dict(message.fields(), items=None, blob=f"{BATCH_CONTAINER}/{name}")
     return json.dumps(pointer, separators=(",", ":")).encode()
+
+
+def warm_up(run_id: str) -> bytes:
+    """A message that carries no batch: it asks a send instance to get ready for the run's batches (its resources,
+    the run's account and API key) while the run is planned, so the first batch does not pay for that."""
+    return json.dumps({WARM_UP: run_id}).encode()
+
+
+def warmed_run(body: bytes) -> str | None:
+    """The run a warm-up message names; None for any other message (a batch, or not a message of ours)."""
+    if not body.startswith(b'{"%s"' % WARM_UP.encode()):
+        return None
+    try:
+        run_id = json.loads(body)[WARM_UP]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return run_id if isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) else None
 
 
 def decode(body: bytes, blobs: BlobServiceClient) -> BatchMessage:

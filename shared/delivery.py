@@ -54,6 +54,9 @@ def queue_message(svc: Services, message: BatchMessage, visible_at: float | None
 async def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> None:
     """The queue trigger's work. Malformed messages go to the poison queue with their reason. Awaited on the
     worker's event loop: its storage calls run on the blocking pool, its requests hold no thread."""
+    if run_id := batch_messages.warmed_run(body):
+        await off(_warm_up, svc, run_id)
+        return
     received = await off(_received, svc, body, dequeue_count)
     if received is None:
         return
@@ -65,6 +68,15 @@ async def process_batch(svc: Services, body: bytes, dequeue_count: int = 1) -> N
     elif not await _send(svc, message, progress, rlog, account):
         return
     await off(_settle, svc, message, progress, rlog)
+
+
+def _warm_up(svc: Services, run_id: str) -> None:
+    """Ready this instance for a run's batches: its account's clients and API key (services.current() readied the
+    storage resources already). Best effort: a key that cannot be read is reported by the run's first batch."""
+    try:
+        svc.run_account(run_id).client.api_key.get()
+    except Exception as exc:
+        log.warning("warm-up for run %s: %s", run_id, type(exc).__name__)
 
 
 def _received(svc: Services, body: bytes, dequeue_count: int) -> tuple[BatchMessage, str, Account | None] | None:

@@ -295,6 +295,8 @@ class Pacer:
     async def _slot(self, checked: float) -> None:
         while True:
             booked = await off(self.budget.take, self._lead, self.max_wait)
+            if self.budget.clock() - booked > TOLERANCE:  # taking it outlasted the lead: take further ahead
+                self._lead = min(0.5, 2 * self._lead)
             slot = await self._wait(booked)
             if self.budget.held(slot):  # a 429 came while it slept: take a slot after the hold
                 continue
@@ -311,8 +313,8 @@ class Pacer:
                 self.sent += 1
                 return
             # Overslept (a busy process): that slot passes unused, never used late (it would bunch up with the
-            # next request); take the next free one, further ahead so as to be on time for it.
-            self._lead = min(0.5, 2 * self._lead)
+            # next request); take the next free one. (Not further ahead: a longer lead only helps a slow take, and
+            # where few slots are booked it would leave the slots before it unused too.)
 
     async def _check(self) -> float:
         if not await self.go_on():

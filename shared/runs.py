@@ -20,7 +20,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from shared import cancels, signals
 from shared.api_client import ApiError, Throttled, Transient
-from shared.batch_messages import BatchMessage
+from shared.batch_messages import BatchMessage, warm_up
 from shared.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message, requeue_dead
@@ -185,6 +185,8 @@ def _plan_and_queue(svc: Services, export: ExportDefinition, run: dict, rlog) ->
     target["firstSync"] = rebuild or not state.has_snapshot(destination)
     svc.records.update(run_id, snapshot=snapshot.id, snapshot_time=snapshot.refresh_time or "",
                        state=destination.id, destination=target, account=export.account.text())
+    if not dry_run:  # a send instance gets ready meanwhile (on Flex Consumption: starts) for the first batch
+        svc.queue.send_message(warm_up(run_id))
     budget = svc.account(export.account).budget
     ops = list_ops_for(budget.rate)
     planner = Planner(export, list(snapshot.columns), list_ops_per_message=ops)

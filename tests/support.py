@@ -154,15 +154,16 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
 
 
 def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings: dict | None = None,
-               **stack_options):
+               only: tuple[str, ...] | None = None, **stack_options):
     """Start a fresh stack and a local host on it; the caller stops both (see the `world` fixture).
-    `settings` overrides app settings, e.g. {"AUTOPILOT_TIMEOUT_SECONDS": "1", "AUTOPILOT_MAX_ATTEMPTS": "2"}."""
+    `settings` overrides app settings, e.g. {"AUTOPILOT_TIMEOUT_SECONDS": "1", "AUTOPILOT_MAX_ATTEMPTS": "2"};
+    `only`: the host runs these functions only."""
     stack = LocalStack(rate=rate, **stack_options).start()
     settings = stack.settings(None, **(settings or {}))
     from function_app import app
     from shared import services
 
-    host = LocalHost(app, settings, port=0, options=queues).start()
+    host = LocalHost(app, settings, port=0, options=queues, only=only).start()
     services.current()  # creates the queues, tables and containers (infra/ does this in Azure)
     return World(stack, host)
 

@@ -1,4 +1,4 @@
-"""The Autopilot simulator keeps the contract in shared/autopilot-api.md: real HTTP on loopback, in process."""
+"""The Autopilot simulator keeps the contract in docs/api-contracts.md: real HTTP on loopback, in process."""
 
 from __future__ import annotations
 
@@ -95,6 +95,33 @@ def test_throttled_requests_do_not_count_toward_the_window():
         time.sleep(max(0.0, started + 1.1 - time.monotonic()))
         # The 6 refusals are less than a second old: had they counted, this would be refused too.
         assert api("GET", "/lists").status_code == 200
+
+
+def test_a_request_counts_at_its_arrival_not_when_a_busy_simulator_gets_to_it():
+    """A thread of the simulator kept waiting (here: its front door held by another) must not stamp the request
+    late: evenly paced requests would look bunched and be refused."""
+    with AutopilotSim(KEY, rate=5) as sim:
+        api = Api(sim)
+        with ThreadPoolExecutor(1) as pool:
+            with sim._lock:  # the simulator is busy
+                sent = time.time()
+                answer = pool.submit(api, "GET", "/lists")
+                time.sleep(0.3)
+            assert answer.result().status_code == 200
+        (record,) = sim.request_log()
+        assert sent <= record["t"] < sent + 0.1
+
+
+def test_requests_handled_out_of_arrival_order_are_windowed_by_arrival():
+    with AutopilotSim(KEY, rate=2) as sim:
+        def at(arrived: float) -> int:
+            return sim.dispatch("GET", "/v1/lists", KEY, b"", arrived).status
+
+        assert [at(100.0), at(100.6)] == [200, 200]
+        assert at(100.5) == 429  # handled last, but [100.0, 101.0) would hold three
+        assert at(99.5) == 200  # no window that holds 99.5 holds two others: [99.5, 100.5) has 100.0 only
+        assert at(99.9) == 429  # [99.9, 100.9) would hold 99.9, 100.0 and 100.6
+        assert at(101.65) == 200  # the usual case: after every other arrival, [100.65, 101.65] holds none
 
 
 def test_unauthorised_requests_are_not_rate_limited():

@@ -245,8 +245,8 @@ class RecordingSim(AutopilotSim):
         self.applied: list[str] = []
         self._applied_lock = threading.Lock()
 
-    def dispatch(self, method, raw_path, api_key, body):
-        reply = super().dispatch(method, raw_path, api_key, body)
+    def dispatch(self, method, raw_path, api_key, body, arrived=None):
+        reply = super().dispatch(method, raw_path, api_key, body, arrived)
         if method == "POST" and raw_path.split("?")[0] in WRITES and not reply.drop and reply.status == 200:
             payload = json.loads(body)
             docs = payload["contacts"] if "contacts" in payload else [payload["contact"]]

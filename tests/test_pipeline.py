@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -9,8 +10,13 @@ from datetime import UTC, datetime, time
 
 import pytest
 import requests
+from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient
 
+from shared import delivery
+from shared.batch_messages import warm_up, warmed_run
 from shared.rate_budget import MARGIN
+from shared.services import Services
+from shared.settings import BATCH_QUEUE, POISON_QUEUE, Settings
 from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until
 from tools.autopilot_sim import Faults
 from tools.generate_export import STANDARD_COLUMNS, sample_profiles
@@ -42,6 +48,36 @@ def test_first_sync_delivers_every_valid_contact_with_its_fields(world):
     assert "LoyaltyPoints" in reasons[0] and "integer" in reasons[0]
     assert "PrimaryEmail" in reasons[1] and "@" in reasons[1]
     assert all(not c.get("unsubscribed") for c in world.sim.contacts().values())
+
+
+def test_planning_a_run_readies_a_send_instance_before_its_first_batch():
+    """A run queues a warm-up ahead of its batches (a dry run none); on it a send instance that has read nothing
+    yet (services of its own, as a new process has) reads the run's API key, so its first batch does not wait for
+    Key Vault. The host here plans but does not send, so the batch queue can be read."""
+    world = open_world(only=("start_run", "get_run", "plan_run"))
+    fresh = Services(Settings.from_env(world.stack.settings(None)))
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(250))
+        assert world.run("hv", dryRun=True)["status"] == "dry run"
+        run_id = world.start("hv").json()["runId"]
+        wait_until(lambda: world.view(run_id)["status"] == "running")
+        queue = QueueClient.from_connection_string(world.stack.storage, BATCH_QUEUE,
+                                                   message_decode_policy=BinaryBase64DecodePolicy())
+        bodies = [m.content for m in queue.peek_messages(max_messages=32)]
+        assert bodies[0] == warm_up(run_id) and len(bodies) == 4  # then the run's 3 batches
+        assert [warmed_run(body) for body in bodies[1:]] == [None] * 3
+
+        reads = world.stack.keyvault.reads(SECRET_NAME)
+        asyncio.run(delivery.process_batch(fresh, bodies[0]))
+        assert world.stack.keyvault.reads(SECRET_NAME) == reads + 1
+        assert fresh.run_account(run_id).client.api_key.peek() is not None
+        asyncio.run(delivery.process_batch(fresh, warm_up("20260101T000000Z-0123abcd")))  # no such run: no harm
+        poison = QueueClient.from_connection_string(world.stack.storage, POISON_QUEUE)
+        assert list(poison.peek_messages()) == []
+    finally:
+        fresh.close()
+        close_world(world)
 
 
 def test_report_is_written_where_the_run_view_says(world):

@@ -5,7 +5,12 @@ Request pipeline, in order: routing (unknown path 404, wrong method 405), auth (
 `MISSING_KEY_STATUS`, wrong key 401), throttling, faults, then the call itself. Only authorised, routable
 requests count toward the rate limit: at most `rate` accepted requests per key in any sliding one-second window
 (WINDOWS: a subclass may count other windows, as (seconds, requests per unit of rate) pairs); a throttled request
-gets 429 (the subclass's body) and does not count. `rate` None or 0 means unthrottled.
+gets 429 (the subclass's body) and does not count. `rate` None or 0 means unthrottled. A request counts at its
+arrival: when its first byte reached the simulator's socket, by the kernel's receive timestamp (SO_TIMESTAMPNS),
+as an API's gateway stamps what comes off the wire. The time its thread gets to it is later by however long the
+machine kept that thread waiting (on a busy 2-core machine, now and then 30 ms): counted then, an evenly paced
+client would look bunched. Threads may so handle requests out of arrival order: a request is refused if any
+window holding its arrival would hold one too many, whichever was handled first.
 
 Faults (`Faults`, drawn from a `random.Random(seed)` under the state lock, so a sequential client sees the same
 faults on every run with the same seed and configuration):
@@ -51,7 +56,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import deque
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,7 +163,7 @@ class SimBase:
         self._store_lock = threading.Lock()  # the subclass's store, and the fault generator
         self._rng = random.Random(seed)
         self._jitter_rng = random.Random(f"{seed}:jitter")  # its own: fault draws must not depend on the jitter's
-        self._windows: dict[str, tuple[deque[float], ...]] = {}  # per key, the stamps of each of WINDOWS
+        self._windows: dict[str, tuple[list[float], ...]] = {}  # per key, sorted arrivals in each of WINDOWS
         self._burst_left = 0
         self._log: list[dict] = []
         self._stopping = threading.Event()
@@ -236,13 +241,15 @@ class SimBase:
             self._api_key = key
 
     # request handling
-    def dispatch(self, method: str, raw_path: str, api_key: str | None, body: bytes) -> _Reply:
-        """Answer one request. Called by the HTTP handler, for each request on its own thread."""
+    def dispatch(self, method: str, raw_path: str, api_key: str | None, body: bytes,
+                 arrived: float | None = None) -> _Reply:
+        """Answer one request that arrived at `arrived` (epoch seconds; None: now). Called by the HTTP handler, for
+        each request on its own thread."""
         path = raw_path.split("?", 1)[0]
         if path.startswith("/_sim/"):
             return self._admin(method, path, body)
         with self._lock:
-            record: dict = {"t": time.time(), "method": method, "path": path}
+            record: dict = {"t": arrived or time.time(), "method": method, "path": path}
             self._log.append(record)
             admitted = self._admit(method, path, api_key, record)
             latency = self.latency + (self._jitter_rng.uniform(0.0, self.jitter) if self.jitter else 0.0)
@@ -301,15 +308,15 @@ class SimBase:
             return self._throttled(burst=True)
         if not self.rate:
             return None
-        now = time.monotonic()
-        windows = self._windows.setdefault(key, tuple(deque() for _ in self.WINDOWS))
+        arrived = record["t"]
+        windows = self._windows.setdefault(key, tuple([] for _ in self.WINDOWS))
         for (seconds, per_rate), stamps in zip(self.WINDOWS, windows, strict=True):
-            while stamps and stamps[0] <= now - seconds:
-                stamps.popleft()
-            if len(stamps) >= per_rate * self.rate:
+            if stamps:
+                del stamps[:bisect_right(stamps, stamps[-1] - seconds - STRAGGLER)]
+            if _busiest(stamps, arrived, seconds) >= per_rate * self.rate:
                 return self._throttled(burst=False)
         for stamps in windows:
-            stamps.append(now)  # only accepted requests count toward the windows
+            insort(stamps, arrived)  # only accepted requests count toward the windows
         return None
 
     def _draw_fault(self, faults: Faults) -> str | None:
@@ -380,6 +387,23 @@ class SimBase:
 
 
 # --- HTTP --------------------------------------------------------------------------------------------------
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python's socket module does not name it
+TIMESPEC = struct.Struct("qq")  # the control message's struct timespec: seconds, nanoseconds
+STRAGGLER = 1.0  # seconds a request's handling may lag a later one's; arrivals older than that are forgotten
+
+
+def _busiest(stamps: list[float], arrived: float, seconds: float) -> int:
+    """The most accepted arrivals (`stamps`, sorted) in any window of `seconds` that also holds `arrived`. Such a
+    window starts in (arrived - seconds, arrived]; the busiest starts just after arrived - seconds, at an arrival
+    in that range, or at `arrived` itself."""
+    low, high = bisect_right(stamps, arrived - seconds), bisect_right(stamps, arrived)
+    most = high - low
+    if high == len(stamps):
+        return most  # nothing arrived after it: the usual case
+    starts = [stamps[i] for i in range(low, high)] + [arrived]
+    return max(most, *(bisect_left(stamps, start + seconds) - bisect_left(stamps, start) for start in starts))
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so pooled sessions reuse connections; every answer has a length
     disable_nagle_algorithm = True  # headers and body are separate writes; Nagle would hold back the body
@@ -389,6 +413,25 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.server.track(self.connection)
+        self.arrived: float | None = None
+
+    def handle_one_request(self) -> None:
+        self.arrived = self._arrival()
+        super().handle_one_request()
+
+    def _arrival(self) -> float | None:
+        """When the next request's first byte reached the socket, by the kernel's receive timestamp; None when the
+        connection ended. Peeked, before the buffered reader takes the bytes (clients do not pipeline: at a request's
+        start nothing of it is buffered yet)."""
+        try:
+            data, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(TIMESPEC.size), socket.MSG_PEEK)
+        except OSError:
+            return None
+        for level, kind, payload in ancillary:
+            if data and level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack(payload[:TIMESPEC.size])
+                return seconds + nanoseconds / 1e9
+        return None
 
     def finish(self) -> None:
         try:
@@ -407,7 +450,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         sim = self.server.sim
-        reply = sim.dispatch(self.command, self.path, self.headers.get(sim.KEY_HEADER), body)
+        reply = sim.dispatch(self.command, self.path, self.headers.get(sim.KEY_HEADER), body, self.arrived)
         if reply.drop:
             self._reset()
             return
@@ -465,6 +508,8 @@ class _Server(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # HTTPServer's own does a reverse DNS lookup we do not need
+        # Accepted connections inherit it, so a connection's first request, there before its thread, is stamped too.
+        self.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.server_name, self.server_port = self.server_address[:2]
 
     def track(self, connection: socket.socket) -> None:
