@@ -19,10 +19,11 @@ import math
 import time
 
 from shared.api_client import CONNECT_TIMEOUT
+from shared.cdm_reader import find_snapshot
 from shared.reports import conclude, run_view
 from shared.run_records import ACTIVE, CANCELLING, STATUS_MAX_AGE, utcnow
 from shared.sender import MAX_WAIT
-from shared.services import Services
+from shared.services import Services, find_export
 
 SEEN_BY_SENDERS = STATUS_MAX_AGE + MAX_WAIT + 0.25  # seconds after which no sender starts a request of the run
 
@@ -51,11 +52,9 @@ def cancel_run(svc: Services, run_id: str) -> dict:
 
 def _note_snapshot(svc: Services, run_id: str, export: str) -> None:
     """So the timer leaves that snapshot alone (runs._has_new_snapshot)."""
-    from shared import runs  # (runs starts and plans runs, and concludes cancelled ones: it imports this module)
-
     try:
-        definition = runs.find_export(svc, export)
-        snapshot = runs.find_snapshot(svc.export_container(definition), definition.prefix, definition.segment)
+        definition = find_export(svc, export)
+        snapshot = find_snapshot(svc.export_container(definition), definition.prefix, definition.segment)
     except Exception:  # no definition or no readable export any more: nothing the timer could start either
         return
     svc.records.update(run_id, snapshot=snapshot.id, state=svc.destination(definition).id)

@@ -28,6 +28,7 @@ from shared import ortto_fields
 from shared.cdm_reader import Row
 from shared.export_config import ExportConfigError, ExportDefinition
 
+PERMISSION = "_permission"  # a document's key for the email permission a new person gets (Ortto; not a field)
 EMAIL_MAX_LENGTH = 254
 # Part of every record digest's key: change it with any rule that changes what a row maps to (CSV parsing,
 # validation, conversions, the document's form or its fingerprint), so no record is taken as unchanged across it.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from shared import api_roles, cancels, delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
-from shared.services import Services
+from shared.services import Services, UnknownExport, find_export
 from shared.settings import SettingsError, api_authentication
 
 log = logging.getLogger("autopilot.http")
@@ -44,11 +44,11 @@ def start_run(svc: Services, name: str, body: bytes) -> Answer:
     if isinstance(options, str):
         return _error(400, options)
     try:
-        export = runs.find_export(svc, name)
+        export = find_export(svc, name)
         export.check_runnable()
         run = runs.start_run(svc, export.name, force=options.get("force", False),
                              dry_run=options.get("dryRun", False), trigger="http")
-    except runs.UnknownExport as exc:
+    except UnknownExport as exc:
         return _error(404, str(exc))
     except RunInProgress as exc:
         return _error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")

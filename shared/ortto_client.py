@@ -16,9 +16,8 @@ from collections import deque
 
 from shared import ortto_fields
 from shared.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
-from shared.contacts import mask_emails_in
+from shared.contacts import PERMISSION, mask_emails_in
 from shared.export_config import ExportDefinition
-from shared.planner import PERMISSION
 
 ACKED = ("created", "merged")
 # Ortto bans a caller's address for 15 s after 15 malformed requests in 15 s. Splitting a refused merge to find

@@ -26,13 +26,12 @@ import numpy as np
 import xxhash
 
 from shared.cdm_reader import Records, Row
-from shared.contacts import ContactMapper, Rejection, mask_email
+from shared.contacts import PERMISSION, ContactMapper, Rejection, mask_email
 from shared.export_config import ExportDefinition
 from shared.state_lines import Acked, Block, entry
 from shared.state_store import Snapshot
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts, and Ortto's on people per merge
-PERMISSION = "_permission"  # a document's key for the email permission a new person gets (Ortto; not a field)
 CHUNK = 5000  # differences written to SQLite together
 SAMPLE_SIZE = 5
 REJECTED_SAMPLE = 20

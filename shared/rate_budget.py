@@ -31,12 +31,13 @@ from azure.data.tables import TableClient, UpdateMode
 
 from shared.blocking import off
 from shared.combiner import Combiner
+from shared.settings import DEFAULT_RATE_MARGIN
 
 # N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
 # start (at most TOLERANCE, or LATE_MOST when the schedule after it could not be moved on) plus the jitter between
 # our send and the API's clock, so N+1 never fit in 1 s.
 # The default of the app setting AUTOPILOT_RATE_MARGIN (settings.Settings.rate_margin).
-MARGIN = 0.025
+MARGIN = DEFAULT_RATE_MARGIN
 TOLERANCE = 0.01  # seconds a sender may start late and keep its slot
 # A sender later than TOLERANCE but at most LATE_MOST still sends, and the instance's next reservation starts that much
 # beyond TOLERANCE later (`owe`), and so do its slots booked already a second or more after the late one (`moved`): the

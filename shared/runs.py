@@ -30,7 +30,7 @@ from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, CANCELLING, REPLAYS, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.secrets import SecretUnavailable
-from shared.services import Services
+from shared.services import Services, UnknownExport, find_export
 from shared.settings import SettingsError
 from shared.state_store import Snapshot, StateUnreadable
 
@@ -70,17 +70,6 @@ class BudgetBooked(RuntimeError):
 # Problems the user can fix: the run fails with this message instead of a stack trace.
 USER_ERRORS = (ExportConfigError, ExportDataError, MappingError, TooManyProfiles, SettingsError, ApiError,
                SecretUnavailable, BudgetBooked, StateUnreadable, MassRemoval)
-
-
-class UnknownExport(LookupError):
-    pass
-
-
-def find_export(svc: Services, name: str) -> ExportDefinition:
-    for export in svc.exports():
-        if export.name == name:
-            return export
-    raise UnknownExport(f"no export named {name!r}")
 
 
 def start_run(svc: Services, name: str, *, force: bool = False, dry_run: bool = False, trigger: str = "http") -> dict:

@@ -20,9 +20,8 @@ from shared.api_client import Refused, Throttled, Transient
 from shared.autopilot_client import AutopilotClient
 from shared.batch_messages import BatchMessage
 from shared.blocking import off
-from shared.contacts import mask_email
+from shared.contacts import PERMISSION, mask_email
 from shared.ortto_client import OrttoClient
-from shared.planner import PERMISSION
 from shared.rate_budget import Deferred, Pacer
 from shared.reports import CREATED_WITH
 from shared.state_store import Acked

@@ -20,6 +20,17 @@ BUDGET_TABLE = "ratebudget"
 CONTAINERS = ("batches", "reports", "config", "dead", STATE_CONTAINER)
 
 
+class UnknownExport(LookupError):
+    pass
+
+
+def find_export(svc: Services, name: str) -> ExportDefinition:
+    for export in svc.exports():
+        if export.name == name:
+            return export
+    raise UnknownExport(f"no export named {name!r}")
+
+
 class Services:
     def __init__(self, settings: Settings):
         self.settings = settings

@@ -6,8 +6,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.rate_budget import MARGIN
-
 DEFAULT_BASE_URL = "https://api2.autopilothq.com/v1"
 BATCH_QUEUE = "autopilot-batches"
 POISON_QUEUE = f"{BATCH_QUEUE}-poison"
@@ -21,6 +19,7 @@ HOST_CONNECTION = "AzureWebJobsStorage"
 # synchronous functions: planning, the timer, the HTTP API, dead batches. Sending is asynchronous (an awaited request
 # holds no thread); Azure's default for Python 3.11 is min(32, cores + 4), 5 or 6 on a Flex instance.
 WORKER_THREADS = 16
+DEFAULT_RATE_MARGIN = 0.025  # AUTOPILOT_RATE_MARGIN's default: what it absorbs, see rate_budget.MARGIN
 
 
 class SettingsError(ValueError):
@@ -34,7 +33,7 @@ class Settings:
     key_vault_url: str
     request_timeout: float = 10.0  # seconds to wait for Autopilot's answer before retrying
     max_attempts: int = 8  # deliveries of a batch before its rest is parked as a dead batch
-    rate_margin: float = MARGIN  # requests are spaced (1 + margin) / rate apart
+    rate_margin: float = DEFAULT_RATE_MARGIN  # requests are spaced (1 + margin) / rate apart
     retention_days: int = 30  # days a finished run's records and outcomes are kept (infra's lifecycle rule: blobs)
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
 
@@ -47,7 +46,7 @@ class Settings:
             key_vault_url=_required(env, "KEY_VAULT_URL"),
             request_timeout=_positive_float(env, "AUTOPILOT_TIMEOUT_SECONDS", 10.0),
             max_attempts=_positive_int(env, "AUTOPILOT_MAX_ATTEMPTS", 8),
-            rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", MARGIN),
+            rate_margin=_positive_float(env, "AUTOPILOT_RATE_MARGIN", DEFAULT_RATE_MARGIN),
             retention_days=_positive_int(env, "RETENTION_DAYS", 30),
             env=env,
         )
