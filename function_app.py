@@ -11,7 +11,7 @@ import sys
 import azure.functions as func
 
 from shared import delivery, http_api, retention, runs, services
-from shared.settings import (
+from shared.runtime.settings import (
     BATCH_QUEUE,
     HOST_CONNECTION,
     PLAN_POISON_QUEUE,

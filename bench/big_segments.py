@@ -119,8 +119,8 @@ def big_segments(quick: bool) -> Result:
 
 def _services(stack: BenchStack):
     """The app's own services, on this stack's settings: seeding uses the app's state store and destination."""
+    from shared.runtime.settings import Settings
     from shared.services import Services
-    from shared.settings import Settings
 
     svc = Services(Settings.from_env(stack.settings(RATE)))
     svc.ensure_resources()

@@ -66,7 +66,7 @@ class TagCarryingPool(ThreadPoolExecutor):
     """A pool whose tasks carry the submitting thread's invocation tag: the poller hands the function to a
     worker pool (LocalHost.call), and what the function logs there belongs to the poller's invocation. (An
     asynchronous function's task, and what it runs on the blocking pool, carry it by themselves: a task and
-    shared.blocking.off run in a copy of the context they were started from.)"""
+    shared.runtime.blocking.off run in a copy of the context they were started from.)"""
 
     def submit(self, fn, /, *args, **kwargs):
         return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)

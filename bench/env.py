@@ -23,7 +23,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
 from shared.run_records import FINISHED
-from shared.settings import WORKER_THREADS
+from shared.runtime.settings import WORKER_THREADS
 from tools.autopilot_sim import SimProcess
 from tools.azurite import free_port
 from tools.generate_export import write_export

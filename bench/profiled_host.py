@@ -83,7 +83,7 @@ def _profiling_pool(profiles: Profiles):
 
 class ProfiledHost(LocalHost):
     """Coroutine functions (send_batch) run on an event loop per function: that loop's thread runs under one
-    profiler for its whole life (the storage calls they hand to shared.blocking's pool are not profiled)."""
+    profiler for its whole life (the storage calls they hand to shared.runtime.blocking's pool are not profiled)."""
 
     def __init__(self, profiles: Profiles, *args, **kwargs):
         super().__init__(*args, **kwargs)

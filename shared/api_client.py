@@ -19,8 +19,8 @@ from typing import Protocol, TypeVar
 
 import aiohttp
 
-from shared.blocking import off
 from shared.contacts import mask_emails_in
+from shared.runtime.blocking import off
 from shared.secrets import ApiKeyProvider
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window

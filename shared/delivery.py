@@ -10,11 +10,10 @@ import time
 import uuid
 from collections import Counter
 
-from shared import batch_messages, cancels, signals
+from shared import batch_messages, cancels
 from shared.accounts import Account
 from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
-from shared.blocking import off
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, delivery_totals
 from shared.run_records import (
@@ -28,6 +27,8 @@ from shared.run_records import (
     run_log,
     utcnow,
 )
+from shared.runtime import signals
+from shared.runtime.blocking import off
 from shared.secrets import SecretUnavailable
 from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from shared import api_roles, cancels, delivery, reports, runs, services
 from shared.export_config import ExportConfigError
 from shared.run_records import RunInProgress
+from shared.runtime.settings import SettingsError, api_authentication
 from shared.services import Services, UnknownExport, find_export
-from shared.settings import SettingsError, api_authentication
 
 log = logging.getLogger("autopilot.http")
 Answer = tuple[int, dict]

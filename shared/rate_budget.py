@@ -29,9 +29,9 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from shared.blocking import off
-from shared.combiner import Combiner
-from shared.settings import DEFAULT_RATE_MARGIN
+from shared.runtime.blocking import off
+from shared.runtime.combiner import Combiner
+from shared.runtime.settings import DEFAULT_RATE_MARGIN
 
 # N+1 requests spaced (1 + MARGIN) / N apart span 1 + MARGIN seconds: MARGIN seconds (25 ms) absorb a late
 # start (at most TOLERANCE, or LATE_MOST when the schedule after it could not be moved on) plus the jitter between

@@ -22,8 +22,8 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from shared.delivery import DEAD
 from shared.run_records import FINISHED, run_log, utcnow
+from shared.runtime.settings import UNHANDLED_QUEUES
 from shared.services import Services
-from shared.settings import UNHANDLED_QUEUES
 
 log = logging.getLogger("autopilot.retention")
 EVERY = 3600.0  # seconds between an instance's sweeps

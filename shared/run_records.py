@@ -19,7 +19,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableServiceClient, UpdateMode
 
-from shared.combiner import Combiner
+from shared.runtime.combiner import Combiner
 from shared.state_store import Acked, decode_acks, encode_acks
 
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"

@@ -18,7 +18,7 @@ from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared import cancels, signals
+from shared import cancels
 from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage, warm_up
 from shared.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
@@ -29,9 +29,10 @@ from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, 
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.run_records import ACTIVE, CANCELLING, REPLAYS, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
+from shared.runtime import signals
+from shared.runtime.settings import SettingsError
 from shared.secrets import SecretUnavailable
 from shared.services import Services, UnknownExport, find_export
-from shared.settings import SettingsError
 from shared.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")

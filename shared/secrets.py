@@ -17,7 +17,7 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenCredential
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from azure.keyvault.secrets import SecretClient
 
-from shared.settings import SettingsError
+from shared.runtime.settings import SettingsError
 
 log = logging.getLogger(__name__)
 

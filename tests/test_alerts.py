@@ -1,5 +1,6 @@
 """The alert rules read what the app writes: every event and field each rule's query in infra/app/alerts.bicep
-reads is written by the app (shared/signals.py) in end-to-end runs, so a rename cannot silently blind an alert."""
+reads is written by the app (shared/runtime/signals.py) in end-to-end runs, so a rename cannot silently blind an
+alert."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from pycep import BicepParser
 
 from shared.run_records import FINISHED
-from shared.signals import EVENTS
+from shared.runtime.signals import EVENTS
 from tests.support import close_world, definition, open_world
 from tools.autopilot_sim import Faults
 from tools.generate_export import sample_profiles

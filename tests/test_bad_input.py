@@ -30,7 +30,7 @@ from azure.data.tables import TableServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
 from shared.run_records import RunRecords
-from shared.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
 from tests.support import (
     COLUMN,
     CONTAINER,

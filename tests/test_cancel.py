@@ -82,7 +82,7 @@ def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_
     from azure.storage.queue import QueueClient
 
     from shared import runs, services
-    from shared.settings import BATCH_QUEUE
+    from shared.runtime.settings import BATCH_QUEUE
 
     world, rows = slow_world, list(sample_profiles(40, seed=73))
     world.define(definition("seg", "list"))

@@ -35,7 +35,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
 from shared.run_records import FINISHED, BatchOutcome, RunRecords
-from shared.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
 from tests.support import (
     CONTAINER,
     FIELD_KEY,

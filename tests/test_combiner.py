@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.combiner import Combiner
+from shared.runtime.combiner import Combiner
 
 
 def _call_together(combiner: Combiner, items: list) -> dict:

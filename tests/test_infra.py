@@ -27,8 +27,8 @@ from shared.batch_messages import BATCH_CONTAINER
 from shared.delivery import DEAD
 from shared.reports import REPORTS
 from shared.run_records import BATCHES_TABLE, RUNS_TABLE
+from shared.runtime.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.services import BUDGET_TABLE, CONTAINERS
-from shared.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.state_store import STATE_CONTAINER, STATE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -668,7 +668,7 @@ def test_app_settings_set_every_setting_the_code_reads_with_identity_connections
 def settings_read_by_the_code() -> set[str]:
     """App settings named in the app's code: env look-ups, `%NAME%` trigger bindings and connection names."""
     from shared.export_config import DEFAULT_CONNECTION
-    from shared.settings import HOST_CONNECTION
+    from shared.runtime.settings import HOST_CONNECTION
 
     patterns = (
         r"env(?:iron)?\.get\(\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",

@@ -135,7 +135,7 @@ def test_infra_and_the_local_stack_give_the_worker_the_same_thread_count():
     import json
     import re
 
-    from shared.settings import WORKER_THREADS
+    from shared.runtime.settings import WORKER_THREADS
 
     bicep = (ROOT / "infra" / "app" / "function.bicep").read_text()
     infra = re.search(r"name: 'PYTHON_THREADPOOL_THREAD_COUNT'\s+value: '(\d+)'", bicep)

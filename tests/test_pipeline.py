@@ -15,8 +15,8 @@ from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient
 from shared import delivery
 from shared.batch_messages import warm_up, warmed_run
 from shared.rate_budget import MARGIN
+from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE, Settings
 from shared.services import Services
-from shared.settings import BATCH_QUEUE, POISON_QUEUE, Settings
 from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until
 from tools.autopilot_sim import Faults
 from tools.generate_export import STANDARD_COLUMNS, sample_profiles

@@ -25,7 +25,7 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 
-from shared.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
 from shared.state_store import STATE_CONTAINER, STATE_TABLE
 from tests.support import COLUMN, CONTAINER, close_world, definition, open_world
 from tools.autopilot_sim import Faults

@@ -9,8 +9,8 @@ import pytest
 from azure.data.tables import TableTransactionError
 
 from shared.run_records import BATCHES_TABLE, BatchOutcome, RunRecords, grouped, problems
-from shared.storage import StorageConnection
-from shared.table_limits import PROPERTY_MAX, TableLimitError, check_entity
+from shared.runtime.storage import StorageConnection
+from shared.runtime.table_limits import PROPERTY_MAX, TableLimitError, check_entity
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 
-from shared.storage import pooled_transport
+from shared.runtime.storage import pooled_transport
 from tools.event_grid import WEBHOOK_PATH
 from tools.http_framing import FramingError, read_body
 
@@ -248,7 +248,7 @@ class LocalHost:
                 data_version=str(event.get("dataVersion", "")))})
 
     def connection_string(self, setting: str) -> str:
-        from shared.storage import DEV_STORAGE
+        from shared.runtime.storage import DEV_STORAGE
 
         value = self.settings.get(setting) or os.environ.get(setting, "")
         return DEV_STORAGE if value.lower() == "usedevelopmentstorage=true" else value

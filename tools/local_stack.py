@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shared.settings import WORKER_THREADS
+from shared.runtime.settings import WORKER_THREADS
 from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
 from tools.keyvault_standin import KeyVaultStandIn

@@ -1,5 +1,5 @@
 // Alerts that reach a person: an action group (email addresses as a parameter, none by default) and log search
-// alert rules on the app's own signals (shared/signals.py writes `<event> <JSON>` trace records; each rule reads
+// alert rules on the app's own signals (shared/runtime/signals.py writes `<event> <JSON>` trace records; each rule reads
 // the JSON after the event name). tests/test_alerts.py checks that every field a rule reads is written by the app.
 param name string
 param location string

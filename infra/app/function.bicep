@@ -173,7 +173,7 @@ var appSettings = [
     value: entraAuth ? 'entra' : 'function-key'
   }
   {
-    // Threads of the Python worker (shared/settings.py WORKER_THREADS says why 16; Azure's default is cores + 4).
+    // Threads of the Python worker (shared/runtime/settings.py WORKER_THREADS says why 16; Azure's default is cores + 4).
     name: 'PYTHON_THREADPOOL_THREAD_COUNT'
     value: '16'
   }

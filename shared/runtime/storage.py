@@ -17,8 +17,8 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
 
-from shared.settings import SettingsError
-from shared.table_limits import TableLimits
+from shared.runtime.settings import SettingsError
+from shared.runtime.table_limits import TableLimits
 
 # The well-known Azurite endpoints that "UseDevelopmentStorage=true" stands for.
 _DEV_ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
