@@ -13,7 +13,7 @@ that made it).
    run streams it) in a fresh process (bench/planning.py's child): rows/s and peak memory above baseline.
 
 Seeded state: the snapshot a real first sync of the segment before churn would leave. Every row is mapped with
-shared.contacts.ContactMapper and fingerprinted with shared.planner.fingerprint over the mapped document, as the
+shared.source.contacts.ContactMapper and fingerprinted with shared.planner.fingerprint over the mapped document, as the
 planner does (a rejected row is not acknowledged), member, sorted by key, and written with ExportState.write naming
 one folded run; then that run is registered and folded, which finds it in the snapshot's header and leaves the
 head naming the destination with nothing pending: what a first run's conclude leaves.
@@ -329,7 +329,7 @@ def _free_gb(path: Path) -> float:
 
 # --- seeding: the churned segment, and the state a real first sync of the segment before it leaves ----------
 def _export(definition: dict):
-    from shared.export_config import parse_exports
+    from shared.source.export_config import parse_exports
 
     return parse_exports({"exports": [definition]})[0]
 

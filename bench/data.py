@@ -76,9 +76,9 @@ class StateLines:
     def __init__(self, definition: dict):
         import io
 
-        from shared.cdm_reader import csv_settings
-        from shared.contacts import ContactMapper
-        from shared.export_config import parse_exports
+        from shared.source.cdm_reader import csv_settings
+        from shared.source.contacts import ContactMapper
+        from shared.source.export_config import parse_exports
         from tools.generate_export import STANDARD_COLUMNS, CsvFormat
 
         self.mapper = ContactMapper(parse_exports({"exports": [definition]})[0], STANDARD_COLUMNS)
@@ -89,9 +89,9 @@ class StateLines:
 
     def line(self, number: int, row: tuple[str, ...]) -> str:
         """The row's state line, or "" if the row is rejected."""
-        from shared.cdm_reader import Row
-        from shared.contacts import Contact
         from shared.planner import fingerprint, record_digest
+        from shared.source.cdm_reader import Row
+        from shared.source.contacts import Contact
 
         contact = self.mapper.map(Row("base", number, list(row)))
         if not isinstance(contact, Contact):

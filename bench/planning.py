@@ -109,9 +109,9 @@ def _peak_rss_mb() -> float:
 def child_main(spec_path: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
-    from shared.cdm_reader import find_snapshot, read_records
-    from shared.export_config import parse_exports
     from shared.planner import Planner
+    from shared.source.cdm_reader import find_snapshot, read_records
+    from shared.source.export_config import parse_exports
     from shared.state_store import Destination, ExportState, Snapshot
 
     spec = json.loads(Path(spec_path).read_text())

@@ -19,9 +19,9 @@ from typing import Protocol, TypeVar
 
 import aiohttp
 
-from shared.contacts import mask_emails_in
 from shared.runtime.blocking import off
 from shared.secrets import ApiKeyProvider
+from shared.source.contacts import mask_emails_in
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
 T = TypeVar("T")

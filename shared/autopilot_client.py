@@ -8,8 +8,8 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from shared.api_client import ApiClient, ApiError, Pace, Transient, no_pace
-from shared.export_config import ExportDefinition
 from shared.runtime.blocking import off
+from shared.source.export_config import ExportDefinition
 
 
 class AutopilotClient(ApiClient):

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
-from shared.contacts import PERMISSION
-from shared.export_config import NAME_RE, STANDARD_FIELDS
 from shared.planner import BULK_LIMIT
 from shared.run_records import RUN_ID_RE
+from shared.source.contacts import PERMISSION
+from shared.source.export_config import NAME_RE, STANDARD_FIELDS
 
 MAX_ENCODED = 64 * 1024
 BATCH_CONTAINER = "batches"

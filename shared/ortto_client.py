@@ -14,10 +14,10 @@ import threading
 import time
 from collections import deque
 
-from shared import ortto_fields
 from shared.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
-from shared.contacts import PERMISSION, mask_emails_in
-from shared.export_config import ExportDefinition
+from shared.source import ortto_fields
+from shared.source.contacts import PERMISSION, mask_emails_in
+from shared.source.export_config import ExportDefinition
 
 ACKED = ("created", "merged")
 # Ortto bans a caller's address for 15 s after 15 malformed requests in 15 s. Splitting a refused merge to find

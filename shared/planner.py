@@ -25,9 +25,9 @@ from itertools import chain, islice
 import numpy as np
 import xxhash
 
-from shared.cdm_reader import Records, Row
-from shared.contacts import PERMISSION, ContactMapper, Rejection, mask_email
-from shared.export_config import ExportDefinition
+from shared.source.cdm_reader import Records, Row
+from shared.source.contacts import PERMISSION, ContactMapper, Rejection, mask_email
+from shared.source.export_config import ExportDefinition
 from shared.state_lines import Acked, Block, entry
 from shared.state_store import Snapshot
 

@@ -7,10 +7,10 @@ import json
 from collections import Counter
 from itertools import chain
 
-from shared.export_config import Connection
 from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, problems, run_log, utcnow
 from shared.runtime import signals
 from shared.services import Services
+from shared.source.export_config import Connection
 from shared.state_store import Destination, ExportState
 
 REPORTS = "reports"

@@ -21,10 +21,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from shared import cancels
 from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage, warm_up
-from shared.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
-from shared.contacts import MappingError, mask_emails_in
 from shared.delivery import queue_delay, queue_message, requeue_dead
-from shared.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
 from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
@@ -33,6 +30,9 @@ from shared.runtime import signals
 from shared.runtime.settings import SettingsError
 from shared.secrets import SecretUnavailable
 from shared.services import Services, UnknownExport, find_export
+from shared.source.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
+from shared.source.contacts import MappingError, mask_emails_in
+from shared.source.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
 from shared.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")

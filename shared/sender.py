@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from shared.api_client import Refused, Throttled, Transient
 from shared.autopilot_client import AutopilotClient
 from shared.batch_messages import BatchMessage
-from shared.contacts import PERMISSION, mask_email
 from shared.ortto_client import OrttoClient
 from shared.rate_budget import Deferred, Pacer
 from shared.reports import CREATED_WITH
 from shared.runtime.blocking import off
+from shared.source.contacts import PERMISSION, mask_email
 from shared.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import cdm_reader
-from shared.cdm_reader import (
+from shared.source import cdm_reader
+from shared.source.cdm_reader import (
     BadRow,
     CsvSettings,
     ExportDataError,

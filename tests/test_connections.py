@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.export_config import ExportConfigError, parse_exports
+from shared.source.export_config import ExportConfigError, parse_exports
 from tests.support import definition, expected_contacts
 from tools.autopilot_sim import SimProcess
 from tools.generate_export import sample_profiles

@@ -9,9 +9,9 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared.cdm_reader import Row, find_snapshot, read_rows
-from shared.contacts import Contact, ContactMapper, MappingError, Rejection, email_problem, mask_email
-from shared.export_config import ExportConfigError, parse_exports
+from shared.source.cdm_reader import Row, find_snapshot, read_rows
+from shared.source.contacts import Contact, ContactMapper, MappingError, Rejection, email_problem, mask_email
+from shared.source.export_config import ExportConfigError, parse_exports
 from tools.generate_export import write_export
 
 SAMPLE = Path(__file__).resolve().parent / "fixtures" / "ci-export"
@@ -223,7 +223,7 @@ def test_the_fast_email_check_gives_email_validators_verdict(email):
 
 
 def test_addresses_inside_free_text_are_masked():
-    from shared.contacts import mask_emails_in
+    from shared.source.contacts import mask_emails_in
 
     text = mask_emails_in('Invalid Email "maria.lopez@fabrikam.example". Also ken@contoso.example, done')
     assert "maria.lopez@" not in text and "ken@contoso" not in text

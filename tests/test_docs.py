@@ -13,8 +13,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from shared import export_config as config
-from shared.export_config import parse_exports
+from shared.source import export_config as config
+from shared.source.export_config import parse_exports
 
 ROOT = Path(__file__).resolve().parents[1]
 

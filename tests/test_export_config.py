@@ -10,7 +10,14 @@ from azure.core.exceptions import ResourceNotFoundError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.export_config import PLAN_RATES, Connection, CustomField, ExportConfigError, load_exports, parse_exports
+from shared.source.export_config import (
+    PLAN_RATES,
+    Connection,
+    CustomField,
+    ExportConfigError,
+    load_exports,
+    parse_exports,
+)
 
 EXPORT = {
     "name": "high-value", "enabled": True, "dataTransferAcknowledged": True,

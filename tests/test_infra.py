@@ -667,8 +667,8 @@ def test_app_settings_set_every_setting_the_code_reads_with_identity_connections
 
 def settings_read_by_the_code() -> set[str]:
     """App settings named in the app's code: env look-ups, `%NAME%` trigger bindings and connection names."""
-    from shared.export_config import DEFAULT_CONNECTION
     from shared.runtime.settings import HOST_CONNECTION
+    from shared.source.export_config import DEFAULT_CONNECTION
 
     patterns = (
         r"env(?:iron)?\.get\(\s*\"([A-Za-z_][A-Za-z0-9_]*)\"",

@@ -14,9 +14,9 @@ import pytest
 
 from shared import ortto_client
 from shared.api_client import ApiError, Refused, Throttled
-from shared.export_config import parse_exports
 from shared.ortto_client import OrttoClient
 from shared.secrets import ApiKeyProvider, LocalStandInCredential
+from shared.source.export_config import parse_exports
 from tools.keyvault_standin import KeyVaultStandIn
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "ortto_recorded.json").read_text())

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from shared import ortto_fields
-from shared.cdm_reader import Row
-from shared.contacts import Contact, ContactMapper, MappingError, Rejection
-from shared.export_config import ExportConfigError, parse_exports
 from shared.planner import Planner, expected_requests
+from shared.source import ortto_fields
+from shared.source.cdm_reader import Row
+from shared.source.contacts import Contact, ContactMapper, MappingError, Rejection
+from shared.source.export_config import ExportConfigError, parse_exports
 from shared.state_store import Snapshot
 from tests.support import definition
 from tests.test_planner import partition

@@ -177,7 +177,7 @@ def test_list_run_that_cannot_get_a_slot_for_its_look_up_fails_saying_until_when
     world = open_world()
     try:
         from shared import services
-        from shared.export_config import Connection
+        from shared.source.export_config import Connection
 
         booked = services.current().account(Connection()).budget.reserve(1, ahead=120)  # another run's, 2 minutes
         world.define(definition("lv", membership="list"))

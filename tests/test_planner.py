@@ -7,10 +7,10 @@ import io
 
 import pytest
 
-from shared.cdm_reader import CsvSettings, Records
-from shared.contacts import ContactMapper
-from shared.export_config import parse_exports
 from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
+from shared.source.cdm_reader import CsvSettings, Records
+from shared.source.contacts import ContactMapper
+from shared.source.export_config import parse_exports
 from shared.state_store import Acked, Snapshot
 
 COLUMNS = ["CustomerId", "Email", "First"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from shared import export_config as config
-from shared.export_config import ExportConfigError, ExportDefinition, parse_exports
+from shared.source import export_config as config
+from shared.source.export_config import ExportConfigError, ExportDefinition, parse_exports
 from tests.support import definition
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "schema" / "exports.schema.json").read_text())

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from shared.export_config import Connection
 from shared.runtime.settings import Settings, SettingsError
 from shared.services import Services
+from shared.source.export_config import Connection
 from shared.state_store import Destination
 from tools.local_stack import LocalStack
 

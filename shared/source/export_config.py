@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
-from shared import ortto_fields
+from shared.source import ortto_fields
 
 STANDARD_FIELDS = (
     "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",

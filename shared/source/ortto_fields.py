@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (export_config checks definitions with this module: no import cycle at run time)
-    from shared.export_config import ExportDefinition
+    from shared.source.export_config import ExportDefinition
 
 # The export's standard fields Ortto has, and their ids. Phone and MobilePhone are one Ortto field.
 STANDARD = {"Email": "str::email", "FirstName": "str::first", "LastName": "str::last", "Phone": "phn::phone",

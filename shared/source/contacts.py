@@ -24,9 +24,9 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import DOT_ATOM_TEXT  # the library's own rule for plain ASCII local parts
 
-from shared import ortto_fields
-from shared.cdm_reader import Row
-from shared.export_config import ExportConfigError, ExportDefinition
+from shared.source import ortto_fields
+from shared.source.cdm_reader import Row
+from shared.source.export_config import ExportConfigError, ExportDefinition
 
 PERMISSION = "_permission"  # a document's key for the email permission a new person gets (Ortto; not a field)
 EMAIL_MAX_LENGTH = 254
