@@ -341,8 +341,8 @@ def _destination(svc, definition: dict):
 def seed(stack: BenchStack, svc, definition: dict, churn: Churn) -> dict:
     """Write the churned segment (as Customer Insights would) and the snapshot + head a real first sync of the
     segment before churn leaves (see the module's docstring). Returns what it took."""
-    from shared.run_records import new_run_id
-    from shared.state_store import Acked
+    from shared.state.run_records import new_run_id
+    from shared.state.state_store import Acked
 
     export = _export(definition)
     unsorted, ordered = stack.out / f"{export.name}.acked", stack.out / f"{export.name}.acked.sorted"

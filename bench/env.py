@@ -22,8 +22,8 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
-from shared.run_records import FINISHED
 from shared.runtime.settings import WORKER_THREADS
+from shared.state.run_records import FINISHED
 from tools.autopilot_sim import SimProcess
 from tools.azurite import free_port
 from tools.generate_export import write_export

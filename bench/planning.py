@@ -112,7 +112,7 @@ def child_main(spec_path: str) -> None:
     from shared.planner import Planner
     from shared.source.cdm_reader import find_snapshot, read_records
     from shared.source.export_config import parse_exports
-    from shared.state_store import Destination, ExportState, Snapshot
+    from shared.state.state_store import Destination, ExportState, Snapshot
 
     spec = json.loads(Path(spec_path).read_text())
     export = parse_exports({"exports": [spec["definition"]]})[0]

@@ -15,9 +15,9 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
 from shared.planner import BULK_LIMIT
-from shared.run_records import RUN_ID_RE
 from shared.source.contacts import PERMISSION
 from shared.source.export_config import NAME_RE, STANDARD_FIELDS
+from shared.state.run_records import RUN_ID_RE
 
 MAX_ENCODED = 64 * 1024
 BATCH_CONTAINER = "batches"

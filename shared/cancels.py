@@ -20,10 +20,10 @@ import time
 
 from shared.api_client import CONNECT_TIMEOUT
 from shared.reports import conclude, run_view
-from shared.run_records import ACTIVE, CANCELLING, STATUS_MAX_AGE, utcnow
 from shared.sender import MAX_WAIT
 from shared.services import Services, find_export
 from shared.source.cdm_reader import find_snapshot
+from shared.state.run_records import ACTIVE, CANCELLING, STATUS_MAX_AGE, utcnow
 
 SEEN_BY_SENDERS = STATUS_MAX_AGE + MAX_WAIT + 0.25  # seconds after which no sender starts a request of the run
 

@@ -16,7 +16,12 @@ from shared.api_client import ApiKeyRejected, Permanent
 from shared.batch_messages import BatchMessage, MessageError
 from shared.rate_budget import LEAD, Pacer, Stopped
 from shared.reports import after_batch, delivery_totals
-from shared.run_records import (
+from shared.runtime import signals
+from shared.runtime.blocking import off
+from shared.secrets import SecretUnavailable
+from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
+from shared.services import Services
+from shared.state.run_records import (
     ACTIVE,
     CANCELLING,
     REPLAYING,
@@ -27,12 +32,7 @@ from shared.run_records import (
     run_log,
     utcnow,
 )
-from shared.runtime import signals
-from shared.runtime.blocking import off
-from shared.secrets import SecretUnavailable
-from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
-from shared.services import Services
-from shared.state_store import Acked, Destination
+from shared.state.state_store import Acked, Destination
 
 log = logging.getLogger("autopilot.delivery")
 DEAD = "dead"

@@ -12,10 +12,10 @@ import re
 from collections.abc import Callable, Mapping
 
 from shared import api_roles, cancels, delivery, reports, runs, services
-from shared.run_records import RunInProgress
 from shared.runtime.settings import SettingsError, api_authentication
 from shared.services import Services, UnknownExport, find_export
 from shared.source.export_config import ExportConfigError
+from shared.state.run_records import RunInProgress
 
 log = logging.getLogger("autopilot.http")
 Answer = tuple[int, dict]

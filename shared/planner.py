@@ -28,8 +28,8 @@ import xxhash
 from shared.source.cdm_reader import Records, Row
 from shared.source.contacts import PERMISSION, ContactMapper, Rejection, mask_email
 from shared.source.export_config import ExportDefinition
-from shared.state_lines import Acked, Block, entry
-from shared.state_store import Snapshot
+from shared.state.state_lines import Acked, Block, entry
+from shared.state.state_store import Snapshot
 
 BULK_LIMIT = 100  # Autopilot's cap on contacts per POST /contacts, and Ortto's on people per merge
 CHUNK = 5000  # differences written to SQLite together

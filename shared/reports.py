@@ -7,11 +7,11 @@ import json
 from collections import Counter
 from itertools import chain
 
-from shared.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, problems, run_log, utcnow
 from shared.runtime import signals
 from shared.services import Services
 from shared.source.export_config import Connection
-from shared.state_store import Destination, ExportState
+from shared.state.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, problems, run_log, utcnow
+from shared.state.state_store import Destination, ExportState
 
 REPORTS = "reports"
 

@@ -21,9 +21,9 @@ from itertools import islice
 from azure.core.exceptions import ResourceNotFoundError
 
 from shared.delivery import DEAD
-from shared.run_records import FINISHED, run_log, utcnow
 from shared.runtime.settings import UNHANDLED_QUEUES
 from shared.services import Services
+from shared.state.run_records import FINISHED, run_log, utcnow
 
 log = logging.getLogger("autopilot.retention")
 EVERY = 3600.0  # seconds between an instance's sweeps

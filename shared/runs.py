@@ -25,7 +25,6 @@ from shared.delivery import queue_delay, queue_message, requeue_dead
 from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
 from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
-from shared.run_records import ACTIVE, CANCELLING, REPLAYS, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
 from shared.runtime import signals
 from shared.runtime.settings import SettingsError
 from shared.secrets import SecretUnavailable
@@ -33,7 +32,8 @@ from shared.services import Services, UnknownExport, find_export
 from shared.source.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.source.contacts import MappingError, mask_emails_in
 from shared.source.export_config import DEFAULT_CONNECTION, ExportConfigError, ExportDefinition
-from shared.state_store import Snapshot, StateUnreadable
+from shared.state.run_records import ACTIVE, CANCELLING, REPLAYS, RUN_ID_RE, RunInProgress, new_run_id, run_log, utcnow
+from shared.state.state_store import Snapshot, StateUnreadable
 
 log = logging.getLogger("autopilot.runs")
 LOOKUP_WAIT = 30.0  # seconds a list-mode start may wait for its look-up's request slot

@@ -24,7 +24,7 @@ from shared.rate_budget import Deferred, Pacer
 from shared.reports import CREATED_WITH
 from shared.runtime.blocking import off
 from shared.source.contacts import PERMISSION, mask_email
-from shared.state_store import Acked
+from shared.state.state_store import Acked
 
 log = logging.getLogger("autopilot.sender")
 MERGED = "u"  # an item's first step is done (merged before its list join, or created with its permission)

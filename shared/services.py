@@ -10,11 +10,11 @@ from azure.data.tables import TableClient
 from azure.storage.blob import ContainerClient
 
 from shared.accounts import Account
-from shared.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
 from shared.runtime.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.runtime.storage import StorageConnection
 from shared.source.export_config import Connection, ExportDefinition, load_exports
-from shared.state_store import STATE_CONTAINER, STATE_TABLE, Destination, ExportState
+from shared.state.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
+from shared.state.state_store import STATE_CONTAINER, STATE_TABLE, Destination, ExportState
 
 BUDGET_TABLE = "ratebudget"
 CONTAINERS = ("batches", "reports", "config", "dead", STATE_CONTAINER)

@@ -11,7 +11,7 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient
 
-from shared.run_records import FINISHED
+from shared.state.run_records import FINISHED
 from tools.generate_export import STANDARD_COLUMNS, write_export
 from tools.local_host import LocalHost, QueueOptions
 from tools.local_stack import LocalStack
@@ -101,7 +101,7 @@ class World:
         """Batches of a run settled so far, read from the run records (works while no host serves HTTP)."""
         from azure.data.tables import TableServiceClient
 
-        from shared.run_records import RunRecords
+        from shared.state.run_records import RunRecords
 
         with TableServiceClient.from_connection_string(self.stack.storage) as tables:
             return len(RunRecords(tables).batch_outcomes(run_id))
@@ -132,7 +132,7 @@ def acknowledged_state(storage: str, export: str) -> list:
 
     from azure.data.tables import TableServiceClient
 
-    from shared.state_store import STATE_TABLE, ExportState
+    from shared.state.state_store import STATE_TABLE, ExportState
 
     with TableServiceClient.from_connection_string(storage) as tables, \
             BlobServiceClient.from_connection_string(storage) as blobs:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pycep import BicepParser
 
-from shared.run_records import FINISHED
 from shared.runtime.signals import EVENTS
+from shared.state.run_records import FINISHED
 from tests.support import close_world, definition, open_world
 from tools.autopilot_sim import Faults
 from tools.generate_export import sample_profiles

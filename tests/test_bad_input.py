@@ -29,8 +29,8 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.run_records import RunRecords
 from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.state.run_records import RunRecords
 from tests.support import (
     COLUMN,
     CONTAINER,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.run_records import RunRecords
+from shared.state.run_records import RunRecords
 from tests.support import close_world, definition, open_world, wait_until
 from tests.test_incremental import segment_emails
 from tools.generate_export import sample_profiles
@@ -172,7 +172,7 @@ def test_every_delivery_of_a_taken_over_run_checks_whether_its_batch_settled(slo
     re-queue: a first delivery of any of them finds its batch settled and sends nothing."""
     from shared import batch_messages, delivery, runs, services
     from shared.batch_messages import BatchMessage
-    from shared.run_records import utcnow
+    from shared.state.run_records import utcnow
 
     world = slow_world
     run_id = _run_held_after_first_page(world, monkeypatch, 300, page=1)

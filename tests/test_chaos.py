@@ -34,8 +34,8 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.run_records import FINISHED, BatchOutcome, RunRecords
 from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.state.run_records import FINISHED, BatchOutcome, RunRecords
 from tests.support import (
     CONTAINER,
     FIELD_KEY,

@@ -26,10 +26,10 @@ from pycep import BicepParser
 from shared.batch_messages import BATCH_CONTAINER
 from shared.delivery import DEAD
 from shared.reports import REPORTS
-from shared.run_records import BATCHES_TABLE, RUNS_TABLE
 from shared.runtime.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.services import BUDGET_TABLE, CONTAINERS
-from shared.state_store import STATE_CONTAINER, STATE_TABLE
+from shared.state.run_records import BATCHES_TABLE, RUNS_TABLE
+from shared.state.state_store import STATE_CONTAINER, STATE_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

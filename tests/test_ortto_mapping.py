@@ -11,7 +11,7 @@ from shared.source import ortto_fields
 from shared.source.cdm_reader import Row
 from shared.source.contacts import Contact, ContactMapper, MappingError, Rejection
 from shared.source.export_config import ExportConfigError, parse_exports
-from shared.state_store import Snapshot
+from shared.state.state_store import Snapshot
 from tests.support import definition
 from tests.test_planner import partition
 from tools.generate_export import STANDARD_COLUMNS, sample_profiles

@@ -499,7 +499,7 @@ def test_a_run_the_timer_cannot_look_after_does_not_stop_it_starting_the_others(
 def test_stale_planning_is_measured_from_when_planning_began():
     from datetime import UTC, datetime, timedelta
 
-    from shared.run_records import STALE_PLANNING, _planning_stopped
+    from shared.state.run_records import STALE_PLANNING, _planning_stopped
 
     def ago(seconds: float) -> str:
         return (datetime.now(UTC) - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -555,7 +555,7 @@ def test_an_export_s_run_history_pages_newest_first(world):
 def test_runs_recorded_before_the_run_index_are_listed_too(world):
     from azure.data.tables import TableServiceClient
 
-    from shared.run_records import RunRecords
+    from shared.state.run_records import RunRecords
 
     records = RunRecords(TableServiceClient.from_connection_string(world.stack.storage))
     older = {"PartitionKey": "run", "RowKey": "20260101T000000Z-0000abcd", "export": "legacy", "status": "succeeded"}
@@ -596,7 +596,7 @@ def test_dry_run_sends_nothing_and_predicts_the_real_run(world, membership):
 def test_run_whose_planning_died_does_not_block_the_export_forever(world):
     from azure.data.tables import TableServiceClient
 
-    from shared.run_records import RunRecords
+    from shared.state.run_records import RunRecords
 
     with TableServiceClient.from_connection_string(world.stack.storage) as tables:
         records = RunRecords(tables)
@@ -646,7 +646,7 @@ def test_runs_of_one_second_are_listed_newest_first_whatever_their_hex_digits(wo
     An index partition written by the version that sorted "9" before "a" is emptied as the new index is built."""
     from azure.data.tables import TableServiceClient
 
-    from shared.run_records import RunRecords
+    from shared.state.run_records import RunRecords
 
     ids = [f"20260101T000000Z-{ms:03x}00000" for ms in (0x099, 0x09f, 0x0a0, 0x0af, 0x100, 0x3df)]
     records = RunRecords(TableServiceClient.from_connection_string(world.stack.storage))

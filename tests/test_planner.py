@@ -11,7 +11,7 @@ from shared.planner import Planner, TooManyProfiles, encoded, expected_requests,
 from shared.source.cdm_reader import CsvSettings, Records
 from shared.source.contacts import ContactMapper
 from shared.source.export_config import parse_exports
-from shared.state_store import Acked, Snapshot
+from shared.state.state_store import Acked, Snapshot
 
 COLUMNS = ["CustomerId", "Email", "First"]
 

@@ -17,10 +17,10 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from shared import retention
 from shared.delivery import DEAD
-from shared.run_records import utcnow
 from shared.runtime.settings import UNHANDLED_QUEUES, Settings, SettingsError
 from shared.services import Services
-from shared.state_store import Acked, Destination
+from shared.state.run_records import utcnow
+from shared.state.state_store import Acked, Destination
 
 OLD = "2020-01-01T00:00:00.000Z"  # far beyond the default 30 days
 DEST = Destination("https://autopilot.test/v1 (key k)", "field", "boolean--In")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared import reports, services
-from shared.run_records import BatchOutcome
+from shared.state.run_records import BatchOutcome
 
 
 def _running_run_with(world, run_id: str, batches: int) -> None:

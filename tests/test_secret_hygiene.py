@@ -26,7 +26,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 
 from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
-from shared.state_store import STATE_CONTAINER, STATE_TABLE
+from shared.state.state_store import STATE_CONTAINER, STATE_TABLE
 from tests.support import COLUMN, CONTAINER, close_world, definition, open_world
 from tools.autopilot_sim import Faults
 from tools.generate_export import sample_profiles

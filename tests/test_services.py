@@ -11,7 +11,7 @@ import pytest
 from shared.runtime.settings import Settings, SettingsError
 from shared.services import Services
 from shared.source.export_config import Connection
-from shared.state_store import Destination
+from shared.state.state_store import Destination
 from tools.local_stack import LocalStack
 
 

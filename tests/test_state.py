@@ -12,8 +12,8 @@ import pytest
 from azure.data.tables import TableServiceClient
 
 from shared import runs
-from shared.run_records import RunRecords
-from shared.state_store import (
+from shared.state.run_records import RunRecords
+from shared.state.state_store import (
     STATE_CONTAINER,
     STATE_TABLE,
     Acked,

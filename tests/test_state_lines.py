@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from shared.state_lines import Acked, parse_block, text
-from shared.state_store import Snapshot, StateUnreadable
+from shared.state.state_lines import Acked, parse_block, text
+from shared.state.state_store import Snapshot, StateUnreadable
 
 SOURCE = "00ff00ff00ff00ff"
 
@@ -50,7 +50,7 @@ def test_a_bad_line_is_named_by_its_entry_number(bad, why):
 
 
 def test_order_holds_across_blocks(monkeypatch):
-    monkeypatch.setattr("shared.state_store.READ_BLOCK", 16)  # a block of a line or two
+    monkeypatch.setattr("shared.state.state_store.READ_BLOCK", 16)  # a block of a line or two
     good = [Acked(f"{c}@x.io", "f", True, SOURCE) for c in "abcdefgh"]
     assert list(Snapshot.of(good).entries()) == good
     data = "".join(text(a) + "\n" for a in good[:4] + good[3:4] + good[4:]).encode()

@@ -8,9 +8,9 @@ import time
 import pytest
 from azure.data.tables import TableTransactionError
 
-from shared.run_records import BATCHES_TABLE, BatchOutcome, RunRecords, grouped, problems
 from shared.runtime.storage import StorageConnection
 from shared.runtime.table_limits import PROPERTY_MAX, TableLimitError, check_entity
+from shared.state.run_records import BATCHES_TABLE, BatchOutcome, RunRecords, grouped, problems
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import requests
 
-from shared.run_records import ACTIVE, FINISHED
 from shared.runtime.settings import Settings, SettingsError
 from shared.source.export_config import SECRET_NAME_RE, ExportConfigError, parse_exports
+from shared.state.run_records import ACTIVE, FINISHED
 from tools import event_grid
 from tools.local_host import LocalHost, ScaleGroups
 from tools.local_stack import LocalStack

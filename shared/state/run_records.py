@@ -20,7 +20,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableServiceClient, UpdateMode
 
 from shared.runtime.combiner import Combiner
-from shared.state_store import Acked, decode_acks, encode_acks
+from shared.state.state_store import Acked, decode_acks, encode_acks
 
 RUNS_TABLE, BATCHES_TABLE = "runs", "batches"
 ACTIVE = ("queued", "planning", "running")

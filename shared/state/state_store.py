@@ -41,7 +41,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableClient, UpdateMode
 from azure.storage.blob import BlobServiceClient
 
-from shared.state_lines import Acked, BadLine, Block, parse_block, text
+from shared.state.state_lines import Acked, BadLine, Block, parse_block, text
 
 STATE_TABLE = "contactstate"  # also holds the acknowledged state of versions before snapshots (partition = export)
 STATE_CONTAINER = "state"
