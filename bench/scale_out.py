@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from bench.data import base_rows, export_doc, partitions_for
 from bench.env import ROOT, BenchError, BenchStack, Host, say
 from bench.measure import HostLog, Result, RunMeasure, accepted, max_in_window, throttled, tightest_span, timed_run
-from shared.rate_budget import MARGIN
+from shared.destinations.rate_budget import MARGIN
 
 COUNTED = "bench.counted_host"
 RATE = 50.0  # requests/s: AUTOPILOT_REQUESTS_PER_SECOND and the simulator's limit

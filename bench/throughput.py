@@ -27,7 +27,7 @@ from bench.data import base_rows, export_doc, partitions_for
 from bench.env import Api, BenchStack, CoreBurner, Host, say
 from bench.measure import HostLog, Result, RunMeasure, accepted, max_in_window, throttled, tightest_span, timed_run
 from bench.storage import StorageCount, median_max
-from shared.rate_budget import MARGIN
+from shared.destinations.rate_budget import MARGIN
 
 COUNTED = "bench.counted_host"
 POLL = 0.5  # seconds between GETs of the run's view while it runs (tools/local_run.py's interval)

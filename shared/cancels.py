@@ -18,7 +18,7 @@ import json
 import math
 import time
 
-from shared.api_client import CONNECT_TIMEOUT
+from shared.destinations.api_client import CONNECT_TIMEOUT
 from shared.reports import conclude, run_view
 from shared.sender import MAX_WAIT
 from shared.services import Services, find_export

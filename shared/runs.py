@@ -19,15 +19,15 @@ from itertools import islice
 from azure.core.exceptions import ResourceNotFoundError
 
 from shared import cancels
-from shared.api_client import ApiError, Throttled, Transient
 from shared.batch_messages import BatchMessage, warm_up
 from shared.delivery import queue_delay, queue_message, requeue_dead
+from shared.destinations.api_client import ApiError, Throttled, Transient
+from shared.destinations.rate_budget import Deferred, Pacer, RateBudget
+from shared.destinations.secrets import SecretUnavailable
 from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
-from shared.rate_budget import Deferred, Pacer, RateBudget
 from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.runtime import signals
 from shared.runtime.settings import SettingsError
-from shared.secrets import SecretUnavailable
 from shared.services import Services, UnknownExport, find_export
 from shared.source.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.source.contacts import MappingError, mask_emails_in

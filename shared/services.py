@@ -9,7 +9,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableClient
 from azure.storage.blob import ContainerClient
 
-from shared.accounts import Account
+from shared.destinations.accounts import Account
 from shared.runtime.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.runtime.storage import StorageConnection
 from shared.source.export_config import Connection, ExportDefinition, load_exports

@@ -91,7 +91,7 @@ def test_options_come_from_host_json():
 
 def test_host_json_polls_often_enough_for_the_rate_budgets_lead():
     """A message becomes visible LEAD before its turn: an idle poller must find it before then."""
-    from shared.rate_budget import LEAD
+    from shared.destinations.rate_budget import LEAD
 
     polling = QueueOptions.from_host_json().max_polling_interval
     assert polling + 0.25 <= LEAD

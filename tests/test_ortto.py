@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import ortto_client
+from shared.destinations import ortto_client
 from tests.support import COLUMN, close_world, definition, open_world
 from tests.test_incremental import expected_diff, segment_emails, snapshots
 from tools import ortto_sim

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from shared import ortto_client
-from shared.api_client import ApiError, Refused, Throttled
-from shared.ortto_client import OrttoClient
-from shared.secrets import ApiKeyProvider, LocalStandInCredential
+from shared.destinations import ortto_client
+from shared.destinations.api_client import ApiError, Refused, Throttled
+from shared.destinations.ortto_client import OrttoClient
+from shared.destinations.secrets import ApiKeyProvider, LocalStandInCredential
 from shared.source.export_config import parse_exports
 from tools.keyvault_standin import KeyVaultStandIn
 

@@ -14,7 +14,7 @@ from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient
 
 from shared import delivery
 from shared.batch_messages import warm_up, warmed_run
-from shared.rate_budget import MARGIN
+from shared.destinations.rate_budget import MARGIN
 from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE, Settings
 from shared.services import Services
 from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until

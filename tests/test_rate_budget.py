@@ -13,8 +13,8 @@ from itertools import pairwise
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared import rate_budget
-from shared.rate_budget import (
+from shared.destinations import rate_budget
+from shared.destinations.rate_budget import (
     HOLD_FIRST,
     HOLD_MOST,
     LATE_MOST,
@@ -197,7 +197,7 @@ class _Told:
 @pytest.fixture
 def slow_client():
     """An ApiClient on a local server that answers 0.3 s after a request arrives."""
-    from shared.api_client import ApiClient
+    from shared.destinations.api_client import ApiClient
 
     class Key:
         def get(self):
@@ -413,7 +413,7 @@ def test_a_slot_further_away_than_the_wait_allowed_defers_and_takes_nothing(budg
 def test_retry_after_is_read_as_seconds_or_as_an_http_date(header, low, high):
     from email.utils import formatdate
 
-    from shared.api_client import retry_after
+    from shared.destinations.api_client import retry_after
 
     if header == "in-the-future":
         header = formatdate(time.time() + 10, usegmt=True)

@@ -17,8 +17,8 @@ import requests
 from azure.keyvault.secrets import SecretClient
 from azure.keyvault.secrets._shared import http_challenge_cache
 
+from shared.destinations.secrets import ApiKeyProvider, LocalStandInCredential, SecretUnavailable
 from shared.runtime.settings import SettingsError
-from shared.secrets import ApiKeyProvider, LocalStandInCredential, SecretUnavailable
 from tools.keyvault_standin import KeyVaultStandIn
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from shared.api_client import ApiClient, ApiError, Pace, Transient, no_pace
+from shared.destinations.api_client import ApiClient, ApiError, Pace, Transient, no_pace
 from shared.runtime.blocking import off
 from shared.source.export_config import ExportDefinition
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from shared.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
+from shared.destinations.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
 from shared.source import ortto_fields
 from shared.source.contacts import PERMISSION, mask_emails_in
 from shared.source.export_config import ExportDefinition

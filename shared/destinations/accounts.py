@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from azure.data.tables import TableClient
 
-from shared.autopilot_client import AutopilotClient
-from shared.ortto_client import OrttoClient
-from shared.rate_budget import RateBudget
+from shared.destinations.autopilot_client import AutopilotClient
+from shared.destinations.ortto_client import OrttoClient
+from shared.destinations.rate_budget import RateBudget
+from shared.destinations.secrets import ApiKeyProvider
 from shared.runtime.settings import Settings
-from shared.secrets import ApiKeyProvider
 from shared.source.export_config import DEFAULT_ACCOUNT, Connection
 
 DEFAULT_BUDGET_KEY = "autopilot"  # the default connection's budget entity, as before connections existed

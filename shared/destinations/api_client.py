@@ -19,8 +19,8 @@ from typing import Protocol, TypeVar
 
 import aiohttp
 
+from shared.destinations.secrets import ApiKeyProvider
 from shared.runtime.blocking import off
-from shared.secrets import ApiKeyProvider
 from shared.source.contacts import mask_emails_in
 
 CONNECT_TIMEOUT = 3.05  # seconds; a little over a TCP retransmit window
