@@ -10,7 +10,8 @@ import sys
 
 import azure.functions as func
 
-from shared import delivery, http_api, retention, runs, services
+from shared import http_api, services
+from shared.pipeline import delivery, retention, runs
 from shared.runtime.settings import (
     BATCH_QUEUE,
     HOST_CONNECTION,

@@ -13,10 +13,10 @@ that made it).
    run streams it) in a fresh process (bench/planning.py's child): rows/s and peak memory above baseline.
 
 Seeded state: the snapshot a real first sync of the segment before churn would leave. Every row is mapped with
-shared.source.contacts.ContactMapper and fingerprinted with shared.planner.fingerprint over the mapped document, as the
-planner does (a rejected row is not acknowledged), member, sorted by key, and written with ExportState.write naming
-one folded run; then that run is registered and folded, which finds it in the snapshot's header and leaves the
-head naming the destination with nothing pending: what a first run's conclude leaves.
+shared.source.contacts.ContactMapper and fingerprinted with shared.pipeline.planner.fingerprint over the mapped
+document, as the planner does (a rejected row is not acknowledged), member, sorted by key, and written with
+ExportState.write naming one folded run; then that run is registered and folded, which finds it in the snapshot's
+header and leaves the head naming the destination with nothing pending: what a first run's conclude leaves.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bench.data import Churn, StateLines, base_rows, export_doc, partitions_for
 from bench.env import Api, BenchError, BenchStack, Host, say
 from bench.measure import Result, RunMeasure, accepted, epoch, is_contact_request, throttled, timed_run
 from bench.profiles import TOP, profile_table
-from shared.planner import expected_requests
+from shared.pipeline.planner import expected_requests
 
 ACTIVE = ("queued", "planning", "running")
 RATE = 5.0  # Autopilot's limit: the simulator's and the budget's

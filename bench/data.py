@@ -89,7 +89,7 @@ class StateLines:
 
     def line(self, number: int, row: tuple[str, ...]) -> str:
         """The row's state line, or "" if the row is rejected."""
-        from shared.planner import fingerprint, record_digest
+        from shared.pipeline.planner import fingerprint, record_digest
         from shared.source.cdm_reader import Row
         from shared.source.contacts import Contact
 

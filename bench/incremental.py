@@ -8,7 +8,7 @@ from __future__ import annotations
 from bench.data import Churn, base_rows, export_doc, partitions_for
 from bench.env import BenchStack, say
 from bench.measure import Result, RunMeasure, accepted, throttled, timed_run
-from shared.planner import expected_requests, list_ops_for
+from shared.pipeline.planner import expected_requests, list_ops_for
 
 RATE = 5.0  # the churn run and the rerun: Autopilot's real limit
 # The initial syncs only set the scene, so they run faster, but no faster than one local host keeps up with on

@@ -16,7 +16,7 @@ from bench.data import Churn, base_rows, export_doc, partitions_for
 from bench.env import BenchStack, say
 from bench.measure import Result, accepted, max_in_window, throttled, timed_run
 from bench.throughput import COUNTED, POLL, Case, _ratio_figures, latency_inputs
-from shared.planner import expected_requests
+from shared.pipeline.planner import expected_requests
 
 PLAN, RATE = "business", 30.0
 SYNC = Case("tag mode, 30 r/s", RATE, 0.95)

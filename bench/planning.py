@@ -109,7 +109,7 @@ def _peak_rss_mb() -> float:
 def child_main(spec_path: str) -> None:
     from azure.storage.blob import BlobServiceClient
 
-    from shared.planner import Planner
+    from shared.pipeline.planner import Planner
     from shared.source.cdm_reader import find_snapshot, read_records
     from shared.source.export_config import parse_exports
     from shared.state.state_store import Destination, ExportState, Snapshot

@@ -11,7 +11,8 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 
-from shared import api_roles, cancels, delivery, reports, runs, services
+from shared import api_roles, services
+from shared.pipeline import cancels, delivery, reports, runs
 from shared.runtime.settings import SettingsError, api_authentication
 from shared.services import Services, UnknownExport, find_export
 from shared.source.export_config import ExportConfigError

@@ -744,8 +744,8 @@ def test_two_oversized_messages_of_one_batch_and_attempt_keep_their_own_items(st
     blob is its own."""
     from azure.storage.blob import BlobServiceClient
 
-    from shared import batch_messages
-    from shared.batch_messages import BATCH_CONTAINER, BatchMessage
+    from shared.pipeline import batch_messages
+    from shared.pipeline.batch_messages import BATCH_CONTAINER, BatchMessage
 
     blobs = BlobServiceClient.from_connection_string(storage_connection)
     try:

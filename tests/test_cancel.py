@@ -59,7 +59,8 @@ def test_a_cancelled_run_stops_sending_at_the_answer_and_the_next_run_sends_only
 
 
 def test_the_timer_leaves_a_cancelled_snapshot_alone_and_cancel_answers_404_for_no_run(slow_world):
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
 
     world, rows = slow_world, list(sample_profiles(200, seed=72))
     world.define(definition("seg"))
@@ -81,7 +82,8 @@ def RunRecords_count(world, export: str) -> int:
 def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_world, monkeypatch):
     from azure.storage.queue import QueueClient
 
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
     from shared.runtime.settings import BATCH_QUEUE
 
     world, rows = slow_world, list(sample_profiles(40, seed=73))
@@ -109,7 +111,8 @@ def test_a_run_that_fails_while_sending_stops_like_a_cancel_and_the_next_run_sen
     """A run ended as failed mid-flight (its window job given up on; a forced run, a refused key and a streamed
     sync cut short end it the same way) is concluded once its requests in flight have settled: what they got
     acknowledged is folded, so the next run does not send it again."""
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
 
     world, rows = slow_world, list(sample_profiles(60, seed=74))
     world.define(definition("seg", "list"))
@@ -135,7 +138,7 @@ def test_a_run_that_fails_while_sending_stops_like_a_cancel_and_the_next_run_sen
 def _run_held_after_first_page(world, monkeypatch, rows: int, page: int) -> str:
     """A field-mode run whose first page of `page` batches is sent while the job queueing its next page waits
     for 60 s: the state two jobs of the same page, or a take-over, meet."""
-    from shared import runs
+    from shared.pipeline import runs
 
     monkeypatch.setattr(runs, "PAGE", page)
     monkeypatch.setattr(runs, "WINDOW_LEAD", -60.0)
@@ -153,7 +156,8 @@ def sent_contacts(world) -> int:
 def test_two_jobs_that_read_a_page_as_unqueued_queue_it_once(slow_world, monkeypatch):
     """A window job and a take-over's job for the same page, both reading the run before either queued it: the
     page is claimed with the run record's ETag, so one queues it."""
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
 
     world = slow_world
     run_id = _run_held_after_first_page(world, monkeypatch, 400, page=2)
@@ -170,8 +174,9 @@ def test_two_jobs_that_read_a_page_as_unqueued_queue_it_once(slow_world, monkeyp
 def test_every_delivery_of_a_taken_over_run_checks_whether_its_batch_settled(slow_world, monkeypatch):
     """After a take-over, copies of a run's batches are on the queue beside its originals and the rests they
     re-queue: a first delivery of any of them finds its batch settled and sends nothing."""
-    from shared import batch_messages, delivery, runs, services
-    from shared.batch_messages import BatchMessage
+    from shared import services
+    from shared.pipeline import batch_messages, delivery, runs
+    from shared.pipeline.batch_messages import BatchMessage
     from shared.state.run_records import utcnow
 
     world = slow_world

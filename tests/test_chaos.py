@@ -451,7 +451,7 @@ def test_key_rotated_in_autopilot_then_in_key_vault_mid_run_the_run_goes_on():
 # --- cancel, replay, take-over after a kill and a forced rerun on one export --------------------------------
 # The host restarted after the kill takes over a run whose record has not changed for 2 s (30 min in production),
 # so the take-over's copies meet the originals the killed host held, which come back after its 15-s lease.
-TAKING_OVER_BOOT = HOST_BOOT.replace("h.LEASE_SECONDS = 15;", "h.LEASE_SECONDS = 15; import shared.runs as r; "
+TAKING_OVER_BOOT = HOST_BOOT.replace("h.LEASE_SECONDS = 15;", "h.LEASE_SECONDS = 15; import shared.pipeline.runs as r; "
                                                                "r.STUCK_AFTER = 2;")
 
 

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from pycep import BicepParser
 
-from shared.batch_messages import BATCH_CONTAINER
-from shared.delivery import DEAD
-from shared.reports import REPORTS
+from shared.pipeline.batch_messages import BATCH_CONTAINER
+from shared.pipeline.delivery import DEAD
+from shared.pipeline.reports import REPORTS
 from shared.runtime.settings import BATCH_QUEUE, PLAN_POISON_QUEUE, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.services import BUDGET_TABLE, CONTAINERS
 from shared.state.run_records import BATCHES_TABLE, RUNS_TABLE

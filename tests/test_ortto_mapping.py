@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.planner import Planner, expected_requests
+from shared.pipeline.planner import Planner, expected_requests
 from shared.source import ortto_fields
 from shared.source.cdm_reader import Row
 from shared.source.contacts import Contact, ContactMapper, MappingError, Rejection

@@ -12,9 +12,9 @@ import pytest
 import requests
 from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient
 
-from shared import delivery
-from shared.batch_messages import warm_up, warmed_run
 from shared.destinations.rate_budget import MARGIN
+from shared.pipeline import delivery
+from shared.pipeline.batch_messages import warm_up, warmed_run
 from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE, Settings
 from shared.services import Services
 from tests.support import COLUMN, close_world, definition, expected_contacts, open_world, wait_until
@@ -269,7 +269,8 @@ def _failed_run_with_dead_batches(world, rows, batches: int) -> dict:
 
 
 def test_a_replay_that_dies_half_way_is_repeated_and_settles_every_batch_once(monkeypatch):
-    from shared import delivery, services
+    from shared import services
+    from shared.pipeline import delivery
 
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
     try:
@@ -307,7 +308,8 @@ def test_a_replay_that_dies_half_way_is_repeated_and_settles_every_batch_once(mo
 def test_a_replay_that_dies_before_queueing_is_finished_by_the_take_over(monkeypatch):
     """The instance dies after marking the dead batches as being replayed, before queueing any: the run is running
     with nothing on the queue. The timer's take-over queues them from their dead messages; the run ends."""
-    from shared import delivery, runs, services
+    from shared import services
+    from shared.pipeline import delivery, runs
 
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "1"})
     try:
@@ -485,7 +487,8 @@ def test_timer_starts_runs_only_for_enabled_exports_with_an_unsynced_snapshot(wo
 
 
 def test_a_run_the_timer_cannot_look_after_does_not_stop_it_starting_the_others(world):
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
 
     svc = services.current()
     # A run record the timer cannot read (damaged by hand, or written by a future version).
@@ -566,7 +569,7 @@ def test_runs_recorded_before_the_run_index_are_listed_too(world):
 
 
 def test_the_timer_s_pause_doubles_for_each_failure_for_the_same_reason_up_to_a_day():
-    from shared.runs import RETRY_FIRST, RETRY_MAX, retry_time
+    from shared.pipeline.runs import RETRY_FIRST, RETRY_MAX, retry_time
 
     def failed(error: str) -> dict:
         return {"status": "failed", "error": error, "finished": "2026-11-30T00:00:00.000Z"}

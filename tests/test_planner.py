@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from shared.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
+from shared.pipeline.planner import Planner, TooManyProfiles, encoded, expected_requests, fingerprint
 from shared.source.cdm_reader import CsvSettings, Records
 from shared.source.contacts import ContactMapper
 from shared.source.export_config import parse_exports

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from shared import retention
-from shared.delivery import DEAD
+from shared.pipeline import retention
+from shared.pipeline.delivery import DEAD
 from shared.runtime.settings import UNHANDLED_QUEUES, Settings, SettingsError
 from shared.services import Services
 from shared.state.run_records import utcnow
@@ -94,7 +94,8 @@ def test_a_backlog_is_worked_off_a_bounded_sweep_at_a_time(svc, monkeypatch):
 
 def test_the_sweep_runs_at_most_once_an_hour_and_a_failed_one_does_not_fail_the_tick(monkeypatch):
     from function_app import app
-    from shared import runs, services
+    from shared import services
+    from shared.pipeline import runs
     from tools.local_host import index
 
     calls = []

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from shared import reports, services
+from shared import services
+from shared.pipeline import reports
 from shared.state.run_records import BatchOutcome
 
 

@@ -11,7 +11,7 @@ from itertools import pairwise
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared import runs
+from shared.pipeline import runs
 from shared.state.run_records import RunRecords
 from shared.state.state_store import (
     STATE_CONTAINER,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import requests
 
-from shared.runs import BLOB_CREATED
+from shared.pipeline.runs import BLOB_CREATED
 
 SUBJECT_ENDS_WITH = "/model.json"  # the subscription's filter: nothing else reaches the app
 WEBHOOK_PATH = "/runtime/webhooks/eventgrid"  # the real host's route for Event Grid deliveries

@@ -188,7 +188,8 @@ def _run_and_wait(host: LocalHost, args: argparse.Namespace, resume: bool, annou
 
 
 def _take_over(run_id: str) -> None:
-    from shared import runs, services  # the app's own take-over, in this process (the host runs here)
+    from shared import services
+    from shared.pipeline import runs  # the app's own take-over, in this process (the host runs here)
 
     svc = services.current()
     run = svc.records.get(run_id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 
-from shared.planner import BULK_LIMIT
+from shared.pipeline.planner import BULK_LIMIT
 from shared.source.contacts import PERMISSION
 from shared.source.export_config import NAME_RE, STANDARD_FIELDS
 from shared.state.run_records import RUN_ID_RE

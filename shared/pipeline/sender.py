@@ -16,12 +16,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from shared.batch_messages import BatchMessage
 from shared.destinations.api_client import Refused, Throttled, Transient
 from shared.destinations.autopilot_client import AutopilotClient
 from shared.destinations.ortto_client import OrttoClient
 from shared.destinations.rate_budget import Deferred, Pacer
-from shared.reports import CREATED_WITH
+from shared.pipeline.batch_messages import BatchMessage
+from shared.pipeline.reports import CREATED_WITH
 from shared.runtime.blocking import off
 from shared.source.contacts import PERMISSION, mask_email
 from shared.state.state_store import Acked

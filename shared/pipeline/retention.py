@@ -20,7 +20,7 @@ from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared.delivery import DEAD
+from shared.pipeline.delivery import DEAD
 from shared.runtime.settings import UNHANDLED_QUEUES
 from shared.services import Services
 from shared.state.run_records import FINISHED, run_log, utcnow

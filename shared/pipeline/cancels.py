@@ -19,8 +19,8 @@ import math
 import time
 
 from shared.destinations.api_client import CONNECT_TIMEOUT
-from shared.reports import conclude, run_view
-from shared.sender import MAX_WAIT
+from shared.pipeline.reports import conclude, run_view
+from shared.pipeline.sender import MAX_WAIT
 from shared.services import Services, find_export
 from shared.source.cdm_reader import find_snapshot
 from shared.state.run_records import ACTIVE, CANCELLING, STATUS_MAX_AGE, utcnow

@@ -10,16 +10,16 @@ import time
 import uuid
 from collections import Counter
 
-from shared import batch_messages, cancels
-from shared.batch_messages import BatchMessage, MessageError
 from shared.destinations.accounts import Account
 from shared.destinations.api_client import ApiKeyRejected, Permanent
 from shared.destinations.rate_budget import LEAD, Pacer, Stopped
 from shared.destinations.secrets import SecretUnavailable
-from shared.reports import after_batch, delivery_totals
+from shared.pipeline import batch_messages, cancels
+from shared.pipeline.batch_messages import BatchMessage, MessageError
+from shared.pipeline.reports import after_batch, delivery_totals
+from shared.pipeline.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.runtime import signals
 from shared.runtime.blocking import off
-from shared.sender import MAX_WAIT, BatchSender, Progress, Requeue, backoff, fail_rest
 from shared.services import Services
 from shared.state.run_records import (
     ACTIVE,

@@ -18,14 +18,14 @@ from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared import cancels
-from shared.batch_messages import BatchMessage, warm_up
-from shared.delivery import queue_delay, queue_message, requeue_dead
 from shared.destinations.api_client import ApiError, Throttled, Transient
 from shared.destinations.rate_budget import Deferred, Pacer, RateBudget
 from shared.destinations.secrets import SecretUnavailable
-from shared.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
-from shared.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
+from shared.pipeline import cancels
+from shared.pipeline.batch_messages import BatchMessage, warm_up
+from shared.pipeline.delivery import queue_delay, queue_message, requeue_dead
+from shared.pipeline.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
+from shared.pipeline.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.runtime import signals
 from shared.runtime.settings import SettingsError
 from shared.services import Services, UnknownExport, find_export
