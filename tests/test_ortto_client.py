@@ -18,6 +18,7 @@ from shared.destinations.ortto_client import OrttoClient
 from shared.destinations.secrets import ApiKeyProvider, LocalStandInCredential
 from shared.source.export_config import parse_exports
 from tools.keyvault_standin import KeyVaultStandIn
+from tools.ortto_sim import OrttoSim
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "ortto_recorded.json").read_text())
 SECRET, KEY = "ortto-key", "ortto-test-key-0123"
@@ -166,3 +167,35 @@ def test_a_merge_too_large_is_refused_to_be_split_and_a_ban_is_waited_out(client
     with pytest.raises(Throttled) as banned:
         client.merge([item("a@x.io")], None)
     assert banned.value.retry_after == ortto_client.BAN_WINDOW
+
+
+@pytest.fixture
+def sim_client() -> Iterator[tuple[OrttoSim, Blocking]]:
+    with KeyVaultStandIn(secrets={SECRET: KEY}) as vault, OrttoSim(KEY, rate=None, latency=0.2) as sim:
+        provider = ApiKeyProvider(vault.url, SECRET, credential_factory=LocalStandInCredential, client_options={
+            "connection_verify": str(vault.ca_file), "verify_challenge_resource": False})
+        api = OrttoClient(sim.base_url, provider)
+        yield sim, Blocking(api)
+        api.close()
+        provider.close()
+
+
+def test_missing_custom_fields_are_created_side_by_side_not_one_after_the_other(sim_client):
+    """With an API 0.2 s away, each field created in turn would hold up the first merge 0.2 s more: all the creates
+    are sent before the first is answered."""
+    sim, client = sim_client
+    client.prepare(_export({"name": "Job Title", "type": "string", "column": "J"},
+                           {"name": "Loyalty Points", "type": "integer", "column": "L"},
+                           {"name": "Joined", "type": "date", "column": "D"}))
+    assert set(sim.custom_fields()) == {"str:cm:job-title", "int:cm:loyalty-points", "dtz:cm:joined"}
+    creates = [r for r in sim.request_log() if r["path"].endswith("/custom-field/create")]
+    assert len(creates) == 3 and max(r["t"] for r in creates) - min(r["t"] for r in creates) < 0.2
+
+
+def test_a_field_that_cannot_be_created_is_reported_after_the_others_are_made(sim_client):
+    sim, client = sim_client
+    client.prepare(_export({"name": "Job Title", "type": "string", "column": "J"}))
+    with pytest.raises(ApiError, match=r"Job Title.*another type"):
+        client.prepare(_export({"name": "Job Title", "type": "integer", "column": "J"},
+                               {"name": "Loyalty Points", "type": "integer", "column": "L"}))
+    assert set(sim.custom_fields()) == {"str:cm:job-title", "int:cm:loyalty-points"}

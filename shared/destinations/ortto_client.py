@@ -74,9 +74,13 @@ class OrttoClient(ApiClient):
         wanted = ortto_fields.custom_fields(export)
         if wanted:
             have = await self._fields(pace)
-            for ident, (name, display_type) in wanted.items():
-                if ident not in have:
-                    await self._create_field(ident, name, display_type, have, pace)
+            # Each field is created on its own, so all at once: with an API 0.3 s away, one at a time cost 0.3 s a
+            # field before the first merge.
+            made = await asyncio.gather(*(self._create_field(ident, name, display_type, have, pace)
+                                          for ident, (name, display_type) in wanted.items() if ident not in have),
+                                        return_exceptions=True)  # (each one ends before the first problem is raised)
+            for problem in (outcome for outcome in made if isinstance(outcome, BaseException)):
+                raise problem
         return export.list if export.membership == "list" else ""
 
     async def _fields(self, pace: Pace) -> dict[str, str]:
