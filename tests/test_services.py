@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 import threading
 import time
+import uuid
+from urllib.parse import urlsplit
 
 import pytest
 
 from shared.runtime.settings import Settings, SettingsError
+from shared.runtime.storage import StorageConnection
 from shared.services import Services
 from shared.source.export_config import Connection
 from shared.state.state_store import Destination
@@ -87,3 +92,72 @@ def test_threads_using_the_state_of_new_exports_do_not_break_each_others_request
     finally:
         sys.setswitchinterval(interval)
     assert not errors, f"{len(errors)} threads failed, first: {errors[0]!r}"
+
+
+class ResettingProxy:
+    """A TCP proxy to one Azurite service that resets its first `resets` connections once a request arrives (as a
+    server does to a pooled keep-alive connection it has closed), and forwards every later one."""
+
+    def __init__(self, target: tuple[str, int], resets: int = 1):
+        self.target, self.resets = target, resets
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.resets:
+                self.resets -= 1
+                client.recv(65536)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.serial  # the retry is timed
+@pytest.mark.parametrize("service", ["Queue", "Blob"])
+def test_a_reset_storage_connection_is_retried_within_a_second_not_after_the_sdks_15_s(azurite, service):
+    """One reset connection while a page of batches was queued held a run's sending for 18 s (the storage SDKs'
+    default first retry comes after 12 to 18 s)."""
+    settings = dict(part.split("=", 1) for part in azurite.connection_string.split(";") if part)
+    endpoint = urlsplit(settings[f"{service}Endpoint"])
+    proxy = ResettingProxy((endpoint.hostname, endpoint.port))
+    settings[f"{service}Endpoint"] = endpoint._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    connection = StorageConnection("S", {"S": ";".join(f"{k}={v}" for k, v in settings.items())})
+    name = f"r{uuid.uuid4().hex[:12]}"
+    try:
+        started = time.monotonic()
+        if service == "Queue":
+            queue = connection.queue(name)
+            queue.create_queue()
+            queue.close()
+        else:
+            connection.blob.create_container(name)
+        assert proxy.resets == 0 and time.monotonic() - started < 3
+    finally:
+        proxy.close()
+        connection.close()
