@@ -31,8 +31,11 @@ $(NODE_STAMP): package.json package-lock.json
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Tests that measure time run alone first; the rest (each on a stack of its own) in parallel workers.
+TEST_WORKERS ?= 3
 test: setup lint $(INFRA_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m serial
+	$(PY) -m pytest -q -m "not serial" -n $(TEST_WORKERS)
 
 demo: setup
 	$(PY) -m tools.demo

@@ -16,6 +16,8 @@ import requests
 
 from tools.autopilot_sim import AutopilotSim, Faults, SimProcess
 
+pytestmark = pytest.mark.serial  # the rate windows are timed
+
 KEY = "test-key"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -564,6 +564,7 @@ def _raw_request(world, head: str, body: bytes = b"", timeout: float = 30) -> tu
         connection.close()
 
 
+@pytest.mark.serial  # the answer is timed
 @pytest.mark.parametrize("length,status,fragment", [("-1", 400, "Content-Length must be a whole number"),
                                                     ("abc", 400, "Content-Length must be a whole number"),
                                                     ("\u0663", 400, "Content-Length must be a whole number")])

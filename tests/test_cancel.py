@@ -27,6 +27,7 @@ def cancel(world, run_id: str):
     return world.api.post(f"{world.host.base_url}/api/runs/{run_id}/cancel", timeout=120)
 
 
+@pytest.mark.serial  # the stop is timed
 def test_a_cancelled_run_stops_sending_at_the_answer_and_the_next_run_sends_only_the_rest(slow_world):
     world, rows = slow_world, list(sample_profiles(60, seed=71))
     world.define(definition("seg", "list"))

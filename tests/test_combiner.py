@@ -10,6 +10,8 @@ import pytest
 
 from shared.runtime.combiner import Combiner
 
+pytestmark = pytest.mark.serial  # waits are timed
+
 
 def _call_together(combiner: Combiner, items: list) -> dict:
     results: dict = {}

@@ -143,6 +143,7 @@ def test_infra_and_the_local_stack_give_the_worker_the_same_thread_count():
     assert infra and int(infra.group(1)) == WORKER_THREADS == int(sample["PYTHON_THREADPOOL_THREAD_COUNT"])
 
 
+@pytest.mark.serial  # answers are timed
 def test_http_functions_never_wait_for_threads_the_other_triggers_hold():
     """Flex scales the HTTP functions as a group on instances of their own: busy senders never delay the API."""
     import threading

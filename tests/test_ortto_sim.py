@@ -16,6 +16,8 @@ import requests
 from tools.ortto_sim import PLANS, OrttoSim, OrttoSimProcess
 from tools.sim_base import Faults
 
+pytestmark = pytest.mark.serial  # the rate windows are timed
+
 KEY = "ortto-test-key"
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "ortto_recorded.json").read_text())
 

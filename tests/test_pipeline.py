@@ -401,6 +401,7 @@ def test_two_replays_at_once_queue_each_dead_batch_once():
         close_world(world)
 
 
+@pytest.mark.serial  # windows are timed
 def test_two_hosts_on_one_run_stay_inside_the_rate_budget():
     from function_app import app
     from tools.local_host import LocalHost

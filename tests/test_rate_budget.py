@@ -26,6 +26,8 @@ from shared.destinations.rate_budget import (
     RateBudget,
 )
 
+pytestmark = pytest.mark.serial  # pacing and windows are timed
+
 RATE = 20.0  # 51.25 ms apart: short waits, yet far above the scheduler's jitter
 # A late sender is made by sleeping a little longer than asked; a pacer whose slot had passed before a slow budget
 # write returned would not sleep at all, so these tests book another sender's slot this far ahead first.

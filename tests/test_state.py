@@ -261,6 +261,7 @@ def test_a_corrupt_snapshot_fails_the_run_before_sending_naming_it_and_force_reb
     _unchanged_rerun_sends_nothing(world, rows)
 
 
+@pytest.mark.serial  # the answer is timed
 # --- planning as a queued step ---------------------------------------------------------------------
 def test_start_answers_202_before_planning_and_a_dry_run_reports_on_the_run_view(world):
     rows = list(sample_profiles(6000, seed=65))
@@ -429,6 +430,7 @@ def test_short_pages_are_queued_one_ahead_not_all_at_once(monkeypatch):
         close_world(world)
 
 
+@pytest.mark.serial  # windows are timed
 def test_batches_are_queued_a_page_at_a_time_as_sending_advances(monkeypatch):
     monkeypatch.setattr(runs, "PAGE", 3)
     monkeypatch.setattr(runs, "WINDOW_LEAD", 0.5)
