@@ -677,7 +677,7 @@ def settings_read_by_the_code() -> set[str]:
         r"\"%([A-Za-z_][A-Za-z0-9_]*)%\"",
     )
     names = {HOST_CONNECTION, DEFAULT_CONNECTION}
-    for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").glob("*.py"))]:
+    for path in [ROOT / "function_app.py", *sorted((ROOT / "shared").rglob("*.py"))]:
         text = path.read_text()
         for pattern in patterns:
             names |= set(re.findall(pattern, text))

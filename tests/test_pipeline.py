@@ -61,9 +61,9 @@ def test_planning_a_run_readies_a_send_instance_before_its_first_batch():
         world.snapshot(sample_profiles(250))
         assert world.run("hv", dryRun=True)["status"] == "dry run"
         run_id = world.start("hv").json()["runId"]
-        wait_until(lambda: world.view(run_id)["status"] == "running")
         queue = QueueClient.from_connection_string(world.stack.storage, BATCH_QUEUE,
                                                    message_decode_policy=BinaryBase64DecodePolicy())
+        wait_until(lambda: len(queue.peek_messages(max_messages=32)) >= 4, timeout=30)
         bodies = [m.content for m in queue.peek_messages(max_messages=32)]
         assert bodies[0] == warm_up(run_id) and len(bodies) == 4  # then the run's 3 batches
         assert [warmed_run(body) for body in bodies[1:]] == [None] * 3
