@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # Tests that measure time run alone first; the rest (each on a stack of its own) in parallel workers.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: setup lint $(INFRA_STAMP)
 	$(PY) -m pytest -q -m serial
 	$(PY) -m pytest -q -m "not serial" -n $(TEST_WORKERS)
