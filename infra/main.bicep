@@ -70,7 +70,7 @@ param maximumInstanceCount int = 40
 
 // One instance kept running for the HTTP functions, so that queued batches, which scale the queue trigger out, never
 // leave the API (start a run, read a run) without an instance. It is billed around the clock at the always-ready
-// baseline rate; 0 turns it off (see README: Deploy and operate).
+// baseline rate; 0 turns it off (see docs/deploy-azure.md).
 @minValue(0)
 @maxValue(1000)
 @description('Always-ready instances for the HTTP functions (scale group http); 0: none.')

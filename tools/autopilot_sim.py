@@ -1,4 +1,4 @@
-"""A local simulator of the Autopilot v1 REST API, following `shared/autopilot-api.md` (the contract).
+"""A local simulator of the Autopilot v1 REST API, following `docs/api-contracts.md`.
 
 The live API cannot be reached from our machines, so tests, benchmarks and the demo talk to this instead.
 

@@ -1,4 +1,4 @@
-"""A local simulator of the Ortto v1 REST API, following `shared/ortto-api.md` (the contract).
+"""A local simulator of the Ortto v1 REST API, following `docs/api-contracts.md`.
 
 The live API cannot be reached from our machines, so tests, benchmarks and the demo talk to this instead. Where
 the contract quotes a recorded answer ([R]) the simulator answers in that shape (tests/fixtures/ortto_recorded.json

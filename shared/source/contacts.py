@@ -134,7 +134,7 @@ def to_date(value: str) -> str:
 
 def to_written_date(value: str) -> str:
     """The date as written (`2025-06-14T23:30:00-05:00` → `2025-06-14`): Ortto's date fields hold a day and no time
-    of day (ortto-api.md, `dtz`), and the day the CSV shows is the one a reader of the export means, not the day
+    of day (`dtz`: docs/api-contracts.md) and the day the CSV shows is the one a reader of the export means, not the day
     the time falls on in UTC. The time is dropped: an operator who wants it kept maps the column as a "string"
     custom field instead. Accepts what to_date accepts."""
     try:

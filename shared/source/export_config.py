@@ -61,7 +61,7 @@ CONNECTION_KEYS = ("name", "platform", "region", "plan", "secretName", "requests
 PLATFORMS = ("autopilot", "ortto")
 ORTTO_REGIONS = {"us": "https://api.ap3api.com/v1", "eu": "https://api.eu.ap3api.com/v1",
                  "au": "https://api.au.ap3api.com/v1"}
-# Ortto's plans and their sustained rates, requests/s (ortto-api.md, "rate limit per account, by plan"). Sending at
+# Ortto's plans and their sustained rates, requests/s (docs/api-contracts.md). Sending at
 # the sustained rate is safe because the budget spaces requests (1 + margin) / rate apart: with its margin no 1-s
 # window ever holds more than the sustained rate, so no 10-s window holds more than 10 x rate and no 60-s window
 # more than 60 x rate (a little fewer, by the margin), which keeps every window under the plan's two caps (Free 20

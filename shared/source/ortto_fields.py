@@ -21,7 +21,7 @@ STANDARD = {"Email": "str::email", "FirstName": "str::first", "LastName": "str::
             "MobilePhone": "phn::phone", "MailingCity": "geo::city", "MailingCountry": "geo::country",
             "MailingState": "geo::region", "MailingPostalCode": "str::postal"}
 PREFIX = {"string": "str", "text": "txt", "integer": "int", "float": "int", "boolean": "bol", "date": "dtz"}
-# The custom-field create types (ortto-api.md): the boolean one is named `bool`, not `boolean`.
+# The custom-field create types (Ortto's API, docs/api-contracts.md): the boolean one is named `bool`, not `boolean`.
 DISPLAY_TYPE = {"string": "text", "text": "large_text", "integer": "integer", "float": "decimal",
                 "boolean": "bool", "date": "date"}
 STRING_MAX, TEXT_MAX = 255, 4000
