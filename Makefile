@@ -8,7 +8,9 @@ NODE_STAMP := node_modules/.installed
 INFRA_VENV := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed
 
-.PHONY: demo demo-ortto test lint bench bench-quick setup clean
+.PHONY: demo demo-ortto console test lint bench bench-quick setup clean browser
+# Debian's packages for the console's browser tests; root installs them, anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP) $(NODE_STAMP)
 
@@ -33,7 +35,11 @@ lint: $(STAMP)
 
 # Tests that measure time run alone first; the rest (each on a stack of its own) in parallel workers.
 TEST_WORKERS ?= 4
-test: setup lint $(INFRA_STAMP)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: setup lint $(INFRA_STAMP) browser
 	$(PY) -m pytest -q -m serial
 	$(PY) -m pytest -q -m "not serial" -n $(TEST_WORKERS)
 
@@ -42,6 +48,9 @@ demo: setup
 
 demo-ortto: setup
 	$(PY) -m tools.demo --ortto
+
+console: setup
+	$(PY) -m tools.console
 
 bench: setup
 	$(PY) -m bench.run

@@ -10,7 +10,7 @@ import sys
 
 import azure.functions as func
 
-from shared import http_api, services
+from shared import console, http_api, services
 from shared.pipeline import delivery, retention, runs
 from shared.runtime.settings import (
     BATCH_QUEUE,
@@ -100,6 +100,13 @@ def replay_run(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="runs/{run_id}/cancel", methods=["POST"])
 def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(req, http_api.cancel_run, req.route_params.get("run_id", ""))
+
+
+@app.route(route="console/{*path}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def console_file(req: func.HttpRequest) -> func.HttpResponse:
+    """The operator console's page, script and style (no data: the page calls the API with the caller's key)."""
+    status, headers, body = console.console_file(req.route_params.get("path") or "")
+    return func.HttpResponse(body, status_code=status, headers=headers, mimetype=headers["Content-Type"])
 
 
 @app.queue_trigger(arg_name="msg", queue_name=PLAN_QUEUE, connection=HOST_CONNECTION)

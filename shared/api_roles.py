@@ -32,6 +32,10 @@ OPERATION_ROLES = {
     "replay_run": OPERATOR,
 }
 
+# Routes that take no role: files with no data in them (the console's page, script and style, which call the API
+# above with the caller's own key or token).
+UNGUARDED = {"console_file"}
+
 PRINCIPAL_HEADER = "x-ms-client-principal"  # base64 of JSON: {"auth_typ", "claims": [{"typ", "val"}], "role_typ"}
 PRINCIPAL_ID_HEADER = "x-ms-client-principal-id"  # the caller's object id
 ROLES_CLAIM = "roles"  # the token's claim name; the platform may also map it to the type `role_typ` names

@@ -26,6 +26,7 @@ def test_every_function_is_indexed_with_its_trigger():
         "list_exports": "httpTrigger",
         "replay_run": "httpTrigger",
         "cancel_run": "httpTrigger",
+        "console_file": "httpTrigger",
         "plan_run": "queueTrigger",
         "record_failed_plan": "queueTrigger",
         "send_batch": "queueTrigger",
@@ -49,7 +50,7 @@ def test_queue_triggers_listen_on_the_plan_and_batch_queues_and_their_poison_que
     assert {triggers[n]["connection"] for n in queues} == {"AzureWebJobsStorage"}
 
 
-def test_http_routes_need_a_function_key():
+def test_http_routes_need_a_function_key_but_the_console_s_own_files():
     routes = {name: t for name, t in _triggers().items() if t["type"] == "httpTrigger"}
     assert {n: (t["route"], [str(m.value) for m in t["methods"]]) for n, t in routes.items()} == {
         "start_run": ("exports/{name}/runs", ["POST"]),
@@ -58,8 +59,10 @@ def test_http_routes_need_a_function_key():
         "list_exports": ("exports", ["GET"]),
         "replay_run": ("runs/{run_id}/replay", ["POST"]),
         "cancel_run": ("runs/{run_id}/cancel", ["POST"]),
+        "console_file": ("console/{*path}", ["GET"]),
     }
-    assert {str(t["authLevel"].value) for t in routes.values()} == {"function"}
+    keyless = {n for n, t in routes.items() if str(t["authLevel"].value) != "function"}
+    assert keyless == {"console_file"} and str(routes["console_file"]["authLevel"].value) == "anonymous"
 
 
 def test_host_json_poisons_after_a_bounded_number_of_tries_and_uses_base64():

@@ -463,7 +463,7 @@ def test_funcignore_leaves_tooling_out_of_the_package():
     lines = (ROOT / ".funcignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert {"tests/", "tools/", "bench/", "infra/", "node_modules/", ".venv*/", "local.settings*.json"} <= ignored
-    assert not ignored & {"shared/", "function_app.py", "host.json", "requirements.txt"}
+    assert not ignored & {"shared/", "console/", "function_app.py", "host.json", "requirements.txt"}
 
 
 # --- storage ---------------------------------------------------------------------------------------------------

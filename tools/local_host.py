@@ -412,7 +412,8 @@ def _routes(host: LocalHost) -> list[tuple[re.Pattern, set[str], str, str, str]]
         trigger = function.get_trigger().get_dict_repr()
         if trigger["type"] != "httpTrigger":
             continue
-        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", trigger.get("route") or name)
+        pattern = re.sub(r"\{\*(\w+)\}", r"(?P<\1>.*)", trigger.get("route") or name)  # a catch-all: the rest
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         methods = {str(getattr(m, "value", m)).upper() for m in trigger.get("methods") or ["GET", "POST"]}
         auth = str(getattr(trigger.get("authLevel"), "value", trigger.get("authLevel") or "function")).lower()
         routes.append((re.compile(f"/api/{pattern}"), methods, name, trigger["name"], auth))
@@ -464,7 +465,8 @@ def _handler_for(host: LocalHost):
                 except Exception as exc:
                     log.exception("function %s failed", name)
                     return self._send(500, {"error": f"function {name} failed: {type(exc).__name__}"})
-                return self._raw(response.status_code, response.get_body(), response.mimetype)
+                return self._raw(response.status_code, response.get_body(), response.mimetype,
+                                 headers=dict(response.headers))
             if matched:
                 allowed = sorted({m for (_, methods, *_), _ in matched for m in methods})
                 return self._send(405, {"error": f"{self.command[:20]} is not allowed here; allowed: "
@@ -510,10 +512,14 @@ def _handler_for(host: LocalHost):
         def _send(self, status: int, body: dict, close: bool = False, allow: str = "") -> None:
             self._raw(status, json.dumps(body).encode(), "application/json", close, allow)
 
-        def _raw(self, status: int, body: bytes, mimetype: str | None, close: bool = False, allow: str = "") -> None:
+        def _raw(self, status: int, body: bytes, mimetype: str | None, close: bool = False, allow: str = "",
+                 headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", mimetype or "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():  # the function's own (the console's policy)
+                if name.lower() not in ("content-type", "content-length"):
+                    self.send_header(name, value)
             if allow:
                 self.send_header("Allow", allow)
             if close:

@@ -349,7 +349,7 @@ def _summary(budget: RateBudget, plan, target: dict, **more) -> dict:
     """What the run view and report show of a plan, its duration at its connection's rate."""
     seconds = plan.requests * budget.interval
     return {"counts": plan.counts, "rejected_sample": plan.rejected_sample, "planned_requests": plan.requests,
-            "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1),
+            "plan": {"samples": plan.samples, "seconds_at_budget": round(seconds, 1), "rate": budget.rate,
                      "estimated_duration": _duration(seconds), "destination": target, "newPeople": plan.new_people,
                      **more}}
 
