@@ -87,6 +87,11 @@ def get_run(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(req, http_api.get_run, req.route_params.get("run_id", ""))
 
 
+@app.route(route="runs/{run_id}/rejected", methods=["GET"])
+def rejected_rows(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.rejected_rows, req.route_params.get("run_id", ""))
+
+
 @app.route(route="exports", methods=["GET"])
 def list_exports(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(req, http_api.list_exports)

@@ -1167,10 +1167,30 @@ function updateRejected(parts, view) {
   }
   children.push(el("div", { class: "table-wrap" }, table));
   if (rejectedTotal !== null && rejectedTotal > rows.length) {
-    children.push(el("p", { class: "hint" }, "Every rejected row is in the run's report ",
-      el("code", {}, String((view.reports || {}).rejectedRows || "")), " in the app's host storage."));
+    const all = el("button", { type: "button", id: "download-all-rejected" },
+      `Download all ${fmtNumber(rejectedTotal)} rejected rows as CSV`);
+    all.addEventListener("click", () => downloadAllRejected(view.runId));
+    children.push(el("p", {}, all));
   }
   fill(parts.rejected, ...children);
+}
+
+/** Every rejected row of the run (GET runs/{id}/rejected), saved as CSV through a temporary link. */
+async function downloadAllRejected(runId) {
+  try {
+    const { data } = await api("GET", `runs/${encodeURIComponent(runId)}/rejected`);
+    const rows = Array.isArray(data.rows) ? data.rows : [];
+    const url = URL.createObjectURL(new Blob([toCsv(rows)], { type: "text/csv;charset=utf-8" }));
+    const link = el("a", { href: url, download: `rejected-${runId}-all.csv`, hidden: "" });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    setMessage(`Saved ${fmtNumber(rows.length)} rejected rows` +
+      (data.truncated ? " (the first ones; the run's report in storage holds them all)." : "."));
+  } catch (error) {
+    setMessage(`The rejected rows could not be read: ${error.message}`, "error");
+  }
 }
 
 function updateRefused(section, view) {

@@ -27,6 +27,7 @@ OPERATION_ROLES = {
     "list_exports": READER,
     "list_runs": READER,
     "get_run": READER,
+    "rejected_rows": READER,
     "start_run": OPERATOR,
     "cancel_run": OPERATOR,
     "replay_run": OPERATOR,

@@ -10,6 +10,9 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from itertools import islice
+
+from azure.core.exceptions import ResourceNotFoundError
 
 from shared import api_roles, services
 from shared.pipeline import cancels, delivery, reports, runs
@@ -85,6 +88,23 @@ def get_run(svc: Services, run_id: str) -> Answer:
     if view is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
     return 200, view
+
+
+REJECTED_MOST = 50_000  # rows one answer holds (about 5 MB); the report blob keeps every one
+
+
+def rejected_rows(svc: Services, run_id: str) -> Answer:
+    """GET /api/runs/{id}/rejected: every row the run's planning rejected (partition, row, reason, the email masked
+    as in reports), in file order, at most REJECTED_MOST; `truncated` says whether more are in the report."""
+    if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
+        return _error(404, f"no run with id {run_id[:80]!r}")
+    blob = svc.host.blob.get_blob_client(reports.REPORTS, f"{run_id}/rejected.jsonl")
+    try:
+        lines = [line for line in blob.download_blob().readall().decode().splitlines() if line.strip()]
+    except ResourceNotFoundError:  # not planned yet, or planned before rejected rows were kept
+        lines = []
+    rows = [json.loads(line) for line in islice(lines, REJECTED_MOST)]
+    return 200, {"runId": run_id, "rows": rows, "truncated": len(lines) > len(rows)}
 
 
 def list_exports(svc: Services) -> Answer:

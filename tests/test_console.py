@@ -22,7 +22,7 @@ from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
 
 from shared import console
-from tests.support import close_world, definition, open_world
+from tests.support import COLUMN, close_world, definition, open_world
 from tools.generate_export import sample_profiles
 
 SCREENS = Path(__file__).resolve().parent / "out" / "console"
@@ -82,11 +82,36 @@ def _wait(driver, css: str, timeout: float = 30, text: str | None = None):
     return wait.until(seen.visibility_of_element_located((By.CSS_SELECTOR, css)))
 
 
-def test_an_operator_signs_in_with_a_key_dry_runs_runs_and_reads_the_history(browser):
+def _with_bad_emails(count: int, bad: int) -> list[tuple]:
+    """`count` profiles, the last `bad` of them with an address that is not one."""
+    rows = [list(row) for row in sample_profiles(count, seed=91)]
+    for number, row in enumerate(rows[count - bad:]):
+        row[COLUMN["PrimaryEmail"]] = f"not-an-address-{number}"
+    return [tuple(row) for row in rows]
+
+
+def test_the_rejected_rows_route_answers_every_row_masked_and_says_when_it_stops(world, monkeypatch):
+    from shared import http_api
+
+    world.define(definition("hv"))
+    world.snapshot(_with_bad_emails(60, 30))
+    run_id = world.run("hv")["runId"]
+    url = f"{world.host.base_url}/api/runs/{run_id}/rejected"
+    answer = world.api.get(url, timeout=30).json()
+    assert (len(answer["rows"]), answer["truncated"]) == (30, False)  # the view's sample holds 20
+    assert {row["row"] for row in answer["rows"]} == set(range(31, 61))  # data rows, counted from 1
+    assert all("PrimaryEmail" in row["reason"] and "not-an-address" not in row["email"] for row in answer["rows"])
+    monkeypatch.setattr(http_api, "REJECTED_MOST", 10)
+    answer = world.api.get(url, timeout=30).json()
+    assert (len(answer["rows"]), answer["truncated"]) == (10, True)
+    assert world.api.get(url.replace(run_id, "20260101T000000Z-0123abcd"), timeout=30).status_code == 404
+
+
+def test_an_operator_signs_in_with_a_key_dry_runs_runs_and_reads_the_history(browser, tmp_path):
     world = open_world()
     try:
         world.define(definition("hv"))
-        world.snapshot(sample_profiles(300, seed=91))
+        world.snapshot(_with_bad_emails(325, 25))
         base = f"{world.host.base_url}/api/console/"
         assert requests.get(f"{world.host.base_url}/api/exports", timeout=30).status_code == 401  # the data needs a key
         browser.get(base)
@@ -105,7 +130,14 @@ def test_an_operator_signs_in_with_a_key_dry_runs_runs_and_reads_the_history(bro
         _wait(browser, "#run-status", timeout=90, text="succeeded")
         assert "300" in _wait(browser, "#run-counts").text
         assert "of 50.0 requests/s" in _wait(browser, "#run-rate").text  # the connection's rate (open_world's)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#rejected-table tbody tr")) == 20  # the view's sample
         browser.save_screenshot(str(SCREENS / "run.png"))
+        browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+        _wait(browser, "#download-all-rejected").click()
+        saved = tmp_path / f"rejected-{browser.current_url.rsplit('/', 1)[-1]}-all.csv"
+        WebDriverWait(browser, 30).until(lambda _: saved.exists())
+        lines = saved.read_text().splitlines()
+        assert len(lines) == 26 and lines[0].startswith('"partition","row","reason","email"')
         run_id = browser.current_url.rsplit("/", 1)[-1]
 
         browser.get(f"{base}#/exports/hv")
