@@ -37,16 +37,7 @@ SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 def prose_lines(text: str) -> Iterable[tuple[int, str]]:
     """(line number, line) outside fenced code blocks, inline code removed."""
-    fence = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        opened = FENCE.match(line)
-        if fence is not None:
-            if opened and opened[1][0] == fence[0] and len(opened[1]) >= len(fence):
-                fence = None
-            continue
-        if opened:
-            fence = opened[1]
-            continue
+    for number, line in prose_lines_keeping_code(text):
         yield number, INLINE_CODE.sub(" ", line)
 
 
