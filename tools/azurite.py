@@ -6,6 +6,7 @@ Azurite comes from the committed package.json/package-lock.json (`npm ci`), so n
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,15 @@ ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+SERVICES = ("blob", "queue", "table")
+# Azurite prints one line per service once it listens, e.g. "Azurite Queue service is successfully listening at
+# http://127.0.0.1:41303" (with or without --silent, which only silences its access log).
+LISTENING = re.compile(r"Azurite (Blob|Queue|Table) service is successfully listening at http://127\.0\.0\.1:(\d+)")
+
+
 def free_port() -> int:
+    """A port free now; another process may take it before it is bound, so only for a process that fails loudly
+    when its port is taken (Azurite itself is given port 0 instead)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -41,7 +50,9 @@ class Azurite:
         self.in_memory = in_memory
         self._own_location = location is None
         self.location = Path(location or tempfile.mkdtemp(prefix="azurite-"))
-        self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
+        # 0: Azurite binds ports the kernel picks, read from its log on start. A port found free beforehand can be
+        # taken by a parallel test's Azurite first, and ours would then talk to that one's services.
+        self.ports = dict.fromkeys(SERVICES, 0)
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -65,26 +76,34 @@ class Azurite:
             "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
             "--tableHost", "127.0.0.1", "--tablePort", str(self.ports["table"]),
         ]
-        log = open(self.location / "azurite.log", "ab")
+        log_path = self.location / "azurite.log"
+        log = open(log_path, "ab")
+        offset = log.tell()
         env = {**os.environ, "NODE_OPTIONS": f"--require {MEMORY_SWEEPS}"} if self.in_memory else None
         # A process group of its own (stop() ends node's children too), ended with its parent if that dies.
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, preexec_fn=tied_to_parent,
                                       env=env)
-        self._wait_listening(timeout)
+        log.close()  # the child keeps its own descriptor
+        self.ports = self._wait_listening(log_path, offset, timeout)
         return self
 
-    def _wait_listening(self, timeout: float) -> None:
+    def _wait_listening(self, log_path: Path, offset: int, timeout: float) -> dict[str, int]:
+        """The ports this process listens on, from its own log lines (a port that answers may be another's)."""
         deadline = time.monotonic() + timeout
-        pending = set(self.ports.values())
-        while pending:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"Azurite exited early; see {self.location / 'azurite.log'}")
+        while True:
+            text = log_path.read_bytes()[offset:].decode(errors="replace")
+            found = {service.lower(): int(port) for service, port in LISTENING.findall(text)}
+            if len(found) == len(SERVICES):
+                wrong = {s: p for s, p in found.items() if self.ports[s] not in (0, p)}
+                if wrong:
+                    raise RuntimeError(f"Azurite listens on {wrong}, not the ports asked for: {self.ports}")
+                return found
+            if self._proc.poll() is not None or "EADDRINUSE" in text:
+                self.stop()
+                raise RuntimeError(f"Azurite could not start (a port in use?): see {log_path}\n{text[-2000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Azurite did not listen on {sorted(pending)} within {timeout}s")
-            for port in list(pending):
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        pending.discard(port)
+                self.stop()
+                raise TimeoutError(f"Azurite did not listen within {timeout}s: see {log_path}")
             time.sleep(0.05)
 
     @property
@@ -109,7 +128,7 @@ class Azurite:
         self._proc = None
 
     def restart(self) -> None:
-        """Stop and start on the same ports and data folder (fault tests)."""
+        """Stop and start on the same ports and data folder (fault tests); fails if another process took one."""
         self.stop()
         self.start()
 
