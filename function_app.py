@@ -107,6 +107,51 @@ def cancel_run(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(req, http_api.cancel_run, req.route_params.get("run_id", ""))
 
 
+@app.route(route="me", methods=["GET"])
+def whoami(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.whoami, req.headers)
+
+
+@app.route(route="connections", methods=["GET"])
+def list_connections(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.list_connections)
+
+
+@app.route(route="connections/{name}/test", methods=["POST"])
+def test_connection(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.test_connection, req.route_params.get("name", ""))
+
+
+@app.route(route="definitions", methods=["GET"])
+def get_definitions(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.get_definitions)
+
+
+@app.route(route="definitions/exports/{name}", methods=["PUT"])
+def save_export(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.save_export, req.route_params.get("name", ""), req.get_body(), *_versions(req))
+
+
+@app.route(route="definitions/connections/{name}", methods=["PUT"])
+def save_connection(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.save_connection, req.route_params.get("name", ""), req.get_body(), *_versions(req))
+
+
+def _versions(req: func.HttpRequest) -> tuple[str | None, str | None]:
+    """The If-Match and If-None-Match headers: the version of the definitions an edit was made on."""
+    return req.headers.get("if-match"), req.headers.get("if-none-match")
+
+
+@app.route(route="sources/segments", methods=["GET"])
+def list_segments(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.list_segments, dict(req.params))
+
+
+@app.route(route="sources/columns", methods=["GET"])
+def list_columns(req: func.HttpRequest) -> func.HttpResponse:
+    return _answer(req, http_api.list_columns, dict(req.params))
+
+
 @app.route(route="console/{*path}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def console_file(req: func.HttpRequest) -> func.HttpResponse:
     """The operator console's page, script and style (no data: the page calls the API with the caller's key)."""

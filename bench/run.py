@@ -16,7 +16,17 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import big_segments, incremental, ortto, overhead, planning, rate_discipline, scale_out, throughput
+from bench import (
+    big_segments,
+    console_history,
+    incremental,
+    ortto,
+    overhead,
+    planning,
+    rate_discipline,
+    scale_out,
+    throughput,
+)
 from bench.env import OUT, ROOT, say
 from bench.measure import Result
 from bench.report import document, write
@@ -32,6 +42,7 @@ BENCHMARKS = {
     "scale_out": scale_out.scale_out,
     "big_segments": big_segments.big_segments,
     "ortto_tags": ortto.ortto_tags,
+    "console_history": console_history.console_history,
 }
 
 

@@ -21,126 +21,37 @@
  *   #/runs/<id> #run-status, #run-summary, #run-error, #run-progress (<progress>: value = batches settled,
  *               max = batches planned), #run-progress-text (aria-live=polite), #run-rate, #run-counts,
  *               #cancel-run, #replay-run (present, hidden when not applicable), #plan-preview, #plan-samples,
- *               #rejected-table, #download-rejected (a[download] with a blob: URL), #refused-table, #run-reports
+ *               #rejected-table, #download-rejected (a[download] with a blob: URL), #refused-table, #run-reports,
+ *               #dead-batches, #dead-table (rows tr[data-batch="<n>"])
+ *   Roles       #role-state (the header: "function key: Admin", "signed in: Reader"); buttons and links a role
+ *               may not use are left out: run/dry-run/resync/cancel/replay/test need Operator, edit/add Admin
+ *   #/connections  #connections-table; rows tr[data-connection="<name>"] with button[data-action="test"],
+ *               td[data-field="test-result"] (data-outcome: accepted, refused, throttled, unreachable, no-key),
+ *               a[data-action="edit"]; #add-connection, #key-help
+ *   #/exports/new, #/exports/<name>/edit
+ *               #export-form: every control has data-field="<its path in the definition>" (name,
+ *               source.container, destination.list, fields.Email, customFields[0].column, ...) and its message
+ *               in [data-error-for="<path>"]; #find-segments, #source-status, #add-custom-field, #save-export,
+ *               .form-problems (messages about other items); #add-export, a[data-action="edit"] on the exports page
+ *   #/connections/new, #/connections/<name>/edit   #connection-form, #save-connection (same data-field rule)
  */
 
-const KEY_STORAGE = "segmentSyncConsole.functionKey";
+import {
+  $, ADMIN, api, ApiError, append, canCallApi, clearMessage, current, currentGeneration, el, enc, fill, fmtDuration,
+  fmtNumber, fmtRate, forgetRoles, initKeyPanel, labelFormat, link, loadRoles, may, nextGeneration, onUnauthorized,
+  OPERATOR, pageHeading, parseTime, rolesState, runIdTime, setMessage, showError, showKeyState, statusBadge,
+  statusSlug, svgEl, timeEl, truncate, yesNo,
+} from "./common.js";
+import { renderConnectionForm, renderConnections } from "./connections.js";
+import { renderExportForm } from "./export-form.js";
+
 const ACTIVE = new Set(["queued", "planning", "running"]); // cancellable
 const POLLED = new Set(["queued", "planning", "running", "cancelling"]);
 const POLL_MS = 2000;
 const PAGE_SIZE = 20;
-const SVG_NS = "http://www.w3.org/2000/svg";
 
-// ---------------------------------------------------------------------------------------------------------------
-// Small DOM helpers (no HTML strings anywhere)
-
-/** An element: attrs.class -> className, attrs.text -> textContent, booleans toggle attributes, the rest
- * setAttribute; children: nodes or strings (as text nodes); null/undefined/false skipped. */
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  setAttrs(node, attrs);
-  append(node, children);
-  return node;
-}
-
-function svgEl(tag, attrs = {}, ...children) {
-  const node = document.createElementNS(SVG_NS, tag);
-  setAttrs(node, attrs);
-  append(node, children);
-  return node;
-}
-
-function setAttrs(node, attrs) {
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (name === "text") node.textContent = String(value);
-    else if (name === "class") node.setAttribute("class", String(value));
-    else if (value === true) node.setAttribute(name, "");
-    else node.setAttribute(name, String(value));
-  }
-}
-
-function append(node, children) {
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-}
-
-/** Replace a node's children (null/undefined/false skipped, strings as text nodes). */
-function fill(node, ...children) {
-  node.replaceChildren();
-  append(node, children);
-}
-
-const $ = (selector, root = document) => root.querySelector(selector);
-
-function link(hash, text, attrs = {}) {
-  return el("a", { href: hash, ...attrs }, text);
-}
-
-const enc = encodeURIComponent;
 const exportHash = (name, before) => `#/exports/${enc(name)}${before ? `?before=${enc(before)}` : ""}`;
 const runHash = (id) => `#/runs/${enc(id)}`;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Formatting
-
-const numberFormat = new Intl.NumberFormat("en-US");
-const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "medium" });
-const labelFormat = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", hour: "2-digit",
-  minute: "2-digit", hourCycle: "h23" });
-
-function fmtNumber(value) {
-  return typeof value === "number" && Number.isFinite(value) ? numberFormat.format(value) : "—";
-}
-
-function parseTime(iso) {
-  if (typeof iso !== "string" || !iso) return null;
-  const ms = Date.parse(iso);
-  return Number.isNaN(ms) ? null : ms;
-}
-
-/** When a run was created, read from its id (YYYYMMDDTHHMMSSZ-xxxxxxxx, UTC), as an ISO string. */
-function runIdTime(runId) {
-  const m = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z-/.exec(runId || "");
-  return m ? `${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}Z` : null;
-}
-
-/** A <time> element showing the local date and time, the ISO value in datetime and title. */
-function timeEl(iso) {
-  const ms = parseTime(iso);
-  if (ms === null) return document.createTextNode("—");
-  return el("time", { datetime: iso, title: iso }, dateFormat.format(new Date(ms)));
-}
-
-function fmtDuration(ms) {
-  if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0) return "—";
-  const seconds = ms / 1000;
-  if (seconds < 10) return `${seconds.toFixed(1)} s`;
-  if (seconds < 60) return `${Math.floor(seconds)} s`;
-  const minutes = Math.floor(seconds / 60);
-  if (minutes < 60) return `${minutes} min ${Math.floor(seconds % 60)} s`;
-  const hours = Math.floor(minutes / 60);
-  if (hours < 24) return `${hours} h ${minutes % 60} min`;
-  return `${Math.floor(hours / 24)} d ${hours % 24} h`;
-}
-
-function fmtRate(value, unit) {
-  if (typeof value !== "number" || !Number.isFinite(value)) return "—";
-  const digits = value >= 100 ? 0 : value >= 10 ? 1 : 2;
-  return `${value.toFixed(digits)} ${unit}`;
-}
-
-const yesNo = (value) => (value ? "yes" : "no");
-
-function statusSlug(status) {
-  return String(status || "unknown").toLowerCase().replace(/[^a-z]+/g, "-").replace(/^-|-$/g, "") || "unknown";
-}
-
-function statusBadge(status, attrs = {}) {
-  return el("span", { class: `status status-${statusSlug(status)}`, ...attrs }, status || "unknown");
-}
 
 /** When a run started (timings.started, else created, else its id) and how long it ran / has been running. */
 function runStart(run) {
@@ -162,192 +73,10 @@ function countOf(run, key) {
   return typeof value === "number" ? value : null;
 }
 
-function truncate(text, max) {
-  const s = String(text);
-  return s.length > max ? `${s.slice(0, max - 1)}…` : s;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The key (session storage only; never local storage, never the URL)
-
-let memoryKey = ""; // when session storage is unavailable
-let memorySession = false;
-const SESSION_STORAGE = "segmentSyncConsole.signedInSession"; // "1": call the API without a key (Entra ID)
-
-function getKey() {
-  try {
-    return window.sessionStorage.getItem(KEY_STORAGE) || "";
-  } catch {
-    return memoryKey;
-  }
-}
-
-function setKey(key) {
-  memoryKey = key;
-  try {
-    if (key) window.sessionStorage.setItem(KEY_STORAGE, key);
-    else window.sessionStorage.removeItem(KEY_STORAGE);
-  } catch {
-    /* storage disabled: kept in memory for this page only */
-  }
-}
-
-/** Whether the operator chose to call the API without a key (Entra ID: the platform's signed-in session). */
-function usesSession() {
-  try {
-    return window.sessionStorage.getItem(SESSION_STORAGE) === "1";
-  } catch {
-    return memorySession;
-  }
-}
-
-function setUsesSession(on) {
-  memorySession = on;
-  try {
-    if (on) window.sessionStorage.setItem(SESSION_STORAGE, "1");
-    else window.sessionStorage.removeItem(SESSION_STORAGE);
-  } catch {
-    /* storage disabled */
-  }
-}
-
-/** The API is called only with a key, or once the operator said the app signs them in (Entra ID): a page that
- * called it before would only collect a 401. */
-const canCallApi = () => Boolean(getKey()) || usesSession();
-
-function showKeyState(errorText = "") {
-  const hasKey = Boolean(getKey());
-  const form = $("#key-form");
-  const error = $("#key-error");
-  form.hidden = hasKey && !errorText;
-  $("#key-state").hidden = !hasKey || Boolean(errorText);
-  error.textContent = errorText;
-  error.hidden = !errorText;
-}
-
-function initKeyPanel() {
-  $("#key-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const input = $("#key-input");
-    const key = input.value.trim();
-    input.value = "";
-    if (!key) {
-      showKeyState("Enter a function key (or leave it empty when Entra ID signs you in).");
-      input.focus();
-      return;
-    }
-    if (!/^[\x21-\x7e]+$/.test(key)) {
-      showKeyState("A function key holds printable ASCII characters only.");
-      input.focus();
-      return;
-    }
-    setKey(key);
-    setUsesSession(false);
-    showKeyState();
-    setMessage("Key saved for this tab.");
-    route();
-  });
-  $("#forget-key").addEventListener("click", () => {
-    setKey("");
-    setUsesSession(false);
-    showKeyState();
-    route(); // drops the page shown with the key
-    setMessage("Key forgotten. Enter a key to call the API again.");
-    $("#key-input").focus();
-  });
-  $("#no-key").addEventListener("click", () => {
-    setKey("");
-    setUsesSession(true);
-    showKeyState();
-    setMessage("Calling the API without a key, as the signed-in user.");
-    route();
-  });
-  showKeyState();
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Messages (#message is the polite live region)
-
-function setMessage(text, kind = "info", ...extra) {
-  const box = $("#message");
-  box.className = `message message-${kind}`;
-  fill(box);
-  if (text) append(box, [el("span", {}, text), ...extra.map((node) => [" ", node])]);
-}
-
-function clearMessage() {
-  setMessage("");
-}
-
-class ApiError extends Error {
-  constructor(status, message, data) {
-    super(message);
-    this.status = status;
-    this.data = data;
-  }
-}
-
-function showError(error, doing) {
-  if (!(error instanceof ApiError)) {
-    setMessage(`${doing} failed: ${error && error.message ? error.message : error}`, "error");
-    return;
-  }
-  if (error.status === 401) return; // the key form says it (api() showed it)
-  const prefix = error.status === 403 ? `${doing} is not allowed (403)`
-    : error.status === 0 ? `${doing} failed` : `${doing} failed (${error.status})`;
-  setMessage(`${prefix}: ${error.message}`, "error");
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The API
-
-/** The API's base path, from where the console is served: /api/console/... -> /api/ */
-function apiBase() {
-  const path = window.location.pathname;
-  const at = path.lastIndexOf("/console");
-  return at >= 0 ? `${path.slice(0, at)}/` : "/api/";
-}
-
-async function api(method, path, body) {
-  const headers = { Accept: "application/json", "X-Requested-With": "console" };
-  const key = getKey();
-  if (key) headers["x-functions-key"] = key;
-  const init = { method, headers, credentials: "same-origin", cache: "no-store", redirect: "error" };
-  if (method === "POST") {
-    headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body || {});
-  }
-  let response;
-  try {
-    response = await fetch(apiBase() + path, init);
-  } catch (error) {
-    throw new ApiError(0, `the API did not answer (${error && error.message ? error.message : "network error"})`);
-  }
-  const text = await response.text();
-  let data = null;
-  try {
-    data = text ? JSON.parse(text) : null;
-  } catch {
-    data = null;
-  }
-  if (response.ok) return { status: response.status, data: data || {} };
-  const serverMessage = data && typeof data.error === "string" ? data.error : "";
-  if (response.status === 401) {
-    stopPolling();
-    const why = serverMessage || (getKey() ? "the key was refused" : "a function key is needed");
-    setKey(""); // a refused key is not kept, nor the keyless session: the next page asks again
-    setUsesSession(false);
-    showKeyState(`The API answered 401: ${why}. Enter a function key.`);
-    setMessage(`Not signed in (401): ${why}. Enter a function key above.`, "error");
-    $("#key-input").focus();
-  }
-  throw new ApiError(response.status, serverMessage || `HTTP ${response.status} ${response.statusText}`.trim(), data);
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Routing (hash based)
 
-let generation = 0; // bumped on every navigation: answers for an older page are dropped
 let pollTimer = null;
 let objectUrls = [];
 const pageCursors = new Map(); // export name -> the `before` cursors of the pages seen, newest first ("" = first)
@@ -375,6 +104,13 @@ function parseRoute(hash) {
       return part;
     }
   });
+  if (raw.split("?")[0] === "/connections") return { page: "connections" };
+  if (parts.length === 2 && parts[0] === "exports" && parts[1] === "new") return { page: "export-form", name: "" };
+  if (parts.length === 3 && parts[0] === "exports" && parts[2] === "edit") return { page: "export-form", name: parts[1] };
+  if (parts.length === 2 && parts[0] === "connections" && parts[1] === "new") return { page: "connection-form", name: "" };
+  if (parts.length === 3 && parts[0] === "connections" && parts[2] === "edit") {
+    return { page: "connection-form", name: parts[1] };
+  }
   if (parts.length === 2 && parts[0] === "exports") return { page: "runs", name: parts[1], before: params.get("before") || "" };
   if (parts.length === 2 && parts[0] === "runs") return { page: "run", id: parts[1] };
   return { page: "missing" };
@@ -385,24 +121,52 @@ function route(focus = false) {
   if (target === null) return;
   stopPolling();
   releaseObjectUrls();
-  generation += 1;
+  const gen = nextGeneration();
   const main = $("#main");
   fill(main);
-  if (!canCallApi()) renderKeyNeeded(main);
-  else if (target.page === "exports") renderExports(main, generation);
-  else if (target.page === "runs") renderRuns(main, generation, target.name, target.before);
-  else if (target.page === "run") renderRun(main, generation, target.id);
-  else renderMissing(main);
-  if (focus) {
-    const title = $("#page-title");
-    if (title) title.focus();
+  if (!canCallApi()) {
+    renderKeyNeeded(main);
+    showRoles();
+    return;
   }
+  loadRoles().then(() => {
+    if (!current(gen)) return;
+    showRoles();
+    renderPage(main, gen, target);
+    if (focus && $("#page-title")) $("#page-title").focus();
+  }).catch((error) => {
+    if (!current(gen)) return;
+    showRoles();
+    if (!(error instanceof ApiError && error.status === 401)) {
+      append(main, pageHeading("The console could not start"));
+      showError(error, "Reading your roles");
+    } else {
+      renderKeyNeeded(main);
+    }
+  });
 }
 
-function pageHeading(text, ...extra) {
-  document.title = `${text} · Segment sync console`;
-  return el("h1", { id: "page-title", tabindex: "-1" }, text, ...extra);
+function renderPage(main, gen, target) {
+  const pages = {
+    exports: () => renderExports(main, gen),
+    runs: () => renderRuns(main, gen, target.name, target.before),
+    run: () => renderRun(main, gen, target.id),
+    connections: () => renderConnections(main, gen),
+    "export-form": () => renderExportForm(main, gen, target.name),
+    "connection-form": () => renderConnectionForm(main, gen, target.name),
+  };
+  (pages[target.page] || (() => renderMissing(main)))();
 }
+
+/** Who the page is working for, in the header: the roles the server grants (it checks every call). */
+function showRoles() {
+  const box = $("#role-state");
+  if (!box) return;
+  const state = rolesState();
+  box.textContent = state;
+  box.hidden = !state;
+}
+
 
 function renderKeyNeeded(main) {
   append(main, [
@@ -418,7 +182,6 @@ function renderMissing(main) {
   append(main, [pageHeading("Page not found"), el("p", {}, link("#/exports", "Back to the exports"))]);
 }
 
-const current = (gen) => gen === generation;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Starting runs
@@ -499,7 +262,7 @@ function initDialog() {
 function confirmResync(name, button) {
   const dialog = $("#confirm-dialog");
   initDialog();
-  const gen = generation;
+  const gen = currentGeneration();
   $("#confirm-title").textContent = `Full resync of ${name}`;
   $("#confirm-text").textContent = "A full resync ignores what earlier runs sent and re-sends every profile of " +
     "the segment to the destination. It spends the connection's request budget, which other exports on the " +
@@ -533,6 +296,7 @@ async function renderExports(main, gen) {
     pageHeading("Exports"),
     el("p", { class: "lead" }, "The export definitions in force and each one's last run. A dry run plans and " +
       "reports without sending anything."),
+    may(ADMIN) ? el("p", {}, link("#/exports/new", "Add an export", { id: "add-export", class: "button-link" })) : null,
   ]);
   const holder = el("div", { class: "table-wrap" }, el("p", { class: "loading" }, "Loading exports…"));
   main.append(holder);
@@ -603,6 +367,14 @@ function exportRow(item) {
   row.append(el("td", { "data-field": "last-started" }, last ? timeEl(runIdTime(last.runId)) : "—"));
   row.append(el("td", { "data-field": "last-finished" }, last && last.finished ? timeEl(last.finished) : "—"));
   const actions = el("div", { class: "actions" });
+  if (may(ADMIN)) {
+    actions.append(link(`#/exports/${enc(name)}/edit`, "Edit", { class: "button-link", "data-action": "edit",
+      "aria-label": `Edit ${name}` }));
+  }
+  if (!may(OPERATOR)) {
+    row.append(el("td", {}, actions.firstChild ? actions : el("span", { class: "sub" }, "read only")));
+    return row;
+  }
   for (const [action, label] of [["dry-run", "Dry run"], ["run", "Run"], ["resync", "Full resync"]]) {
     const button = el("button", { type: "button", "data-action": action, class: action === "resync" ? "danger" : "",
       "aria-label": `${label}: ${name}` }, label);
@@ -855,6 +627,7 @@ function renderRun(main, gen, runId) {
     plan: el("section", { id: "plan-preview", class: "panel", "aria-labelledby": "plan-heading", hidden: true }),
     rejected: el("section", { class: "panel", "aria-labelledby": "rejected-heading" }),
     refused: el("section", { class: "panel", "aria-labelledby": "refused-heading" }),
+    dead: el("section", { id: "dead-batches", class: "panel", "aria-labelledby": "dead-heading", hidden: true }),
     reports: el("section", { id: "run-reports", class: "panel", "aria-labelledby": "reports-heading" }),
     exportLink: el("p", { class: "lead" }),
     rejectedKey: null,
@@ -871,7 +644,7 @@ function renderRun(main, gen, runId) {
         el("h2", { id: "progress-heading" }, "Progress"), progress, parts.progressText, parts.rate)),
     el("section", { class: "panel", "aria-labelledby": "counts-heading" },
       el("h2", { id: "counts-heading" }, "Counts"), parts.counts),
-    parts.plan, parts.rejected, parts.refused, parts.reports,
+    parts.plan, parts.rejected, parts.refused, parts.dead, parts.reports,
   ]);
 
   cancel.addEventListener("click", async () => {
@@ -949,15 +722,16 @@ function updateRun(parts, view) {
   parts.error.textContent = view.error ? `Error: ${view.error}` : "";
 
   updateSummary(parts.summary, view);
-  parts.cancel.hidden = !ACTIVE.has(status);
+  parts.cancel.hidden = !ACTIVE.has(status) || !may(OPERATOR);
   const dead = Math.max(Number((view.batches || {}).dead) || 0, countOf(view, "dead_batches") || 0);
-  parts.replay.hidden = !(dead > 0);
+  parts.replay.hidden = !(dead > 0) || !may(OPERATOR);
   parts.replay.textContent = dead > 0 ? `Replay ${fmtNumber(dead)} dead batch${dead === 1 ? "" : "es"}` : "Replay dead batches";
   updateProgress(parts, view);
   updateCounts(parts.counts, view.counts || {});
   updatePlan(parts.plan, view);
   updateRejected(parts, view);
   updateRefused(parts.refused, view);
+  updateDead(parts.dead, view);
   updateReports(parts.reports, view);
 }
 
@@ -1213,6 +987,30 @@ function updateRefused(section, view) {
       body)));
 }
 
+/** The run's dead batches (kept for replay), with the reason each one died. */
+function updateDead(section, view) {
+  const rows = Array.isArray(view.deadBatchList) ? view.deadBatchList : [];
+  section.hidden = rows.length === 0;
+  if (rows.length === 0) {
+    fill(section);
+    return;
+  }
+  const body = el("tbody");
+  for (const row of rows) {
+    body.append(el("tr", { "data-batch": String(row.batch) }, el("td", { class: "num" }, fmtNumber(row.batch)),
+      el("td", {}, String(row.kind ?? "")), el("td", { class: "num" }, fmtNumber(row.contacts)),
+      el("td", { class: "wrap" }, String(row.reason ?? "")), el("td", {}, row.replaying ? "being replayed" : "dead")));
+  }
+  fill(section, el("h2", { id: "dead-heading" }, "Dead batches"),
+    el("p", { class: "hint" }, "Batches that failed on every attempt. Replay puts them back on the queue once the " +
+      "cause is fixed; a newer run of the export refuses it (it would send older data)."),
+    el("div", { class: "table-wrap" }, el("table", { id: "dead-table", class: "data-table" },
+      el("caption", {}, `Dead batches (${fmtNumber(rows.length)})`),
+      el("thead", {}, el("tr", {}, ["Batch", "Kind", "Contacts", "Reason", "State"].map((h, i) =>
+        el("th", { scope: "col", class: i === 0 || i === 2 ? "num" : "" }, h)))),
+      body)));
+}
+
 function updateReports(section, view) {
   const reports = view.reports || {};
   const dl = el("dl", { class: "summary" });
@@ -1226,7 +1024,11 @@ function updateReports(section, view) {
 // Start
 
 function init() {
-  initKeyPanel();
+  initKeyPanel(() => {
+    forgetRoles();
+    route();
+  });
+  onUnauthorized(stopPolling);
   initDialog();
   const skip = $("#skip-link");
   if (skip) {

@@ -237,6 +237,7 @@ module apiRegistration 'app/entra.bicep' = if (apiEntraAuth) {
   params: {
     uniqueName: 'ci-autopilot-api-${resourceToken}'
     displayName: 'Customer Insights sync API (${environmentName})'
+    functionAppName: functionAppName // its sign-in callback; the name is known before the app exists
   }
 }
 

@@ -2,7 +2,9 @@
 principal the platform forwards holds it.
 
 The API's app registration declares three app roles, assignment required (infra/); each includes the ones
-before it in ROLES, so an Operator may read and an Admin may do everything an Operator may.
+before it in ROLES, so an Operator may read and an Admin may do everything an Operator may. An operation declared
+with no role (ANY_CALLER) is for every authenticated principal, one holding no role too: it tells the caller who
+it is, and nothing else.
 
 The principal headers are trusted only because the platform's built-in authentication (Easy Auth) drops any
 X-MS-CLIENT-PRINCIPAL* header a client sends and sets its own after checking the token. That holds only while
@@ -16,21 +18,30 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 
-READER = "Exports.Reader"  # read exports and runs
-OPERATOR = "Exports.Operator"  # start, cancel and replay runs
-ADMIN = "Exports.Admin"  # change definitions and connections (no route does yet)
+READER = "Exports.Reader"  # read exports, runs, definitions, connections and the export storage's segments
+OPERATOR = "Exports.Operator"  # start, cancel and replay runs; test a connection
+ADMIN = "Exports.Admin"  # change the export definitions and connections
 ROLES = (READER, OPERATOR, ADMIN)  # each includes those before it
+ANY_CALLER = None  # no role needed: any authenticated principal (still 401 without one)
 
 # The role each API operation needs, by the name of its function in shared/http_api.py (function_app.py's route
 # of the same name calls it). The one place to say who may do what: a new route gets its line here, or is refused.
-OPERATION_ROLES = {
+OPERATION_ROLES: dict[str, str | None] = {
+    "whoami": ANY_CALLER,
     "list_exports": READER,
     "list_runs": READER,
     "get_run": READER,
     "rejected_rows": READER,
+    "list_connections": READER,
+    "get_definitions": READER,
+    "list_segments": READER,
+    "list_columns": READER,
     "start_run": OPERATOR,
     "cancel_run": OPERATOR,
     "replay_run": OPERATOR,
+    "test_connection": OPERATOR,
+    "save_export": ADMIN,
+    "save_connection": ADMIN,
 }
 
 # Routes that take no role: files with no data in them (the console's page, script and style, which call the API
@@ -55,8 +66,9 @@ class UndeclaredOperation(LookupError):
     """An API operation without a line in OPERATION_ROLES: a programming error, and the call is refused."""
 
 
-def required_role(operation: str) -> str:
-    """The app role an API operation needs; UndeclaredOperation, naming the table, when it has none."""
+def required_role(operation: str) -> str | None:
+    """The app role an API operation needs (ANY_CALLER: none); UndeclaredOperation, naming the table, when the
+    operation has no line in it."""
     try:
         return OPERATION_ROLES[operation]
     except KeyError:
@@ -92,9 +104,16 @@ def allows(held: Iterable[str], needed: str) -> bool:
     return any(role in ROLES and ROLES.index(role) >= ROLES.index(needed) for role in held)
 
 
+def effective_roles(held: Iterable[str]) -> list[str]:
+    """The roles in ROLES that `held` allows, in ROLES' order: an Admin's are all three."""
+    held = list(held)
+    return [role for role in ROLES if allows(held, role)]
+
+
 def refusal(headers: Mapping[str, str], operation: str) -> tuple[int, str] | None:
     """None when the forwarded principal may call the operation; else (401 or 403, a message saying what is
-    wrong and what to do). `headers` must look names up case-insensitively, as the host's do."""
+    wrong and what to do). An ANY_CALLER operation needs a readable principal and no role. `headers` must look
+    names up case-insensitively, as the host's do."""
     needed = required_role(operation)
     encoded = headers.get(PRINCIPAL_HEADER)
     if not encoded:
@@ -106,7 +125,7 @@ def refusal(headers: Mapping[str, str], operation: str) -> tuple[int, str] | Non
     except PrincipalError as exc:
         return 401, (f"the authenticated principal forwarded to the app (X-MS-CLIENT-PRINCIPAL) {exc}: is the "
                      "app's built-in authentication (Easy Auth) on, with Entra ID as its provider?")
-    if allows(held, needed):
+    if needed is ANY_CALLER or allows(held, needed):
         return None
     return 403, _forbidden(needed, held, headers.get(PRINCIPAL_ID_HEADER, ""))
 

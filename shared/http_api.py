@@ -14,7 +14,7 @@ from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared import api_roles, services
+from shared import api_roles, connection_check, definitions_edit, services, source_browse
 from shared.pipeline import cancels, delivery, reports, runs
 from shared.runtime.settings import SettingsError, api_authentication
 from shared.services import Services, UnknownExport, find_export
@@ -83,11 +83,12 @@ def _run_options(body: bytes) -> dict | str:
 
 
 def get_run(svc: Services, run_id: str) -> Answer:
-    """GET /api/runs/{id}: status, counts, timings, samples and where the reports are."""
-    view = reports.run_view(svc, run_id) if RUN_ID.fullmatch(run_id or "") else None
-    if view is None:
+    """GET /api/runs/{id}: status, counts, timings, samples, where the reports are, and the dead batches."""
+    run = svc.records.get(run_id) if RUN_ID.fullmatch(run_id or "") else None
+    if run is None:
         return _error(404, f"no run with id {run_id[:80]!r}")
-    return 200, view
+    view = reports.run_view(svc, run_id, run)
+    return 200, {**view, "deadBatchList": reports.dead_batches(svc, run, view)}
 
 
 REJECTED_MOST = 50_000  # rows one answer holds (about 5 MB); the report blob keeps every one
@@ -174,15 +175,80 @@ def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[
         return _error(409, str(exc))
 
 
+# --- the console's: who am I, connections, definitions, sources ------------------------------------------------
+def whoami(svc: Services, headers: Mapping[str, str]) -> Answer:
+    """GET /api/me: how callers authenticate and the roles this caller holds (each role with those it includes), so
+    the console offers only what the caller may do. Any authenticated caller: guarded has refused one without a
+    principal, and a principal holding no role learns that it holds none."""
+    if api_authentication(svc.settings.env) != "entra":  # a function key may call every route
+        return 200, {"authentication": "key", "roles": list(api_roles.ROLES), "principalId": None}
+    held = api_roles.principal_roles(headers.get(api_roles.PRINCIPAL_HEADER, ""))
+    object_id = headers.get(api_roles.PRINCIPAL_ID_HEADER, "")
+    return 200, {"authentication": "entra", "roles": api_roles.effective_roles(held),
+                 "principalId": object_id if api_roles.OBJECT_ID.fullmatch(object_id) else None}
+
+
+def list_connections(svc: Services) -> Answer:
+    """GET /api/connections: each destination connection as in force, its exports and whether its key is readable."""
+    return 200, connection_check.list_connections(svc)
+
+
+def test_connection(svc: Services, name: str) -> Answer:
+    """POST /api/connections/{name}/test: one harmless read with the connection's key; 404 for an unknown name."""
+    if not EXPORT_NAME.fullmatch(name or ""):
+        return _error(404, f"no connection named {name[:80]!r}")
+    try:
+        return 200, connection_check.test_connection(svc, name)
+    except connection_check.UnknownConnection as exc:
+        return _error(404, str(exc))
+
+
+def get_definitions(svc: Services) -> Answer:
+    """GET /api/definitions: the definitions document as stored, its etag, and whether the console may edit it."""
+    return definitions_edit.get_definitions(svc)
+
+
+def save_export(svc: Services, name: str, body: bytes, if_match: str | None, if_none_match: str | None) -> Answer:
+    """PUT /api/definitions/exports/{name}: replace or add one export (If-Match: the etag it was edited on)."""
+    return _save(svc, "export", name, body, if_match, if_none_match)
+
+
+def save_connection(svc: Services, name: str, body: bytes, if_match: str | None,
+                    if_none_match: str | None) -> Answer:
+    """PUT /api/definitions/connections/{name}: replace or add one connection (If-Match as for an export)."""
+    return _save(svc, "connection", name, body, if_match, if_none_match)
+
+
+def _save(svc: Services, kind: str, name: str, body: bytes, if_match: str | None, if_none_match: str | None) -> Answer:
+    if not EXPORT_NAME.fullmatch(name or ""):
+        return _error(400, f"a {kind} name is 1-63 lower-case letters, digits or hyphens, starting with a letter or "
+                           f"digit; not {name[:80]!r}")
+    return definitions_edit.save_item(svc, kind, name, body, if_match, if_none_match)
+
+
+def list_segments(svc: Services, params: dict) -> Answer:
+    """GET /api/sources/segments?connection=&container=&prefix=: the segments of an export container."""
+    return source_browse.segments(svc, params)
+
+
+def list_columns(svc: Services, params: dict) -> Answer:
+    """GET /api/sources/columns?connection=&container=&prefix=&segment=: a segment's columns and suggestions."""
+    return source_browse.columns(svc, params)
+
+
+WRITES = ("POST", "PUT", "DELETE")  # methods that change something: their bodies must be JSON
+
+
 def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     """Run one API call with the process's services; a configuration problem becomes a 500 that says what to
     fix, never a stack trace. With Entra ID authentication the platform has checked the caller's token and
     forwards who it is and its app roles: the call runs only for a principal holding the role it needs.
-    A POST must say its body is JSON (body or none): a browser sends a form or text cross-site without asking,
-    but asks the API first (CORS) before it sends JSON, so no page can start, cancel or replay a run."""
-    if method == "POST" and not _is_json(headers.get("content-type", "")):
-        return _error(415, "a POST to this API must carry Content-Type: application/json (its body, if any, is "
-                           f"JSON), not {headers.get('content-type', 'none')[:60]!r}")
+    A POST, PUT or DELETE must say its body is JSON (body or none): a browser sends a form or text cross-site
+    without asking, but asks the API first (CORS) before it sends JSON (and before any PUT or DELETE), so no page
+    can start, cancel or replay a run, or change a definition."""
+    if method.upper() in WRITES and not _is_json(headers.get("content-type", "")):
+        return _error(415, f"a {method.upper()} to this API must carry Content-Type: application/json (its body, if "
+                           f"any, is JSON), not {headers.get('content-type', 'none')[:60]!r}")
     try:
         svc = services.current()
         if api_authentication(svc.settings.env) == "entra":
@@ -198,7 +264,7 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
 def _role_refusal(headers: Mapping[str, str], operation: str) -> Answer | None:
     """401 or 403 unless the principal the platform forwards holds the app role the operation needs (the
     platform drops any principal header a client sends and sets its own: see shared/api_roles.py). An
-    operation with no declared role is refused too, so a route added without one opens to nobody."""
+    operation without a line in OPERATION_ROLES is refused too, so a route added without one opens to nobody."""
     try:
         refused = api_roles.refusal(headers, operation)
     except api_roles.UndeclaredOperation as exc:

@@ -12,7 +12,7 @@ from azure.storage.blob import ContainerClient
 from shared.destinations.accounts import Account
 from shared.runtime.settings import BATCH_QUEUE, HOST_CONNECTION, PLAN_QUEUE, POISON_QUEUE, Settings
 from shared.runtime.storage import StorageConnection
-from shared.source.export_config import Connection, ExportDefinition, load_exports
+from shared.source.export_config import Connection, Definitions, ExportDefinition, load_definitions
 from shared.state.run_records import BATCHES_TABLE, RUNS_TABLE, RunRecords
 from shared.state.state_store import STATE_CONTAINER, STATE_TABLE, Destination, ExportState
 
@@ -85,14 +85,22 @@ class Services:
 
     def exports(self) -> tuple[ExportDefinition, ...]:
         """Read on every use, so an edited definitions document applies to the next run."""
-        return load_exports(self.settings.env, self._read_host_blob)
+        return self.definitions().exports
+
+    def definitions(self) -> Definitions:
+        """The whole definitions document, validated: exports and connections."""
+        return load_definitions(self.settings.env, self._read_host_blob)
 
     def export_container(self, export: ExportDefinition) -> ContainerClient:
+        return self.source_container(export.connection, export.container)
+
+    def source_container(self, setting: str, container: str) -> ContainerClient:
+        """A container of the storage account that app setting `setting` connects to (one client per setting)."""
         with self._lock:
-            if export.connection not in self._connections:
-                self._connections[export.connection] = StorageConnection(export.connection, self.settings.env)
-            connection = self._connections[export.connection]
-        return connection.blob.get_container_client(export.container)
+            if setting not in self._connections:
+                self._connections[setting] = StorageConnection(setting, self.settings.env)
+            connection = self._connections[setting]
+        return connection.blob.get_container_client(container)
 
     def _read_host_blob(self, container: str, path: str) -> bytes:
         return self.host.blob.get_blob_client(container, path).download_blob().readall()

@@ -13,7 +13,7 @@ from azure.storage.blob import BlobServiceClient
 
 from shared.state.run_records import FINISHED
 from tools.generate_export import STANDARD_COLUMNS, write_export
-from tools.local_host import LocalHost, QueueOptions
+from tools.local_host import LocalHost, QueueOptions, app_under
 from tools.local_stack import LocalStack
 
 COLUMN = {name: i for i, name in enumerate(STANDARD_COLUMNS)}
@@ -160,10 +160,10 @@ def open_world(rate: float = 50.0, queues: QueueOptions = FAST_QUEUES, settings:
     `only`: the host runs these functions only."""
     stack = LocalStack(rate=rate, **stack_options).start()
     settings = stack.settings(None, **(settings or {}))
-    from function_app import app
     from shared import services
 
-    host = LocalHost(app, settings, port=0, options=queues, only=only).start()
+    # The app as the real host loads it under these settings (API_AUTHENTICATION=entra: routes without keys).
+    host = LocalHost(app_under(settings), settings, port=0, options=queues, only=only).start()
     services.current()  # creates the queues, tables and containers (infra/ does this in Azure)
     return World(stack, host)
 

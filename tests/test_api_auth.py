@@ -1,7 +1,7 @@
 """Entra ID for the HTTP API: with API_AUTHENTICATION=entra the platform's built-in authentication checks the
 token (infra/app/function.bicep) and forwards the principal; the app runs a call only for a principal holding the
-app role it needs (shared/api_roles.py). The local host stands in for the platform: tests send the principal
-headers as it would."""
+app role it needs (shared/api_roles.py). Locally, the host's Easy Auth stand-in (tools/easy_auth_standin.py) does the
+platform's part: tests send it tokens they mint, and it forwards the principal in them as the platform would."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import json
 
 import azure.functions as func
 import pytest
+import requests
 
 import function_app
 from shared import api_roles, http_api
 from shared.api_roles import ADMIN, OPERATOR, READER
 from tests.support import close_world, definition, open_world, wait_until
+from tools import easy_auth_standin as easy_auth
 from tools.generate_export import sample_profiles
-from tools.local_host import index
+from tools.local_host import app_under, index
+from tools.local_stack import EASY_AUTH_KEY
 
 ROLE_URI = "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"
 OBJECT_ID = "6e4a1b3c-0000-4000-8000-000000000001"
@@ -39,9 +42,20 @@ def principal(*roles: str, typ: str = "roles", name: str | None = "ops@contoso.e
             "name", "role_typ": ROLE_URI}
 
 
-def headers(*roles: str, typ: str = "roles") -> dict[str, str]:
+def forwarded(*roles: str, typ: str = "roles") -> dict[str, str]:
+    """The principal headers the platform forwards to the app for a token carrying these app roles."""
     return {"X-MS-CLIENT-PRINCIPAL": encode(principal(*roles, typ=typ)), "X-MS-CLIENT-PRINCIPAL-ID": OBJECT_ID,
             "X-MS-CLIENT-PRINCIPAL-NAME": "ops@contoso.example"}
+
+
+def token(value: dict | bytes, **options) -> str:
+    """A token for the local host's Easy Auth stand-in (any host this process started: one key per process)."""
+    return easy_auth.mint(value, OBJECT_ID, "ops@contoso.example", EASY_AUTH_KEY, **options)
+
+
+def headers(*roles: str, typ: str = "roles") -> dict[str, str]:
+    """What a caller holding these app roles sends a host that takes Entra ID tokens: its bearer token."""
+    return {"Authorization": f"Bearer {token(principal(*roles, typ=typ))}"}
 
 
 # === the app setting ===========================================================================================
@@ -71,9 +85,11 @@ def _http_routes() -> dict[str, list[str]]:
             and f.get_function_name() not in api_roles.UNGUARDED}
 
 
-def test_every_route_declares_its_role_reads_need_reader_and_runs_need_operator():
-    assert {name: api_roles.required_role(name) for name in _http_routes()} == {
-        name: READER if methods == ["GET"] else OPERATOR for name, methods in _http_routes().items()}
+def test_every_route_declares_its_role_reads_need_reader_runs_operator_and_edits_admin():
+    wanted = {"GET": READER, "POST": OPERATOR, "PUT": ADMIN}
+    expected = {name: wanted[methods[0]] for name, methods in _http_routes().items()}
+    expected["whoami"] = api_roles.ANY_CALLER  # who am I: any authenticated caller
+    assert {name: api_roles.required_role(name) for name in _http_routes()} == expected
     assert set(api_roles.OPERATION_ROLES) == set(_http_routes())  # no stale line either
 
 
@@ -91,16 +107,29 @@ def test_each_route_hands_over_the_http_api_call_its_role_is_declared_for(monkey
 
 def test_an_operation_without_a_declared_role_is_refused_naming_the_table():
     with pytest.raises(api_roles.UndeclaredOperation, match=r"OPERATION_ROLES in shared/api_roles\.py"):
-        api_roles.refusal(headers(ADMIN), "delete_everything")
-    status, body = http_api._role_refusal(_lower(headers(ADMIN)), "delete_everything")  # the host answers 500
+        api_roles.refusal(forwarded(ADMIN), "delete_everything")
+    status, body = http_api._role_refusal(_lower(forwarded(ADMIN)), "delete_everything")  # the host answers 500
     assert status == 500 and "no app role is declared for the API operation 'delete_everything'" in body["error"]
 
 
-def test_a_future_admin_route_can_ask_for_admin(monkeypatch):
-    monkeypatch.setitem(api_roles.OPERATION_ROLES, "put_export", ADMIN)
-    status, message = api_roles.refusal(_lower(headers(OPERATOR)), "put_export")
+def test_an_admin_route_asks_for_admin():
+    status, message = api_roles.refusal(_lower(forwarded(OPERATOR)), "save_export")
     assert status == 403 and message.startswith("this call needs the app role Exports.Admin;")
-    assert api_roles.refusal(_lower(headers(ADMIN)), "put_export") is None
+    assert api_roles.refusal(_lower(forwarded(ADMIN)), "save_export") is None
+
+
+def test_an_operation_for_any_caller_needs_a_principal_but_no_role():
+    assert api_roles.refusal(_lower(forwarded()), "whoami") is None
+    assert api_roles.refusal({}, "whoami")[0] == 401
+    assert api_roles.refusal({"x-ms-client-principal": "not base64!"}, "whoami")[0] == 401
+
+
+@pytest.mark.parametrize("held, effective", [
+    ((), []), ((READER,), [READER]), ((OPERATOR,), [READER, OPERATOR]), ((ADMIN,), [READER, OPERATOR, ADMIN]),
+    (("exports.admin", "Other.Role"), []), ((READER, ADMIN), [READER, OPERATOR, ADMIN]),
+])
+def test_the_effective_roles_are_those_held_with_the_ones_they_include(held, effective):
+    assert api_roles.effective_roles(held) == effective
 
 
 def _lower(hdrs: dict) -> dict:
@@ -159,7 +188,7 @@ def test_a_garbled_principal_says_what_is_wrong(value, fragment):
 
 
 def test_the_403_names_the_role_needed_the_roles_held_and_how_to_assign_one_and_nothing_else():
-    hdrs = _lower(headers(READER, "exports.operator"))
+    hdrs = _lower(forwarded(READER, "exports.operator"))
     status, message = api_roles.refusal(hdrs, "start_run")
     assert status == 403
     assert message.startswith("this call needs the app role Exports.Operator (or Exports.Admin); the caller (object "
@@ -231,22 +260,139 @@ def test_a_principal_without_the_role_is_refused_403_saying_how_to_get_it(entra_
     assert "Enterprise applications" in error
 
 
-@pytest.mark.parametrize("hdrs", [{}, {"X-MS-CLIENT-PRINCIPAL-ID": OBJECT_ID}, {"X-MS-CLIENT-PRINCIPAL": ""}],
-                         ids=["no principal", "only the object id", "empty principal"])
-def test_a_request_without_the_platforms_principal_is_refused_401(entra_world, hdrs):
-    refused = _call(entra_world, "GET", "/api/exports", hdrs)
-    assert refused.status_code == 401
-    assert "carries no authenticated principal" in refused.json()["error"]
-    assert "Easy Auth" in refused.json()["error"]
+def test_without_the_platforms_principal_the_app_itself_refuses_401_saying_easy_auth_may_be_off():
+    """The app's own guard, behind the platform's: a principal header absent or empty is no principal."""
+    for hdrs in ({}, {"x-ms-client-principal-id": OBJECT_ID}, {"x-ms-client-principal": ""}):
+        status, message = api_roles.refusal(hdrs, "list_exports")
+        assert status == 401 and "carries no authenticated principal" in message and "Easy Auth" in message
+
+
+def test_a_token_forwarding_an_empty_principal_reaches_the_apps_own_401(entra_world):
+    refused = _call(entra_world, "GET", "/api/exports", {"Authorization": f"Bearer {token(b'')}"})
+    assert refused.status_code == 401 and "carries no authenticated principal" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("value", [
-    "not base64!", base64.b64encode(b"<xml/>").decode(), encode(["Exports.Admin"]), encode({"claims": "roles"}),
-    encode({"claims": None, "role_typ": ROLE_URI}), base64.b64encode(b"[" * 5000 + b"]" * 5000).decode(),
-], ids=["not base64", "not JSON", "not an object", "claims not a list", "claims null", "deeply nested"])
+    b"<xml/>", b"\xff\xfe{not json", json.dumps(["Exports.Admin"]).encode(), json.dumps({"claims": "roles"}).encode(),
+    json.dumps({"claims": None, "role_typ": ROLE_URI}).encode(), b"[" * 5000 + b"]" * 5000,
+], ids=["not JSON", "not UTF-8", "not an object", "claims not a list", "claims null", "deeply nested"])
 def test_a_garbled_principal_is_refused_401_never_500(entra_world, value):
-    refused = _call(entra_world, "POST", "/api/exports/hv/runs", {"X-MS-CLIENT-PRINCIPAL": value}, json={})
+    """The platform vouches for who sent a principal, not for its shape: a garbled one, inside a valid token."""
+    refused = _call(entra_world, "POST", "/api/exports/hv/runs", {"Authorization": f"Bearer {token(value)}"}, json={})
     assert refused.status_code == 401, refused.text[:300]
     assert refused.json()["error"].startswith("the authenticated principal forwarded to the app "
                                               "(X-MS-CLIENT-PRINCIPAL) ")
-    assert "Traceback" not in refused.text and value not in refused.text
+    assert "Traceback" not in refused.text and base64.b64encode(value).decode() not in refused.text
+
+
+# === the local Easy Auth stand-in: never kinder than the platform ==============================================
+def _stand_in_401(answer) -> str:
+    assert answer.status_code == 401, answer.text[:300]
+    assert answer.headers["Content-Type"].startswith("application/json")
+    return answer.json()["error"]
+
+
+@pytest.mark.parametrize("hdrs", [
+    {}, {"X-MS-CLIENT-PRINCIPAL-ID": OBJECT_ID}, {"X-MS-CLIENT-PRINCIPAL": ""}, forwarded(ADMIN),
+    {"x-ms-client-principal": encode(principal(ADMIN)), "Authorization": "Basic b3BzOnB3"},
+], ids=["nothing", "only the object id", "empty principal", "an admin principal", "with a basic authorization"])
+def test_a_request_without_a_token_is_refused_401_whatever_principal_headers_it_sends(entra_world, hdrs):
+    error = _stand_in_401(_call(entra_world, "GET", "/api/exports", hdrs))
+    assert "carries no token" in error and "X-MS-CLIENT-PRINCIPAL headers are dropped" in error
+
+
+@pytest.mark.parametrize("extra", [forwarded(ADMIN), {"x-ms-client-principal": encode(principal(ADMIN)),
+                                                      "X-Ms-Client-Principal-Idp": "aad"}], ids=["as sent", "cased"])
+def test_a_client_sent_principal_beside_a_valid_token_is_dropped(entra_world, extra):
+    """A Reader's token with an Admin principal header beside it: still only a Reader's call."""
+    refused = _call(entra_world, "POST", "/api/exports/hv/runs", {**headers(READER), **extra}, json={"dryRun": True})
+    assert refused.status_code == 403, refused.text[:300]
+    assert "holds Exports.Reader: an admin assigns" in refused.json()["error"]
+
+
+def _tampered(value: str) -> str:
+    body, _, signature = value.partition(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    claims["p"] = base64.urlsafe_b64encode(json.dumps(principal(ADMIN)).encode()).decode().rstrip("=")
+    return base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=") + "." + signature
+
+
+@pytest.mark.parametrize("value", [
+    _tampered(token(principal(READER))), token(principal(ADMIN), lifetime=-1),
+    easy_auth.mint(principal(ADMIN), OBJECT_ID, "x", "another key"), token(principal(ADMIN)).split(".")[0],
+    "garbage",
+], ids=["tampered", "expired", "another key", "unsigned", "garbage"])
+def test_a_tampered_expired_or_foreign_token_is_refused_401(entra_world, value):
+    for hdrs in ({"Authorization": f"Bearer {value}"}, {"Cookie": f"{easy_auth.COOKIE}={value}"}):
+        error = _stand_in_401(_call(entra_world, "GET", "/api/exports", hdrs))
+        assert "is not valid" in error
+
+
+def test_the_session_cookie_works_as_the_bearer_does(entra_world):
+    reader = f"theme=dark; {easy_auth.COOKIE}={token(principal(READER))}; other=1"
+    assert _call(entra_world, "GET", "/api/exports", {"Cookie": reader}).status_code == 200
+    refused = _call(entra_world, "POST", f"/api/runs/{NO_RUN}/replay", {"Cookie": reader})
+    assert refused.status_code == 403 and "holds Exports.Reader" in refused.json()["error"]
+    # The bearer goes first: an invalid one is not rescued by a valid cookie.
+    both = {"Cookie": reader, "Authorization": "Bearer garbage"}
+    assert _call(entra_world, "GET", "/api/exports", both).status_code == 401
+
+
+def test_behind_the_stand_in_the_routes_take_no_function_key_as_in_azure(entra_world):
+    """In Azure the worker imports the app with API_AUTHENTICATION=entra set, so its routes take no key; the local
+    host loads the app under its settings too, and a browser signed in (a cookie, never a key) is served."""
+    cookie = {"Cookie": f"{easy_auth.COOKIE}={token(principal(READER))}"}
+    assert requests.get(f"{entra_world.host.base_url}/api/exports", headers=cookie, timeout=30).status_code == 200
+    assert app_under({"API_AUTHENTICATION": "function-key"}) is function_app.app
+    levels = {f.get_function_name(): f.get_trigger().get_dict_repr()["authLevel"]
+              for f in index(app_under({"API_AUTHENTICATION": "entra"}))
+              if f.get_trigger().get_dict_repr()["type"] == "httpTrigger"}
+    assert set(levels.values()) == {func.AuthLevel.ANONYMOUS} and "list_exports" in levels
+
+
+def test_the_consoles_files_are_excluded_and_nothing_beside_them(entra_world):
+    """infra/app/function.bicep excludes '/api/console/*': the page, script and style, with no token nor key."""
+    base = entra_world.host.base_url
+    page = requests.get(f"{base}/api/console/", timeout=30)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert requests.get(f"{base}/api/console/app.js", timeout=30).status_code == 200
+    assert requests.get(f"{base}/api/console/missing.css", timeout=30).status_code == 404  # the app's own answer
+    for path in ("/api/console", "/api/consoles/x", "/api/exports", "/admin/functions/scheduled_sync"):
+        assert "carries no token" in _stand_in_401(requests.get(base + path, timeout=30)), path
+
+
+def test_the_sign_in_stand_in_says_it_is_local_and_refuses_a_redirect_off_the_host(entra_world):
+    url = f"{entra_world.host.base_url}{easy_auth.SIGN_IN_PATH}"
+    page = requests.get(url, params={"post_login_redirect_uri": "/api/console/#/runs/x"}, timeout=30)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "local stand-in" in page.text and 'href="/api/console/#/runs/x"' in page.text
+    assert "<script" not in page.text and "script-src" not in page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example/", "api/console/", "", "/a\nb"):
+        refused = requests.get(url, params={"post_login_redirect_uri": target}, timeout=30)
+        assert refused.status_code == 400 and "evil" not in refused.text, target
+    assert requests.post(url, timeout=30).status_code == 405
+
+
+# === the stand-in's tokens =====================================================================================
+def test_a_token_carries_the_principal_byte_for_byte_until_it_expires():
+    raw = b"\x00 any bytes \xff"
+    value = easy_auth.mint(raw, OBJECT_ID, "ops", "k", lifetime=60, now=1000.0)
+    assert easy_auth.verify(value, "k", now=1059.0) == (raw, OBJECT_ID, "ops")
+    assert easy_auth.verify(value, "k", now=1060.0) is None
+    assert easy_auth.verify(value, "other", now=1000.0) is None and easy_auth.verify(value, "", now=1000.0) is None
+    assert easy_auth.verify(easy_auth.mint({"a": 1}, "o", "n", "k"), "k")[0] == b'{"a": 1}'
+
+
+def test_the_token_is_read_from_the_bearer_first_then_the_cookie():
+    assert easy_auth.token_of({"Authorization": "bearer abc", "Cookie": f"{easy_auth.COOKIE}=def"}) == "abc"
+    assert easy_auth.token_of({"Authorization": "Basic abc", "Cookie": f"a=b; {easy_auth.COOKIE}=def"}) == "def"
+    assert easy_auth.token_of({"Cookie": f"x{easy_auth.COOKIE}=def"}) is None and easy_auth.token_of({}) is None
+
+
+def test_the_host_refuses_entra_without_the_stand_ins_key(monkeypatch):
+    from tools.local_host import LocalHost
+
+    monkeypatch.delenv(easy_auth.KEY_SETTING, raising=False)
+    with pytest.raises(ValueError, match=easy_auth.KEY_SETTING):
+        LocalHost(function_app.app, {"API_AUTHENTICATION": "entra"}, port=0)

@@ -3,9 +3,9 @@ Debian's packages, driven by Selenium) against the local stack. Screenshots of e
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as seen
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from shared import console
-from tests.support import COLUMN, close_world, definition, open_world
+from tests.support import COLUMN, CONTAINER, close_world, definition, open_world
+from tools.autopilot_sim import Faults
+from tools.browser import headless_chromium
 from tools.generate_export import sample_profiles
 
 SCREENS = Path(__file__).resolve().parent / "out" / "console"
@@ -49,7 +50,8 @@ def test_nothing_but_the_console_s_own_files_is_served(path):
 def test_the_console_s_script_builds_pages_without_html_from_data():
     """Values from a CSV, a definition or an API's answer reach the page as text only: no HTML is built from
     strings, no handler is inline, nothing is evaluated (the policy forbids it too)."""
-    script = (console.ROOT / "app.js").read_text()
+    script = "\n".join(path.read_text() for path in sorted(console.ROOT.glob("*.js")))
+    assert "export-form.js" in (console.ROOT / "app.js").read_text()  # (every module is read here)
     for risky in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
                   "setAttribute(\"on", "localStorage", ".style."):
         assert risky not in script, risky
@@ -57,19 +59,19 @@ def test_the_console_s_script_builds_pages_without_html_from_data():
     assert "<script>" not in page and " style=" not in page and " on" + "click" not in page
 
 
+def test_the_form_offers_the_standard_fields_and_custom_types_the_definitions_check_knows():
+    from shared.source import export_config
+
+    form = (console.ROOT / "export-form.js").read_text()
+    listed = lambda name: re.findall(r'"([A-Za-z_]+)"', re.search(rf"const {name} = \[(.*?)\];", form, re.S).group(1))
+    assert listed("STANDARD_FIELDS") == list(export_config.STANDARD_FIELDS)
+    assert listed("CUSTOM_TYPES") == list(export_config.CUSTOM_TYPES)
+
+
 # === in a browser ===============================================================================================
-def _browser() -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
-
-
 @pytest.fixture
 def browser():
-    driver = _browser()
+    driver = headless_chromium()
     SCREENS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
@@ -177,3 +179,211 @@ def test_make_console_serves_the_demo_export_and_never_prints_its_key(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def _console(browser, world, key: str | None = None) -> str:
+    """Open the console of `world` and give it the key (the world's own unless told); the console's address."""
+    base = f"{world.host.base_url}/api/console/"
+    browser.get(base)
+    _wait(browser, "#key-input").send_keys(key or world.host.function_key)
+    browser.find_element(By.CSS_SELECTOR, "#key-save").click()
+    return base
+
+
+def _no_script_errors(browser) -> None:
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]
+              and "403" not in e["message"] and "409" not in e["message"] and "422" not in e["message"]]
+    assert not errors, errors  # no script error, nothing the policy refused
+
+
+def _definitions(world) -> dict:
+    return json.loads(world.blobs.get_blob_client("config", "exports.json").download_blob().readall())
+
+
+def test_an_admin_adds_an_export_by_form_from_the_segments_and_columns_found_and_a_wrong_field_shows_its_message(
+        browser):
+    world = open_world()
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(30, seed=5))
+        world.snapshot(sample_profiles(30, seed=6), segment="NewsletterFans")
+        _console(browser, world)
+        _wait(browser, "#add-export").click()
+        form = _wait(browser, "#export-form")
+        control = lambda path: form.find_element(By.CSS_SELECTOR, f'[data-field="{path}"]')
+        control("name").send_keys("fans")
+        control("source.container").send_keys(CONTAINER)
+        browser.find_element(By.CSS_SELECTOR, "#find-segments").click()
+        _wait(browser, '[data-field="source.segment"] option[value="NewsletterFans"]')
+        Select(control("source.segment")).select_by_value("NewsletterFans")
+        _wait(browser, "#source-status", text="columns in the newest snapshot")
+        assert Select(control("fields.Email")).first_selected_option.get_attribute("value") == "PrimaryEmail"
+        Select(control("destination.membership")).select_by_value("list")
+        control("destination.list").send_keys("Newsletter fans")
+        control("dataTransferAcknowledged").click()
+        browser.find_element(By.CSS_SELECTOR, "#add-custom-field").click()
+        control("customFields[0].name").send_keys("Loyalty--Points")
+        Select(control("customFields[0].column")).select_by_value("LoyaltyPoints")
+        browser.save_screenshot(str(SCREENS / "export-form.png"))
+        browser.find_element(By.CSS_SELECTOR, "#save-export").click()
+
+        _wait(browser, '[data-error-for="customFields[0].name"]', text='"--"')
+        assert control("customFields[0].name").get_attribute("aria-invalid") == "true"
+        assert browser.switch_to.active_element == control("customFields[0].name")
+        assert [e["name"] for e in _definitions(world)["exports"]] == ["hv"]  # nothing written
+        browser.save_screenshot(str(SCREENS / "export-form-problem.png"))
+        control("customFields[0].name").clear()
+        control("customFields[0].name").send_keys("Loyalty Points")
+        browser.find_element(By.CSS_SELECTOR, "#save-export").click()
+        _wait(browser, 'tr[data-export="fans"]')
+        saved = {e["name"]: e for e in _definitions(world)["exports"]}
+        fans = saved["fans"]
+        assert fans["source"] == {"connection": "EXPORT_STORAGE", "container": CONTAINER, "prefix": "",
+                                  "segment": "NewsletterFans"}
+        assert fans["destination"]["list"] == "Newsletter fans" and fans["dataTransferAcknowledged"] is True
+        assert fans["fields"]["Email"] == "PrimaryEmail"
+        assert fans["customFields"] == [{"name": "Loyalty Points", "type": "string", "column": "LoyaltyPoints"}]
+        assert saved["hv"] == definition("hv")  # the other export is as it was
+        _no_script_errors(browser)
+    finally:
+        close_world(world)
+
+
+def test_an_edit_made_meanwhile_by_someone_else_is_refused_and_kept(browser):
+    world = open_world()
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(30, seed=5))
+        base = _console(browser, world)
+        browser.get(f"{base}#/exports/hv/edit")
+        form = _wait(browser, "#export-form")
+        _wait(browser, "#source-status", text="columns in the newest snapshot")
+        someone_else = definition("hv", maxProfiles=5000)
+        world.define(someone_else)  # saved by someone else after this page read the definitions
+        field = form.find_element(By.CSS_SELECTOR, '[data-field="maxRemovalPercent"]')
+        field.clear()
+        field.send_keys("35")
+        browser.find_element(By.CSS_SELECTOR, "#save-export").click()
+        _wait(browser, "#message", text="409")
+        assert "someone else" in browser.find_element(By.CSS_SELECTOR, "#message").text
+        assert _definitions(world)["exports"] == [someone_else]  # not overwritten
+        browser.refresh()
+        form = _wait(browser, "#export-form")
+        assert form.find_element(By.CSS_SELECTOR, '[data-field="maxProfiles"]').get_attribute("value") == "5000"
+    finally:
+        close_world(world)
+
+
+def test_the_connections_page_tests_a_key_and_says_how_to_set_one_never_showing_it(browser):
+    world = open_world()
+    try:
+        world.define(definition("hv"))
+        base = _console(browser, world)
+        browser.get(f"{base}#/connections")
+        row = _wait(browser, 'tr[data-connection="default"]')
+        assert "readable" in row.find_element(By.CSS_SELECTOR, 'td[data-field="key"]').text
+        assert "hv" in row.text and "az keyvault secret set" in _wait(browser, "#key-help").text
+        row.find_element(By.CSS_SELECTOR, 'button[data-action="test"]').click()
+        result = _wait(browser, 'tr[data-connection="default"] td[data-field="test-result"] strong')
+        assert result.text == "key accepted"
+        assert row.find_element(By.CSS_SELECTOR, 'td[data-field="test-result"]').get_attribute(
+            "data-outcome") == "accepted"
+        browser.save_screenshot(str(SCREENS / "connections.png"))
+        assert world.stack.api_key not in browser.page_source
+        _no_script_errors(browser)
+    finally:
+        close_world(world)
+
+
+def test_an_operator_cancels_a_long_run_from_its_page(browser):
+    world = open_world(rate=5)
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(3000, seed=8))  # 30 upserts at 5/s: 6 s of sending at least
+        _console(browser, world)
+        _wait(browser, 'tr[data-export="hv"] button[data-action="run"]').click()
+        _wait(browser, "#run-status", timeout=60, text="running")
+        _wait(browser, "#cancel-run").click()
+        _wait(browser, "#run-status", timeout=90, text="cancelled")
+        run_id = browser.current_url.rsplit("/", 1)[-1]
+        view = world.api.get(f"{world.host.base_url}/api/runs/{run_id}", timeout=30).json()
+        assert view["status"] == "cancelled" and len(world.field_members()) < 3000
+        assert not browser.find_element(By.CSS_SELECTOR, "#cancel-run").is_displayed()
+        browser.save_screenshot(str(SCREENS / "cancelled.png"))
+    finally:
+        close_world(world)
+
+
+def test_an_operator_sees_a_run_s_dead_batch_and_replays_it(browser):
+    world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "2"})
+    try:
+        world.sim.faults = Faults(fail_rate=1.0)
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(40, seed=12))
+        report = world.run("hv")
+        assert report["status"] == "failed" and report["batches"]["dead"] == 1
+        world.sim.faults = Faults()
+        base = _console(browser, world)
+        browser.get(f"{base}#/runs/{report['runId']}")
+        row = _wait(browser, "#dead-table tbody tr[data-batch]")
+        assert "40" in row.text
+        browser.save_screenshot(str(SCREENS / "dead-batch.png"))
+        _wait(browser, "#replay-run").click()
+        _wait(browser, "#run-status", timeout=90, text="succeeded")
+        assert len(world.field_members()) == 40
+    finally:
+        close_world(world)
+
+
+def test_a_reader_signed_in_sees_the_exports_without_run_buttons_and_the_server_refuses_a_run(browser):
+    from tests.test_api_auth import headers, principal, token
+
+    world = open_world(settings={"API_AUTHENTICATION": "entra"})
+    try:
+        world.define(definition("hv"))
+        base = f"{world.host.base_url}/api/console/"
+        browser.get(base)  # the console's files need no sign-in; the data does
+        browser.add_cookie({"name": "AppServiceAuthSession", "value": token(principal("Exports.Reader")), "path": "/"})
+        _wait(browser, "#no-key").click()
+        row = _wait(browser, 'tr[data-export="hv"]')
+        assert "Reader" in _wait(browser, "#role-state").text
+        assert not row.find_elements(By.CSS_SELECTOR, "button[data-action]")  # no run, dry run or resync
+        assert not browser.find_elements(By.CSS_SELECTOR, "#add-export")
+        browser.save_screenshot(str(SCREENS / "reader.png"))
+        status = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch("/api/exports/hv/runs", {method: "POST", headers: {"Content-Type": "application/json"},
+              body: "{}", credentials: "same-origin"}).then((r) => done(r.status), () => done(0));""")
+        assert status == 403  # the page only hides it: the server refuses it
+        runs = requests.get(f"{world.host.base_url}/api/exports/hv/runs", headers=headers("Exports.Reader"), timeout=30)
+        assert runs.status_code == 200 and runs.json()["runs"] == []  # nothing was started
+    finally:
+        close_world(world)
+
+
+def test_the_console_works_from_the_keyboard(browser):
+    world = open_world()
+    try:
+        world.define(definition("hv"))
+        world.snapshot(sample_profiles(20, seed=3))
+        base = _console(browser, world)
+        _wait(browser, 'tr[data-export="hv"]')
+        browser.get("about:blank")
+        browser.get(f"{base}#/exports")  # a fresh load: the focus starts at the top of the page
+        _wait(browser, 'tr[data-export="hv"]')
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys(Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("id") == "skip-link"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert browser.switch_to.active_element.get_attribute("id") == "main"
+        for _ in range(60):  # to the export's dry-run button, by Tab alone
+            browser.switch_to.active_element.send_keys(Keys.TAB)
+            if browser.switch_to.active_element.get_attribute("data-action") == "dry-run":
+                break
+        else:
+            pytest.fail("no dry-run button was reached with Tab")
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        _wait(browser, "#run-status", timeout=60, text="dry run")
+        assert browser.switch_to.active_element.get_attribute("id") == "page-title"  # the new page is announced
+    finally:
+        close_world(world)

@@ -531,7 +531,66 @@ def test_event_grid_reaches_the_webhook_when_the_api_takes_entra_tokens(template
     auth = unwrap(templates["app/function.bicep"]["resources"]["authSettings"])[0]
     from tools.event_grid import WEBHOOK_PATH
 
-    assert auth["properties"]["globalValidation"]["excludedPaths"] == [WEBHOOK_PATH]
+    assert WEBHOOK_PATH in auth["properties"]["globalValidation"]["excludedPaths"]
+
+
+CONSOLE_EXCLUSIONS = ["/api/console/", "/api/console/*"]  # the page itself, and everything under it
+
+
+def _excluded(path: str, patterns: list[str]) -> bool:
+    """Easy Auth's reading of excludedPaths, taken as widely as it could be: a trailing /* is everything under
+    the path, and any other entry may be read as a prefix."""
+    return any(path.startswith(pattern.removesuffix("*")) for pattern in patterns)
+
+
+def test_only_the_consoles_files_and_the_webhook_are_let_through_without_a_token(templates):
+    """The console's page, script and style hold no data and must load before a browser can sign in; every route of
+    the API, the data the page reads, stays behind the token or the session cookie, however wide the matching."""
+    import function_app
+    from shared.api_roles import UNGUARDED
+    from tools.event_grid import WEBHOOK_PATH
+    from tools.local_host import index
+
+    auth = unwrap(templates["app/function.bicep"]["resources"]["authSettings"])[0]
+    excluded = auth["properties"]["globalValidation"]["excludedPaths"]
+    assert excluded == [WEBHOOK_PATH, *CONSOLE_EXCLUSIONS]
+    for function in index(function_app.app):
+        trigger = function.get_trigger().get_dict_repr()
+        if trigger["type"] != "httpTrigger":
+            continue
+        path = "/api/" + re.sub(r"\{\*?\w+\}", "x", trigger["route"])
+        assert _excluded(path, excluded) is (function.get_function_name() in UNGUARDED), path
+    from tools.easy_auth_standin import excluded as stand_in_excludes  # the local stand-in excludes the same
+
+    for path in ("/api/console/", "/api/console/app.js", WEBHOOK_PATH, "/api/console", "/api/exports", "/api/"):
+        assert stand_in_excludes(path) is _excluded(path, excluded), path
+
+
+def test_a_browser_signs_in_to_the_console_with_the_id_token_and_no_client_secret(templates):
+    """Easy Auth signs a browser in with the implicit id_token (form_post) flow when it has no client secret: the
+    registration allows it and sends the browser back to the app's callback; the id_token's roles claim reaches the
+    app in X-MS-CLIENT-PRINCIPAL with the token store off."""
+    entra, main = templates["app/entra.bicep"], templates["main.bicep"]
+    application = only(entra, "Microsoft.Graph/applications")
+    web = application["web"]
+    assert web["implicitGrantSettings"] == {"enableIdTokenIssuance": True}
+    assert web["redirectUris"] == ["signInCallback"]
+    callback = entra["variables"]["signInCallback"]["value"]
+    assert callback == "https://${functionAppName}.azurewebsites.net/.auth/login/aad/callback"
+    assert "accessTokenIssuance" not in json.dumps(web) and "passwordCredentials" not in application
+    # The callback names the very app the function module deploys.
+    registration = unwrap(main["modules"]["apiRegistration"])[0]["params"]
+    function_params = unwrap(main["modules"]["functionApp"])[0]["params"]
+    assert registration["functionAppName"] == function_params["name"] == "functionAppName"
+    assert main["variables"]["functionAppName"]["value"].startswith("func-api-")
+    auth = unwrap(templates["app/function.bicep"]["resources"]["authSettings"])[0]["properties"]
+    aad = auth["identityProviders"]["azureActiveDirectory"]
+    assert "clientSecretSettingName" not in aad["registration"]
+    assert auth["login"]["tokenStore"]["enabled"] is False
+    assert aad["registration"]["clientId"] in aad["validation"]["allowedAudiences"]  # an id_token's audience
+    guide = doc_section("docs/deploy-azure.md", "Entra ID instead of function keys")
+    assert "### Signing in to the console" in guide
+    assert "/.auth/login/aad?post_login_redirect_uri=/api/console/" in guide
 
 
 def test_the_api_registration_declares_the_roles_the_app_checks_with_assignment_required(templates):

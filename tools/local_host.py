@@ -8,7 +8,8 @@ checks, fires the timer on demand (as the real host's admin API does: POST /admi
 Event Grid's deliveries for Event Grid triggers where the real host does (POST
 /runtime/webhooks/eventgrid?functionName={name}, keyed: the real host wants its eventgrid_extension key, this one
 its function key): the subscription handshake answered, then each event one invocation, the answer after them
-(an error answer makes Event Grid deliver again).
+(an error answer makes Event Grid deliver again). When the app takes Entra ID tokens (API_AUTHENTICATION=entra),
+tools/easy_auth_standin.py stands in front of it for the platform's built-in authentication.
 
     python -m tools.local_host --settings local.settings.json --port 7071
 """
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import importlib.util
 import inspect
 import json
 import logging
@@ -39,6 +41,7 @@ from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 from urllib.parse import parse_qs, urlsplit
 
 import azure.functions as func
@@ -47,7 +50,9 @@ from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 
+from shared.runtime.settings import SettingsError, api_authentication
 from shared.runtime.storage import pooled_transport
+from tools import easy_auth_standin as easy_auth
 from tools.event_grid import WEBHOOK_PATH
 from tools.http_framing import FramingError, read_body
 
@@ -120,6 +125,7 @@ class LocalHost:
         # own instances, every other function on instances of its own (per-function scaling). Each pool has the
         # Python worker's PYTHON_THREADPOOL_THREAD_COUNT threads.
         self.threads = worker_threads(settings)
+        self.easy_auth_key = _easy_auth_key(settings) if port is not None else None
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._loops: dict[str, tuple[asyncio.AbstractEventLoop, threading.Thread]] = {}
         self._pools_lock = threading.Lock()
@@ -307,6 +313,21 @@ def worker_threads(settings: dict[str, str]) -> int:
     return int(value) if value else min(32, (os.cpu_count() or 1) + 4)
 
 
+def _easy_auth_key(settings: dict[str, str]) -> str | None:
+    """The key of the Easy Auth stand-in when the app takes Entra ID tokens (the setting as the app reads it: this
+    host's settings, else the environment), else None. In Azure, infra turns Easy Auth on with that setting: a
+    host without the stand-in would let a client's own principal headers through, kinder than Azure."""
+    merged = {**os.environ, **settings}
+    try:
+        entra = api_authentication(merged) == "entra"
+    except SettingsError:
+        return None  # the app keeps function keys and answers 500 naming the setting
+    if entra and not merged.get(easy_auth.KEY_SETTING):
+        raise ValueError(f"API_AUTHENTICATION is entra: the local Easy Auth stand-in needs {easy_auth.KEY_SETTING} "
+                         "(tools.local_stack.LocalStack.settings() sets one)")
+    return merged[easy_auth.KEY_SETTING] if entra else None
+
+
 def _trigger_type(function) -> str:
     return function.get_trigger().get_binding_name()
 
@@ -448,6 +469,8 @@ def _handler_for(host: LocalHost):
             except FramingError as exc:
                 return self._send(exc.status, {"error": str(exc)}, close=True)
             params = _query(url.query)
+            if host.easy_auth_key is not None and self._easy_auth(url.path, params):
+                return None  # answered by the platform's authentication, as in Azure before the host
             if url.path.startswith("/admin/functions/"):
                 return self._admin(url.path.rsplit("/", 1)[-1], params)
             if url.path == WEBHOOK_PATH:
@@ -472,6 +495,29 @@ def _handler_for(host: LocalHost):
                 return self._send(405, {"error": f"{self.command[:20]} is not allowed here; allowed: "
                                                  f"{', '.join(allowed)}"}, allow=", ".join(allowed))
             self._send(404, {"error": "no function serves this route"})
+
+        def _easy_auth(self, path: str, params: dict) -> bool:
+            """The Easy Auth stand-in: drop the client's principal headers, set the platform's for a valid token,
+            serve the sign-in stand-in; True when it answered (401, or the sign-in page)."""
+            for name in {n.lower() for n in self.headers if n.lower().startswith(easy_auth.PRINCIPAL_PREFIX)}:
+                del self.headers[name]
+            if path == easy_auth.SIGN_IN_PATH:
+                if self.command not in ("GET", "HEAD"):
+                    self._send(405, {"error": "the sign-in takes GET"}, allow="GET, HEAD")
+                    return True
+                status, page = easy_auth.sign_in_page(params.get("post_login_redirect_uri", ""))
+                self._raw(status, page, easy_auth.PAGE_HEADERS["Content-Type"], headers=easy_auth.PAGE_HEADERS)
+                return True
+            if easy_auth.excluded(path):
+                return False  # let through with no principal, whatever token it carries
+            token = easy_auth.token_of(self.headers)
+            forwarded = easy_auth.principal_headers(token, host.easy_auth_key)
+            if forwarded is None:
+                self._send(401, easy_auth.unauthenticated(token))
+                return True
+            for name, value in forwarded.items():
+                self.headers[name] = value
+            return False
 
         def _authorised(self, params: dict) -> bool:
             given = self.headers.get("x-functions-key") or params.get("code") or ""
@@ -557,11 +603,33 @@ def host_from_args(args: argparse.Namespace, app, values: dict[str, str], module
 
 
 def load_app(args: argparse.Namespace):
-    """Logging as the Functions host sets it up, then the app and its settings."""
+    """Logging as the Functions host sets it up, then the app (loaded under its settings) and its settings."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from function_app import app
+    values = json.loads(Path(args.settings).read_text())["Values"]
+    return app_under(values), values
 
-    return app, json.loads(Path(args.settings).read_text())["Values"]
+
+_copies: dict[func.AuthLevel, func.FunctionApp] = {}  # function_app's app imported under another auth level
+
+
+def app_under(settings: dict[str, str]) -> func.FunctionApp:
+    """function_app's app as the real host loads it: imported with its app settings in the environment, which set
+    its routes' auth level (API_AUTHENTICATION=entra: anonymous, Easy Auth in front). This process's own import
+    serves when its level agrees; else a copy of the module, imported once under the settings. Without it, a host
+    in Entra mode kept the function keys of the process's import, and a signed-in browser (no key) got 401."""
+    import function_app
+
+    with mock.patch.dict(os.environ, settings):
+        level = function_app._auth_level()
+        if level == function_app.app._auth_level:  # (azure-functions keeps the app's default level there)
+            return function_app.app
+        if level not in _copies:
+            spec = importlib.util.spec_from_file_location(f"function_app_{level.name.lower()}",
+                                                          ROOT / "function_app.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _copies[level] = module.app
+    return _copies[level]
 
 
 def serve(host: LocalHost, banner: str, args: argparse.Namespace | None = None) -> None:

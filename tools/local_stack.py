@@ -15,11 +15,15 @@ from pathlib import Path
 from shared.runtime.settings import WORKER_THREADS
 from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
+from tools.easy_auth_standin import KEY_SETTING
 from tools.keyvault_standin import KeyVaultStandIn
 from tools.state_lock import StateLock
 
 SECRET_NAME = "autopilot-api-key"
 SCHEDULE = "0 */15 * * * *"
+# One key per process for the local Easy Auth stand-in: a test mints tokens for any host it started with it, and a
+# scale group's process gets it in its settings file. Never an Azure setting.
+EASY_AUTH_KEY = secrets.token_urlsafe(32)
 
 
 class LocalStack:
@@ -94,6 +98,7 @@ class LocalStack:
             "AUTOPILOT_BASE_URL": self.autopilot_url or "",
             "AUTOPILOT_REQUESTS_PER_SECOND": str(self.rate),
             "PYTHON_THREADPOOL_THREAD_COUNT": str(WORKER_THREADS),
+            KEY_SETTING: EASY_AUTH_KEY,  # read only by the local host's stand-in, when API_AUTHENTICATION is entra
         }
         values.update(overrides)
         return values

@@ -8,6 +8,8 @@ extension microsoftGraphV1
 @description('Immutable unique name of the app registration (it keys the registration across deployments).')
 param uniqueName string
 param displayName string
+@description('Name of the Function App whose built-in authentication signs browsers in (its default host name).')
+param functionAppName string
 
 // The roles' values are what the app checks; their ids are derived from them, so every deployment keeps them.
 var roles = [
@@ -28,6 +30,10 @@ var roles = [
   }
 ]
 var identifierUri = 'api://${uniqueName}'
+// Where Entra ID sends a browser back after sign-in to the console: the app's built-in authentication (Easy Auth).
+// If the Flex app ever gets a secure unique default host name (<name>-<hash>.<region>.azurewebsites.net) instead of
+// <name>.azurewebsites.net, this must follow it, or every browser sign-in ends on Entra ID's redirect URI mismatch.
+var signInCallback = 'https://${functionAppName}.azurewebsites.net/.auth/login/aad/callback'
 
 resource api 'Microsoft.Graph/applications@v1.0' = {
   uniqueName: uniqueName
@@ -38,6 +44,17 @@ resource api 'Microsoft.Graph/applications@v1.0' = {
   ]
   api: {
     requestedAccessTokenVersion: 2
+  }
+  // A browser's sign-in to the console. Easy Auth has no client secret here, so it signs browsers in with the
+  // implicit id_token (form_post) flow, which the registration must allow; the id_token carries the roles claim
+  // of the app roles assigned to the user, so the principal the app reads holds them (the token store stays off).
+  web: {
+    redirectUris: [
+      signInCallback
+    ]
+    implicitGrantSettings: {
+      enableIdTokenIssuance: true
+    }
   }
   appRoles: [
     for role in roles: {

@@ -268,7 +268,11 @@ output uri string = 'https://${site.properties.defaultHostName}'
 // token issued for that app registration (infra/app/entra.bicep), which only a principal assigned one of its app
 // roles can get; others get 401 before any function runs. The app checks each route's role itself (the platform
 // does not read the roles claim). Event Grid's deliveries are excluded: Event Grid calls the host's webhook with
-// the host's own system key, not a token, and would otherwise get 401 on validation and on every event.
+// the host's own system key, not a token, and would otherwise get 401 on validation and on every event. So are
+// the console's files ('/api/console/*': everything under that path; '/api/console/' too, the page itself, in case
+// the wildcard wants at least one character after the slash): they hold no data, and a browser must load
+// the page before it can sign in; every other /api/ route, the data the page reads, stays behind the token or the
+// session cookie of a browser sign-in (/.auth/login/aad, registered in infra/app/entra.bicep).
 // The app's HTTP functions then take no function key (API_AUTHENTICATION 'entra') and refuse a request without
 // the authenticated principal the platform forwards.
 resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
@@ -290,6 +294,8 @@ resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
       unauthenticatedClientAction: 'Return401'
       excludedPaths: [
         '/runtime/webhooks/eventgrid'
+        '/api/console/'
+        '/api/console/*'
       ]
     }
     identityProviders: {
@@ -307,6 +313,8 @@ resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (entraAuth) {
         }
       }
     }
+    // No token store: a browser's session cookie still carries the id_token's claims, roles included, which is
+    // all the app reads (X-MS-CLIENT-PRINCIPAL); nothing calls another API on the user's behalf.
     login: {
       tokenStore: {
         enabled: false

@@ -93,6 +93,36 @@ class Answer:
         return self.content.decode("utf-8", "replace")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What a connection test's one harmless read got: its outcome (accepted, refused, throttled or unreachable),
+    the HTTP status (None: no answer), the seconds from its slot to the answer, the destination's text (trimmed,
+    emails masked; never the key) and, after a 429, how long it asked callers to wait."""
+
+    outcome: str
+    status: int | None
+    elapsed: float
+    detail: str
+    retry_after: float | None = None
+
+
+class _Timed:
+    """A pace that notes when the request's slot came, so a probe times the request, not its wait for the slot."""
+
+    def __init__(self, pace: Pace):
+        self.pace, self.started = pace, None
+
+    async def __call__(self) -> None:
+        await self.pace()
+        self.started = time.monotonic()
+
+    def left(self, at: float) -> None:
+        self.pace.left(at)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started if self.started is not None else 0.0
+
+
 async def _on_sent(session, context, params) -> None:
     """aiohttp's trace of a request body sent: when the request left (what the API's rate window counts)."""
     context.trace_request_ctx["written"] = time.time()
@@ -158,6 +188,38 @@ class ApiClient:
         finally:
             if "written" in sent:
                 pace.left(sent["written"])
+
+    async def probe(self, method: str, path: str, body: dict | None, pace: Pace = no_pace) -> Probe:
+        """Send one harmless read with the key from Key Vault and say what the destination made of it (a connection
+        test). A 401 re-reads the key and tries once more only if Key Vault holds another key by now (a rotation)."""
+        key = self.api_key.peek() or await off(self.api_key.get)
+        probe = await self._probe(method, path, body, pace, key)
+        if probe.status == 401:
+            await off(self.api_key.refresh, key)
+            fresh = await off(self.api_key.get)
+            if fresh != key:
+                probe = await self._probe(method, path, body, pace, fresh)
+        return probe
+
+    async def _probe(self, method: str, path: str, body: dict | None, pace: Pace, key: str) -> Probe:
+        timed = _Timed(pace)
+        try:
+            answer = await self._send(method, path, body, timed, key)
+        except Transient as exc:
+            return Probe("unreachable", None, timed.elapsed(), exc.message[:200])
+        status = answer.status_code
+        text = f"{self.SERVICE} answered {status}" if status < 300 else self._message(answer)
+        detail = mask_emails_in(text[:200]).replace(key, "***")  # (no API echoes the key; never pass one on)
+        retry = self._retry_after(answer) if status == 429 else None
+        return Probe(self._probe_outcome(status, detail), status, timed.elapsed(), detail, retry)
+
+    def _probe_outcome(self, status: int, detail: str) -> str:
+        """A test's answer in a word: 429 throttled, 5xx unreachable (not working now), any other 4xx refused."""
+        if status < 300:
+            return "accepted"
+        if status == 429:
+            return "throttled"
+        return "unreachable" if status >= 500 else "refused"
 
     def _result(self, response: Answer) -> dict:
         status = response.status_code

@@ -146,7 +146,7 @@ class ApiKeyProvider:
         try:
             secret = self._secret_client().get_secret(self.secret_name)
         except ResourceNotFoundError as exc:
-            raise SecretUnavailable(f"{where} does not exist; store the Autopilot API key there") from exc
+            raise SecretUnavailable(f"{where} does not exist; store the API key there") from exc
         except ClientAuthenticationError as exc:
             raise SecretUnavailable(f"could not read {where}: authentication failed ({type(exc).__name__})") from exc
         except HttpResponseError as exc:

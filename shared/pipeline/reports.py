@@ -9,6 +9,7 @@ from itertools import chain
 
 from shared.runtime import signals
 from shared.services import Services
+from shared.source.contacts import mask_emails_in
 from shared.source.export_config import Connection
 from shared.state.run_records import ACTIVE, CANCELLING, REPLAYS, BatchOutcome, problems, run_log, utcnow
 from shared.state.state_store import Destination, ExportState
@@ -94,6 +95,21 @@ def run_view(svc: Services, run_id: str, run: dict | None = None) -> dict | None
         "deliveryProblems": run.get("problems") or [],
         "reports": {"rejectedRows": f"{REPORTS}/{run_id}/rejected.jsonl", "report": f"{REPORTS}/{run_id}/report.json"},
     }
+
+
+DEAD_LISTED = 200  # dead batches one run view lists (batches.dead counts them all)
+
+
+def dead_batches(svc: Services, run: dict, view: dict) -> list[dict]:
+    """The dead batches of a run (its record and view given), and those being replayed, as its view lists them: the
+    reason masked like every reason in a report. Read only for a run that has some (counted dead, or replaying):
+    the view of any other costs its one read still."""
+    run_id = run["RowKey"]
+    if not view["batches"]["dead"] and not (run.get("status") in ACTIVE and run.get("replay_started")):
+        return []
+    return [{"batch": int(o["RowKey"]), "kind": o.get("kind", ""), "contacts": int(o.get("contacts", 0)),
+             "reason": mask_emails_in(str(o.get("error") or ""))[:500], "replaying": o.get("status") in REPLAYS}
+            for o in svc.records.dead_outcomes(run_id, DEAD_LISTED)]
 
 
 def conclude(svc: Services, run_id: str, status: str, error: str = "", outcomes: list[dict] | None = None) -> bool:

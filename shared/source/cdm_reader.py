@@ -40,6 +40,10 @@ class ExportDataError(Exception):
     """The export in Blob Storage cannot be read as a snapshot; the message names the blob and the problem."""
 
 
+class NotThere(ExportDataError):
+    """What was asked for is not in the export storage: the container, any model.json, or the segment."""
+
+
 @dataclass(frozen=True)
 class CsvSettings:
     """A partition's fileFormatSettings, with the CDM defaults for anything missing."""
@@ -67,6 +71,7 @@ class Snapshot:
     partitions: tuple[Partition, ...]
     folder: str  # the run folder, e.g. `.../HighValueSegment/2026/03/02/0415`
     model: str = ""  # the model.json it came from
+    types: tuple[str | None, ...] = field(default=(), compare=False)  # each column's CDM dataType, as model.json says
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,24 +112,58 @@ class _Model:
         return next((e for e in self.entities() if e.get("name") == name), None)
 
 
-def find_snapshot(container: ContainerClient, prefix: str, segment: str) -> Snapshot:
-    """The newest complete snapshot of `segment` among the model.json files under `prefix` (any depth)."""
+@dataclass(frozen=True)
+class SegmentModel:
+    """A segment some model.json describes: the newest such model.json, and when it was modified."""
+
+    name: str
+    model: str
+    modified: datetime
+
+
+def list_segments(container: ContainerClient, prefix: str) -> list[SegmentModel]:
+    """Every segment the model.json files under `prefix` (any depth) describe, each with the newest model.json that
+    does (the one find_snapshot reads), sorted by name. NotThere when the container does not exist."""
+    blobs, _ = _listing(container, prefix)
+    newest: dict[str, _Model] = {}
+    for model in _models(container, blobs):
+        for name in {e.get("name") for e in model.entities() if isinstance(e.get("name"), str) and e.get("name")}:
+            if name not in newest or _age(model) > _age(newest[name]):
+                newest[name] = model
+    return [SegmentModel(name, newest[name].blob, newest[name].modified) for name in sorted(newest)]
+
+
+def _listing(container: ContainerClient, prefix: str) -> tuple[dict[str, BlobProperties], str]:
+    """The blobs under `prefix` by name, and where that is in words."""
     try:
         blobs = {b.name: b for b in container.list_blobs(name_starts_with=prefix or None)}
     except ResourceNotFoundError:
-        raise ExportDataError(f"export container {container.container_name!r} does not exist in the export storage "
-                              "account: check source.container and source.connection") from None
-    where = f"container {container.container_name!r}" + (f" under prefix {prefix!r}" if prefix else "")
-    names = sorted(n for n in blobs if posixpath.basename(n) == "model.json")
-    if not names:
-        raise ExportDataError(f"no model.json found in {where}: check the export's container and prefix, and that "
-                              "Customer Insights has run the export at least once")
-    models = [_load_model(container, blobs[n]) for n in names]
+        raise NotThere(f"export container {container.container_name!r} does not exist in the export storage "
+                       "account: check source.container and source.connection") from None
+    return blobs, f"container {container.container_name!r}" + (f" under prefix {prefix!r}" if prefix else "")
+
+
+def _models(container: ContainerClient, blobs: dict[str, BlobProperties]) -> list[_Model]:
+    return [_load_model(container, blobs[n]) for n in sorted(n for n in blobs if posixpath.basename(n) == "model.json")]
+
+
+def _age(model: _Model) -> tuple[datetime, datetime]:
+    """What makes one model.json newer than another."""
+    return model.modified, model.last_modified
+
+
+def find_snapshot(container: ContainerClient, prefix: str, segment: str) -> Snapshot:
+    """The newest complete snapshot of `segment` among the model.json files under `prefix` (any depth)."""
+    blobs, where = _listing(container, prefix)
+    models = _models(container, blobs)
+    if not models:
+        raise NotThere(f"no model.json found in {where}: check the export's container and prefix, and that "
+                       "Customer Insights has run the export at least once")
     candidates = [m for m in models if m.entity(segment) is not None]
     if not candidates:
-        raise ExportDataError(f"segment {segment!r} is not in any model.json in {where}; {_inventory(models)} "
-                              "(segment names are case-sensitive)")
-    model = max(candidates, key=lambda m: (m.modified, m.last_modified))
+        raise NotThere(f"segment {segment!r} is not in any model.json in {where}; {_inventory(models)} "
+                       "(segment names are case-sensitive)")
+    model = max(candidates, key=_age)
     entity = model.entity(segment)
     columns = _columns(model, entity, segment)
     named = entity.get("partitions")
@@ -136,7 +175,7 @@ def find_snapshot(container: ContainerClient, prefix: str, segment: str) -> Snap
     return Snapshot(
         id=_snapshot_id(model.blob, partitions), refresh_time=refresh, columns=columns,
         partitions=partitions, folder=posixpath.commonpath([posixpath.dirname(p.name) for p in partitions]),
-        model=model.blob,
+        model=model.blob, types=_types(entity),
     )
 
 
@@ -180,6 +219,11 @@ def _columns(model: _Model, entity: dict, segment: str) -> tuple[str, ...]:
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ExportDataError(f"{model.blob}: entity {segment!r} must list its columns as attributes with names")
     return tuple(names)
+
+
+def _types(entity: dict) -> tuple[str | None, ...]:
+    """Each attribute's dataType (None where it names none); _columns has checked the attributes."""
+    return tuple(a["dataType"] if isinstance(a.get("dataType"), str) else None for a in entity["attributes"])
 
 
 def _named_partitions(container: ContainerClient, blobs: dict[str, BlobProperties], model: _Model, segment: str,

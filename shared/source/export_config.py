@@ -130,12 +130,27 @@ class Connection:
 APP_SETTINGS_ACCOUNT = Connection()  # the "default" connection: the app settings' account
 
 
-class ExportConfigError(ValueError):
-    """The export definitions cannot be used as written; `problems` lists each fix needed."""
+@dataclass(frozen=True)
+class Located:
+    """One problem, where it is: `at` the item ('exports[2] "news"', 'connections[0]', or "" for the document),
+    `field` its JSON path within the item ("destination.list", or ""), and what is wrong."""
 
-    def __init__(self, message: str, problems: list[str] | None = None):
+    at: str
+    field: str
+    message: str
+
+    def public(self) -> dict:
+        return {"at": self.at, "field": self.field, "message": self.message}
+
+
+class ExportConfigError(ValueError):
+    """The export definitions cannot be used as written; `problems` lists each fix needed, as text, and `located`
+    the same problems as Located (an editor shows each beside its field)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, located: list[Located] | None = None):
         super().__init__(message)
         self.problems = list(problems) if problems is not None else [message]
+        self.located = list(located) if located is not None else [Located("", "", p) for p in self.problems]
 
 
 def typed_key(kind: str, name: str) -> str:
@@ -225,11 +240,22 @@ class ExportDefinition:
 
 
 # --- reading the document -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Definitions:
+    """The whole document, validated: its exports and its connections ("default", the app settings' account,
+    first, then the document's in its order)."""
+
+    exports: tuple[ExportDefinition, ...]
+    connections: tuple[Connection, ...]
+
+
 def load_exports(env: Mapping[str, str], read_blob: Callable[[str, str], bytes]) -> tuple[ExportDefinition, ...]:
     """From app setting EXPORTS (the JSON text) if set, else the host-storage blob EXPORTS_BLOB names."""
-    text = (env.get("EXPORTS") or "").strip()
-    if text:
-        return parse_exports(text, "app setting EXPORTS")
+    return load_definitions(env, read_blob).exports
+
+
+def definitions_blob(env: Mapping[str, str]) -> tuple[str, str]:
+    """(container, path) of the host-storage blob EXPORTS_BLOB names; ExportConfigError when it is not set right."""
     location = (env.get("EXPORTS_BLOB") or "").strip()
     if not location:
         raise ExportConfigError(
@@ -239,6 +265,15 @@ def load_exports(env: Mapping[str, str], read_blob: Callable[[str, str], bytes])
     container, _, path = location.strip("/").partition("/")
     if not container or not path:
         raise ExportConfigError(f"app setting EXPORTS_BLOB must be <container>/<path>, got {location!r}")
+    return container, path
+
+
+def load_definitions(env: Mapping[str, str], read_blob: Callable[[str, str], bytes]) -> Definitions:
+    """load_exports' document, with its connections too."""
+    text = (env.get("EXPORTS") or "").strip()
+    if text:
+        return parse_definitions(text, "app setting EXPORTS")
+    container, path = definitions_blob(env)
     from azure.core.exceptions import ResourceNotFoundError  # the edge: only this path touches the SDK
 
     try:
@@ -248,11 +283,16 @@ def load_exports(env: Mapping[str, str], read_blob: Callable[[str, str], bytes])
             f"app setting EXPORTS_BLOB names blob {path!r} in container {container!r} of the app's storage, "
             "but it does not exist: upload the export definitions there or fix the setting"
         ) from None
-    return parse_exports(data, f"blob {container}/{path} (EXPORTS_BLOB)")
+    return parse_definitions(data, f"blob {container}/{path} (EXPORTS_BLOB)")
 
 
 def parse_exports(document: str | bytes | dict, source: str = "EXPORTS") -> tuple[ExportDefinition, ...]:
     """Validate the whole document; raise one ExportConfigError listing every problem."""
+    return parse_definitions(document, source).exports
+
+
+def parse_definitions(document: str | bytes | dict, source: str = "EXPORTS") -> Definitions:
+    """parse_exports, returning the document's connections as well."""
     duplicates: list[str] = []
     if isinstance(document, bytes | bytearray):
         try:
@@ -269,8 +309,8 @@ def parse_exports(document: str | bytes | dict, source: str = "EXPORTS") -> tupl
         count = len(checker.problems)
         lines = "\n".join(f"  - {p}" for p in checker.problems)
         raise ExportConfigError(f"{source}: {count} problem{'s' if count > 1 else ''} in the export definitions:\n"
-                                f"{lines}", checker.problems)
-    return exports
+                                f"{lines}", checker.problems, checker.located)
+    return Definitions(exports, tuple(checker.accounts.values()))
 
 
 def _load_json(text: str, source: str, duplicates: list[str]) -> Any:
@@ -313,6 +353,7 @@ class _Checker:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.located: list[Located] = []  # the same problems, each with where it is
         self.where = ""
         self.accounts: dict[str, Connection] = {DEFAULT_ACCOUNT: Connection()}
         self.phone_regions: dict[str, str] = {}  # connection name -> its phoneRegion, the default of its exports
@@ -320,6 +361,7 @@ class _Checker:
     def problem(self, text: str, path: str = "") -> None:
         prefix = f"{self.where}: " if self.where else ""
         self.problems.append(f"{prefix}{path}{' ' if path else ''}{text}")
+        self.located.append(Located(self.where, path, text))
 
     # Typed getters: each returns the default (and records a problem) when the value is wrong.
     def obj(self, data: dict, key: str, path: str) -> dict:

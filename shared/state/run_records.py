@@ -351,6 +351,13 @@ class RunRecords:
         found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=OUTCOME_FIELDS)
         return [_decode(e) for e in found]
 
+    def dead_outcomes(self, run_id: str, most: int) -> list[dict]:
+        """The run's dead batches and those being replayed, in batch order, at most `most` (one filtered query)."""
+        statuses = " or ".join(f"status eq '{s}'" for s in UNSETTLED)
+        found = self.batches.query_entities(f"PartitionKey eq @r and ({statuses})", parameters={"r": run_id},
+                                            select=OUTCOME_FIELDS)
+        return [_decode(e) for e in islice(found, most)]
+
     def delete_outcomes(self, run_id: str) -> int:
         """Delete the run's batch outcomes, a transaction of at most 100 at a time; returns how many."""
         found = self.batches.query_entities("PartitionKey eq @r", parameters={"r": run_id}, select=["RowKey"])
