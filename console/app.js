@@ -314,10 +314,10 @@ async function renderExports(main, gen) {
   const table = el("table", { id: "exports-table", class: "data-table" },
     el("caption", {}, `Exports (${exports.length})`),
     el("thead", {}, el("tr", {}, ["Export", "Destination", "Membership", "Enabled", "Last run", "Started",
-      "Finished", "Actions"].map((h) => el("th", { scope: "col" }, h)))));
+      "Finished", "Next start", "Actions"].map((h) => el("th", { scope: "col" }, h)))));
   const body = el("tbody");
   if (exports.length === 0) {
-    body.append(el("tr", {}, el("td", { colspan: "8", class: "empty" }, "No exports are defined.")));
+    body.append(el("tr", {}, el("td", { colspan: "9", class: "empty" }, "No exports are defined.")));
   }
   for (const item of exports) body.append(exportRow(item));
   table.append(body);
@@ -366,6 +366,9 @@ function exportRow(item) {
   row.append(status);
   row.append(el("td", { "data-field": "last-started" }, last ? timeEl(runIdTime(last.runId)) : "—"));
   row.append(el("td", { "data-field": "last-finished" }, last && last.finished ? timeEl(last.finished) : "—"));
+  const next = item.nextStart ? [timeEl(item.nextStart), el("span", { class: "line sub" }, "the timer looks for a snapshot")]
+    : [item.enabled ? "—" : "disabled"];
+  row.append(el("td", { "data-field": "next-start" }, next));
   const actions = el("div", { class: "actions" });
   if (may(ADMIN)) {
     actions.append(link(`#/exports/${enc(name)}/edit`, "Edit", { class: "button-link", "data-action": "edit",

@@ -10,6 +10,8 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -109,9 +111,11 @@ def rejected_rows(svc: Services, run_id: str) -> Answer:
 
 
 def list_exports(svc: Services) -> Answer:
-    """GET /api/exports: each definition (no secrets live in it), its latest run and, while the timer backs off
-    after failed runs on that run's snapshot, when it tries again (`nextAttempt`)."""
+    """GET /api/exports: each definition (no secrets live in it), its latest run, when the timer next looks for a
+    new snapshot of an enabled export (`nextStart`) and, while the timer backs off after failed runs on that run's
+    snapshot, when it tries again (`nextAttempt`)."""
     exports = []
+    tick = runs.next_tick(svc.settings.env, datetime.now(UTC))
     for export in svc.exports():
         recent = svc.records.for_export(export.name, limit=20)
         summary = None
@@ -121,7 +125,8 @@ def list_exports(svc: Services) -> Answer:
                        "error": last.get("error") or None}
             retry_at = runs.retry_time([r for r in recent if r.get("snapshot") == last.get("snapshot")])
             summary["nextAttempt"] = runs.iso(retry_at) if retry_at else None
-        exports.append({**export.public(), "lastRun": summary})
+        next_start = tick.isoformat(timespec="seconds").replace("+00:00", "Z") if tick and export.enabled else None
+        exports.append({**export.public(), "lastRun": summary, "nextStart": next_start})
     return 200, {"exports": exports}
 
 
@@ -245,10 +250,14 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     forwards who it is and its app roles: the call runs only for a principal holding the role it needs.
     A POST, PUT or DELETE must say its body is JSON (body or none): a browser sends a form or text cross-site
     without asking, but asks the API first (CORS) before it sends JSON (and before any PUT or DELETE), so no page
-    can start, cancel or replay a run, or change a definition."""
+    can start, cancel or replay a run, or change a definition. A browser's write from another site is refused
+    even so (CORS could be opened by a setting one day, and the platform's session cookie goes cross-site)."""
     if method.upper() in WRITES and not _is_json(headers.get("content-type", "")):
         return _error(415, f"a {method.upper()} to this API must carry Content-Type: application/json (its body, if "
                            f"any, is JSON), not {headers.get('content-type', 'none')[:60]!r}")
+    if method.upper() in WRITES and _cross_site(headers):
+        return _error(403, "a browser sent this from another site (Origin or Sec-Fetch-Site says so): the API takes "
+                           "changes only from its own console or from scripts")
     try:
         svc = services.current()
         if api_authentication(svc.settings.env) == "entra":
@@ -259,6 +268,19 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     except (SettingsError, ExportConfigError) as exc:
         log.error("configuration problem: %s", exc)
         return _error(500, f"the app is misconfigured: {exc}")
+
+
+def _cross_site(headers: Mapping[str, str]) -> bool:
+    """Whether a browser says the request comes from a page of another site: Sec-Fetch-Site (every current
+    browser), else an Origin that is not this host. Scripts send neither."""
+    fetch_site = headers.get("sec-fetch-site", "").strip().lower()
+    if fetch_site:
+        return fetch_site not in ("same-origin", "none")
+    origin = headers.get("origin", "").strip()
+    if not origin:
+        return False
+    host = headers.get("x-forwarded-host") or headers.get("host", "")
+    return origin == "null" or urlsplit(origin).netloc.lower() != host.strip().lower()
 
 
 def _role_refusal(headers: Mapping[str, str], operation: str) -> Answer | None:

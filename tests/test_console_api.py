@@ -529,3 +529,64 @@ def test_a_reader_reads_connections_definitions_and_sources_but_may_not_test_a_c
     refused = _as(entra_world, "POST", "/api/connections/default/test", (READER,))
     assert refused.status_code == 403 and "needs the app role Exports.Operator" in refused.json()["error"]
     assert _as(entra_world, "POST", "/api/connections/default/test", (OPERATOR,)).json()["outcome"] == "accepted"
+
+
+# === when the timer next looks =================================================================================
+@pytest.mark.parametrize("schedule, now, expected", [
+    ("0 */15 * * * *", "2026-12-07T19:50:03+00:00", "2026-12-07T20:00:00+00:00"),
+    ("", "2026-12-07T19:50:03+00:00", "2026-12-07T20:00:00+00:00"),  # infra's default
+    ("30 5 2 * * 1-5", "2026-12-05T10:00:00+00:00", "2026-12-07T02:05:30+00:00"),  # Saturday: Monday's
+    ("0 0 * * * *", "2026-12-07T21:30:00+02:00", "2026-12-07T20:00:00+00:00"),  # read in UTC
+])
+def test_the_next_tick_is_the_schedule_s_next_time_in_utc(schedule, now, expected):
+    from datetime import datetime
+
+    from shared.pipeline.runs import next_tick
+
+    assert next_tick({"EXPORT_SCHEDULE": schedule}, datetime.fromisoformat(now)).isoformat() == expected
+
+
+@pytest.mark.parametrize("schedule", ["*/15 * * * *", "every 15 minutes", "0 */15 * * * * *", "61 * * * * *"])
+def test_a_schedule_the_host_would_refuse_has_no_next_tick(schedule):
+    from datetime import UTC, datetime
+
+    from shared.pipeline.runs import next_tick
+
+    assert next_tick({"EXPORT_SCHEDULE": schedule}, datetime.now(UTC)) is None
+
+
+def test_the_exports_list_says_when_an_enabled_export_next_starts_and_a_disabled_one_never(world):
+    store(world, {"exports": [definition("on"), definition("off", enabled=False, target="Other")]})
+    listed = {e["name"]: e for e in get(world, "/api/exports").json()["exports"]}
+    minute = int(listed["on"]["nextStart"][14:16])
+    assert listed["on"]["nextStart"].endswith(":00Z") and minute % 15 == 0  # the world's schedule: every 15 min
+    assert listed["off"]["nextStart"] is None
+
+
+# === writes from another site ==================================================================================
+NO_SUCH_RUN = "/api/runs/20990101T000000Z-00000000/cancel"
+
+
+@pytest.mark.parametrize("sent, status", [
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Sec-Fetch-Site": "same-site"}, 403),  # a sibling subdomain is another origin
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "https://evil.example"}, 404),  # the browser's own word wins
+    ({"Origin": "https://evil.example"}, 403),  # an older browser: Origin only
+    ({"Origin": "null"}, 403),  # a sandboxed frame or a file
+    ({"Sec-Fetch-Site": "none"}, 404),  # typed or bookmarked by the user: not another site's page
+    ({}, 404),  # a script: neither header
+])
+def test_a_browser_s_write_from_another_site_is_refused_even_as_json(world, sent, status):
+    answer = requests.post(url(world, NO_SUCH_RUN), data="{}", timeout=30,
+                           headers={"x-functions-key": world.host.function_key, "Content-Type": "application/json",
+                                    **sent})
+    assert answer.status_code == status, answer.text
+    if status == 403:
+        assert "another site" in answer.json()["error"]
+
+
+def test_a_write_whose_origin_is_the_app_itself_goes_through(world):
+    origin = world.host.base_url  # http://127.0.0.1:<port>: what a browser on the console sends
+    answer = requests.post(url(world, NO_SUCH_RUN), data="{}", timeout=30, headers={
+        "x-functions-key": world.host.function_key, "Content-Type": "application/json", "Origin": origin})
+    assert answer.status_code == 404

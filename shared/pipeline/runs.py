@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from itertools import islice
 
 from azure.core.exceptions import ResourceNotFoundError
+from croniter import croniter
 
 from shared.destinations.api_client import ApiError, Throttled, Transient
 from shared.destinations.rate_budget import Deferred, Pacer, RateBudget
@@ -471,6 +472,19 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: b
 
 
 # --- the timer ------------------------------------------------------------------------------------
+DEFAULT_SCHEDULE = "0 */15 * * * *"  # infra/ sets EXPORT_SCHEDULE to this unless told otherwise
+
+
+def next_tick(env, now: datetime) -> datetime | None:
+    """When the timer next looks for new snapshots: the first time after `now` that EXPORT_SCHEDULE (NCRONTAB, six
+    fields, seconds first) names, in UTC as the Functions host reads it; None when the schedule cannot be read (the
+    host refuses it too, and says so at start)."""
+    schedule = (env.get("EXPORT_SCHEDULE") or DEFAULT_SCHEDULE).strip()
+    if not croniter.is_valid(schedule, second_at_beginning=True) or len(schedule.split()) != 6:
+        return None
+    return croniter(schedule, now.astimezone(UTC), second_at_beginning=True).get_next(datetime)
+
+
 def scheduled_tick(svc: Services) -> list[str]:
     """Finish runs whose last batch was settled by a crashed instance, then start runs for new snapshots."""
     for run in svc.records.active((*ACTIVE, CANCELLING)):
