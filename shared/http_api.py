@@ -11,8 +11,8 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 from itertools import islice
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import ResourceNotFoundError
 
