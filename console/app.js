@@ -26,7 +26,7 @@
  *   Roles       #role-state (the header: "function key: Admin", "signed in: Reader"); buttons and links a role
  *               may not use are left out: run/dry-run/resync/cancel/replay/test need Operator, edit/add Admin
  *   #/connections  #connections-table; rows tr[data-connection="<name>"] with button[data-action="test"],
- *               td[data-field="test-result"] (data-outcome: accepted, refused, throttled, unreachable, no-key),
+ *               [data-field="test-result"] (data-outcome: accepted, refused, throttled, unreachable, no-key),
  *               a[data-action="edit"]; #add-connection, #key-help
  *   #/exports/new, #/exports/<name>/edit
  *               #export-form: every control has data-field="<its path in the definition>" (name,

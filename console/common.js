@@ -170,11 +170,14 @@ function setUsesSession(on) {
 const canCallApi = () => Boolean(getKey()) || usesSession();
 
 function showKeyState(errorText = "") {
-  const hasKey = Boolean(getKey());
+  const signedIn = Boolean(getKey()) || usesSession();
   const form = $("#key-form");
   const error = $("#key-error");
-  form.hidden = hasKey && !errorText;
-  $("#key-state").hidden = !hasKey || Boolean(errorText);
+  form.hidden = signedIn && !errorText;
+  $("#key-state").hidden = !signedIn || Boolean(errorText);
+  $("#key-state-text").textContent = getKey() ? "A function key is kept for this tab."
+    : "Calling the API as the signed-in user (Entra ID).";
+  $("#forget-key").textContent = getKey() ? "Forget key" : "Use a key instead";
   error.textContent = errorText;
   error.hidden = !errorText;
 }

@@ -67,7 +67,7 @@ function connectionRow(item) {
   row.append(key);
   const exports = Array.isArray(item.exports) ? item.exports : [];
   row.append(el("td", {}, exports.length ? exports.join(", ") : "no export"));
-  const result = el("td", { "data-field": "test-result", "aria-live": "polite" });
+  const result = el("div", { "data-field": "test-result", "aria-live": "polite" });
   if (may(OPERATOR)) {
     const test = el("button", { type: "button", "data-action": "test", "aria-label": `Test ${name}` }, "Test");
     test.addEventListener("click", () => testConnection(name, test, result));

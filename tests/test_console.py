@@ -284,9 +284,9 @@ def test_the_connections_page_tests_a_key_and_says_how_to_set_one_never_showing_
         assert "readable" in row.find_element(By.CSS_SELECTOR, 'td[data-field="key"]').text
         assert "hv" in row.text and "az keyvault secret set" in _wait(browser, "#key-help").text
         row.find_element(By.CSS_SELECTOR, 'button[data-action="test"]').click()
-        result = _wait(browser, 'tr[data-connection="default"] td[data-field="test-result"] strong')
+        result = _wait(browser, 'tr[data-connection="default"] [data-field="test-result"] strong')
         assert result.text == "key accepted"
-        assert row.find_element(By.CSS_SELECTOR, 'td[data-field="test-result"]').get_attribute(
+        assert row.find_element(By.CSS_SELECTOR, '[data-field="test-result"]').get_attribute(
             "data-outcome") == "accepted"
         browser.save_screenshot(str(SCREENS / "connections.png"))
         assert world.stack.api_key not in browser.page_source
