@@ -8,7 +8,7 @@ import {
   ADMIN, OPERATOR, api, append, current, el, enc, fill, fmtNumber, link, may, pageHeading, setMessage, showError,
 } from "./common.js";
 import {
-  field, itemAt, loadDefinitions, numberInput, saveItem, select, textInput, valueOf,
+  field, itemAt, numberInput, openItem, saveItem, select, textInput, valueOf,
 } from "./forms.js";
 
 const OUTCOMES = {
@@ -110,40 +110,16 @@ const PLANS = [["", "— (Autopilot, or give a rate)"], ["free", "free (1/s)"], 
   ["professional", "professional (10/s)"], ["business", "business (30/s)"]];
 
 async function renderConnectionForm(main, gen, name) {
-  append(main, pageHeading(name ? `Edit connection ${name}` : "Add a connection"),
-    el("p", { class: "lead" }, link("#/connections", "All connections")));
-  if (!may(ADMIN)) {
-    append(main, el("p", { class: "error-box" }, "Changing connections needs the Exports.Admin role."));
-    return;
-  }
-  let definitions;
-  try {
-    definitions = await loadDefinitions();
-  } catch (error) {
-    if (current(gen)) showError(error, "Reading the definitions");
-    return;
-  }
-  if (!current(gen)) return;
-  if (!definitions.editable) {
-    append(main, el("p", { class: "error-box" }, `The definitions live in ${definitions.source}, which the console ` +
-      "cannot change: edit them there."));
-    return;
-  }
-  const list = Array.isArray(definitions.document.connections) ? definitions.document.connections : [];
-  const index = name ? list.findIndex((c) => c && c.name === name) : list.length;
-  if (name && index < 0) {
-    append(main, el("p", { class: "error-box" }, `No connection named ${name} in the definitions.`));
-    return;
-  }
-  const item = name ? list[index] : {};
+  const opened = await openItem(main, gen, { list: "connections", noun: "connection", name, blank: {} });
+  if (!opened) return;
+  const { definitions, index, item } = opened;
   const form = connectionForm(item, Boolean(name));
   main.append(form);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = connectionBody(form, item);
     const target = body.name || name;
-    const saved = await saveItem(form, "connections", target, body, definitions.etag,
-      itemAt("connections", name ? index : list.length));
+    const saved = await saveItem(form, "connections", target, body, definitions.etag, itemAt("connections", index));
     if (!saved || !current(gen)) return;
     setMessage(`Connection ${target} saved.`, "success");
     window.location.hash = "#/connections";

@@ -5,9 +5,9 @@
  * since this page read it (ETag); the check's messages appear beside the fields at fault.
  */
 
-import { ADMIN, api, append, current, el, link, may, pageHeading, setMessage, showError } from "./common.js";
+import { api, current, el, link, setMessage } from "./common.js";
 import {
-  checkbox, field, itemAt, loadDefinitions, numberInput, saveItem, select, setOptions, textInput, valueOf,
+  checkbox, field, itemAt, numberInput, openItem, saveItem, select, setOptions, textInput, valueOf,
 } from "./forms.js";
 
 // The definitions check (shared/source/export_config.py: STANDARD_FIELDS, CUSTOM_TYPES) is the authority: a name
@@ -24,34 +24,11 @@ const PERMISSIONS = [["ortto-default", "Ortto's default (subscribed)"], ["false"
   ["column", "from a consent column"]];
 
 async function renderExportForm(main, gen, name) {
-  append(main, pageHeading(name ? `Edit export ${name}` : "Add an export"),
-    el("p", { class: "lead" }, link("#/exports", "All exports")));
-  if (!may(ADMIN)) {
-    append(main, el("p", { class: "error-box" }, "Changing exports needs the Exports.Admin role."));
-    return;
-  }
-  let definitions;
-  let connections;
-  try {
-    [definitions, { data: connections }] = await Promise.all([loadDefinitions(), api("GET", "connections")]);
-  } catch (error) {
-    if (current(gen)) showError(error, "Reading the definitions");
-    return;
-  }
-  if (!current(gen)) return;
-  if (!definitions.editable) {
-    append(main, el("p", { class: "error-box" }, `The definitions live in ${definitions.source}, which the console ` +
-      "cannot change: edit them there."));
-    return;
-  }
-  const list = Array.isArray(definitions.document.exports) ? definitions.document.exports : [];
-  const index = name ? list.findIndex((e) => e && e.name === name) : list.length;
-  if (name && index < 0) {
-    append(main, el("p", { class: "error-box" }, `No export named ${name} in the definitions.`));
-    return;
-  }
-  const item = name ? list[index] : { enabled: false, source: { connection: "EXPORT_STORAGE" },
-    destination: { membership: "list", onLeave: "remove" }, fields: {} };
+  const opened = await openItem(main, gen, { list: "exports", noun: "export", name, extra: () => api("GET", "connections"),
+    blank: { enabled: false, source: { connection: "EXPORT_STORAGE" }, destination: { membership: "list",
+      onLeave: "remove" }, fields: {} } });
+  if (!opened) return;
+  const { definitions, index, item, more: { data: connections } } = opened;
   const platforms = new Map((connections.connections || []).map((c) => [c.name, c.platform]));
   const form = new ExportForm(item, Boolean(name), platforms);
   main.append(form.node);

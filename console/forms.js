@@ -4,7 +4,9 @@
  * beside the field at fault. The server checks everything; the form only gathers and shows.
  */
 
-import { ApiError, api, el, enc, fill, setMessage, showError } from "./common.js";
+import {
+  ADMIN, ApiError, api, append, current, el, enc, fill, link, may, pageHeading, setMessage, showError,
+} from "./common.js";
 
 const slug = (path) => `f-${path.replace(/[^A-Za-z0-9]+/g, "-").replace(/-$/, "")}`;
 
@@ -141,6 +143,35 @@ async function saveItem(form, kind, name, body, etag, mine) {
   }
 }
 
+/** Open the item an Admin's form edits (`list`: "exports" or "connections"; `name` "" for a new one): the page's
+ * heading, then the definitions with their ETag, and `extra()`'s answer if given. Null, with the reason on the
+ * page, when the caller may not edit, the definitions cannot be edited here, or no item has that name. */
+async function openItem(main, gen, { list, noun, name, blank, extra = async () => null }) {
+  append(main, pageHeading(name ? `Edit ${noun} ${name}` : `Add ${/^[aeiou]/.test(noun) ? "an" : "a"} ${noun}`),
+    el("p", { class: "lead" }, link(`#/${list}`, `All ${list}`)));
+  const refuse = (text) => {
+    append(main, el("p", { class: "error-box" }, text));
+    return null;
+  };
+  if (!may(ADMIN)) return refuse(`Changing ${list} needs the Exports.Admin role.`);
+  let definitions;
+  let more;
+  try {
+    [definitions, more] = await Promise.all([loadDefinitions(), extra()]);
+  } catch (error) {
+    if (current(gen)) showError(error, "Reading the definitions");
+    return null;
+  }
+  if (!current(gen)) return null;
+  if (!definitions.editable) {
+    return refuse(`The definitions live in ${definitions.source}, which the console cannot change: edit them there.`);
+  }
+  const items = Array.isArray(definitions.document[list]) ? definitions.document[list] : [];
+  const index = name ? items.findIndex((item) => item && item.name === name) : items.length;
+  if (index < 0) return refuse(`No ${noun} named ${name} in the definitions.`);
+  return { definitions, index, item: name ? items[index] : blank, more };
+}
+
 /** Whether a problem's `at` ("exports[2] \"news\"", "connections[0]") is about the item at `index` of `list`. */
 function itemAt(list, index) {
   const prefix = `${list}[${index}]`;
@@ -148,6 +179,6 @@ function itemAt(list, index) {
 }
 
 export {
-  checkbox, clearProblems, field, itemAt, loadDefinitions, numberInput, saveItem, select, setOptions, showProblems,
-  textInput, valueOf,
+  checkbox, clearProblems, field, itemAt, loadDefinitions, numberInput, openItem, saveItem, select, setOptions,
+  showProblems, textInput, valueOf,
 };
