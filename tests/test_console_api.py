@@ -478,59 +478,6 @@ def test_the_dead_batch_list_masks_emails_and_is_capped(world, monkeypatch):
     assert "example.com" not in json.dumps(view["deadBatchList"])
 
 
-# === roles, with Entra ID ======================================================================================
-@pytest.fixture(scope="module")
-def entra_world():
-    instance = open_world(settings={"API_AUTHENTICATION": "entra"})
-    instance.define(definition("hv"))
-    instance.snapshot(list(sample_profiles(3, seed=303)))
-    yield instance
-    close_world(instance)
-
-
-def _as(world, method: str, path: str, roles: tuple, extra: dict | None = None, **options):
-    return world.api.request(method, url(world, path), headers={**entra_headers(*roles), **(extra or {})},
-                             timeout=60, **options)
-
-
-@pytest.mark.parametrize("roles, effective", [
-    ((READER,), [READER]), ((OPERATOR,), [READER, OPERATOR]), ((ADMIN,), ALL_ROLES), ((), []),
-], ids=["reader", "operator", "admin", "no role"])
-def test_whoami_with_entra_names_the_effective_roles_and_the_object_id(entra_world, roles, effective):
-    answer = _as(entra_world, "GET", "/api/me", roles)
-    assert answer.status_code == 200, answer.text[:300]
-    assert answer.json() == {"authentication": "entra", "roles": effective, "principalId": OBJECT_ID}
-
-
-def test_whoami_without_a_principal_is_401(entra_world):
-    assert entra_world.api.get(url(entra_world, "/api/me"), timeout=30).status_code == 401
-
-
-@pytest.mark.parametrize("roles", [(READER,), (OPERATOR,)], ids=["reader", "operator"])
-def test_only_an_admin_may_save_a_definition(entra_world, roles):
-    entra_world.define(definition("hv"))
-    etag = _as(entra_world, "GET", "/api/definitions", roles).json()["etag"]
-    for path, item in (("exports/news", definition("news", target="x")), ("connections/eu", {"name": "eu"})):
-        refused = _as(entra_world, "PUT", f"/api/definitions/{path}", roles, {"If-Match": etag},
-                      data=json.dumps(item))
-        assert refused.status_code == 403, refused.text[:300]
-        assert "needs the app role Exports.Admin" in refused.json()["error"]
-    assert stored(entra_world)[1] == etag
-    admin = _as(entra_world, "PUT", "/api/definitions/exports/news", (ADMIN,), {"If-Match": etag},
-                data=json.dumps(definition("news", target="x")))
-    assert admin.status_code == 200, admin.text[:300]
-
-
-def test_a_reader_reads_connections_definitions_and_sources_but_may_not_test_a_connection(entra_world):
-    for path in ("/api/connections", "/api/definitions", "/api/sources/segments?container=ciexports",
-                 "/api/sources/columns?container=ciexports&segment=HighValueSegment"):
-        answer = _as(entra_world, "GET", path, (READER,))
-        assert answer.status_code == 200, (path, answer.text[:300])
-    refused = _as(entra_world, "POST", "/api/connections/default/test", (READER,))
-    assert refused.status_code == 403 and "needs the app role Exports.Operator" in refused.json()["error"]
-    assert _as(entra_world, "POST", "/api/connections/default/test", (OPERATOR,)).json()["outcome"] == "accepted"
-
-
 # === when the timer next looks =================================================================================
 @pytest.mark.parametrize("schedule, now, expected", [
     ("0 */15 * * * *", "2026-12-07T19:50:03+00:00", "2026-12-07T20:00:00+00:00"),
@@ -590,3 +537,58 @@ def test_a_write_whose_origin_is_the_app_itself_goes_through(world):
     answer = requests.post(url(world, NO_SUCH_RUN), data="{}", timeout=30, headers={
         "x-functions-key": world.host.function_key, "Content-Type": "application/json", "Origin": origin})
     assert answer.status_code == 404
+
+
+# === roles, with Entra ID ======================================================================================
+@pytest.fixture(scope="module")
+def entra_world():
+    # (last in the file: the app settings are the process's, so the module's other world reads these from now on)
+    instance = open_world(settings={"API_AUTHENTICATION": "entra"})
+    instance.define(definition("hv"))
+    instance.snapshot(list(sample_profiles(3, seed=303)))
+    yield instance
+    close_world(instance)
+
+
+def _as(world, method: str, path: str, roles: tuple, extra: dict | None = None, **options):
+    return world.api.request(method, url(world, path), headers={**entra_headers(*roles), **(extra or {})},
+                             timeout=60, **options)
+
+
+@pytest.mark.parametrize("roles, effective", [
+    ((READER,), [READER]), ((OPERATOR,), [READER, OPERATOR]), ((ADMIN,), ALL_ROLES), ((), []),
+], ids=["reader", "operator", "admin", "no role"])
+def test_whoami_with_entra_names_the_effective_roles_and_the_object_id(entra_world, roles, effective):
+    answer = _as(entra_world, "GET", "/api/me", roles)
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json() == {"authentication": "entra", "roles": effective, "principalId": OBJECT_ID}
+
+
+def test_whoami_without_a_principal_is_401(entra_world):
+    assert entra_world.api.get(url(entra_world, "/api/me"), timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize("roles", [(READER,), (OPERATOR,)], ids=["reader", "operator"])
+def test_only_an_admin_may_save_a_definition(entra_world, roles):
+    entra_world.define(definition("hv"))
+    etag = _as(entra_world, "GET", "/api/definitions", roles).json()["etag"]
+    for path, item in (("exports/news", definition("news", target="x")), ("connections/eu", {"name": "eu"})):
+        refused = _as(entra_world, "PUT", f"/api/definitions/{path}", roles, {"If-Match": etag},
+                      data=json.dumps(item))
+        assert refused.status_code == 403, refused.text[:300]
+        assert "needs the app role Exports.Admin" in refused.json()["error"]
+    assert stored(entra_world)[1] == etag
+    admin = _as(entra_world, "PUT", "/api/definitions/exports/news", (ADMIN,), {"If-Match": etag},
+                data=json.dumps(definition("news", target="x")))
+    assert admin.status_code == 200, admin.text[:300]
+
+
+def test_a_reader_reads_connections_definitions_and_sources_but_may_not_test_a_connection(entra_world):
+    for path in ("/api/connections", "/api/definitions", "/api/sources/segments?container=ciexports",
+                 "/api/sources/columns?container=ciexports&segment=HighValueSegment"):
+        answer = _as(entra_world, "GET", path, (READER,))
+        assert answer.status_code == 200, (path, answer.text[:300])
+    refused = _as(entra_world, "POST", "/api/connections/default/test", (READER,))
+    assert refused.status_code == 403 and "needs the app role Exports.Operator" in refused.json()["error"]
+    assert _as(entra_world, "POST", "/api/connections/default/test", (OPERATOR,)).json()["outcome"] == "accepted"
+
