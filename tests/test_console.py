@@ -69,12 +69,23 @@ def test_the_form_offers_the_standard_fields_and_custom_types_the_definitions_ch
 
 
 # === in a browser ===============================================================================================
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One browser for the module's tests (starting one costs about 2 s of CPU): each test gets it reset."""
     driver = headless_chromium()
     SCREENS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's browser with no page, no cookie (cookies are per host, not per port: a signed-in test's session
+    would reach the next test's app) and no log lines left from an earlier test."""
+    chromium.get("about:blank")
+    chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
+    chromium.get_log("browser")
+    return chromium
 
 
 def _wait(driver, css: str, timeout: float = 30, text: str | None = None):
