@@ -71,6 +71,7 @@ class Azurite:
         self.location.mkdir(parents=True, exist_ok=True)
         cmd = [
             str(AZURITE_BIN), "--silent", "--skipApiVersionCheck", "--loose", "--disableProductStyleUrl",
+            "--disableTelemetry",  # (Azurite collects telemetry unless told: nothing leaves a test machine)
             *(["--inMemoryPersistence"] if self.in_memory else ["--location", str(self.location)]),
             "--blobHost", "127.0.0.1", "--blobPort", str(self.ports["blob"]),
             "--queueHost", "127.0.0.1", "--queuePort", str(self.ports["queue"]),
