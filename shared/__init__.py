@@ -8,9 +8,10 @@
   rate budget;
 - services (a module): the clients one Function instance builds, once;
 - pipeline: a run's lifecycle, from planning to sending, cancels, reports and retention;
-- http_api and api_roles (modules): the HTTP API and who may call it; beside them, what the operator console's
-  routes need: connection_check (connections, their keys, a test call), definitions_edit (editing the definitions
-  document) and source_browse (an export container's segments and columns).
+- http_api, api_answers and api_roles (modules): the HTTP API, the shape of its answers and who may call it;
+  beside them, what the operator console's routes need: connection_check (connections, their keys, a test call),
+  definitions_edit (editing the definitions document) and source_browse (an export container's segments and
+  columns).
 
 function_app.py, at the repository's top, only hands each trigger over to these.
 """

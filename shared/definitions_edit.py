@@ -17,10 +17,10 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, ContentSettings
 
+from shared.api_answers import Answer, error
 from shared.services import Services
 from shared.source.export_config import ExportConfigError, definitions_blob, parse_definitions
 
-Answer = tuple[int, dict]
 EMPTY = {"connections": [], "exports": []}
 KINDS = {"export": "exports", "connection": "connections"}  # what a save names -> the document's list of them
 MAX_ITEM = 256 * 1024  # bytes in one export or connection as sent (a large export with every field is a few KB)
@@ -68,11 +68,11 @@ def save_item(svc: Services, kind: str, name: str, body: bytes, if_match: str | 
     """PUT /api/definitions/{exports|connections}/{name}: replace the item of that name, or append it; check the
     whole document; write it if the blob is still the version loaded."""
     if (svc.settings.env.get("EXPORTS") or "").strip():
-        return _error(409, "the export definitions are in app setting EXPORTS, which the console cannot edit: "
+        return error(409, "the export definitions are in app setting EXPORTS, which the console cannot edit: "
                            "change them there, or move the document to the blob EXPORTS_BLOB names and remove EXPORTS")
     item = _item(kind, name, body)
     if isinstance(item, str):
-        return _error(400, item)
+        return error(400, item)
     blob, source = _blob(svc)
     stored = _read(blob)
     refused = _precondition(stored, if_match, if_none_match)
@@ -80,13 +80,13 @@ def save_item(svc: Services, kind: str, name: str, body: bytes, if_match: str | 
         return refused
     document = _document(stored)
     if isinstance(document, str):
-        return _error(422, document, problems=[{"at": "", "field": "", "message": document}])
+        return error(422, document, problems=[{"at": "", "field": "", "message": document}])
     _merge(document, KINDS[kind], item)
     try:
         parse_definitions(document, source)
     except ExportConfigError as exc:
         count = len(exc.located)
-        return _error(422, f"the export definitions would have {count} problem{'s' if count > 1 else ''} with this "
+        return error(422, f"the export definitions would have {count} problem{'s' if count > 1 else ''} with this "
                            f"{kind} saved; nothing was saved", problems=[p.public() for p in exc.located])
     return _write(blob, document, stored[1] if stored else None)
 
@@ -113,16 +113,16 @@ def _precondition(stored: tuple[bytes, str] | None, if_match: str | None, if_non
         if (if_none_match or "").strip() == "*":
             return None
         if if_match:  # loaded once, deleted since
-            return _error(409, CHANGED, etag=None)
-        return _error(428, "the definitions blob does not exist yet: send If-None-Match: * to create it (GET "
+            return error(409, CHANGED, etag=None)
+        return error(428, "the definitions blob does not exist yet: send If-None-Match: * to create it (GET "
                            "/api/definitions answers etag null)")
     if not if_match and (if_none_match or "").strip() == "*":  # loaded before it existed, created since
-        return _error(409, CHANGED, etag=stored[1])
+        return error(409, CHANGED, etag=stored[1])
     if not if_match or if_match.strip() == "*":
-        return _error(428, "send If-Match with the etag GET /api/definitions answered (\"*\" is not accepted): a "
+        return error(428, "send If-Match with the etag GET /api/definitions answered (\"*\" is not accepted): a "
                            "save is made on the version you loaded, so no one else's edit is overwritten unseen")
     if if_match.strip() != stored[1]:
-        return _error(409, CHANGED, etag=stored[1])
+        return error(409, CHANGED, etag=stored[1])
     return None
 
 
@@ -164,9 +164,6 @@ def _write(blob: BlobClient, document: dict, etag: str | None) -> Answer:
                                        content_settings=settings)
     except (ResourceModifiedError, ResourceExistsError):
         current = _read(blob)
-        return _error(409, CHANGED, etag=current[1] if current else None)
+        return error(409, CHANGED, etag=current[1] if current else None)
     return 200, {"etag": written["etag"], "document": document}
 
-
-def _error(status: int, message: str, **extra) -> Answer:
-    return status, {"error": message, **extra}

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from azure.core.exceptions import ResourceNotFoundError
 
 from shared import api_roles, connection_check, definitions_edit, services, source_browse
+from shared.api_answers import Answer, error
 from shared.pipeline import cancels, delivery, reports, runs
 from shared.runtime.settings import SettingsError, api_authentication
 from shared.services import Services, UnknownExport, find_export
@@ -24,7 +25,6 @@ from shared.source.export_config import ExportConfigError
 from shared.state.run_records import RunInProgress
 
 log = logging.getLogger("autopilot.http")
-Answer = tuple[int, dict]
 
 MAX_BODY = 16 * 1024
 EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -37,29 +37,26 @@ def _is_json(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
-def _error(status: int, message: str, **extra) -> Answer:
-    return status, {"error": message, **extra}
-
 
 def start_run(svc: Services, name: str, body: bytes) -> Answer:
     """POST /api/exports/{name}/runs: 202 with the run id and status URL as soon as the run is queued for
     planning (a dry run too: its report appears on the run view); 400/404/409/422 with the reason."""
     if not EXPORT_NAME.fullmatch(name or ""):
-        return _error(404, f"no export named {name[:80]!r}")
+        return error(404, f"no export named {name[:80]!r}")
     options = _run_options(body)
     if isinstance(options, str):
-        return _error(400, options)
+        return error(400, options)
     try:
         export = find_export(svc, name)
         export.check_runnable()
         run = runs.start_run(svc, export.name, force=options.get("force", False),
                              dry_run=options.get("dryRun", False), trigger="http")
     except UnknownExport as exc:
-        return _error(404, str(exc))
+        return error(404, str(exc))
     except RunInProgress as exc:
-        return _error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")
+        return error(409, str(exc), runId=exc.run_id, statusUrl=f"/api/runs/{exc.run_id}")
     except ExportConfigError as exc:
-        return _error(422, str(exc))
+        return error(422, str(exc))
     return 202, {**reports.run_view(svc, run["RowKey"], run), "statusUrl": f"/api/runs/{run['RowKey']}"}
 
 
@@ -88,7 +85,7 @@ def get_run(svc: Services, run_id: str) -> Answer:
     """GET /api/runs/{id}: status, counts, timings, samples, where the reports are, and the dead batches."""
     run = svc.records.get(run_id) if RUN_ID.fullmatch(run_id or "") else None
     if run is None:
-        return _error(404, f"no run with id {run_id[:80]!r}")
+        return error(404, f"no run with id {run_id[:80]!r}")
     view = reports.run_view(svc, run_id, run)
     return 200, {**view, "deadBatchList": reports.dead_batches(svc, run, view)}
 
@@ -100,7 +97,7 @@ def rejected_rows(svc: Services, run_id: str) -> Answer:
     """GET /api/runs/{id}/rejected: every row the run's planning rejected (partition, row, reason, the email masked
     as in reports), in file order, at most REJECTED_MOST; `truncated` says whether more are in the report."""
     if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
-        return _error(404, f"no run with id {run_id[:80]!r}")
+        return error(404, f"no run with id {run_id[:80]!r}")
     blob = svc.host.blob.get_blob_client(reports.REPORTS, f"{run_id}/rejected.jsonl")
     try:
         lines = [line for line in blob.download_blob().readall().decode().splitlines() if line.strip()]
@@ -125,7 +122,7 @@ def list_exports(svc: Services) -> Answer:
                        "error": last.get("error") or None}
             retry_at = runs.retry_time([r for r in recent if r.get("snapshot") == last.get("snapshot")])
             summary["nextAttempt"] = runs.iso(retry_at) if retry_at else None
-        next_start = tick.isoformat(timespec="seconds").replace("+00:00", "Z") if tick and export.enabled else None
+        next_start = runs.iso(tick.timestamp()) if tick and export.enabled else None
         exports.append({**export.public(), "lastRun": summary, "nextStart": next_start})
     return 200, {"exports": exports}
 
@@ -137,13 +134,13 @@ def list_runs(svc: Services, name: str, params: dict) -> Answer:
     """GET /api/exports/{name}/runs?limit=20&before=<run id>: the export's runs, newest first (status, snapshot,
     counts, timings), and the URL of the next older page while there may be one."""
     if not EXPORT_NAME.fullmatch(name or "") or not any(e.name == name for e in svc.exports()):
-        return _error(404, f"no export named {name[:80]!r}")
+        return error(404, f"no export named {name[:80]!r}")
     limit, before = params.get("limit", "20"), params.get("before") or None
     if not WHOLE_NUMBER.fullmatch(limit) or not 1 <= int(limit) <= HISTORY_LIMIT:
-        return _error(400, f"query parameter limit must be a whole number from 1 to {HISTORY_LIMIT} in ASCII digits, "
+        return error(400, f"query parameter limit must be a whole number from 1 to {HISTORY_LIMIT} in ASCII digits, "
                            f"given once; not {limit[:20]!r}")
     if before is not None and not RUN_ID.fullmatch(before):
-        return _error(400, f"query parameter before must be a run id, given once; not {before[:40]!r}")
+        return error(400, f"query parameter before must be a run id, given once; not {before[:40]!r}")
     found = svc.records.for_export(name, limit=int(limit), before=before)
     views = [reports.run_view(svc, run["RowKey"], run) for run in found]
     history = [{k: view[k] for k in HISTORY_FIELDS} for view in views]
@@ -173,11 +170,11 @@ def cancel_run(svc: Services, run_id: str) -> Answer:
 def _on_run(svc: Services, run_id: str, refused: type[Exception], act: Callable[[], Answer]) -> Answer:
     """A POST on one run: 404 when there is no such run, 409 with the reason when `act` raises `refused`."""
     if not RUN_ID.fullmatch(run_id or "") or svc.records.get(run_id) is None:
-        return _error(404, f"no run with id {run_id[:80]!r}")
+        return error(404, f"no run with id {run_id[:80]!r}")
     try:
         return act()
     except refused as exc:
-        return _error(409, str(exc))
+        return error(409, str(exc))
 
 
 # --- the console's: who am I, connections, definitions, sources ------------------------------------------------
@@ -201,11 +198,11 @@ def list_connections(svc: Services) -> Answer:
 def test_connection(svc: Services, name: str) -> Answer:
     """POST /api/connections/{name}/test: one harmless read with the connection's key; 404 for an unknown name."""
     if not EXPORT_NAME.fullmatch(name or ""):
-        return _error(404, f"no connection named {name[:80]!r}")
+        return error(404, f"no connection named {name[:80]!r}")
     try:
         return 200, connection_check.test_connection(svc, name)
     except connection_check.UnknownConnection as exc:
-        return _error(404, str(exc))
+        return error(404, str(exc))
 
 
 def get_definitions(svc: Services) -> Answer:
@@ -226,7 +223,7 @@ def save_connection(svc: Services, name: str, body: bytes, if_match: str | None,
 
 def _save(svc: Services, kind: str, name: str, body: bytes, if_match: str | None, if_none_match: str | None) -> Answer:
     if not EXPORT_NAME.fullmatch(name or ""):
-        return _error(400, f"a {kind} name is 1-63 lower-case letters, digits or hyphens, starting with a letter or "
+        return error(400, f"a {kind} name is 1-63 lower-case letters, digits or hyphens, starting with a letter or "
                            f"digit; not {name[:80]!r}")
     return definitions_edit.save_item(svc, kind, name, body, if_match, if_none_match)
 
@@ -253,10 +250,10 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     can start, cancel or replay a run, or change a definition. A browser's write from another site is refused
     even so (CORS could be opened by a setting one day, and the platform's session cookie goes cross-site)."""
     if method.upper() in WRITES and not _is_json(headers.get("content-type", "")):
-        return _error(415, f"a {method.upper()} to this API must carry Content-Type: application/json (its body, if "
+        return error(415, f"a {method.upper()} to this API must carry Content-Type: application/json (its body, if "
                            f"any, is JSON), not {headers.get('content-type', 'none')[:60]!r}")
     if method.upper() in WRITES and _cross_site(headers):
-        return _error(403, "a browser sent this from another site (Origin or Sec-Fetch-Site says so): the API takes "
+        return error(403, "a browser sent this from another site (Origin or Sec-Fetch-Site says so): the API takes "
                            "changes only from its own console or from scripts")
     try:
         svc = services.current()
@@ -267,7 +264,7 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
         return call(svc, *args)
     except (SettingsError, ExportConfigError) as exc:
         log.error("configuration problem: %s", exc)
-        return _error(500, f"the app is misconfigured: {exc}")
+        return error(500, f"the app is misconfigured: {exc}")
 
 
 def _cross_site(headers: Mapping[str, str]) -> bool:
@@ -291,11 +288,11 @@ def _role_refusal(headers: Mapping[str, str], operation: str) -> Answer | None:
         refused = api_roles.refusal(headers, operation)
     except api_roles.UndeclaredOperation as exc:
         log.error("%s", exc)
-        return _error(500, str(exc))
+        return error(500, str(exc))
     if refused is None:
         return None
     status, message = refused
     # The object id names who was refused (no token, no name: the name may be an email address).
     log.warning("refused %s (%s) to principal %s", operation, status,
                 headers.get(api_roles.PRINCIPAL_ID_HEADER, "none")[:40])
-    return _error(status, message)
+    return error(status, message)

@@ -14,11 +14,11 @@ from datetime import UTC
 from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob import ContainerClient
 
+from shared.api_answers import Answer, error
 from shared.services import Services
 from shared.source.cdm_reader import ExportDataError, NotThere, find_snapshot, list_segments
 from shared.source.export_config import CONTAINER_RE, DEFAULT_CONNECTION, SETTING_RE
 
-Answer = tuple[int, dict]
 MAX_PREFIX = 1024  # characters; Azure's blob names are at most 1,024
 MAX_SEGMENT = 256
 # Column names that usually hold each field, compared in lower case without separators; the first found wins.
@@ -43,7 +43,7 @@ def columns(svc: Services, params: Mapping[str, str]) -> Answer:
     snapshot, each with its CDM dataType, and the columns suggested for Email, FirstName and LastName."""
     segment = params.get("segment", "")
     if not segment or len(segment) > MAX_SEGMENT:
-        return _error(400, f"query parameter segment must name a segment (1 to {MAX_SEGMENT} characters), given "
+        return error(400, f"query parameter segment must name a segment (1 to {MAX_SEGMENT} characters), given "
                            f"once; got {segment[:40]!r}")
     container = _container(svc, params)
     if isinstance(container, tuple):
@@ -69,18 +69,18 @@ def _container(svc: Services, params: Mapping[str, str]) -> ContainerClient | An
     """The container the query names, or 400 saying which value is wrong (the definitions' rules)."""
     setting = params.get("connection") or DEFAULT_CONNECTION
     if not SETTING_RE.fullmatch(setting) or not _has_setting(svc.settings.env, setting):
-        return _error(400, f"query parameter connection must name an app setting of this app that holds a storage "
+        return error(400, f"query parameter connection must name an app setting of this app that holds a storage "
                            f"connection (letters, digits, underscores), given once; no app setting {setting[:60]!r}")
     name = params.get("container", "")
     if not CONTAINER_RE.fullmatch(name):
-        return _error(400, "query parameter container must be a blob container name (3-63 lower-case letters, "
+        return error(400, "query parameter container must be a blob container name (3-63 lower-case letters, "
                            f"digits and single hyphens), given once; got {name[:70]!r}")
     if len(params.get("prefix", "")) > MAX_PREFIX:
-        return _error(400, f"query parameter prefix must be at most {MAX_PREFIX} characters")
+        return error(400, f"query parameter prefix must be at most {MAX_PREFIX} characters")
     try:
         return svc.source_container(setting, name)
     except ValueError:  # not a connection string (the SDK's message may quote the value: not shown)
-        return _error(400, f"app setting {setting} does not hold a storage connection string or service URI")
+        return error(400, f"app setting {setting} does not hold a storage connection string or service URI")
 
 
 def _has_setting(env: Mapping[str, str], setting: str) -> bool:
@@ -94,19 +94,16 @@ def _reading(read):
     try:
         return read()
     except NotThere as exc:
-        return _error(404, str(exc))
+        return error(404, str(exc))
     except ExportDataError as exc:
-        return _error(422, str(exc))
+        return error(422, str(exc))
     except HttpResponseError as exc:
-        return _error(502, f"the export storage answered {exc.status_code} ({type(exc).__name__}): does the app's "
+        return error(502, f"the export storage answered {exc.status_code} ({type(exc).__name__}): does the app's "
                            "identity have read access to it?")
     except AzureError as exc:
-        return _error(502, f"the export storage could not be reached ({type(exc).__name__})")
+        return error(502, f"the export storage could not be reached ({type(exc).__name__})")
 
 
 def _iso(when) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
-
-def _error(status: int, message: str, **extra) -> Answer:
-    return status, {"error": message, **extra}

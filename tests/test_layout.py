@@ -14,7 +14,7 @@ SHARED = Path(__file__).resolve().parent.parent / "shared"
 # Lowest first: a module may import from its own layer and the layers before it.
 LAYERS = ("runtime", "source", "state", "destinations", "services", "pipeline", "http_api")
 # Top-level modules that belong to a layer of another name.
-PLACE = {"api_roles": "http_api", "console": "http_api", "connection_check": "http_api",
+PLACE = {"api_answers": "http_api", "api_roles": "http_api", "console": "http_api", "connection_check": "http_api",
          "definitions_edit": "http_api", "source_browse": "http_api"}
 
 
