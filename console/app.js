@@ -38,9 +38,9 @@
 
 import {
   $, ADMIN, api, ApiError, append, canCallApi, clearMessage, current, currentGeneration, el, enc, fill, fmtDuration,
-  fmtNumber, fmtRate, forgetRoles, initKeyPanel, labelFormat, link, loadRoles, may, nextGeneration, onUnauthorized,
-  OPERATOR, pageHeading, parseTime, rolesState, runIdTime, setMessage, showError, showKeyState, statusBadge,
-  statusSlug, svgEl, timeEl, truncate, yesNo,
+  fmtNumber, fmtRate, forgetRoles, initKeyPanel, labelFormat, link, load, loadRoles, may, nextGeneration,
+  onUnauthorized, OPERATOR, pageHeading, parseTime, rolesState, runIdTime, setMessage, showError, showKeyState,
+  statusBadge, statusSlug, svgEl, timeEl, truncate, yesNo,
 } from "./common.js";
 import { renderConnectionForm, renderConnections } from "./connections.js";
 import { renderExportForm } from "./export-form.js";
@@ -300,16 +300,8 @@ async function renderExports(main, gen) {
   ]);
   const holder = el("div", { class: "table-wrap" }, el("p", { class: "loading" }, "Loading exports…"));
   main.append(holder);
-  let data;
-  try {
-    ({ data } = await api("GET", "exports"));
-  } catch (error) {
-    if (!current(gen)) return;
-    fill(holder, el("p", { class: "empty" }, "The exports could not be read."));
-    showError(error, "Reading the exports");
-    return;
-  }
-  if (!current(gen)) return;
+  const data = await load(gen, holder, "exports", "exports");
+  if (!data) return;
   const exports = Array.isArray(data.exports) ? data.exports : [];
   const table = el("table", { id: "exports-table", class: "data-table" },
     el("caption", {}, `Exports (${exports.length})`),
@@ -426,17 +418,9 @@ async function renderRuns(main, gen, name, before) {
     window.location.hash = exportHash(name, cursors[index - 1] || "");
   });
 
-  let data;
-  try {
-    const query = `limit=${PAGE_SIZE}${before ? `&before=${enc(before)}` : ""}`;
-    ({ data } = await api("GET", `exports/${enc(name)}/runs?${query}`));
-  } catch (error) {
-    if (!current(gen)) return;
-    fill(holder, el("p", { class: "empty" }, "The runs could not be read."));
-    showError(error, `Reading the runs of ${name}`);
-    return;
-  }
-  if (!current(gen)) return;
+  const query = `limit=${PAGE_SIZE}${before ? `&before=${enc(before)}` : ""}`;
+  const data = await load(gen, holder, `exports/${enc(name)}/runs?${query}`, "runs", `Reading the runs of ${name}`);
+  if (!data) return;
   const runs = Array.isArray(data.runs) ? data.runs : [];
   const nextBefore = olderCursor(data.next);
   if (runs.length > 0 && nextBefore) {

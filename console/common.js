@@ -360,6 +360,20 @@ function pageHeading(text, ...extra) {
   return el("h1", { id: "page-title", tabindex: "-1" }, text, ...extra);
 }
 
+/** GET `path` for the page of generation `gen`: its data, or null when the page has moved on or the call failed
+ * (then `holder` says the `what` could not be read, and the message line says why). */
+async function load(gen, holder, path, what, doing = `Reading the ${what}`) {
+  try {
+    const { data } = await api("GET", path);
+    return current(gen) ? data : null;
+  } catch (error) {
+    if (!current(gen)) return null;
+    fill(holder, el("p", { class: "empty" }, `The ${what} could not be read.`));
+    showError(error, doing);
+    return null;
+  }
+}
+
 /** The roles line of the header: what the server grants this caller. */
 function rolesState() {
   if (!me) return "";
@@ -372,7 +386,7 @@ function rolesState() {
 
 export {
   $, ADMIN, api, ApiError, append, canCallApi, clearMessage, current, currentGeneration, el, enc, fill, fmtDuration,
-  fmtNumber, fmtRate, forgetRoles, initKeyPanel, labelFormat, link, loadRoles, may, nextGeneration, onUnauthorized,
-  OPERATOR, pageHeading, parseTime, READER, rolesState, runIdTime, setMessage, showError, showKeyState, signInLink,
-  statusBadge, statusSlug, svgEl, timeEl, truncate, usesSession, yesNo,
+  fmtNumber, fmtRate, forgetRoles, initKeyPanel, labelFormat, link, load, loadRoles, may, nextGeneration,
+  onUnauthorized, OPERATOR, pageHeading, parseTime, READER, rolesState, runIdTime, setMessage, showError,
+  showKeyState, signInLink, statusBadge, statusSlug, svgEl, timeEl, truncate, usesSession, yesNo,
 };

@@ -5,7 +5,8 @@
  */
 
 import {
-  ADMIN, OPERATOR, api, append, current, el, enc, fill, fmtNumber, link, may, pageHeading, setMessage, showError,
+  ADMIN, api, append, current, el, enc, fill, fmtNumber, link, load, may, OPERATOR, pageHeading, setMessage,
+  showError,
 } from "./common.js";
 import {
   field, itemAt, numberInput, openItem, saveItem, select, textInput, valueOf,
@@ -30,16 +31,8 @@ async function renderConnections(main, gen) {
   const holder = el("div", { class: "table-wrap" }, el("p", { class: "loading" }, "Loading connections…"));
   const help = el("p", { id: "key-help", class: "hint" });
   append(main, [holder, help]);
-  let data;
-  try {
-    ({ data } = await api("GET", "connections"));
-  } catch (error) {
-    if (!current(gen)) return;
-    fill(holder, el("p", { class: "empty" }, "The connections could not be read."));
-    showError(error, "Reading the connections");
-    return;
-  }
-  if (!current(gen)) return;
+  const data = await load(gen, holder, "connections", "connections");
+  if (!data) return;
   const connections = Array.isArray(data.connections) ? data.connections : [];
   const body = el("tbody", {}, connections.map(connectionRow));
   fill(holder, el("table", { id: "connections-table", class: "data-table" },
