@@ -41,7 +41,7 @@ browser:
 
 test: setup lint $(INFRA_STAMP) browser
 	$(PY) -m pytest -q -m serial
-	$(PY) -m pytest -q -m "not serial" -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -m "not serial" -n $(TEST_WORKERS) --maxschedchunk 1
 
 demo: setup
 	$(PY) -m tools.demo

@@ -10,6 +10,22 @@ from azure.storage.blob import BlobServiceClient
 from tools.azurite import Azurite
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Tests marked `long` first, each followed by one other. `make test`'s workers (xdist, --maxschedchunk 1) are
+    handed two tests each, then one at a time as they free up: a long test started last, or queued behind another
+    on one worker, would keep that worker busy for minutes after the others have finished."""
+    long = [item for item in items if item.get_closest_marker("long")]
+    if not long:
+        return
+    rest = [item for item in items if not item.get_closest_marker("long")]
+    ordered = []
+    for item in long:
+        ordered += [item, *rest[:1]]
+        rest = rest[1:]
+    items[:] = ordered + rest
+
+
 @pytest.fixture(scope="session")
 def azurite():
     with Azurite() as instance:

@@ -80,6 +80,7 @@ def RunRecords_count(world, export: str) -> int:
     return len(RunRecords(TableServiceClient.from_connection_string(world.stack.storage)).for_export(export, 10))
 
 
+@pytest.mark.long
 def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_world, monkeypatch):
     from azure.storage.queue import QueueClient
 
@@ -108,6 +109,7 @@ def test_a_running_run_whose_messages_were_lost_is_taken_over_by_the_timer(slow_
     assert len([r for r in world.contact_requests() if r["status"] == 200]) <= 40 + 16  # at most in flight twice
 
 
+@pytest.mark.long
 def test_a_run_that_fails_while_sending_stops_like_a_cancel_and_the_next_run_sends_only_the_rest(slow_world):
     """A run ended as failed mid-flight (its window job given up on; a forced run, a refused key and a streamed
     sync cut short end it the same way) is concluded once its requests in flight have settled: what they got

@@ -306,6 +306,7 @@ def test_the_connections_page_tests_a_key_and_says_how_to_set_one_never_showing_
         close_world(world)
 
 
+@pytest.mark.long
 def test_an_operator_cancels_a_long_run_from_its_page(browser):
     world = open_world(rate=5)
     try:

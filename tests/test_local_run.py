@@ -72,6 +72,7 @@ def _joins(sim) -> list[dict]:
             if r["method"] == "POST" and r["path"].startswith("/v1/list/") and r["status"] == 200]
 
 
+@pytest.mark.long
 def test_a_killed_local_run_leaves_no_process_and_the_same_command_resumes_its_run(setup):
     tmp_path, rows, config, sim = setup
     first = subprocess.Popen(_command(tmp_path, config, sim), cwd=ROOT, env=_env(), start_new_session=True,
@@ -125,6 +126,7 @@ def test_a_stale_lock_is_cleared_and_the_children_it_names_are_stopped(tmp_path)
 
 
 
+@pytest.mark.long
 def test_ctrl_c_cancels_the_run_and_waits_for_it_then_a_second_leaves_at_once(setup):
     tmp_path, _rows, config, sim = setup
     command = [*_command(tmp_path, config, sim), "--report", str(tmp_path / "report.json")]

@@ -197,6 +197,7 @@ def test_list_run_that_cannot_get_a_slot_for_its_look_up_fails_saying_until_when
         close_world(world)
 
 
+@pytest.mark.long
 def test_key_that_stays_invalid_fails_the_run_and_says_so():
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "2"})
     try:
@@ -305,6 +306,7 @@ def test_a_replay_that_dies_half_way_is_repeated_and_settles_every_batch_once(mo
         close_world(world)
 
 
+@pytest.mark.long
 def test_a_replay_that_dies_before_queueing_is_finished_by_the_take_over(monkeypatch):
     """The instance dies after marking the dead batches as being replayed, before queueing any: the run is running
     with nothing on the queue. The timer's take-over queues them from their dead messages; the run ends."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from urllib.parse import unquote
 
+import pytest
 import requests
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
@@ -244,6 +245,7 @@ def test_list_mode_leavers_under_faults_expose_no_address(world):
     exposure.assert_clean()
 
 
+@pytest.mark.long
 def test_rotated_and_rejected_keys_never_appear():
     """A key Autopilot keeps refusing (Key Vault holds a stale one) fails the run; neither key is ever shown."""
     world = open_world(settings={"AUTOPILOT_MAX_ATTEMPTS": "2"})  # a refused key is retried before the run fails
