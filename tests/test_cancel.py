@@ -15,8 +15,9 @@ from tools.generate_export import sample_profiles
 
 
 @pytest.fixture
-def slow_world():
-    world = open_world(rate=5, settings={"AUTOPILOT_TIMEOUT_SECONDS": "2"})  # 60 joins take 12 s
+def slow_world(request):
+    # 5 requests/s unless a test asks for another rate (indirect parametrization): 60 joins take 12 s
+    world = open_world(rate=getattr(request, "param", 5), settings={"AUTOPILOT_TIMEOUT_SECONDS": "2"})
     try:
         yield world
     finally:
@@ -28,6 +29,7 @@ def cancel(world, run_id: str):
 
 
 @pytest.mark.serial  # the stop is timed
+@pytest.mark.parametrize("slow_world", [10], indirect=True)  # 60 joins in 6 s: the cancel still comes part way
 def test_a_cancelled_run_stops_sending_at_the_answer_and_the_next_run_sends_only_the_rest(slow_world):
     world, rows = slow_world, list(sample_profiles(60, seed=71))
     world.define(definition("seg", "list"))
