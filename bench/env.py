@@ -25,7 +25,6 @@ from azure.storage.blob import BlobServiceClient
 from shared.runtime.settings import WORKER_THREADS
 from shared.state.run_records import FINISHED
 from tools.autopilot_sim import SimProcess
-from tools.azurite import free_port
 from tools.generate_export import write_export
 from tools.local_stack import LocalStack
 from tools.ortto_sim import OrttoSimProcess
@@ -114,7 +113,7 @@ class Host(Child):
         settings_file = out / f"{name}.settings.json"
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps({"IsEncrypted": False, "Values": settings}, indent=2))
-        self.port = free_port()
+        self.port = 0  # (the kernel picks it; start() reads it from the host's banner)
         # Each queue-triggered function in a process of its own, as Flex Consumption scales them (--scale-groups);
         # a profiled host keeps them in one process, under its profiler.
         argv = [sys.executable, "-m", module, "--settings", str(settings_file), "--port", str(self.port),
@@ -123,6 +122,12 @@ class Host(Child):
         super().__init__(name, argv, out / f"{name}.log")
         self.function_key = function_key
         self.threads = int(settings[THREADS])
+
+    def start(self, timeout: float = 60.0) -> re.Match:
+        """Start the host on a port of the kernel's choosing (one found free beforehand may be taken meanwhile)."""
+        banner = super().start(r"local host listening on http://127\.0\.0\.1:(\d+)/api", timeout)
+        self.port = int(banner.group(1))
+        return banner
 
     @property
     def base_url(self) -> str:
@@ -222,7 +227,7 @@ class BenchStack:
         host = Host(self.out, f"host{self._host_count}", self.settings(rate, **settings), self.function_key, module,
                     extra, scale_groups)
         self.hosts.append(host)
-        host.start(r"local host listening on")
+        host.start()
         return host
 
     def stop_hosts(self) -> None:

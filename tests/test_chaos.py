@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,6 @@ from tests.support import (
 )
 from tests.test_secret_hygiene import Exposure, _urllib3_request_line, emails_of, scanning_logs
 from tools.autopilot_sim import THROTTLED_BURST, AutopilotSim, Faults, _error_body, _Reply
-from tools.azurite import free_port
 from tools.generate_export import sample_profiles, write_export
 from tools.local_stack import SECRET_NAME, LocalStack
 
@@ -271,7 +271,7 @@ HOST_BOOT = "import sys, tools.local_host as h; h.LEASE_SECONDS = 15; h.main(sys
 class HostProcess:
     def __init__(self, settings_file: Path, log_file: Path, key: str, boot: str = HOST_BOOT):
         self.settings_file, self.log_file, self.key, self.boot = settings_file, log_file, key, boot
-        self.port = free_port()
+        self.port = 0  # the kernel picks it (one found free beforehand may be taken meanwhile): see start()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -280,12 +280,23 @@ class HostProcess:
 
     def start(self) -> HostProcess:
         log = open(self.log_file, "ab")  # handed to the child, which keeps its own descriptor
+        offset = log.tell()  # (a restarted host appends to the same log)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", self.boot, "--settings", str(self.settings_file), "--port", str(self.port),
+            [sys.executable, "-c", self.boot, "--settings", str(self.settings_file), "--port", "0",
              "--function-key", self.key], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        wait_until(lambda: self._listening(offset), timeout=60)
         wait_until(self._answers, timeout=60)
         return self
+
+    def _listening(self, offset: int) -> bool:
+        """Whether this process has printed its banner; reads its port from it."""
+        assert self.proc.poll() is None, self.log_file.read_text()[-3000:]
+        banner = re.search(r"local host listening on http://127\.0\.0\.1:(\d+)/api",
+                           self.log_file.read_bytes()[offset:].decode(errors="replace"))
+        if banner:
+            self.port = int(banner.group(1))
+        return banner is not None
 
     def _answers(self) -> bool:
         assert self.proc.poll() is None, self.log_file.read_text()[-3000:]

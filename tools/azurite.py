@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,14 +28,6 @@ SERVICES = ("blob", "queue", "table")
 # Azurite prints one line per service once it listens, e.g. "Azurite Queue service is successfully listening at
 # http://127.0.0.1:41303" (with or without --silent, which only silences its access log).
 LISTENING = re.compile(r"Azurite (Blob|Queue|Table) service is successfully listening at http://127\.0\.0\.1:(\d+)")
-
-
-def free_port() -> int:
-    """A port free now; another process may take it before it is bound, so only for a process that fails loudly
-    when its port is taken (Azurite itself is given port 0 instead)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Azurite:
