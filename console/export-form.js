@@ -10,14 +10,8 @@ import {
   checkbox, field, itemAt, numberInput, openItem, saveItem, select, setOptions, textInput, valueOf,
 } from "./forms.js";
 
-// The definitions check (shared/source/export_config.py: STANDARD_FIELDS, CUSTOM_TYPES) is the authority: a name
-// it does not know is refused beside its field. tests/test_console.py keeps these lists equal to it.
-const STANDARD_FIELDS = [
-  "Email", "FirstName", "LastName", "Salutation", "Company", "NumberOfEmployees", "Title", "Industry", "Phone",
-  "MobilePhone", "Fax", "Website", "MailingStreet", "MailingCity", "MailingState", "MailingPostalCode",
-  "MailingCountry", "LeadSource", "Status", "LinkedIn", "Twitter", "owner_name",
-];
-const CUSTOM_TYPES = ["string", "text", "integer", "float", "boolean", "date"];
+// The standard fields and custom types offered are the definitions check's own (GET /api/definitions answers
+// them as `vocabulary`): the form keeps no copy to fall out of step with it.
 const MAIN_FIELDS = ["Email", "FirstName", "LastName"];
 const NOT_MAPPED = ["", "— not mapped —"];
 const PERMISSIONS = [["ortto-default", "Ortto's default (subscribed)"], ["false", "not subscribed"],
@@ -30,7 +24,7 @@ async function renderExportForm(main, gen, name) {
   if (!opened) return;
   const { definitions, index, item, more: { data: connections } } = opened;
   const platforms = new Map((connections.connections || []).map((c) => [c.name, c.platform]));
-  const form = new ExportForm(item, Boolean(name), platforms);
+  const form = new ExportForm(item, Boolean(name), platforms, definitions.vocabulary);
   main.append(form.node);
   form.node.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -47,9 +41,10 @@ async function renderExportForm(main, gen, name) {
 const sub = (item, key) => (item && typeof item[key] === "object" && item[key] !== null ? item[key] : {});
 
 class ExportForm {
-  constructor(item, editing, platforms) {
+  constructor(item, editing, platforms, { standardFields, customTypes }) {
     this.item = item;
     this.platforms = platforms;
+    this.customTypes = customTypes;
     this.columns = [];
     const source = sub(item, "source");
     const dest = sub(item, "destination");
@@ -67,7 +62,7 @@ class ExportForm {
       : "ortto-default");
     this.permission.addEventListener("change", () => this.showPlatform());
     this.permissionColumn = select([NOT_MAPPED], permission && permission.column ? permission.column : "");
-    this.mapped = new Map(STANDARD_FIELDS.map((key) => [key, select([NOT_MAPPED], sub(item, "fields")[key] || "")]));
+    this.mapped = new Map(standardFields.map((key) => [key, select([NOT_MAPPED], sub(item, "fields")[key] || "")]));
     this.customBody = el("div", { id: "custom-fields" });
     this.customCount = 0;
     const addCustom = el("button", { type: "button", id: "add-custom-field" }, "Add a custom field");
@@ -104,7 +99,7 @@ class ExportForm {
         ...MAIN_FIELDS.map((key) => field(`fields.${key}`, key === "Email" ? "Email (required)" : key,
           this.mapped.get(key))),
         el("details", { id: "other-fields" }, el("summary", {}, "Other standard fields"),
-          STANDARD_FIELDS.filter((key) => !MAIN_FIELDS.includes(key))
+          standardFields.filter((key) => !MAIN_FIELDS.includes(key))
             .map((key) => field(`fields.${key}`, key, this.mapped.get(key))))),
       this.section("Custom fields", this.customBody, el("div", { class: "button-row" }, addCustom)),
       this.section("Limits",
@@ -146,7 +141,7 @@ class ExportForm {
     const name = textInput(custom.name);
     const row = el("div", { class: "custom-row", "data-custom": String(i) },
       field(`${path}.name`, "Name", name),
-      field(`${path}.type`, "Type", select(CUSTOM_TYPES, custom.type || "string")),
+      field(`${path}.type`, "Type", select(this.customTypes, custom.type || "string")),
       field(`${path}.column`, "Column", select([NOT_MAPPED, ...this.columns], custom.column || "")));
     const remove = el("button", { type: "button", class: "danger", "aria-label": `Remove custom field ${i + 1}` },
       "Remove");

@@ -19,7 +19,13 @@ from azure.storage.blob import BlobClient, ContentSettings
 
 from shared.api_answers import Answer, error
 from shared.services import Services
-from shared.source.export_config import ExportConfigError, definitions_blob, parse_definitions
+from shared.source.export_config import (
+    CUSTOM_TYPES,
+    STANDARD_FIELDS,
+    ExportConfigError,
+    definitions_blob,
+    parse_definitions,
+)
 
 EMPTY = {"connections": [], "exports": []}
 KINDS = {"export": "exports", "connection": "connections"}  # what a save names -> the document's list of them
@@ -28,17 +34,22 @@ CHANGED = ("the export definitions were changed by someone else since you loaded
            "them again, redo your change on the current version and save")
 
 
+# The names the definitions check knows, for the console's form to offer (so it keeps no copy of its own).
+VOCABULARY = {"standardFields": list(STANDARD_FIELDS), "customTypes": list(CUSTOM_TYPES)}
+
+
 def get_definitions(svc: Services) -> Answer:
-    """GET /api/definitions: the document as stored, its ETag and whether the console may edit it."""
+    """GET /api/definitions: the document as stored, its ETag, whether the console may edit it, and the field
+    names and custom types a definition may use."""
     text = (svc.settings.env.get("EXPORTS") or "").strip()
     if text:
-        return 200, {"etag": None, "editable": False, "source": "app setting EXPORTS", "document": _shown(text)}
+        return 200, {"etag": None, "editable": False, "source": "app setting EXPORTS", "document": _shown(text),
+                     "vocabulary": VOCABULARY}
     blob, source = _blob(svc)
     stored = _read(blob)
-    if stored is None:
-        return 200, {"etag": None, "editable": True, "source": source, "document": EMPTY}
-    data, etag = stored
-    return 200, {"etag": etag, "editable": True, "source": source, "document": _shown(data)}
+    data, etag = stored if stored else (None, None)
+    return 200, {"etag": etag, "editable": True, "source": source,
+                 "document": EMPTY if stored is None else _shown(data), "vocabulary": VOCABULARY}
 
 
 def _shown(data: str | bytes):

@@ -15,6 +15,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from shared import services
 from shared.api_roles import ADMIN, OPERATOR, READER
 from shared.pipeline import reports
+from shared.source import export_config
 from shared.state.run_records import BatchOutcome
 from tests.support import close_world, definition, open_world, wait_until
 from tests.test_api_auth import OBJECT_ID
@@ -219,11 +220,15 @@ def test_an_ortto_key_is_tested_with_a_read_of_the_custom_fields_and_a_ban_is_th
 
 
 # === the definitions ===========================================================================================
+# What the console's export form offers: the definitions check's own names, so it keeps no copy of them.
+VOCABULARY = {"standardFields": list(export_config.STANDARD_FIELDS), "customTypes": list(export_config.CUSTOM_TYPES)}
+
+
 def test_before_the_blob_exists_the_document_is_empty_and_a_save_creates_it_with_if_none_match(world):
     store(world, None)
     answer = get(world, "/api/definitions")
     assert answer.json() == {"etag": None, "editable": True, "source": "blob config/exports.json (EXPORTS_BLOB)",
-                             "document": {"connections": [], "exports": []}}
+                             "document": {"connections": [], "exports": []}, "vocabulary": VOCABULARY}
     without = put(world, "/api/definitions/exports/hv", definition("hv"))
     assert without.status_code == 428 and "If-None-Match: *" in without.json()["error"]
     created = put(world, "/api/definitions/exports/hv", definition("hv"), {"If-None-Match": "*"})
@@ -351,7 +356,8 @@ def test_definitions_in_the_app_setting_are_shown_and_not_editable(world, monkey
     document = {"exports": [definition("hv")]}
     monkeypatch.setitem(services.current().settings.env, "EXPORTS", json.dumps(document))
     shown = get(world, "/api/definitions").json()
-    assert shown == {"etag": None, "editable": False, "source": "app setting EXPORTS", "document": document}
+    assert shown == {"etag": None, "editable": False, "source": "app setting EXPORTS", "document": document,
+                     "vocabulary": VOCABULARY}
     refused = put(world, "/api/definitions/exports/hv", definition("hv"), {"If-Match": '"0x1"'})
     assert refused.status_code == 409 and "app setting EXPORTS" in refused.json()["error"]
 
