@@ -132,7 +132,8 @@ function connectionForm(item, editing) {
     field("secretName", "Key Vault secret holding the key", textInput(item.secretName, { required: true }),
       "The key itself never goes through this page: put it in Key Vault (see the connections page)."),
     field("baseUrl", "API base URL (optional)", textInput(item.baseUrl, { inputmode: "url" }),
-      "Only to reach another API endpoint; empty: the platform's (and region's) own."),
+      "Empty: the platform's (and region's) own. Another host only if app setting ALLOWED_API_HOSTS lists it "
+      + "(the key goes there)."),
     field("phoneRegion", "Phone region (Ortto, optional)", textInput(item.phoneRegion),
       "Two-letter country code for phone numbers written without one."),
     el("div", { class: "button-row" }, el("button", { type: "submit", id: "save-connection" }, "Save connection"),

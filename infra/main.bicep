@@ -110,6 +110,9 @@ param exportSchedule string = '0 */15 * * * *'
 @description('Autopilot REST API base URL.')
 param autopilotBaseUrl string = 'https://api2.autopilothq.com/v1'
 
+@description('Hosts (comma-separated) a connection\'s baseUrl in the export definitions may name besides Autopilot\'s and Ortto\'s APIs (a proxy); empty: none.')
+param allowedApiHosts string = ''
+
 @description('Requests per second the whole app may send to Autopilot (a number; fractions allowed).')
 param autopilotRequestsPerSecond string = '5'
 
@@ -262,6 +265,7 @@ module functionApp 'app/function.bicep' = {
     keyVaultUrl: keyVault.outputs.uri
     apiKeySecretName: apiKeySecretName
     autopilotBaseUrl: autopilotBaseUrl
+    allowedApiHosts: allowedApiHosts
     autopilotRequestsPerSecond: autopilotRequestsPerSecond
     retentionDays: retentionDays
     exportStorageBlobServiceUri: exportStorageBlobServiceUri

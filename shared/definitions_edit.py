@@ -23,6 +23,7 @@ from shared.source.export_config import (
     CUSTOM_TYPES,
     STANDARD_FIELDS,
     ExportConfigError,
+    allowed_api_hosts,
     definitions_blob,
     parse_definitions,
 )
@@ -94,7 +95,7 @@ def save_item(svc: Services, kind: str, name: str, body: bytes, if_match: str | 
         return error(422, document, problems=[{"at": "", "field": "", "message": document}])
     _merge(document, KINDS[kind], item)
     try:
-        parse_definitions(document, source)
+        parse_definitions(document, source, allowed_api_hosts(svc.settings.env))
     except ExportConfigError as exc:
         count = len(exc.located)
         return error(422, f"the export definitions would have {count} problem{'s' if count > 1 else ''} with this "

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.source.export_config import ExportConfigError, parse_exports
+from shared.source.export_config import ExportConfigError, allowed_api_hosts, parse_definitions, parse_exports
 from tests.support import definition, expected_contacts
 from tools.autopilot_sim import SimProcess
 from tools.generate_export import sample_profiles
@@ -46,6 +46,13 @@ def test_a_document_without_connections_keeps_working():
     ([dict(EU, secretName="eu key!")], definition("x"), "connections[0]: secretName must be a Key Vault secret"),
     ([dict(EU, requestsPerSecond=0)], definition("x"), "connections[0]: requestsPerSecond must be a number above 0"),
     ([dict(EU, baseUrl="api.example.com")], definition("x"), "connections[0]: baseUrl must be an https:// URL"),
+    ([dict(EU, baseUrl="https://collector.example.com/v1")], definition("x"),
+     "connections[0]: baseUrl names collector.example.com, which is not the platform's API"),
+    ([dict(EU, baseUrl="http://api2.autopilothq.com/v1")], definition("x"),  # the key in clear text
+     "connections[0]: baseUrl names api2.autopilothq.com, which is not the platform's API (api2.autopilothq.com, "
+     "api.ap3api.com, api.eu.ap3api.com, api.au.ap3api.com, over https)"),
+    ([dict(EU, baseUrl="https://api2.autopilothq.com@collector.example.com/v1")], definition("x"),
+     "connections[0]: baseUrl must be an https:// URL"),
     ([dict(EU, apiKey="k")], definition("x"), 'connections[0]: apiKey is not a known key'),
     ([EU], [_on("marketing-eu", definition("a")), _on("marketing-eu", definition("b"))],
      'exports[1] "b": destination.field is also the field of exports[0] "a"'),
@@ -55,6 +62,22 @@ def test_bad_connections_and_references_are_refused_naming_where(connections, ex
     with pytest.raises(ExportConfigError) as refused:
         parse_exports(_document(*exports, connections=connections))
     assert expected in str(refused.value)
+
+
+def test_a_base_url_may_name_the_platforms_apis_or_a_host_the_deployer_allows():
+    """A connection's key goes where its baseUrl points; the console's Admins edit the definitions, the deployer
+    the app settings (ALLOWED_API_HOSTS)."""
+    official = [dict(EU, name=f"c{i}", baseUrl=url) for i, url in enumerate(
+        ("https://api2.autopilothq.com/v1", "https://API.EU.AP3API.COM/v1", "https://api.ap3api.com:443/v1"))]
+    assert len(parse_definitions(_document(definition("x"), connections=official)).connections) == 4
+    proxy = dict(EU, baseUrl="http://egress.internal:8080/autopilot/v1")
+    with pytest.raises(ExportConfigError, match=r"baseUrl names egress\.internal"):
+        parse_exports(_document(definition("x"), connections=[proxy]))
+    hosts = allowed_api_hosts({"ALLOWED_API_HOSTS": " Egress.Internal , ,127.0.0.1"})
+    assert hosts == {"egress.internal", "127.0.0.1"}
+    (connection,) = parse_definitions(_document(definition("x"), connections=[proxy]), api_hosts=hosts).connections[1:]
+    assert connection.base_url == proxy["baseUrl"]
+    assert allowed_api_hosts({}) == frozenset()
 
 
 @pytest.fixture

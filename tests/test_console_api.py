@@ -269,6 +269,22 @@ def test_a_connection_is_saved_the_same_way(world):
     assert [c["name"] for c in get(world, "/api/connections").json()["connections"]] == ["default", "eu"]
 
 
+def test_a_connection_pointed_at_a_host_the_deployer_did_not_allow_is_not_saved(world):
+    """An Admin may not send a connection's key to a host of their choosing: the platforms' APIs, or the hosts app
+    setting ALLOWED_API_HOSTS lists (the local stack's: the simulators on loopback)."""
+    store(world, {"exports": [definition("hv")]})
+    before = stored(world)
+    elsewhere = {"name": "eu", "secretName": "eu-key", "baseUrl": "https://collector.example.com/v1"}
+    refused = put(world, "/api/definitions/connections/eu", elsewhere, {"If-Match": before[1]})
+    assert refused.status_code == 422, refused.text[:300]
+    (problem,) = refused.json()["problems"]
+    assert (problem["at"], problem["field"]) == ("connections[0]", "baseUrl")
+    assert "collector.example.com" in problem["message"] and "ALLOWED_API_HOSTS" in problem["message"]
+    assert stored(world) == before
+    local = dict(elsewhere, baseUrl=world.sim.base_url)  # http://127.0.0.1:<port>/v1
+    assert put(world, "/api/definitions/connections/eu", local, {"If-Match": before[1]}).status_code == 200
+
+
 @pytest.mark.parametrize("if_match", [None, "*"])
 def test_a_save_without_the_version_it_was_made_on_is_428(world, if_match):
     store(world, {"exports": [definition("hv")]})

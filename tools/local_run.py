@@ -32,7 +32,7 @@ from shared.source.export_config import SECRET_NAME_RE, ExportConfigError, parse
 from shared.state.run_records import ACTIVE, FINISHED
 from tools import event_grid
 from tools.local_host import LocalHost, ScaleGroups
-from tools.local_stack import LocalStack
+from tools.local_stack import LOCAL_API_HOSTS, LocalStack
 from tools.state_lock import FolderInUse
 
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     with LocalStack(args.state_dir, api_key=api_key, rate=rate, autopilot_url=args.autopilot_url) as stack:
         for name, value in secrets.items():
             stack.keyvault.set_secret(name, value)
-        definition = next(e for e in parse_exports(exports) if e.name == args.export)
+        definition = next(e for e in parse_exports(exports, api_hosts=LOCAL_API_HOSTS) if e.name == args.export)
         models = upload_folder(stack.storage, definition.container, args.export_dir)
         settings = stack.settings(exports)
         resume = stack.left_by_a_killed_stack
@@ -107,7 +107,7 @@ def _read_exports(path: Path, name: str) -> str:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read --exports-config {path}: {exc.strerror}") from None
-    names = [e.name for e in parse_exports(text, source=str(path))]
+    names = [e.name for e in parse_exports(text, str(path), LOCAL_API_HOSTS)]
     if name not in names:
         raise UsageError(f"{path} has no export named {name!r} (it has: {', '.join(names) or 'none'})")
     return text

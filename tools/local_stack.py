@@ -21,6 +21,7 @@ from tools.state_lock import StateLock
 
 SECRET_NAME = "autopilot-api-key"
 SCHEDULE = "0 */15 * * * *"
+LOCAL_API_HOSTS = frozenset({"127.0.0.1", "localhost"})  # the simulators: ALLOWED_API_HOSTS on the local stack
 # One key per process for the local Easy Auth stand-in: a test mints tokens for any host it started with it, and a
 # scale group's process gets it in its settings file. Never an Azure setting.
 EASY_AUTH_KEY = secrets.token_urlsafe(32)
@@ -96,6 +97,7 @@ class LocalStack:
             "KEY_VAULT_CA_FILE": str(self.keyvault.ca_file),
             "AUTOPILOT_API_KEY_SECRET_NAME": SECRET_NAME,
             "AUTOPILOT_BASE_URL": self.autopilot_url or "",
+            "ALLOWED_API_HOSTS": ",".join(sorted(LOCAL_API_HOSTS)),
             "AUTOPILOT_REQUESTS_PER_SECOND": str(self.rate),
             "PYTHON_THREADPOOL_THREAD_COUNT": str(WORKER_THREADS),
             KEY_SETTING: EASY_AUTH_KEY,  # read only by the local host's stand-in, when API_AUTHENTICATION is entra

@@ -31,6 +31,8 @@ param exportsBlob string
 param keyVaultUrl string
 param apiKeySecretName string
 param autopilotBaseUrl string
+@description('Hosts (comma-separated) a connection\'s baseUrl in the definitions may name besides the platforms\' APIs: a proxy.')
+param allowedApiHosts string = ''
 param autopilotRequestsPerSecond string
 @description('Days after which the records and batch outcomes of finished runs are deleted (the lifecycle rule in storage.bicep deletes their blobs).')
 @minValue(1)
@@ -140,6 +142,10 @@ var appSettings = [
   {
     name: 'AUTOPILOT_BASE_URL'
     value: autopilotBaseUrl
+  }
+  {
+    name: 'ALLOWED_API_HOSTS'
+    value: allowedApiHosts
   }
   {
     name: 'AUTOPILOT_REQUESTS_PER_SECOND'

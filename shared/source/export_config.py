@@ -61,6 +61,10 @@ CONNECTION_KEYS = ("name", "platform", "region", "plan", "secretName", "requests
 PLATFORMS = ("autopilot", "ortto")
 ORTTO_REGIONS = {"us": "https://api.ap3api.com/v1", "eu": "https://api.eu.ap3api.com/v1",
                  "au": "https://api.au.ap3api.com/v1"}
+# A connection's key goes with every request to its baseUrl, and the console's Admins edit the definitions: a
+# baseUrl may name the platforms' own APIs over https, or a host the deployer lists in app setting ALLOWED_API_HOSTS
+# (a proxy; the simulators, locally), never anywhere else.
+PLATFORM_HOSTS = ("api2.autopilothq.com", *(urlsplit(url).hostname for url in ORTTO_REGIONS.values()))
 # Ortto's plans and their sustained rates, requests/s (docs/api-contracts.md). Sending at
 # the sustained rate is safe because the budget spaces requests (1 + margin) / rate apart: with its margin no 1-s
 # window ever holds more than the sustained rate, so no 10-s window holds more than 10 x rate and no 60-s window
@@ -268,11 +272,17 @@ def definitions_blob(env: Mapping[str, str]) -> tuple[str, str]:
     return container, path
 
 
+def allowed_api_hosts(env: Mapping[str, str]) -> frozenset[str]:
+    """The hosts app setting ALLOWED_API_HOSTS lists (comma-separated, any port) besides PLATFORM_HOSTS."""
+    return frozenset(h.strip().lower() for h in (env.get("ALLOWED_API_HOSTS") or "").split(",") if h.strip())
+
+
 def load_definitions(env: Mapping[str, str], read_blob: Callable[[str, str], bytes]) -> Definitions:
     """load_exports' document, with its connections too."""
+    hosts = allowed_api_hosts(env)
     text = (env.get("EXPORTS") or "").strip()
     if text:
-        return parse_definitions(text, "app setting EXPORTS")
+        return parse_definitions(text, "app setting EXPORTS", hosts)
     container, path = definitions_blob(env)
     from azure.core.exceptions import ResourceNotFoundError  # the edge: only this path touches the SDK
 
@@ -283,15 +293,18 @@ def load_definitions(env: Mapping[str, str], read_blob: Callable[[str, str], byt
             f"app setting EXPORTS_BLOB names blob {path!r} in container {container!r} of the app's storage, "
             "but it does not exist: upload the export definitions there or fix the setting"
         ) from None
-    return parse_definitions(data, f"blob {container}/{path} (EXPORTS_BLOB)")
+    return parse_definitions(data, f"blob {container}/{path} (EXPORTS_BLOB)", hosts)
 
 
-def parse_exports(document: str | bytes | dict, source: str = "EXPORTS") -> tuple[ExportDefinition, ...]:
-    """Validate the whole document; raise one ExportConfigError listing every problem."""
-    return parse_definitions(document, source).exports
+def parse_exports(document: str | bytes | dict, source: str = "EXPORTS",
+                  api_hosts: frozenset[str] = frozenset()) -> tuple[ExportDefinition, ...]:
+    """Validate the whole document; raise one ExportConfigError listing every problem. `api_hosts`: the hosts a
+    connection's baseUrl may name besides the platforms' own (allowed_api_hosts)."""
+    return parse_definitions(document, source, api_hosts).exports
 
 
-def parse_definitions(document: str | bytes | dict, source: str = "EXPORTS") -> Definitions:
+def parse_definitions(document: str | bytes | dict, source: str = "EXPORTS",
+                      api_hosts: frozenset[str] = frozenset()) -> Definitions:
     """parse_exports, returning the document's connections as well."""
     duplicates: list[str] = []
     if isinstance(document, bytes | bytearray):
@@ -301,7 +314,7 @@ def parse_definitions(document: str | bytes | dict, source: str = "EXPORTS") -> 
             raise ExportConfigError(f"{source} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     if isinstance(document, str):
         document = _load_json(document, source, duplicates)
-    checker = _Checker()
+    checker = _Checker(api_hosts)
     for key in duplicates:
         checker.problem(f'key "{key}" appears twice in one object (JSON keeps only the last)')
     exports = checker.document(document)
@@ -351,7 +364,8 @@ def _type_name(value: Any) -> str:
 class _Checker:
     """Walks the document, collecting problems instead of stopping at the first."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_hosts: frozenset[str] = frozenset()) -> None:
+        self.api_hosts = api_hosts
         self.problems: list[str] = []
         self.located: list[Located] = []  # the same problems, each with where it is
         self.where = ""
@@ -470,9 +484,8 @@ class _Checker:
             if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
                 self.problem(f"must be a number above 0, got {_show(rate)}", "requestsPerSecond")
             url = self.text(item, "baseUrl", "baseUrl", "")
-            if url and not (urlsplit(url).scheme in ("https", "http") and urlsplit(url).netloc):
-                self.problem(f"must be an https:// URL such as https://api2.autopilothq.com/v1, got {_show(url)}",
-                             "baseUrl")
+            if url:
+                self.base_url(url)
             platform, region = self._platform(item, secret)
             plan, phones = self._plan(item), self.phone_region(item, "phoneRegion")
             if len(self.problems) == before and name:
@@ -482,6 +495,17 @@ class _Checker:
                     self.phone_regions[name] = phones
         self.where = ""
         return found
+
+    def base_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        if not (parts.scheme in ("https", "http") and parts.hostname) or "@" in parts.netloc:
+            self.problem(f"must be an https:// URL such as https://api2.autopilothq.com/v1, got {_show(url)}",
+                         "baseUrl")
+        elif parts.hostname not in self.api_hosts and not (parts.hostname in PLATFORM_HOSTS
+                                                           and parts.scheme == "https"):
+            self.problem(f"names {parts.hostname}, which is not the platform's API ({', '.join(PLATFORM_HOSTS)}, "
+                         "over https) nor a host app setting ALLOWED_API_HOSTS lists: the connection's key would "
+                         "be sent there", "baseUrl")
 
     def _platform(self, item: dict, secret: str | None) -> tuple[str, str | None]:
         platform = self.choice(item, "platform", "platform", PLATFORMS, "autopilot")
