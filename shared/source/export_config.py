@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
+from shared.runtime.settings import DEFAULT_BASE_URL
 from shared.source import ortto_fields
 
 STANDARD_FIELDS = (
@@ -64,7 +65,7 @@ ORTTO_REGIONS = {"us": "https://api.ap3api.com/v1", "eu": "https://api.eu.ap3api
 # A connection's key goes with every request to its baseUrl, and the console's Admins edit the definitions: a
 # baseUrl may name the platforms' own APIs over https, or a host the deployer lists in app setting ALLOWED_API_HOSTS
 # (a proxy; the simulators, locally), never anywhere else.
-PLATFORM_HOSTS = ("api2.autopilothq.com", *(urlsplit(url).hostname for url in ORTTO_REGIONS.values()))
+PLATFORM_HOSTS = tuple(urlsplit(url).hostname for url in (DEFAULT_BASE_URL, *ORTTO_REGIONS.values()))
 # Ortto's plans and their sustained rates, requests/s (docs/api-contracts.md). Sending at
 # the sustained rate is safe because the budget spaces requests (1 + margin) / rate apart: with its margin no 1-s
 # window ever holds more than the sustained rate, so no 10-s window holds more than 10 x rate and no 60-s window
