@@ -74,7 +74,7 @@ def test_connection(svc: Services, name: str) -> dict:
         raise UnknownConnection(f"no connection named {name[:80]!r} (\"default\" is the app settings' account)")
     account = svc.account(connection)
     client = account.client
-    answer = {"connection": name, "call": client.CHECK_CALL}
+    answer = {"connection": name, "call": client.check_call}
     problem = _key_state(account)["keyProblem"]
     if problem:
         return {**answer, "outcome": "no-key", "status": None, "detail": problem, "elapsedMs": 0}

@@ -249,10 +249,11 @@ def guarded(method: str, headers: Mapping[str, str], call, *args) -> Answer:
     without asking, but asks the API first (CORS) before it sends JSON (and before any PUT or DELETE), so no page
     can start, cancel or replay a run, or change a definition. A browser's write from another site is refused
     even so (CORS could be opened by a setting one day, and the platform's session cookie goes cross-site)."""
-    if method.upper() in WRITES and not _is_json(headers.get("content-type", "")):
+    writes = method.upper() in WRITES
+    if writes and not _is_json(headers.get("content-type", "")):
         return error(415, f"a {method.upper()} to this API must carry Content-Type: application/json (its body, if "
                            f"any, is JSON), not {headers.get('content-type', 'none')[:60]!r}")
-    if method.upper() in WRITES and _cross_site(headers):
+    if writes and _cross_site(headers):
         return error(403, "a browser sent this from another site (Origin or Sec-Fetch-Site says so): the API takes "
                            "changes only from its own console or from scripts")
     try:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shared.runtime.settings import WORKER_THREADS
+from shared.runtime.settings import DEFAULT_SCHEDULE, WORKER_THREADS
 from tools.autopilot_sim import Faults, SimProcess
 from tools.azurite import Azurite
 from tools.easy_auth_standin import KEY_SETTING
@@ -20,7 +20,6 @@ from tools.keyvault_standin import KeyVaultStandIn
 from tools.state_lock import StateLock
 
 SECRET_NAME = "autopilot-api-key"
-SCHEDULE = "0 */15 * * * *"
 LOCAL_API_HOSTS = frozenset({"127.0.0.1", "localhost"})  # the simulators: ALLOWED_API_HOSTS on the local stack
 # One key per process for the local Easy Auth stand-in: a test mints tokens for any host it started with it, and a
 # scale group's process gets it in its settings file. Never an Azure setting.
@@ -90,7 +89,7 @@ class LocalStack:
             "FUNCTIONS_WORKER_RUNTIME": "python",
             "AzureWebJobsStorage": self.storage,
             "EXPORT_STORAGE": self.storage,
-            "EXPORT_SCHEDULE": SCHEDULE,
+            "EXPORT_SCHEDULE": DEFAULT_SCHEDULE,
             "EXPORTS": document or "",
             "EXPORTS_BLOB": "config/exports.json",
             "KEY_VAULT_URL": self.keyvault.url,

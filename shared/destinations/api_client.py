@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -134,6 +135,7 @@ class ApiClient:
 
     SERVICE = "the destination"
     KEY_HEADER = ""
+    CHECK: tuple[str, str, dict | None] = ("", "", None)  # a connection test's harmless read: method, path, body
 
     def __init__(self, base_url: str, api_key: ApiKeyProvider, read_timeout: float = 10.0, pool_size: int = 100):
         self.base_url = base_url.rstrip("/")
@@ -189,16 +191,21 @@ class ApiClient:
             if "written" in sent:
                 pace.left(sent["written"])
 
-    async def probe(self, method: str, path: str, body: dict | None, pace: Pace = no_pace) -> Probe:
-        """Send one harmless read with the key from Key Vault and say what the destination made of it (a connection
-        test). A 401 re-reads the key and tries once more only if Key Vault holds another key by now (a rotation)."""
+    @property
+    def check_call(self) -> str:
+        """What a connection test sends, as the console shows it (e.g. "GET /v1/lists")."""
+        return f"{self.CHECK[0]} {urlsplit(self.base_url).path}{self.CHECK[1]}"
+
+    async def check(self, pace: Pace = no_pace) -> Probe:
+        """A connection test: send CHECK with the key from Key Vault and say what the destination made of it. A 401
+        re-reads the key and tries once more only if Key Vault holds another key by now (a rotation)."""
         key = self.api_key.peek() or await off(self.api_key.get)
-        probe = await self._probe(method, path, body, pace, key)
+        probe = await self._probe(*self.CHECK, pace, key)
         if probe.status == 401:
             await off(self.api_key.refresh, key)
             fresh = await off(self.api_key.get)
             if fresh != key:
-                probe = await self._probe(method, path, body, pace, fresh)
+                probe = await self._probe(*self.CHECK, pace, fresh)
         return probe
 
     async def _probe(self, method: str, path: str, body: dict | None, pace: Pace, key: str) -> Probe:

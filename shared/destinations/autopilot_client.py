@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from shared.destinations.api_client import ApiClient, ApiError, Pace, Probe, Transient, no_pace
+from shared.destinations.api_client import ApiClient, ApiError, Pace, Transient, no_pace
 from shared.runtime.blocking import off
 from shared.source.export_config import ExportDefinition
 
@@ -15,11 +15,7 @@ from shared.source.export_config import ExportDefinition
 class AutopilotClient(ApiClient):
     SERVICE = "Autopilot"
     KEY_HEADER = "autopilotapikey"
-    CHECK_CALL = "GET /v1/lists"  # what a connection test sends, as the console shows it
-
-    async def check(self, pace: Pace = no_pace) -> Probe:
-        """A connection test: list the account's lists (a read: it changes nothing)."""
-        return await self.probe("GET", "/lists", None, pace)
+    CHECK = ("GET", "/lists", None)  # a connection test: list the account's lists (a read: it changes nothing)
 
     async def prepare(self, export: ExportDefinition, pace: Pace = no_pace) -> str:
         """What a run's messages name as their target: the list's id in list mode (found or created); field mode

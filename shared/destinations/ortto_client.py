@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from shared.destinations.api_client import Answer, ApiClient, ApiError, Pace, Probe, Refused, Throttled, no_pace
+from shared.destinations.api_client import Answer, ApiClient, ApiError, Pace, Refused, Throttled, no_pace
 from shared.source import ortto_fields
 from shared.source.contacts import PERMISSION, mask_emails_in
 from shared.source.export_config import ExportDefinition
@@ -63,15 +63,12 @@ class PeopleRefused(Refused):
 class OrttoClient(ApiClient):
     SERVICE = "Ortto"
     KEY_HEADER = "X-Api-Key"
-    CHECK_CALL = "POST /v1/person/custom-field/get"  # what a connection test sends, as the console shows it
+    # A connection test: list the account's custom fields (every Ortto call is a POST; this one only reads).
+    CHECK = ("POST", "/person/custom-field/get", {})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.bad_requests = BadRequests()
-
-    async def check(self, pace: Pace = no_pace) -> Probe:
-        """A connection test: list the account's custom fields (every Ortto call is a POST; this one only reads)."""
-        return await self.probe("POST", "/person/custom-field/get", {}, pace)
 
     def _probe_outcome(self, status: int, detail: str) -> str:
         # A 403 is the bad-request ban when its text says so (it lifts by itself), else a refused key.

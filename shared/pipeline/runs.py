@@ -28,7 +28,7 @@ from shared.pipeline.delivery import queue_delay, queue_message, requeue_dead
 from shared.pipeline.planner import MassRemoval, Planner, TooManyProfiles, list_ops_for, removal_guard
 from shared.pipeline.reports import REPORTS, conclude, finish_if_complete, fold_state, is_synced
 from shared.runtime import signals
-from shared.runtime.settings import SettingsError
+from shared.runtime.settings import DEFAULT_SCHEDULE, SettingsError
 from shared.services import Services, UnknownExport, find_export
 from shared.source.cdm_reader import ExportDataError, find_snapshot, read_records, records_fit
 from shared.source.contacts import MappingError, mask_emails_in
@@ -472,9 +472,6 @@ def _enqueue(svc: Services, run: dict, batches: list[dict], first: int, again: b
 
 
 # --- the timer ------------------------------------------------------------------------------------
-DEFAULT_SCHEDULE = "0 */15 * * * *"  # infra/ sets EXPORT_SCHEDULE to this unless told otherwise
-
-
 def next_tick(env, now: datetime) -> datetime | None:
     """When the timer next looks for new snapshots: the first time after `now` that EXPORT_SCHEDULE (NCRONTAB, six
     fields, seconds first) names, in UTC as the Functions host reads it; None when the schedule cannot be read (the

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_BASE_URL = "https://api2.autopilothq.com/v1"
+DEFAULT_SCHEDULE = "0 */15 * * * *"  # EXPORT_SCHEDULE unless set (infra/ and the local stack set this)
 BATCH_QUEUE = "autopilot-batches"
 POISON_QUEUE = f"{BATCH_QUEUE}-poison"
 PLAN_QUEUE = "autopilot-plans"  # planning jobs and the windows of batches a run queues as it sends
