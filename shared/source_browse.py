@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC
 
 from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob import ContainerClient
 
 from shared.api_answers import Answer, error
+from shared.pipeline.runs import iso
 from shared.services import Services
 from shared.source.cdm_reader import ExportDataError, NotThere, find_snapshot, list_segments
 from shared.source.export_config import CONTAINER_RE, DEFAULT_CONNECTION, SETTING_RE
@@ -35,7 +35,8 @@ def segments(svc: Services, params: Mapping[str, str]) -> Answer:
     found = _reading(lambda: list_segments(container, params.get("prefix", "")))
     if isinstance(found, tuple):
         return found
-    return 200, {"segments": [{"name": s.name, "model": s.model, "modified": _iso(s.modified)} for s in found]}
+    return 200, {"segments": [{"name": s.name, "model": s.model, "modified": iso(s.modified.timestamp())}
+                              for s in found]}
 
 
 def columns(svc: Services, params: Mapping[str, str]) -> Answer:
@@ -102,8 +103,4 @@ def _reading(read):
                            "identity have read access to it?")
     except AzureError as exc:
         return error(502, f"the export storage could not be reached ({type(exc).__name__})")
-
-
-def _iso(when) -> str:
-    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
