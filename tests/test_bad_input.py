@@ -29,7 +29,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient
 from azure.storage.queue import BinaryBase64EncodePolicy, QueueClient
 
-from shared.runtime.settings import BATCH_QUEUE, POISON_QUEUE
+from shared.runtime.settings import BATCH_QUEUE, PLAN_QUEUE, POISON_QUEUE
 from shared.state.run_records import RunRecords
 from tests.support import (
     COLUMN,
@@ -620,17 +620,28 @@ def test_every_answer_is_json_and_names_no_python_version(case):
 # === configuration the product does not handle yet ===================================================
 
 @pytest.fixture
-def app_setting(monkeypatch):
-    """Change an app setting of the module's world, as an operator would (the worker restarts with it)."""
+def app_setting(monkeypatch, shared_world):
+    """Change an app setting of the module's world, as an operator would (the worker restarts with it). A restart
+    comes once the world is quiet: replacing the services closes their clients, and a delivery still under way
+    from an earlier test (on a parallel worker, the module's tests before this one may be any of them) would fail
+    on a closed transport."""
     from shared import services
 
     def change(name: str, value: str) -> None:
+        _quiet(shared_world)
         monkeypatch.setenv(name, value)
         services.use(None)
 
     yield change
+    _quiet(shared_world)
     monkeypatch.undo()
     services.use(None)
+
+
+def _quiet(world) -> None:
+    """Wait until no message is queued or being handled (a message counts until its function deletes it)."""
+    queues = [QueueClient.from_connection_string(world.stack.storage, q) for q in (BATCH_QUEUE, PLAN_QUEUE)]
+    wait_until(lambda: all(q.get_queue_properties().approximate_message_count == 0 for q in queues), timeout=90)
 
 
 @pytest.mark.parametrize("membership", ["field", "list"])
